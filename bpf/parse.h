@@ -1,0 +1,184 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * Frame parser: Ethernet, up to XG_MAX_VLANS tags, IPv4 (any IHL), IPv6
+ * with up to XG_MAX_EXTHDRS extension headers, TCP/UDP ports and flags,
+ * ICMPv6 type. No map access here (bcc rewrites maps in the main file
+ * only). xdpguard/packet.py is the Python mirror of this file: the rules
+ * are spelled out in docs/design.md and both must change together.
+ */
+#ifndef XDPGUARD_PARSE_H
+#define XDPGUARD_PARSE_H
+
+#define XG_PARSE_OK 0
+#define XG_PARSE_NONIP 1
+#define XG_PARSE_MALFORMED 2
+
+#define XG_ETH_P_IP 0x0800
+#define XG_ETH_P_IPV6 0x86DD
+#define XG_ETH_P_8021Q 0x8100
+#define XG_ETH_P_8021AD 0x88A8
+
+struct xg_vlanhdr {
+	__be16 tci;
+	__be16 proto;
+};
+
+struct xg_pkt {
+	__u8 src[16];
+	__u8 dst[16];
+	__u16 sport;       /* host order */
+	__u16 dport;
+	__u8 family;       /* 4 or 6 */
+	__u8 proto;        /* IP protocol */
+	__u8 l4;           /* XG_L4_* */
+	__u8 has_ports;
+	__u8 syn;          /* SYN without ACK */
+};
+
+static __always_inline int xg_is_vlan(__u16 proto)
+{
+	return proto == bpf_htons(XG_ETH_P_8021Q) || proto == bpf_htons(XG_ETH_P_8021AD);
+}
+
+static __always_inline int xg_is_exthdr(__u8 nh)
+{
+	return nh == 0 || nh == 43 || nh == 60 || nh == 44;
+}
+
+static __always_inline int xg_parse(struct xdp_md *ctx, struct xg_pkt *pkt)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	__u32 off = sizeof(*eth);
+	__u16 h_proto;
+	__u8 proto, nonfirst = 0;
+	__u32 l4off;
+	int i;
+
+	if ((void *)(eth + 1) > data_end)
+		return XG_PARSE_MALFORMED;
+	h_proto = eth->h_proto;
+
+#pragma unroll
+	for (i = 0; i < XG_MAX_VLANS; i++) {
+		struct xg_vlanhdr *vh;
+
+		if (!xg_is_vlan(h_proto))
+			break;
+		vh = data + off;
+		if ((void *)(vh + 1) > data_end)
+			return XG_PARSE_MALFORMED;
+		h_proto = vh->proto;
+		off += sizeof(*vh);
+	}
+	if (xg_is_vlan(h_proto))
+		return XG_PARSE_MALFORMED;   /* a third tag: we would not see the L3 */
+
+	if (h_proto == bpf_htons(XG_ETH_P_IP)) {
+		struct iphdr *iph = data + off;
+		__u32 ihl;
+
+		if ((void *)(iph + 1) > data_end)
+			return XG_PARSE_MALFORMED;
+		if (iph->version != 4 || iph->ihl < 5)
+			return XG_PARSE_MALFORMED;
+		ihl = iph->ihl * 4;
+		if (data + off + ihl > data_end)
+			return XG_PARSE_MALFORMED;
+		pkt->family = 4;
+		__builtin_memcpy(pkt->src, &iph->saddr, 4);
+		__builtin_memcpy(pkt->dst, &iph->daddr, 4);
+		nonfirst = (bpf_ntohs(iph->frag_off) & 0x1fff) != 0;
+		proto = iph->protocol;
+		l4off = off + ihl;
+	} else if (h_proto == bpf_htons(XG_ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = data + off;
+
+		if ((void *)(ip6 + 1) > data_end)
+			return XG_PARSE_MALFORMED;
+		if (ip6->version != 6)
+			return XG_PARSE_MALFORMED;
+		pkt->family = 6;
+		__builtin_memcpy(pkt->src, &ip6->saddr, 16);
+		__builtin_memcpy(pkt->dst, &ip6->daddr, 16);
+		proto = ip6->nexthdr;
+		off += sizeof(*ip6);
+
+#pragma unroll
+		for (i = 0; i < XG_MAX_EXTHDRS; i++) {
+			__u8 *h = data + off;
+
+			if (!xg_is_exthdr(proto))
+				break;
+			if ((void *)(h + 8) > data_end)
+				return XG_PARSE_MALFORMED;
+			if (proto == 44) {
+				proto = h[0];
+				if (((h[2] << 8) | h[3]) & 0xfff8) {
+					nonfirst = 1;
+					break;
+				}
+				off += 8;
+			} else {
+				proto = h[0];
+				off += ((__u32)h[1] + 1) * 8;
+			}
+		}
+		if (!nonfirst && xg_is_exthdr(proto))
+			return XG_PARSE_MALFORMED;
+		l4off = off;
+	} else {
+		return XG_PARSE_NONIP;
+	}
+	pkt->proto = proto;
+
+	if (nonfirst) {
+		/* No L4 header here: no ports, no flags (docs/design.md). */
+		if (proto == IPPROTO_TCP)
+			pkt->l4 = XG_L4_TCP;
+		else if (proto == IPPROTO_UDP)
+			pkt->l4 = XG_L4_UDP;
+		else if (proto == IPPROTO_ICMP)
+			pkt->l4 = XG_L4_ICMP;
+		else if (proto == IPPROTO_ICMPV6)
+			pkt->l4 = XG_L4_ICMPV6;
+		else
+			pkt->l4 = XG_L4_OTHER;
+		return XG_PARSE_OK;
+	}
+
+	if (proto == IPPROTO_TCP) {
+		struct tcphdr *th = data + l4off;
+
+		if ((void *)(th + 1) > data_end)
+			return XG_PARSE_MALFORMED;
+		pkt->sport = bpf_ntohs(th->source);
+		pkt->dport = bpf_ntohs(th->dest);
+		pkt->has_ports = 1;
+		pkt->syn = th->syn && !th->ack;
+		pkt->l4 = pkt->syn ? XG_L4_TCP_SYN : XG_L4_TCP;
+	} else if (proto == IPPROTO_UDP) {
+		struct udphdr *uh = data + l4off;
+
+		if ((void *)(uh + 1) > data_end)
+			return XG_PARSE_MALFORMED;
+		pkt->sport = bpf_ntohs(uh->source);
+		pkt->dport = bpf_ntohs(uh->dest);
+		pkt->has_ports = 1;
+		pkt->l4 = XG_L4_UDP;
+	} else if (proto == IPPROTO_ICMPV6) {
+		__u8 *type = data + l4off;
+
+		if ((void *)(type + 1) > data_end)
+			return XG_PARSE_MALFORMED;
+		pkt->l4 = (pkt->family == 6 && *type >= 133 && *type <= 137) ? XG_L4_ND : XG_L4_ICMPV6;
+	} else if (proto == IPPROTO_ICMP) {
+		pkt->l4 = XG_L4_ICMP;
+	} else {
+		pkt->l4 = XG_L4_OTHER;
+	}
+	return XG_PARSE_OK;
+}
+
+#endif /* XDPGUARD_PARSE_H */

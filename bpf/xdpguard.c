@@ -1,0 +1,274 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * xdpguard XDP program: ban map, bit-vector classifier, GCRA limiter,
+ * per-rule counters. Policy lives in maps; the only -D flags are integers
+ * chosen by the loader (xdpguard/loader.py):
+ *   XG_NWORDS        64-bit words of a rule vector, a power of two
+ *                    (rules per generation = 64 x this)
+ *   XG_VEC_PER_GEN   vector table rows per generation
+ *   XG_LPM4_MAX, XG_LPM6_MAX   classifier trie capacities (both generations)
+ *   XG_STAGE         pid of the loader: maps are pinned (or reused) under
+ *                    /sys/fs/bpf/xdpguard/.stage/<XG_STAGE>/
+ *   XG_TEST          build for BPF_PROG_TEST_RUN: record the deciding rule
+ */
+#include <uapi/linux/bpf.h>
+#include <linux/in.h>
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/tcp.h>
+#include <linux/udp.h>
+
+#include "xdpguard.h"
+#include "parse.h"
+#include "gcra.h"
+
+#define XG_RULES_PER_GEN (64 * XG_NWORDS)
+
+#define XG_STR2(x) #x
+#define XG_STR(x) XG_STR2(x)
+#ifdef XG_STAGE
+#define XG_MAP(type, key, leaf, name, size, flags) \
+	BPF_TABLE_PINNED(type, key, leaf, name, size, \
+		"/sys/fs/bpf/xdpguard/.stage/" XG_STR(XG_STAGE) "/" #name, flags)
+#else
+#define XG_MAP(type, key, leaf, name, size, flags) \
+	BPF_F_TABLE(type, key, leaf, name, size, flags)
+#endif
+
+/* Policy: two generations, switched by `active` (docs/design.md). */
+XG_MAP("array", __u32, __u32, active, 1, 0);
+XG_MAP("array", __u32, struct xg_gen, gens, 2, 0);
+XG_MAP("lpm_trie", struct xg_lpm4_key, struct xg_class, lpm4, XG_LPM4_MAX, BPF_F_NO_PREALLOC);
+XG_MAP("lpm_trie", struct xg_lpm6_key, struct xg_class, lpm6, XG_LPM6_MAX, BPF_F_NO_PREALLOC);
+XG_MAP("array", __u32, struct xg_vec, vecs, 2 * XG_VEC_PER_GEN, 0);
+XG_MAP("array", __u32, struct xg_class, ports, 2 * 2 * XG_NPORTS, 0);
+XG_MAP("array", __u32, struct xg_rule, rules, 2 * XG_RULES_PER_GEN, 0);
+
+/* State that outlives a policy: fixed sizes, reused across reloads. */
+XG_MAP("percpu_array", __u32, struct xg_counter, counters, XG_MAX_SLOTS, 0);
+XG_MAP("array", __u32, struct xg_bucket, rbuckets, XG_MAX_SLOTS, 0);
+XG_MAP("lru_hash", struct xg_sbucket_key, struct xg_bucket, sbuckets, XG_SBUCKET_MAX, 0);
+XG_MAP("lpm_trie", struct xg_ban4_key, struct xg_ban, ban4, XG_BAN_MAX, BPF_F_NO_PREALLOC);
+XG_MAP("lpm_trie", struct xg_ban6_key, struct xg_ban, ban6, XG_BAN_MAX, BPF_F_NO_PREALLOC);
+XG_MAP("lru_percpu_hash", struct xg_srcstat_key, struct xg_srcstat, srcstat, XG_SRCSTAT_MAX, 0);
+
+#ifdef XG_TEST
+BPF_ARRAY(debug, struct xg_debug, 1);
+#endif
+
+static __always_inline int xg_finish(__u32 slot, __u32 rule, __u32 gen, __u64 len, int drop)
+{
+	struct xg_counter *c = counters.lookup(&slot);
+
+	if (c) {
+		c->packets++;
+		c->bytes += len;
+		if (drop) {
+			c->dropped_packets++;
+			c->dropped_bytes += len;
+		}
+	}
+#ifdef XG_TEST
+	{
+		__u32 zero = 0;
+		struct xg_debug d = { .slot = slot, .rule = rule, .gen = gen,
+				      .verdict = drop ? XG_V_DROP : XG_V_PASS };
+		debug.update(&zero, &d);
+	}
+#endif
+	return drop ? XDP_DROP : XDP_PASS;
+}
+
+static __always_inline int xg_banned(struct xg_pkt *pkt, __u64 len)
+{
+	struct xg_ban *b;
+
+	if (pkt->family == 4) {
+		struct xg_ban4_key k = { .prefixlen = 32 };
+
+		__builtin_memcpy(k.addr, pkt->src, 4);
+		b = ban4.lookup(&k);
+	} else {
+		struct xg_ban6_key k = { .prefixlen = 128 };
+
+		__builtin_memcpy(k.addr, pkt->src, 16);
+		b = ban6.lookup(&k);
+	}
+	if (!b)
+		return 0;
+	if (b->expires_ns && b->expires_ns <= bpf_ktime_get_boot_ns())
+		return 0;   /* expired: the daemon removes it soon */
+	__sync_fetch_and_add(&b->packets, 1);
+	__sync_fetch_and_add(&b->bytes, len);
+	return 1;
+}
+
+static __always_inline void xg_srcstat(struct xg_pkt *pkt, struct xg_gen *g, __u64 len)
+{
+	struct xg_srcstat_key k = { .family = pkt->family };
+	struct xg_srcstat *s;
+
+	__builtin_memcpy(k.addr, pkt->src, 16);
+	if (pkt->family == 4)
+		xg_mask(k.addr, g->mit_prefix4);
+	else
+		xg_mask(k.addr, g->mit_prefix6);
+	s = srcstat.lookup(&k);
+	if (s) {
+		s->packets++;
+		s->bytes += len;
+		s->syns += pkt->syn;
+	} else {
+		struct xg_srcstat init = { .packets = 1, .bytes = len, .syns = pkt->syn };
+
+		srcstat.update(&k, &init);
+	}
+}
+
+/* Class vector index of an address in the classifier trie of a dimension. */
+static __always_inline __u32 xg_addr_vec(struct xg_pkt *pkt, __u32 gen, __u8 dim, __u8 *addr)
+{
+	struct xg_class *cl;
+
+	if (pkt->family == 4) {
+		struct xg_lpm4_key k = { .prefixlen = 16 + 32, .gen = gen, .dim = dim };
+
+		__builtin_memcpy(k.addr, addr, 4);
+		cl = lpm4.lookup(&k);
+	} else {
+		struct xg_lpm6_key k = { .prefixlen = 16 + 128, .gen = gen, .dim = dim };
+
+		__builtin_memcpy(k.addr, addr, 16);
+		cl = lpm6.lookup(&k);
+	}
+	return cl ? cl->vec : XG_VEC_PER_GEN;   /* out of range: empty vector */
+}
+
+static __always_inline __u32 xg_port_vec(__u32 gen, __u32 dim, __u16 port)
+{
+	__u32 idx = (gen * 2 + dim) * XG_NPORTS + port;
+	struct xg_class *cl = ports.lookup(&idx);
+
+	return cl ? cl->vec : XG_VEC_PER_GEN;
+}
+
+static __always_inline struct xg_vec *xg_vec(__u32 gen, __u32 vec)
+{
+	__u32 idx;
+
+	if (vec >= XG_VEC_PER_GEN)
+		return 0;
+	idx = gen * XG_VEC_PER_GEN + vec;
+	return vecs.lookup(&idx);
+}
+
+int xdpguard_prog(struct xdp_md *ctx)
+{
+	struct xg_pkt pkt = {};
+	__u64 len = ctx->data_end - ctx->data;
+	__u32 zero = 0, gen, rule = ~0U, idx, i;
+	struct xg_vec *vl, *vs, *vd, *vsp, *vdp;
+	struct xg_gen *g;
+	struct xg_rule *r;
+	__u32 *genp;
+	int rc;
+
+	rc = xg_parse(ctx, &pkt);
+	if (rc == XG_PARSE_NONIP)
+		return XDP_PASS;
+
+	genp = active.lookup(&zero);
+	if (!genp)
+		return XDP_DROP;
+	gen = *genp & 1;
+
+	if (rc == XG_PARSE_MALFORMED)
+		return xg_finish(XG_SLOT_MALFORMED, rule, gen, len, 1);
+	if (xg_banned(&pkt, len))
+		return xg_finish(XG_SLOT_BAN, rule, gen, len, 1);
+
+	g = gens.lookup(&gen);
+	if (!g)
+		return XDP_DROP;
+	if (g->flags & XG_GEN_MITIGATE)
+		xg_srcstat(&pkt, g, len);
+
+	/* Classify: AND the five dimension vectors, the lowest bit wins. */
+	vl = xg_vec(gen, pkt.l4);
+	vs = xg_vec(gen, xg_addr_vec(&pkt, gen, XG_DIM_SRC, pkt.src));
+	vd = vs;   /* no rule names dst: AND with itself */
+	if (g->flags & XG_GEN_HAS_DST)
+		vd = xg_vec(gen, xg_addr_vec(&pkt, gen, XG_DIM_DST, pkt.dst));
+	if (pkt.has_ports) {
+		vsp = xg_vec(gen, xg_port_vec(gen, XG_PORT_SPORT, pkt.sport));
+		vdp = xg_vec(gen, xg_port_vec(gen, XG_PORT_DPORT, pkt.dport));
+	} else {
+		vsp = xg_vec(gen, XG_VEC_NOPORT_SPORT);
+		vdp = xg_vec(gen, XG_VEC_NOPORT_DPORT);
+	}
+	if (vl && vs && vd && vsp && vdp) {
+		__u32 nwords = g->nwords;
+
+		for (i = 0; i < XG_NWORDS; i++) {
+			/* XG_NWORDS is a power of two. The empty asm hides w
+			 * from clang, so the mask survives and the verifier
+			 * sees the bound whatever clang does to the loop. */
+			__u32 w = i;
+			__u64 m;
+
+			asm volatile("" : "+r"(w));
+			w &= XG_NWORDS - 1;
+
+			if (i >= nwords)
+				break;
+			m = vl->w[w] & vs->w[w] & vd->w[w] & vsp->w[w] & vdp->w[w];
+			if (m) {
+				rule = w * 64 + xg_ctz64(m);
+				break;
+			}
+		}
+	}
+
+	if (rule == ~0U) {
+		if (pkt.l4 == XG_L4_ND)
+			return xg_finish(XG_SLOT_ND, rule, gen, len, 0);
+		return xg_finish(XG_SLOT_DEFAULT, rule, gen, len, g->default_action != XG_ACT_ALLOW);
+	}
+
+	idx = gen * XG_RULES_PER_GEN + rule;
+	r = rules.lookup(&idx);
+	if (!r)
+		return XDP_DROP;
+	if (r->action == XG_ACT_ALLOW)
+		return xg_finish(r->slot, rule, gen, len, 0);
+	if (r->action != XG_ACT_LIMIT)
+		return xg_finish(r->slot, rule, gen, len, 1);
+
+	{
+		__u64 units = r->unit == XG_UNIT_BYTES ? len : 1;
+		__u64 now = bpf_ktime_get_ns();
+		struct xg_bucket *b;
+		__u32 slot = r->slot;
+
+		if (r->per == XG_PER_RULE) {
+			b = rbuckets.lookup(&slot);
+		} else {
+			struct xg_sbucket_key k = { .slot = slot, .family = pkt.family };
+
+			__builtin_memcpy(k.addr, pkt.src, 16);
+			xg_mask(k.addr, pkt.family == 4 ? r->prefix4 : r->prefix6);
+			b = sbuckets.lookup(&k);
+			if (!b) {
+				struct xg_bucket fresh = {};
+
+				sbuckets.update(&k, &fresh);
+				b = sbuckets.lookup(&k);
+			}
+		}
+		/* No bucket (map full and racing): drop, never fail open. */
+		if (!b || !xg_gcra(b, now, units, r->cost_fp, r->burst_ns))
+			return xg_finish(slot, rule, gen, len, 1);
+		return xg_finish(slot, rule, gen, len, 0);
+	}
+}

@@ -1,0 +1,208 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * xdpguard: the one definition of every constant, struct and map shared by
+ * the XDP program and user space.
+ *
+ * Python reads the integer "#define XG_*" lines of this file
+ * (xdpguard/layout.py) and takes struct layouts from bcc (table.Key /
+ * table.Leaf), so nothing here is ever copied by hand into Python.
+ * Only integer constants may be defined with "#define XG_" here.
+ *
+ * Numbers in this file are part of the pinned ABI: a number, once used,
+ * is never reused for something else. Bump XG_LAYOUT_VERSION when a
+ * pinned struct changes, so an old pin is never misread.
+ */
+#ifndef XDPGUARD_H
+#define XDPGUARD_H
+
+#define XG_LAYOUT_VERSION 1
+
+/* Rule actions (struct xg_rule.action, default action). */
+#define XG_ACT_ALLOW 0
+#define XG_ACT_DENY 1
+#define XG_ACT_LIMIT 2
+
+/* Limiter modes (struct xg_rule.per). */
+#define XG_PER_SOURCE 0
+#define XG_PER_RULE 1
+
+/* Limiter units (struct xg_rule.unit). */
+#define XG_UNIT_PACKETS 0
+#define XG_UNIT_BYTES 1
+
+/*
+ * Counter slots. Slots below XG_SLOT_FIRST_RULE are fixed verdict reasons;
+ * rules get stable slots from XG_SLOT_FIRST_RULE on, kept across re-apply
+ * by rule name, so counters and per-rule buckets survive a policy change.
+ */
+#define XG_SLOT_DEFAULT 0    /* no rule matched: the policy default */
+#define XG_SLOT_BAN 1        /* source is in the ban map */
+#define XG_SLOT_MALFORMED 2  /* truncated or malformed IP frame: dropped */
+#define XG_SLOT_ND 3         /* IPv6 ND/RA passed because no rule names icmpv6 */
+#define XG_SLOT_FIRST_RULE 8
+#define XG_MAX_RULES_LIMIT 4096  /* rules per policy */
+#define XG_MAX_SLOTS 8200        /* 2 generations of rules + fixed slots */
+
+/*
+ * L4 classes: the proto/flags dimension of the classifier. The vector
+ * table holds one bit vector per class at index (class) in every
+ * generation. A non-first fragment has no ports or flags: TCP fragments
+ * are XG_L4_TCP, never XG_L4_TCP_SYN.
+ */
+#define XG_L4_OTHER 0
+#define XG_L4_TCP 1
+#define XG_L4_TCP_SYN 2   /* SYN set, ACK clear: a new connection */
+#define XG_L4_UDP 3
+#define XG_L4_ICMP 4
+#define XG_L4_ICMPV6 5
+#define XG_L4_ND 6        /* ICMPv6 types 133..137 (RS, RA, NS, NA, redirect) */
+#define XG_L4_NCLASSES 8
+
+/* Fixed vector indexes inside a generation (after the l4 classes). */
+#define XG_VEC_NOPORT_SPORT 8  /* packet has no ports: rules without sport */
+#define XG_VEC_NOPORT_DPORT 9  /* packet has no ports: rules without dport */
+#define XG_VEC_FIRST_FREE 10
+
+/* Dimensions of the address tries (byte 1 of the key data). */
+#define XG_DIM_SRC 0
+#define XG_DIM_DST 1
+
+/* Port dimensions (row of the ports array). */
+#define XG_PORT_SPORT 0
+#define XG_PORT_DPORT 1
+#define XG_NPORTS 65536
+
+/* Parser bounds. */
+#define XG_MAX_VLANS 2
+#define XG_MAX_EXTHDRS 6
+
+/* Ban reasons (struct xg_ban.reason). */
+#define XG_BAN_MANUAL 0
+#define XG_BAN_SYN_RATE 1
+#define XG_BAN_CONN_RATE 2
+#define XG_BAN_PPS 3
+#define XG_BAN_BPS 4
+
+/* Persistent map sizes: fixed, because these maps outlive a policy shape. */
+#define XG_BAN_MAX 1048576
+#define XG_SBUCKET_MAX 262144
+#define XG_SRCSTAT_MAX 65536
+
+/* struct xg_gen.flags */
+#define XG_GEN_HAS_DST 1     /* some rule names dst: look up the dst tries */
+#define XG_GEN_MITIGATE 2    /* count per-source stats for the daemon */
+
+/* xg_debug.verdict values (test builds only) */
+#define XG_V_PASS 0
+#define XG_V_DROP 1
+
+/* ---- structs (bcc turns these into table.Key / table.Leaf) ---- */
+
+/* LPM key for the IPv4 classifier trie: prefixlen covers gen+dim+addr. */
+struct xg_lpm4_key {
+	__u32 prefixlen;
+	__u8 gen;
+	__u8 dim;
+	__u8 addr[4];
+};
+
+struct xg_lpm6_key {
+	__u32 prefixlen;
+	__u8 gen;
+	__u8 dim;
+	__u8 addr[16];
+};
+
+/* LPM value: index of the class bit vector in the vector table. */
+struct xg_class {
+	__u32 vec;
+};
+
+struct xg_ban4_key {
+	__u32 prefixlen;
+	__u8 addr[4];
+};
+
+struct xg_ban6_key {
+	__u32 prefixlen;
+	__u8 addr[16];
+};
+
+struct xg_ban {
+	__u64 expires_ns;   /* CLOCK_BOOTTIME; 0 = never */
+	__u64 packets;      /* dropped under this ban (atomic adds) */
+	__u64 bytes;
+	__u32 reason;       /* XG_BAN_* */
+	__u32 pad;
+};
+
+struct xg_rule {
+	__u32 slot;        /* counter / per-rule bucket slot */
+	__u8 action;       /* XG_ACT_* */
+	__u8 per;          /* XG_PER_* */
+	__u8 unit;         /* XG_UNIT_* */
+	__u8 prefix4;      /* source grouping for per-source buckets */
+	__u8 prefix6;
+	__u8 pad[3];
+	__u64 cost_fp;     /* ns per unit << 16 (GCRA emission interval) */
+	__u64 burst_ns;    /* burst x cost: how far ahead the bucket may run */
+};
+
+/* Per-generation settings. */
+struct xg_gen {
+	__u32 nwords;          /* 64-bit words of the rule vector in use */
+	__u32 flags;           /* XG_GEN_* */
+	__u8 default_action;   /* XG_ACT_ALLOW or XG_ACT_DENY */
+	__u8 mit_prefix4;      /* per-source stats grouping (XG_GEN_MITIGATE) */
+	__u8 mit_prefix6;
+	__u8 pad[5];
+};
+
+struct xg_counter {
+	__u64 packets;
+	__u64 bytes;
+	__u64 dropped_packets;
+	__u64 dropped_bytes;
+};
+
+/* GCRA state: theoretical arrival time of the next unit. */
+struct xg_bucket {
+	__u64 tat;
+};
+
+struct xg_sbucket_key {
+	__u32 slot;
+	__u8 family;       /* 4 or 6 */
+	__u8 pad[3];
+	__u8 addr[16];     /* source masked to prefix4 / prefix6 */
+};
+
+struct xg_srcstat_key {
+	__u8 family;       /* 4 or 6 */
+	__u8 pad[3];
+	__u8 addr[16];     /* source masked to mit_prefix4 / mit_prefix6 */
+};
+
+/* Per-source traffic seen at XDP while mitigation is on (per-CPU). */
+struct xg_srcstat {
+	__u64 packets;
+	__u64 bytes;
+	__u64 syns;
+};
+
+/* Which rule decided, for BPF_PROG_TEST_RUN (test builds only). */
+struct xg_debug {
+	__u32 slot;
+	__u32 rule;        /* rule index in the generation, or ~0 */
+	__u32 verdict;     /* XG_V_* */
+	__u32 gen;
+};
+
+#ifdef XG_NWORDS
+/* One rule bit vector; the width is a -D flag from the compiled policy. */
+struct xg_vec {
+	__u64 w[XG_NWORDS];
+};
+#endif
+
+#endif /* XDPGUARD_H */

@@ -1,0 +1,256 @@
+"""Compiler: ordered first-match rules -> classifier tables (plain Python).
+
+The algorithm (linear bit-vector search) is described in docs/design.md.
+``Tables`` is what the data plane looks up; ``xdpguard.layout`` turns it
+into map entries and ``xdpguard.lookup`` evaluates it exactly as the XDP
+program does.
+"""
+from __future__ import annotations
+
+from array import array
+from bisect import bisect_right
+from dataclasses import dataclass, field
+
+from xdpguard.layout import C
+from xdpguard.policy import Policy, Prefix, Rule
+
+_ACTION = {"allow": C.XG_ACT_ALLOW, "deny": C.XG_ACT_DENY, "limit": C.XG_ACT_LIMIT}
+
+# Which l4 classes a protocol name admits (tcp_flags narrows tcp to SYN).
+_PROTO_CLASSES = {
+    "tcp": (C.XG_L4_TCP, C.XG_L4_TCP_SYN),
+    "udp": (C.XG_L4_UDP,),
+    "icmp": (C.XG_L4_ICMP,),
+    "icmpv6": (C.XG_L4_ICMPV6, C.XG_L4_ND),
+}
+# "any" admits every class but ND: ND passes unless a rule names icmpv6.
+_ANY_CLASSES = tuple(c for c in range(C.XG_L4_NCLASSES) if c != C.XG_L4_ND)
+
+
+@dataclass(frozen=True)
+class RuleRecord:
+    """One rule as the data plane sees it (the slot is added by the loader)."""
+    name: str
+    index: int
+    action: int
+    per: int
+    unit: int
+    prefix4: int
+    prefix6: int
+    cost_fp: int
+    burst_ns: int
+    log: bool
+
+
+@dataclass
+class Tables:
+    nrules: int
+    nwords: int
+    default_action: int
+    flags: int
+    vecs: list[int]                                  # rule bit vectors (Python ints)
+    lpm: dict[int, list[tuple[int, int, int, int]]]  # family -> [(dim, value, plen, vec)]
+    ports: dict[int, array]                          # port dim -> 65536 vector indexes
+    rules: list[RuleRecord]
+    mit_prefix4: int = 32
+    mit_prefix6: int = 64
+    _index: dict = field(default=None, repr=False, compare=False)
+
+    def summary(self) -> dict:
+        return {
+            "rules": self.nrules,
+            "vector_words": self.nwords,
+            "vectors": len(self.vecs),
+            "lpm4_entries": len(self.lpm[4]),
+            "lpm6_entries": len(self.lpm[6]),
+            "port_classes": len(set(self.ports[C.XG_PORT_SPORT]) | set(self.ports[C.XG_PORT_DPORT])),
+        }
+
+
+def rule_classes(rule: Rule) -> tuple[int, ...]:
+    """The l4 classes a rule admits."""
+    if rule.syn_only:
+        return (C.XG_L4_TCP_SYN,)
+    if rule.protos is None:
+        return _ANY_CLASSES
+    return tuple(sorted({c for p in rule.protos for c in _PROTO_CLASSES[p]}))
+
+
+class _Vectors:
+    """Interns bit vectors: equal vectors share one table slot."""
+
+    def __init__(self, fixed: list[int]):
+        self.vecs = list(fixed)
+        self.index: dict[int, int] = {}
+
+    def intern(self, mask: int) -> int:
+        idx = self.index.get(mask)
+        if idx is None:
+            idx = self.index[mask] = len(self.vecs)
+            self.vecs.append(mask)
+        return idx
+
+
+def _address_entries(rules: list[Rule], family: int, dim: int, attr: str, vectors: _Vectors):
+    """LPM entries of one (family, dimension): each prefix carries the rules
+    of every prefix that contains it, so the longest match is exact."""
+    bits = 32 if family == 4 else 128
+    own: dict[tuple[int, int], int] = {(0, 0): 0}
+    for r in rules:
+        prefixes = getattr(r, attr)
+        bit = 1 << r.index
+        if prefixes is None:
+            own[(0, 0)] |= bit
+            continue
+        for p in prefixes:
+            if p.family == family:
+                key = (p.value, p.plen)
+                own[key] = own.get(key, 0) | bit
+    out = []
+    stack: list[tuple[int, int]] = []     # (last address, accumulated mask)
+    for value, plen in sorted(own):
+        last = value | ((1 << (bits - plen)) - 1)
+        while stack and stack[-1][0] < value:
+            stack.pop()
+        # Prefixes nest or are disjoint, so the top of the stack contains this one.
+        mask = own[(value, plen)] | (stack[-1][1] if stack else 0)
+        stack.append((last, mask))
+        out.append((dim, value, plen, vectors.intern(mask)))
+    return out
+
+
+def _port_table(rules: list[Rule], attr: str, vectors: _Vectors) -> array:
+    anymask = 0
+    ranged = []
+    bounds = {0, C.XG_NPORTS}
+    for r in rules:
+        ranges = getattr(r, attr)
+        if ranges is None:
+            anymask |= 1 << r.index
+        else:
+            ranged.append((1 << r.index, ranges))
+            for lo, hi in ranges:
+                bounds.update((lo, hi + 1))
+    edges = sorted(bounds)
+    seg_masks = [anymask] * (len(edges) - 1)
+    for bit, ranges in ranged:
+        for lo, hi in ranges:
+            for s in range(bisect_right(edges, lo) - 1, bisect_right(edges, hi)):
+                seg_masks[s] |= bit
+    table = array("I", bytes(4 * C.XG_NPORTS))
+    for s, mask in enumerate(seg_masks):
+        lo, hi = edges[s], edges[s + 1]
+        table[lo:hi] = array("I", [vectors.intern(mask)]) * (hi - lo)
+    return table
+
+
+def _record(rule: Rule) -> RuleRecord:
+    cost_fp = burst_ns = 0
+    unit = C.XG_UNIT_PACKETS
+    if rule.rate is not None:
+        rate = rule.rate.per_second
+        cost_fp = max(1, round(1e9 * 65536 / rate))
+        burst_ns = round(rule.burst * 1e9 / rate)
+        unit = C.XG_UNIT_BYTES if rule.rate.unit == "bytes" else C.XG_UNIT_PACKETS
+    return RuleRecord(name=rule.name, index=rule.index, action=_ACTION[rule.action],
+                      per=C.XG_PER_RULE if rule.per == "rule" else C.XG_PER_SOURCE,
+                      unit=unit, prefix4=rule.prefix4, prefix6=rule.prefix6,
+                      cost_fp=cost_fp, burst_ns=burst_ns, log=rule.log)
+
+
+def compile_policy(policy: Policy) -> Tables:
+    """Compile a validated policy into classifier tables."""
+    rules = policy.rules
+    l4 = [0] * C.XG_L4_NCLASSES
+    nosport = nodport = 0
+    for r in rules:
+        bit = 1 << r.index
+        for c in rule_classes(r):
+            l4[c] |= bit
+        if r.sport is None:
+            nosport |= bit
+        if r.dport is None:
+            nodport |= bit
+    vectors = _Vectors(l4 + [nosport, nodport])
+    assert len(vectors.vecs) == C.XG_VEC_FIRST_FREE
+
+    has_dst = any(r.dst is not None for r in rules)
+    lpm = {}
+    for fam in (4, 6):
+        entries = _address_entries(rules, fam, C.XG_DIM_SRC, "src", vectors)
+        if has_dst:
+            entries += _address_entries(rules, fam, C.XG_DIM_DST, "dst", vectors)
+        lpm[fam] = entries
+    ports = {C.XG_PORT_SPORT: _port_table(rules, "sport", vectors),
+             C.XG_PORT_DPORT: _port_table(rules, "dport", vectors)}
+
+    flags = (C.XG_GEN_HAS_DST if has_dst else 0) | (C.XG_GEN_MITIGATE if policy.mitigation.enabled else 0)
+    return Tables(nrules=len(rules), nwords=max(1, (len(rules) + 63) // 64),
+                  default_action=_ACTION[policy.default], flags=flags, vecs=vectors.vecs,
+                  lpm=lpm, ports=ports, rules=[_record(r) for r in rules],
+                  mit_prefix4=policy.mitigation.prefix4, mit_prefix6=policy.mitigation.prefix6)
+
+
+# ---------------------------------------------------------------- warnings for `check`
+
+def _merged(prefixes) -> dict[int, tuple[list[int], list[int]]]:
+    """Per family: sorted, merged [first, last] intervals for containment tests."""
+    out = {}
+    for fam in (4, 6):
+        iv = sorted((p.value, p.last) for p in prefixes if p.family == fam)
+        firsts, lasts = [], []
+        for a, b in iv:
+            if lasts and a <= lasts[-1] + 1:
+                lasts[-1] = max(lasts[-1], b)
+            else:
+                firsts.append(a)
+                lasts.append(b)
+        out[fam] = (firsts, lasts)
+    return out
+
+
+def _covers_addr(outer, inner) -> bool:
+    if outer is None:
+        return True
+    if inner is None:
+        return False
+    m = _merged(outer)
+    for p in inner:
+        firsts, lasts = m[p.family]
+        i = bisect_right(firsts, p.value) - 1
+        if i < 0 or lasts[i] < p.last:
+            return False
+    return True
+
+
+def _covers_ports(outer, inner) -> bool:
+    if outer is None:
+        return True
+    if inner is None:
+        return False
+    return all(any(a <= lo and hi <= b for a, b in outer) for lo, hi in inner)
+
+
+def _families(prefixes) -> set[int]:
+    return {4, 6} if prefixes is None else {p.family for p in prefixes}
+
+
+def find_unreachable(policy: Policy) -> list[str]:
+    """Warnings for rules that can never match: shadowed by one earlier
+    rule, or with constraints no packet can satisfy."""
+    out = []
+    rules = policy.rules
+    for j, rj in enumerate(rules):
+        fams = _families(rj.src) & _families(rj.dst)
+        if not fams:
+            what = "an empty address set" if (rj.src == () or rj.dst == ()) else "src and dst of different address families"
+            out.append(f"{policy.source}: {rj.label}: can never match: {what}")
+            continue
+        cj = set(rule_classes(rj))
+        for ri in rules[:j]:
+            if (set(rule_classes(ri)) >= cj and _covers_ports(ri.sport, rj.sport)
+                    and _covers_ports(ri.dport, rj.dport)
+                    and _covers_addr(ri.src, rj.src) and _covers_addr(ri.dst, rj.dst)):
+                out.append(f"{policy.source}: {rj.label}: can never match: shadowed by {ri.label}")
+                break
+    return out

@@ -1,0 +1,135 @@
+"""Map layout: the constants of bpf/xdpguard.h and the map entries built from them.
+
+The header is the one definition shared by C and Python. Integer constants
+are read from its ``#define XG_*`` lines; struct layouts come from bcc
+(``table.Key`` / ``table.Leaf``) after a compile, or from the type
+descriptions bcc produced, saved in the pinned record (``pins.py``).
+"""
+from __future__ import annotations
+
+import ctypes
+import re
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from types import SimpleNamespace
+
+_DEFINE = re.compile(r"^#define\s+(XG_\w+)\s+(\d+)\s*(?:/\*.*)?$")
+
+
+def bpf_dir() -> Path:
+    """Directory holding the C sources (repo checkout or installed package)."""
+    here = Path(__file__).resolve().parent.parent / "bpf"
+    if (here / "xdpguard.h").is_file():
+        return here
+    return Path(str(resources.files("xdpguard.bpf")))
+
+
+@lru_cache(maxsize=None)
+def _constants() -> SimpleNamespace:
+    values = {}
+    for line in (bpf_dir() / "xdpguard.h").read_text().splitlines():
+        m = _DEFINE.match(line.strip())
+        if m:
+            values[m.group(1)] = int(m.group(2))
+    return SimpleNamespace(**values)
+
+
+C = _constants()
+
+
+# ---------------------------------------------------------------- map entries
+#
+# Tables (xdpguard.compiler) -> ctypes arrays for one generation. The types
+# are bcc's (``Map.Key`` / ``Map.Leaf``), never declared here.
+
+# Maps that outlive a policy shape: reused when a new program is loaded.
+PERSISTENT_MAPS = ("counters", "rbuckets", "sbuckets", "ban4", "ban6", "srcstat")
+# Maps of the classifier, sized by the shape.
+POLICY_MAPS = ("active", "gens", "lpm4", "lpm6", "vecs", "ports", "rules")
+
+
+def addr_bytes(family: int, value: int) -> bytes:
+    return value.to_bytes(4 if family == 4 else 16, "big")
+
+
+def lpm_entries(maps, tables, gen: int, family: int):
+    """Keys and values of the classifier trie of one family and generation."""
+    m = maps["lpm4" if family == 4 else "lpm6"]
+    entries = tables.lpm[family]
+    keys = (m.Key * len(entries))()
+    vals = (m.Leaf * len(entries))()
+    nbytes = 4 if family == 4 else 16
+    for i, (dim, value, plen, vec) in enumerate(entries):
+        k = keys[i]
+        k.prefixlen = 16 + plen
+        k.gen = gen
+        k.dim = dim
+        ctypes.memmove(ctypes.addressof(k) + type(k).addr.offset, value.to_bytes(nbytes, "big"), nbytes)
+        vals[i].vec = vec
+    return keys, vals
+
+
+def lpm_keys_of(maps, family: int, gen: int, entries):
+    """Keys only (for deleting a generation)."""
+    m = maps["lpm4" if family == 4 else "lpm6"]
+    keys = (m.Key * len(entries))()
+    nbytes = 4 if family == 4 else 16
+    for i, (dim, value, plen, _vec) in enumerate(entries):
+        k = keys[i]
+        k.prefixlen = 16 + plen
+        k.gen = gen
+        k.dim = dim
+        ctypes.memmove(ctypes.addressof(k) + type(k).addr.offset, value.to_bytes(nbytes, "big"), nbytes)
+    return keys
+
+
+def vec_entries(maps, tables, gen: int, vec_per_gen: int):
+    m = maps["vecs"]
+    n = len(tables.vecs)
+    keys = (ctypes.c_uint32 * n)(*range(gen * vec_per_gen, gen * vec_per_gen + n))
+    vals = (m.Leaf * n)()
+    nwords = len(vals[0].w) if n else 0
+    mask = (1 << 64) - 1
+    for i, v in enumerate(tables.vecs):
+        w = vals[i].w
+        for j in range(nwords):
+            w[j] = (v >> (64 * j)) & mask
+            if not v >> (64 * (j + 1)):
+                break
+    return keys, vals
+
+
+def port_entries(tables, gen: int):
+    from array import array
+    keys = array("I", range(gen * 2 * C.XG_NPORTS, (gen + 1) * 2 * C.XG_NPORTS))
+    vals = tables.ports[C.XG_PORT_SPORT] + tables.ports[C.XG_PORT_DPORT]
+    return keys, vals
+
+
+def rule_entries(maps, tables, gen: int, rules_per_gen: int, slots: dict[str, int]):
+    m = maps["rules"]
+    n = len(tables.rules)
+    keys = (ctypes.c_uint32 * n)(*range(gen * rules_per_gen, gen * rules_per_gen + n))
+    vals = (m.Leaf * n)()
+    for i, r in enumerate(tables.rules):
+        v = vals[i]
+        v.slot = slots[r.name]
+        v.action = r.action
+        v.per = r.per
+        v.unit = r.unit
+        v.prefix4 = r.prefix4
+        v.prefix6 = r.prefix6
+        v.cost_fp = r.cost_fp
+        v.burst_ns = r.burst_ns
+    return keys, vals
+
+
+def gen_value(maps, tables):
+    g = maps["gens"].Leaf()
+    g.nwords = tables.nwords
+    g.flags = tables.flags
+    g.default_action = tables.default_action
+    g.mit_prefix4 = tables.mit_prefix4
+    g.mit_prefix6 = tables.mit_prefix6
+    return g

@@ -1,0 +1,465 @@
+"""Loader: compile and load the XDP program with bcc, fill its maps, attach,
+pin, re-apply atomically, detach. Also the BPF_PROG_TEST_RUN rig behind
+`xdpguard test`.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import socket
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from xdpguard import bpfsys, layout, pins
+from xdpguard.compiler import Tables
+from xdpguard.layout import C, PERSISTENT_MAPS, POLICY_MAPS
+from xdpguard.netns import NetnsError, in_netns
+from xdpguard.policy import Policy
+
+PROG_NAME = "xdpguard_prog"
+MODES = {"native": bpfsys.XDP_FLAGS_DRV_MODE, "generic": bpfsys.XDP_FLAGS_SKB_MODE}
+# Time for packets already inside the program to finish with the old
+# generation before its entries are deleted (XDP runs in microseconds).
+GRACE_S = 0.01
+
+
+class LoadError(Exception):
+    """The kernel refused something (exit status 1)."""
+
+
+class UsageError(Exception):
+    """The operator asked for something impossible here (exit status 2)."""
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The integers compiled into the program (-D flags): capacities only."""
+    nwords: int
+    vec_per_gen: int
+    lpm4_max: int
+    lpm6_max: int
+
+    @property
+    def rules_per_gen(self) -> int:
+        return 64 * self.nwords
+
+    def cflags(self) -> list[str]:
+        return [f"-DXG_NWORDS={self.nwords}", f"-DXG_VEC_PER_GEN={self.vec_per_gen}",
+                f"-DXG_LPM4_MAX={self.lpm4_max}", f"-DXG_LPM6_MAX={self.lpm6_max}"]
+
+    @classmethod
+    def for_tables(cls, t: Tables) -> "Shape":
+        # Headroom, so that most later policies fit without a recompile, and
+        # room for two generations in the tries.
+        return cls(nwords=min(64, _pow2(max(1, (t.nrules + 16 + 63) // 64))),
+                   vec_per_gen=_pow2(max(256, 2 * len(t.vecs))),
+                   lpm4_max=_pow2(max(4096, 4 * len(t.lpm[4]))),
+                   lpm6_max=_pow2(max(4096, 4 * len(t.lpm[6]))))
+
+    def fits(self, t: Tables, old_lpm4: int = 0, old_lpm6: int = 0) -> bool:
+        return (t.nrules <= self.rules_per_gen and len(t.vecs) <= self.vec_per_gen
+                and len(t.lpm[4]) + old_lpm4 <= self.lpm4_max
+                and len(t.lpm[6]) + old_lpm6 <= self.lpm6_max)
+
+
+# ---------------------------------------------------------------- compile + load
+
+def compile_program(shape: Shape, stage: int | None = None, test: bool = False):
+    """Compile bpf/xdpguard.c with bcc and load the XDP program (verifier)."""
+    from bcc import BPF
+    bpfdir = layout.bpf_dir()
+    cflags = [f"-I{bpfdir}", "-w"] + shape.cflags()
+    if stage is not None:
+        cflags.append(f"-DXG_STAGE={int(stage)}")
+    if test:
+        cflags.append("-DXG_TEST=1")
+    try:
+        b = BPF(src_file=str(bpfdir / "xdpguard.c").encode(), cflags=cflags)
+        fn = b.load_func(PROG_NAME.encode(), BPF.XDP)
+    except Exception as e:   # bcc raises bare Exception for compile and verifier errors
+        raise LoadError(f"loading the XDP program failed: {e}") from None
+    return b, fn
+
+
+def bcc_maps(b, names) -> dict[str, pins.Map]:
+    out = {}
+    for n in names:
+        t = b[n.encode()]
+        # bcc widens per-CPU leaves to an array of CPUs; keep the struct.
+        leaf = getattr(t, "sLeaf", t.Leaf)
+        out[n] = pins.Map(n, t.map_fd, t.Key, leaf, t.ttype, t.max_entries, owned=False)
+    return out
+
+
+def bcc_types(b, names) -> dict:
+    """bcc's JSON type descriptions, saved in the record for readers."""
+    import json
+    from bcc.libbcc import lib
+    out = {}
+    for n in names:
+        key = lib.bpf_table_key_desc(b.module, n.encode())
+        leaf = lib.bpf_table_leaf_desc(b.module, n.encode())
+        out[n] = {"key": json.loads(key), "leaf": json.loads(leaf)}
+    return out
+
+
+# ---------------------------------------------------------------- generations
+
+_ENOTSUPP = 524   # the kernel's internal "not supported", seen by user space
+
+
+def _lpm_update(m: pins.Map, keys, vals) -> None:
+    # LPM tries have no batch operations on some kernels: fall back.
+    try:
+        m.update_batch(keys, vals)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, _ENOTSUPP):
+            raise
+        for k, v in zip(keys, vals):
+            m.update(k, v)
+
+
+def write_gen(maps: dict, tables: Tables, gen: int, shape: Shape, slots: dict[str, int]) -> None:
+    """Write one generation of the classifier (not yet active)."""
+    for fam in (4, 6):
+        keys, vals = layout.lpm_entries(maps, tables, gen, fam)
+        try:
+            _lpm_update(maps["lpm4" if fam == 4 else "lpm6"], keys, vals)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.E2BIG):
+                raise LoadError(f"IPv{fam} classifier trie is full") from None
+            raise
+    keys, vals = layout.vec_entries(maps, tables, gen, shape.vec_per_gen)
+    maps["vecs"].update_batch(keys, vals)
+    keys, vals = layout.port_entries(tables, gen)
+    bpfsys.map_update_batch(maps["ports"].fd, keys.tobytes(), vals.tobytes(), len(keys))
+    keys, vals = layout.rule_entries(maps, tables, gen, shape.rules_per_gen, slots)
+    maps["rules"].update_batch(keys, vals)
+    maps["gens"].update(ctypes.c_uint32(gen), layout.gen_value(maps, tables))
+
+
+def read_active(maps) -> int:
+    v = maps["active"].lookup(ctypes.c_uint32(0))
+    return int(v.value if hasattr(v, "value") else v) & 1
+
+
+def set_active(maps, gen: int) -> None:
+    # One 4-byte array write: every packet sees either generation, whole.
+    maps["active"].update(ctypes.c_uint32(0), ctypes.c_uint32(gen))
+
+
+def clear_gen(maps, gen: int) -> None:
+    """Delete the trie entries of a generation no longer active."""
+    for name in ("lpm4", "lpm6"):
+        m = maps[name]
+        ks = ctypes.sizeof(m.Key)
+        doomed = [k for k in bpfsys.map_keys(m.fd, ks) if k[4] == gen]
+        for k in doomed:
+            bpfsys.map_delete(m.fd, k)
+
+
+def count_gen(maps, gen: int) -> tuple[int, int]:
+    out = []
+    for name in ("lpm4", "lpm6"):
+        m = maps[name]
+        out.append(sum(1 for k in bpfsys.map_keys(m.fd, ctypes.sizeof(m.Key)) if k[4] == gen))
+    return out[0], out[1]
+
+
+def assign_slots(tables: Tables, previous: dict[str, int] | None) -> tuple[dict[str, int], list[int]]:
+    """Stable slots by rule name; returns (slots, newly assigned slots).
+
+    A new rule never takes a slot the running policy uses, so packets still
+    counted under the old generation never land on a new rule's counter.
+    """
+    previous = previous or {}
+    slots, fresh = {}, []
+    used = set(previous.values())
+    nxt = C.XG_SLOT_FIRST_RULE
+    for r in tables.rules:
+        if r.name in previous:
+            slots[r.name] = previous[r.name]
+    taken = used | set(slots.values())
+    for r in tables.rules:
+        if r.name in slots:
+            continue
+        while nxt in taken:
+            nxt += 1
+        if nxt >= C.XG_MAX_SLOTS:
+            # Wrap into slots the old policy used but the new one does not.
+            free = sorted(set(range(C.XG_SLOT_FIRST_RULE, C.XG_MAX_SLOTS)) - set(slots.values()))
+            nxt = free[0]
+        slots[r.name] = nxt
+        fresh.append(nxt)
+        taken.add(nxt)
+    return slots, fresh
+
+
+def zero_slots(maps, slots: list[int]) -> None:
+    cz = bytes(bpfsys.percpu_value_size(ctypes.sizeof(maps["counters"].Leaf)))
+    bz = bytes(ctypes.sizeof(maps["rbuckets"].Leaf))
+    for s in slots:
+        bpfsys.map_update(maps["counters"].fd, bytes(ctypes.c_uint32(s)), cz)
+        bpfsys.map_update(maps["rbuckets"].fd, bytes(ctypes.c_uint32(s)), bz)
+
+
+# ---------------------------------------------------------------- apply / detach
+
+def ifindex_of(iface: str, netns: str | None) -> int:
+    try:
+        with in_netns(netns):
+            return socket.if_nametoindex(iface)
+    except OSError:
+        where = f" in network namespace '{netns}'" if netns else ""
+        raise UsageError(f"no interface '{iface}'{where}") from None
+
+
+def _prog_name(prog_id: int) -> str:
+    try:
+        fd = bpfsys.prog_get_fd_by_id(prog_id)
+    except OSError:
+        return "?"
+    try:
+        return bpfsys.prog_info(fd)["name"]
+    finally:
+        os.close(fd)
+
+
+def _record(policy: Policy, tables: Tables, netns, iface, ifindex, shape, slots, types, mode, prog_id, previous):
+    rec = {
+        "layout": C.XG_LAYOUT_VERSION,
+        "netns": netns or "host",
+        "iface": iface,
+        "ifindex": ifindex,
+        "mode": mode,
+        "prog_id": prog_id,
+        "policy": {"name": policy.name, "sha256": policy.sha256, "source": policy.source,
+                   "applied_at": time.time(), "default": policy.default,
+                   "rules": len(policy.rules)},
+        "shape": asdict(shape),
+        "rules": [{"name": r.name, "action": {0: "allow", 1: "deny", 2: "limit"}[r.action],
+                   "slot": slots[r.name]} for r in tables.rules],
+        "slots": slots,
+        "lpm": {"4": len(tables.lpm[4]), "6": len(tables.lpm[6])},
+        "types": types,
+        "mitigation": {"enabled": policy.mitigation.enabled,
+                       "prefix4": policy.mitigation.prefix4, "prefix6": policy.mitigation.prefix6},
+    }
+    if previous:
+        # One level of history for `rollback` and `apply --confirm`.
+        prev = {k: previous.get(k) for k in ("policy", "rules")}
+        rec["previous"] = prev
+    return rec
+
+
+def apply(policy: Policy, tables: Tables, iface: str, netns: str | None = None,
+          mode: str = "auto", dry_run: bool = False, force: bool = False, log=print) -> dict:
+    """Apply compiled tables to an interface. Returns the new record."""
+    pins.ensure_bpffs()
+    ifindex = ifindex_of(iface, netns)
+    if dry_run:
+        shape = Shape.for_tables(tables)
+        b, fn = compile_program(shape)
+        maps = bcc_maps(b, POLICY_MAPS + PERSISTENT_MAPS)
+        slots, _ = assign_slots(tables, None)
+        write_gen(maps, tables, 0, shape, slots)
+        set_active(maps, 0)
+        log(f"dry run: policy '{policy.name}' compiled, loaded and verified; nothing attached")
+        b.cleanup()
+        return {}
+
+    with pins.locked():
+        directory = pins.iface_dir(netns, iface)
+        record = pins.read_record(directory)
+        with in_netns(netns):
+            q = bpfsys.xdp_query(ifindex)
+        ours = bool(record) and q["prog_id"] != 0 and q["prog_id"] == record["prog_id"]
+        if q["prog_id"] and not ours and not force:
+            raise UsageError(f"{iface}: another XDP program is attached (id {q['prog_id']}, "
+                             f"'{_prog_name(q['prog_id'])}'); xdpguard will not replace it "
+                             f"(detach it, or use --force)")
+        slots, fresh = assign_slots(tables, record["slots"] if record else None)
+        if ours:
+            shape = Shape(**record["shape"])
+            if shape.fits(tables, record["lpm"]["4"], record["lpm"]["6"]):
+                return _reapply_in_place(policy, tables, directory, record, slots, fresh, log)
+        return _load_and_attach(policy, tables, netns, iface, ifindex, directory, record,
+                                q, ours, slots, fresh, mode, log)
+
+
+def _open_maps(directory: Path, record: dict, names) -> dict[str, pins.Map]:
+    return {n: pins.open_map(directory, n, record) for n in names}
+
+
+def _reapply_in_place(policy, tables, directory, record, slots, fresh, log) -> dict:
+    t0 = time.monotonic()
+    shape = Shape(**record["shape"])
+    maps = _open_maps(directory, record, POLICY_MAPS + ("counters", "rbuckets"))
+    try:
+        old = read_active(maps)
+        new = 1 - old
+        clear_gen(maps, new)           # leftovers of an interrupted apply
+        zero_slots(maps, fresh)
+        write_gen(maps, tables, new, shape, slots)
+        set_active(maps, new)
+        time.sleep(GRACE_S)
+        clear_gen(maps, old)
+        rec = _record(policy, tables, record["netns"], record["iface"], record["ifindex"], shape,
+                      slots, record["types"], record["mode"], record["prog_id"], record)
+        pins.update_record(directory, rec)
+    finally:
+        for m in maps.values():
+            m.close()
+    log(f"{record['iface']}: policy '{policy.name}' applied in place "
+        f"(generation {new}, no reload) in {time.monotonic() - t0:.2f}s")
+    return rec
+
+
+def _load_and_attach(policy, tables, netns, iface, ifindex, directory, record, q, ours,
+                     slots, fresh, mode, log) -> dict:
+    t0 = time.monotonic()
+    shape = Shape.for_tables(tables)
+    if record:
+        shape = Shape(max(shape.nwords, record["shape"]["nwords"]), shape.vec_per_gen,
+                      shape.lpm4_max, shape.lpm6_max)
+    stage = pins.STAGE / str(os.getpid())
+    pins.remove_dir(stage)
+    stage.mkdir(parents=True)
+    try:
+        if record:
+            # Same map objects for state that must survive: bans, buckets, counters.
+            for name in PERSISTENT_MAPS:
+                if (directory / name).exists():
+                    with bpfsys.closing_fd(bpfsys.obj_get(str(directory / name))) as fd:
+                        bpfsys.obj_pin(fd, str(stage / name))
+        b, fn = compile_program(shape, stage=os.getpid())
+        names = POLICY_MAPS + PERSISTENT_MAPS
+        maps = bcc_maps(b, names)
+        zero_slots(maps, fresh)
+        write_gen(maps, tables, 0, shape, slots)
+        set_active(maps, 0)
+        prog_id = bpfsys.prog_info(fn.fd)["id"]
+        attached = _attach(fn.fd, ifindex, netns, iface, directory, record, q, ours, mode)
+        rec = _record(policy, tables, netns, iface, ifindex, shape, slots, bcc_types(b, names),
+                      attached, prog_id, record)
+        meta = pins.create_meta(rec)
+        try:
+            bpfsys.obj_pin(meta, str(stage / "meta"))
+        finally:
+            os.close(meta)
+        bpfsys.obj_pin(fn.fd, str(stage / "prog"))
+        if directory.exists():
+            pins.exchange(stage, directory)
+        else:
+            directory.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(stage, directory)
+    finally:
+        pins.remove_dir(stage)
+    b.cleanup()
+    verb = "replaced the running program" if ours else "attached"
+    log(f"{iface}: policy '{policy.name}' {verb} ({attached} mode, program id {prog_id}) "
+        f"in {time.monotonic() - t0:.2f}s")
+    return rec
+
+
+def _attach(prog_fd, ifindex, netns, iface, directory, record, q, ours, mode) -> str:
+    with in_netns(netns):
+        if ours:
+            # Atomic swap, and only if our old program is still the one attached.
+            cur = record["mode"]
+            with bpfsys.closing_fd(bpfsys.obj_get(str(directory / "prog"))) as old:
+                bpfsys.xdp_attach(ifindex, prog_fd, MODES[cur], old_prog_fd=old)
+            return cur
+        if q["prog_id"]:
+            # --force over a foreign program: replace that exact program.
+            cur = {"native": "native", "generic": "generic"}.get(q["attach_mode"], "native")
+            with bpfsys.closing_fd(bpfsys.prog_get_fd_by_id(q["prog_id"])) as old:
+                bpfsys.xdp_attach(ifindex, prog_fd, MODES[cur], old_prog_fd=old)
+            return cur
+        order = ["native", "generic"] if mode == "auto" else [mode]
+        last = None
+        for m in order:
+            try:
+                bpfsys.xdp_attach(ifindex, prog_fd, MODES[m] | bpfsys.XDP_FLAGS_UPDATE_IF_NOEXIST)
+                return m
+            except OSError as e:
+                last = e
+        raise LoadError(f"{iface}: cannot attach in {' or '.join(order)} mode: {last}")
+
+
+def detach(iface: str, netns: str | None = None, log=print) -> None:
+    pins.ensure_bpffs()
+    with pins.locked():
+        directory = pins.iface_dir(netns, iface)
+        record = pins.read_record(directory)
+        if record is None:
+            raise UsageError(f"{iface}: xdpguard is not applied here (no pins in {directory})")
+        try:
+            ifindex = ifindex_of(iface, netns)
+        except UsageError:
+            ifindex = None   # interface gone: only the pins are left to remove
+        if ifindex is not None:
+            with in_netns(netns):
+                q = bpfsys.xdp_query(ifindex)
+                if q["prog_id"] == record["prog_id"]:
+                    with bpfsys.closing_fd(bpfsys.obj_get(str(directory / "prog"))) as old:
+                        bpfsys.xdp_detach(ifindex, MODES[record["mode"]], old_prog_fd=old)
+        pins.remove_dir(directory)
+    log(f"{iface}: detached; pins removed")
+
+
+# ---------------------------------------------------------------- test rig
+
+class TestRig:
+    """The real program, loaded but not attached, for BPF_PROG_TEST_RUN."""
+
+    __test__ = False   # not a pytest class
+
+    def __init__(self, tables: Tables, shape: Shape | None = None):
+        self.shape = shape or Shape.for_tables(tables)
+        self.b, self.fn = compile_program(self.shape, test=True)
+        self.maps = bcc_maps(self.b, POLICY_MAPS + PERSISTENT_MAPS + ("debug",))
+        self.gen = 0
+        self.slots = {}
+        self.load(tables)
+
+    def load(self, tables: Tables) -> None:
+        """Put a policy in (in place, like a re-apply)."""
+        if not self.shape.fits(tables):
+            raise LoadError("policy does not fit the loaded program")
+        new = 1 - self.gen if self.slots else 0
+        self.slots, fresh = assign_slots(tables, self.slots)
+        zero_slots(self.maps, fresh)
+        clear_gen(self.maps, new)
+        write_gen(self.maps, tables, new, self.shape, self.slots)
+        set_active(self.maps, new)
+        clear_gen(self.maps, 1 - new)
+        self.gen = new
+        self.tables = tables
+        self.by_slot = {s: n for n, s in self.slots.items()}
+
+    def counter(self, slot: int) -> dict:
+        vals = self.maps["counters"].lookup(ctypes.c_uint32(slot))
+        return {f: sum(getattr(v, f) for v in vals) for f in ("packets", "bytes", "dropped_packets", "dropped_bytes")}
+
+    def run(self, frame: bytes, repeat: int = 1) -> dict:
+        """Run one frame; returns the debug record and retval."""
+        dbg = self.maps["debug"]
+        empty = dbg.Leaf()
+        empty.slot = 0xFFFFFFFF
+        dbg.update(ctypes.c_uint32(0), empty)
+        retval, duration, _ = bpfsys.prog_test_run(self.fn.fd, frame, repeat=repeat)
+        d = dbg.lookup(ctypes.c_uint32(0))
+        return {"retval": retval, "duration_ns": duration, "slot": d.slot,
+                "rule": None if d.rule == 0xFFFFFFFF else d.rule}
+
+    def close(self) -> None:
+        self.b.cleanup()

@@ -1,0 +1,224 @@
+"""The pin directory: where an applied policy lives after `apply` exits.
+
+Layout (versioned by XG_LAYOUT_VERSION in the record; see docs/design.md):
+
+    /sys/fs/bpf/xdpguard/<netns or "host">/<iface>/
+        prog            the XDP program
+        <map>           every map under its C name (bpf/xdpguard.c)
+        meta            array map, one value: the JSON record
+
+Readers (`stats`, `status`, `bans`) never compile: the record carries bcc's
+type descriptions of each map, turned back into ctypes types here.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from xdpguard import bpfsys
+from xdpguard.layout import C
+
+ROOT = Path("/sys/fs/bpf/xdpguard")
+STAGE = ROOT / ".stage"
+META_SIZE = 1 << 20
+BPF_MAP_TYPE_ARRAY = 2
+PERCPU_TYPES = {5, 6, 10}   # percpu hash, percpu array, lru percpu hash
+
+
+class PinError(Exception):
+    """The pin directory is missing, locked or of another layout."""
+
+
+def ensure_bpffs() -> None:
+    """Mount bpffs at /sys/fs/bpf when it is missing."""
+    if os.path.ismount("/sys/fs/bpf"):
+        return
+    os.makedirs("/sys/fs/bpf", exist_ok=True)
+    r = subprocess.run(["mount", "-t", "bpf", "bpf", "/sys/fs/bpf"], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise PinError(f"cannot mount bpffs at /sys/fs/bpf: {r.stderr.strip()}")
+
+
+def iface_dir(netns: str | None, iface: str) -> Path:
+    return ROOT / (netns or "host") / iface
+
+
+@contextmanager
+def locked() -> Iterator[None]:
+    """Serialise writers (apply, detach, ban) like xdp-filter: flock on the root."""
+    ensure_bpffs()
+    ROOT.mkdir(parents=True, exist_ok=True)
+    fd = os.open(ROOT, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def remove_dir(path: Path) -> None:
+    """Unpin everything under path (bpffs has no recursive rmdir)."""
+    if path.exists():
+        shutil.rmtree(path)
+
+
+def exchange(a: Path, b: Path) -> None:
+    """Atomically swap two directories (renameat2 RENAME_EXCHANGE)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.renameat2(-100, os.fsencode(a), -100, os.fsencode(b), 2) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"renameat2({a}, {b}, RENAME_EXCHANGE): {os.strerror(err)}")
+
+
+# ---------------------------------------------------------------- the record
+
+def write_record(fd: int, record: dict) -> None:
+    data = json.dumps(record, separators=(",", ":")).encode()
+    if len(data) + 4 > META_SIZE:
+        raise PinError(f"policy record too large ({len(data)} bytes)")
+    value = len(data).to_bytes(4, "little") + data
+    bpfsys.map_update(fd, b"\0\0\0\0", value.ljust(META_SIZE, b"\0"))
+
+
+def create_meta(record: dict) -> int:
+    fd = bpfsys.map_create(BPF_MAP_TYPE_ARRAY, "xg_meta", 4, META_SIZE, 1)
+    write_record(fd, record)
+    return fd
+
+
+def read_record(directory: Path) -> dict | None:
+    """The record of an applied policy, or None when nothing is pinned there."""
+    try:
+        fd = bpfsys.obj_get(str(directory / "meta"))
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            return None
+        raise
+    try:
+        raw = bpfsys.map_lookup(fd, b"\0\0\0\0", META_SIZE)
+    finally:
+        os.close(fd)
+    n = int.from_bytes(raw[:4], "little")
+    record = json.loads(raw[4:4 + n])
+    if record.get("layout") != C.XG_LAYOUT_VERSION:
+        raise PinError(f"{directory}: pinned by another xdpguard version (layout "
+                       f"{record.get('layout')}, this one reads {C.XG_LAYOUT_VERSION}); "
+                       f"run 'xdpguard detach' with that version, or remove {directory}")
+    return record
+
+
+def update_record(directory: Path, record: dict) -> None:
+    fd = bpfsys.obj_get(str(directory / "meta"))
+    try:
+        write_record(fd, record)
+    finally:
+        os.close(fd)
+
+
+def all_pinned() -> list[tuple[str, str, Path]]:
+    """(netns, iface, dir) of every interface with an xdpguard pin."""
+    out = []
+    if not ROOT.is_dir():
+        return out
+    for ns in sorted(ROOT.iterdir()):
+        if ns.name.startswith(".") or not ns.is_dir():
+            continue
+        for ifd in sorted(ns.iterdir()):
+            if not ifd.name.startswith(".") and (ifd / "meta").exists():
+                out.append((ns.name, ifd.name, ifd))
+    return out
+
+
+# ---------------------------------------------------------------- maps
+
+def decode_type(desc):
+    """bcc's JSON type description -> ctypes type (bcc's own decoder)."""
+    from bcc import BPF
+    return BPF._decode_table_type(desc)
+
+
+@dataclass
+class Map:
+    """A map by fd with its key and value ctypes types (from bcc)."""
+    name: str
+    fd: int
+    Key: type
+    Leaf: type
+    map_type: int
+    max_entries: int
+    owned: bool = True
+
+    @property
+    def percpu(self) -> bool:
+        return self.map_type in PERCPU_TYPES
+
+    def close(self) -> None:
+        if self.owned and self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def update_batch(self, keys, values) -> None:
+        """keys / values: ctypes arrays (or bytes) of equal count."""
+        n = len(keys)
+        if n:
+            bpfsys.map_update_batch(self.fd, bytes(keys), bytes(values), n)
+
+    def delete_batch(self, keys) -> None:
+        n = len(keys)
+        if n:
+            try:
+                bpfsys.map_delete_batch(self.fd, bytes(keys), n)
+            except OSError as e:
+                if e.errno != errno.ENOENT:
+                    raise
+
+    def lookup(self, key):
+        size = ctypes.sizeof(self.Leaf)
+        if self.percpu:
+            raw = bpfsys.map_lookup(self.fd, bytes(key), bpfsys.percpu_value_size(size))
+            if raw is None:
+                return None
+            return [self.Leaf.from_buffer_copy(v) for v in bpfsys.percpu_split(raw, size)]
+        raw = bpfsys.map_lookup(self.fd, bytes(key), size)
+        return None if raw is None else self.Leaf.from_buffer_copy(raw)
+
+    def update(self, key, value) -> None:
+        bpfsys.map_update(self.fd, bytes(key), bytes(value))
+
+    def delete(self, key) -> bool:
+        return bpfsys.map_delete(self.fd, bytes(key))
+
+    def items(self):
+        ks, vs = ctypes.sizeof(self.Key), ctypes.sizeof(self.Leaf)
+        if self.percpu:
+            vs_all = bpfsys.percpu_value_size(vs)
+            for k in bpfsys.map_keys(self.fd, ks):
+                raw = bpfsys.map_lookup(self.fd, k, vs_all)
+                if raw is not None:
+                    yield self.Key.from_buffer_copy(k), [self.Leaf.from_buffer_copy(v) for v in bpfsys.percpu_split(raw, vs)]
+            return
+        for k in bpfsys.map_keys(self.fd, ks):
+            raw = bpfsys.map_lookup(self.fd, k, vs)
+            if raw is not None:
+                yield self.Key.from_buffer_copy(k), self.Leaf.from_buffer_copy(raw)
+
+    def count(self) -> int:
+        return sum(1 for _ in bpfsys.map_keys(self.fd, ctypes.sizeof(self.Key)))
+
+
+def open_map(directory: Path, name: str, record: dict) -> Map:
+    """Open a pinned map with the types recorded when it was loaded."""
+    types = record["types"][name]
+    fd = bpfsys.obj_get(str(directory / name))
+    info = bpfsys.map_info(fd)
+    return Map(name, fd, decode_type(types["key"]), decode_type(types["leaf"]),
+               info["type"], info["max_entries"])

@@ -1,0 +1,515 @@
+"""Policy model: read a TOML policy file into a validated ``Policy``.
+
+Every user mistake becomes a ``PolicyError`` that names the file, the rule
+(name and position) and the field, says what is wrong and what is expected.
+Nothing here touches the kernel.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import re
+import socket
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PROTOS = ("tcp", "udp", "icmp", "icmpv6")
+ACTIONS = ("allow", "deny", "limit")
+
+_POLICY_KEYS = ("name", "default", "protect", "log_rate")
+_RULE_KEYS = ("name", "src", "dst", "proto", "sport", "dport", "tcp_flags", "action",
+              "rate", "burst", "per", "prefix4", "prefix6", "log", "comment")
+_MITIGATION_KEYS = ("enabled", "syn_rate", "conn_rate", "pps", "bps", "window", "ban",
+                    "ban_max", "allow", "max_bans", "prefix4", "prefix6", "dry_run")
+_TOP_KEYS = ("policy", "sets", "rule", "mitigation")
+
+
+class PolicyError(Exception):
+    """A mistake in a policy: the message is meant for the operator."""
+
+
+@dataclass(frozen=True)
+class Prefix:
+    """An address prefix as integers: fast to sort and compare by the million."""
+    family: int          # 4 or 6
+    value: int           # network address, host bits zero
+    plen: int
+
+    @property
+    def bits(self) -> int:
+        return 32 if self.family == 4 else 128
+
+    @property
+    def last(self) -> int:
+        return self.value | ((1 << (self.bits - self.plen)) - 1)
+
+    def contains(self, addr_family: int, addr: int) -> bool:
+        return addr_family == self.family and self.value <= addr <= self.last
+
+    def __str__(self) -> str:
+        fam = socket.AF_INET if self.family == 4 else socket.AF_INET6
+        raw = self.value.to_bytes(self.bits // 8, "big")
+        return f"{socket.inet_ntop(fam, raw)}/{self.plen}"
+
+
+ANY_PREFIXES = (Prefix(4, 0, 0), Prefix(6, 0, 0))
+
+
+@dataclass(frozen=True)
+class Rate:
+    """A rate: ``per_second`` units, either packets or bytes."""
+    per_second: float
+    unit: str            # "packets" | "bytes"
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
+
+
+@dataclass
+class Rule:
+    name: str
+    index: int                       # 0-based position in the file
+    action: str
+    src: tuple[Prefix, ...] | None   # None = any
+    dst: tuple[Prefix, ...] | None
+    protos: frozenset[str] | None    # None = any
+    sport: tuple[tuple[int, int], ...] | None
+    dport: tuple[tuple[int, int], ...] | None
+    syn_only: bool = False
+    rate: Rate | None = None
+    burst: int | None = None
+    per: str = "source"
+    prefix4: int = 32
+    prefix6: int = 64
+    log: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"rule '{self.name}' (rule {self.index + 1})"
+
+
+@dataclass
+class Mitigation:
+    enabled: bool = False
+    syn_rate: Rate | None = None
+    conn_rate: Rate | None = None
+    pps: Rate | None = None
+    bps: Rate | None = None
+    window: float = 3.0
+    ban: float = 600.0
+    ban_max: float = 86400.0
+    allow: tuple[Prefix, ...] = ()
+    max_bans: int = 100000
+    prefix4: int = 32
+    prefix6: int = 64
+    dry_run: bool = False
+
+
+@dataclass
+class Policy:
+    name: str
+    default: str
+    rules: list[Rule]
+    sets: dict[str, tuple[Prefix, ...]]
+    mitigation: Mitigation
+    protect: tuple[tuple[Prefix, int | None], ...] = ()
+    log_rate: int = 10
+    source: str = ""
+    sha256: str = ""
+    warnings: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- addresses
+
+def parse_prefix(text: str) -> tuple[Prefix, bool]:
+    """Parse an address or CIDR; returns (prefix, had_host_bits).
+
+    Raises ValueError with an operator-readable reason.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"{text!r} is not an address or CIDR (expected a string)")
+    addr, sep, plen_s = text.strip().partition("/")
+    fam = 6 if ":" in addr else 4
+    try:
+        raw = socket.inet_pton(socket.AF_INET6 if fam == 6 else socket.AF_INET, addr)
+    except OSError:
+        raise ValueError(f"'{text}' is not an address or CIDR") from None
+    bits = 32 if fam == 4 else 128
+    if sep:
+        if not plen_s.isdigit() or int(plen_s) > bits:
+            raise ValueError(f"'{text}': prefix length must be 0..{bits}")
+        plen = int(plen_s)
+    else:
+        plen = bits
+    value = int.from_bytes(raw, "big")
+    mask = ((1 << bits) - 1) ^ ((1 << (bits - plen)) - 1)
+    return Prefix(fam, value & mask, plen), bool(value & ~mask)
+
+
+def parse_address(text: str) -> tuple[int, int]:
+    """Parse a single address into (family, integer)."""
+    p, _ = parse_prefix(text)
+    if p.plen != p.bits or "/" in text:
+        raise ValueError(f"'{text}' is not a single address")
+    return p.family, p.value
+
+
+# ---------------------------------------------------------------- rates, durations
+
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKMG]?)(bit|B)?\s*/\s*s\s*$")
+_MULT = {"": 1, "k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9}
+
+
+def parse_rate(text) -> Rate:
+    """'200/s', '2k/s', '1M/s' (packets); '10Mbit/s', '1.5MB/s' (bytes)."""
+    if not isinstance(text, str):
+        raise ValueError(f"{text!r} is not a rate (expected a string like \"200/s\" or \"10Mbit/s\")")
+    m = _RATE.match(text)
+    if not m:
+        raise ValueError(f"'{text}' is not a rate (expected \"200/s\", \"2k/s\", \"10Mbit/s\" or \"1.5MB/s\")")
+    value = float(m.group(1)) * _MULT[m.group(2)]
+    unit = m.group(3)
+    if unit == "bit":
+        value, kind = value / 8.0, "bytes"
+    elif unit == "B":
+        kind = "bytes"
+    else:
+        kind = "packets"
+    if value <= 0:
+        raise ValueError(f"'{text}': a rate must be above zero")
+    if value > 1e12:
+        raise ValueError(f"'{text}': rate too large")
+    return Rate(value, kind, text.strip())
+
+
+_DUR = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_DUR_MULT = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text) -> float:
+    """'500ms', '3s', '10m', '24h', '7d' -> seconds."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool) and text > 0:
+        return float(text)
+    m = _DUR.match(text) if isinstance(text, str) else None
+    if not m or float(m.group(1)) <= 0:
+        raise ValueError(f"{text!r} is not a duration (expected \"3s\", \"10m\", \"24h\")")
+    return float(m.group(1)) * _DUR_MULT[m.group(2)]
+
+
+# ---------------------------------------------------------------- loading
+
+class _Reader:
+    """Carries the file name and collects warnings while a policy is read."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fname = str(path)
+        self.warnings: list[str] = []
+
+    def fail(self, where: str, msg: str):
+        raise PolicyError(f"{self.fname}: {where}: {msg}" if where else f"{self.fname}: {msg}")
+
+    def warn(self, where: str, msg: str):
+        self.warnings.append(f"{self.fname}: {where}: {msg}" if where else f"{self.fname}: {msg}")
+
+    def check_keys(self, where: str, table: dict, allowed: tuple[str, ...]):
+        for key in table:
+            if key not in allowed:
+                hint = difflib.get_close_matches(key, allowed, n=1)
+                extra = f"; did you mean '{hint[0]}'?" if hint else f" (expected one of: {', '.join(allowed)})"
+                self.fail(where, f"unknown key '{key}'{extra}")
+
+    def prefix(self, where: str, fld: str, text) -> Prefix:
+        try:
+            p, host_bits = parse_prefix(text)
+        except ValueError as e:
+            self.fail(where, f"{fld} {e}")
+        if host_bits:
+            self.warn(where, f"{fld} '{text}' has host bits set; using {p}")
+        return p
+
+
+def _read_set_file(rd: _Reader, setname: str, spec: dict) -> list[Prefix]:
+    where = f"set '{setname}'"
+    rd.check_keys(where, spec, ("file",))
+    if "file" not in spec or not isinstance(spec["file"], str):
+        rd.fail(where, "expected a list of addresses or { file = \"path\" }")
+    path = (rd.path.parent / spec["file"]).resolve()
+    try:
+        text = path.read_text()
+    except OSError as e:
+        rd.fail(where, f"cannot read set file '{spec['file']}' ({path}): {e.strerror or e}")
+    out = []
+    bad = 0
+    for lineno, line in enumerate(text.splitlines(), 1):
+        item = line.split("#", 1)[0].strip()
+        if not item:
+            continue
+        try:
+            p, host_bits = parse_prefix(item)
+        except ValueError:
+            bad += 1
+            if bad <= 20:
+                rd.warn("", f"{path}:{lineno}: '{item[:60]}' is not an address or CIDR; line skipped")
+            continue
+        if host_bits:
+            rd.warn("", f"{path}:{lineno}: '{item}' has host bits set; using {p}")
+        out.append(p)
+    if bad > 20:
+        rd.warn("", f"{path}: {bad - 20} more lines that are not addresses were skipped")
+    return out
+
+
+def _read_sets(rd: _Reader, sets) -> dict[str, tuple[Prefix, ...]]:
+    if not isinstance(sets, dict):
+        rd.fail("[sets]", "expected a table of named address sets")
+    out = {}
+    for name, spec in sets.items():
+        where = f"set '{name}'"
+        if isinstance(spec, list):
+            prefixes = [rd.prefix(where, "entry", item) for item in spec]
+        elif isinstance(spec, dict):
+            prefixes = _read_set_file(rd, name, spec)
+        else:
+            rd.fail(where, "expected a list of addresses or { file = \"path\" }")
+        if not prefixes:
+            rd.warn(where, "set is empty")
+        out[name] = tuple(dict.fromkeys(prefixes))
+    return out
+
+
+def _addresses(rd, where, fld, value, sets) -> tuple[Prefix, ...]:
+    items = value if isinstance(value, list) else [value]
+    out: list[Prefix] = []
+    for item in items:
+        if isinstance(item, str) and item.startswith("@"):
+            if item[1:] not in sets:
+                known = ", ".join("@" + s for s in sets) or "none defined"
+                rd.fail(where, f"{fld} names unknown set '{item}' (sets: {known})")
+            out.extend(sets[item[1:]])
+        else:
+            out.append(rd.prefix(where, fld, item))
+    return tuple(dict.fromkeys(out))
+
+
+def _ports(rd, where, fld, value) -> tuple[tuple[int, int], ...]:
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        rd.fail(where, f"{fld} is an empty list (omit it to match any port)")
+    out = []
+    for item in items:
+        if isinstance(item, bool):
+            rd.fail(where, f"{fld} {item!r} is not a port")
+        if isinstance(item, int):
+            lo = hi = item
+        elif isinstance(item, str) and re.fullmatch(r"\s*\d+\s*-\s*\d+\s*", item):
+            lo, hi = (int(x) for x in item.split("-"))
+            if lo > hi:
+                rd.fail(where, f"{fld} range '{item}' is reversed (expected low-high)")
+        elif isinstance(item, str) and item.strip().isdigit():
+            lo = hi = int(item)
+        else:
+            rd.fail(where, f"{fld} {item!r} is not a port or \"low-high\" range")
+        for p in (lo, hi):
+            if not 0 <= p <= 65535:
+                rd.fail(where, f"{fld} {p} is not a port (expected 0-65535)")
+        out.append((lo, hi))
+    return tuple(sorted(set(out)))
+
+
+def _int_in(rd, where, fld, value, lo, hi) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        rd.fail(where, f"{fld} {value!r} is not valid (expected an integer {lo}..{hi})")
+    return value
+
+
+def _read_rule(rd: _Reader, i: int, raw, sets, names: dict) -> Rule:
+    pos = f"rule {i + 1}"
+    if not isinstance(raw, dict):
+        rd.fail(pos, "expected a table")
+    name = raw.get("name")
+    where = f"rule '{name}' ({pos})" if isinstance(name, str) and name else pos
+    rd.check_keys(where, raw, _RULE_KEYS)
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", name):
+        rd.fail(where, "name is required: 1-64 letters, digits, '_', '.', ':' or '-'")
+    if name == "default":
+        rd.fail(where, "name 'default' is reserved for the policy default")
+    if name in names:
+        rd.fail(where, f"name '{name}' is already used by rule {names[name] + 1}")
+    names[name] = i
+
+    action = raw.get("action")
+    if action not in ACTIONS:
+        rd.fail(where, f"action {action!r} is not valid (expected \"allow\", \"deny\" or \"limit\")")
+
+    src = _addresses(rd, where, "src", raw["src"], sets) if "src" in raw else None
+    dst = _addresses(rd, where, "dst", raw["dst"], sets) if "dst" in raw else None
+
+    protos = None
+    if "proto" in raw:
+        items = raw["proto"] if isinstance(raw["proto"], list) else [raw["proto"]]
+        if not items:
+            rd.fail(where, "proto is an empty list (omit it, or use \"any\")")
+        for p in items:
+            if p not in PROTOS + ("any",):
+                rd.fail(where, f"proto {p!r} is not valid (expected \"tcp\", \"udp\", \"icmp\", \"icmpv6\" or \"any\")")
+        protos = None if "any" in items else frozenset(items)
+
+    sport = _ports(rd, where, "sport", raw["sport"]) if "sport" in raw else None
+    dport = _ports(rd, where, "dport", raw["dport"]) if "dport" in raw else None
+    for fld, val in (("sport", sport), ("dport", dport)):
+        if val is not None and (protos is None or not protos <= {"tcp", "udp"}):
+            rd.fail(where, f"{fld} needs proto \"tcp\" and/or \"udp\" (ports exist only there)")
+
+    syn_only = False
+    if "tcp_flags" in raw:
+        if raw["tcp_flags"] != "syn":
+            rd.fail(where, f"tcp_flags {raw['tcp_flags']!r} is not valid (expected \"syn\")")
+        if protos != frozenset({"tcp"}):
+            rd.fail(where, "tcp_flags needs proto = \"tcp\"")
+        syn_only = True
+
+    rule = Rule(name=name, index=i, action=action, src=src, dst=dst, protos=protos,
+                sport=sport, dport=dport, syn_only=syn_only)
+
+    limit_keys = [k for k in ("rate", "burst", "per", "prefix4", "prefix6") if k in raw]
+    if action != "limit":
+        if limit_keys:
+            rd.fail(where, f"{limit_keys[0]} is only for action = \"limit\"")
+    else:
+        if "rate" not in raw:
+            rd.fail(where, "action \"limit\" needs rate (e.g. rate = \"200/s\" or \"10Mbit/s\")")
+        try:
+            rule.rate = parse_rate(raw["rate"])
+        except ValueError as e:
+            rd.fail(where, f"rate {e}")
+        if "burst" in raw:
+            rule.burst = _int_in(rd, where, "burst", raw["burst"], 1, 1 << 40)
+        else:
+            rule.burst = max(1, int(round(rule.rate.per_second)))
+        if rule.rate.unit == "bytes" and rule.burst < 1514:
+            rd.warn(where, f"burst {rule.burst} bytes is smaller than one full-size frame (1514 bytes)")
+        per = raw.get("per", "source")
+        if per not in ("source", "rule"):
+            rd.fail(where, f"per {per!r} is not valid (expected \"source\" or \"rule\")")
+        rule.per = per
+        rule.prefix4 = _int_in(rd, where, "prefix4", raw.get("prefix4", 32), 0, 32)
+        rule.prefix6 = _int_in(rd, where, "prefix6", raw.get("prefix6", 64), 0, 128)
+    if "log" in raw:
+        if not isinstance(raw["log"], bool):
+            rd.fail(where, f"log {raw['log']!r} is not valid (expected true or false)")
+        rule.log = raw["log"]
+    if "comment" in raw and not isinstance(raw["comment"], str):
+        rd.fail(where, "comment must be a string")
+    return rule
+
+
+def _read_mitigation(rd: _Reader, raw, sets) -> Mitigation:
+    where = "[mitigation]"
+    if not isinstance(raw, dict):
+        rd.fail(where, "expected a table")
+    rd.check_keys(where, raw, _MITIGATION_KEYS)
+    m = Mitigation()
+    for key in ("enabled", "dry_run"):
+        if key in raw:
+            if not isinstance(raw[key], bool):
+                rd.fail(where, f"{key} {raw[key]!r} is not valid (expected true or false)")
+            setattr(m, key, raw[key])
+    for key, unit in (("syn_rate", "packets"), ("conn_rate", "packets"), ("pps", "packets"), ("bps", "bytes")):
+        if key in raw:
+            try:
+                r = parse_rate(raw[key])
+            except ValueError as e:
+                rd.fail(where, f"{key} {e}")
+            if r.unit != unit:
+                want = "a packet or event rate like \"100/s\"" if unit == "packets" else "a byte rate like \"50Mbit/s\""
+                rd.fail(where, f"{key} '{raw[key]}' is not {want}")
+            setattr(m, key, r)
+    for key in ("window", "ban", "ban_max"):
+        if key in raw:
+            try:
+                setattr(m, key, parse_duration(raw[key]))
+            except ValueError as e:
+                rd.fail(where, f"{key} {e}")
+    if m.ban_max < m.ban:
+        rd.fail(where, "ban_max is shorter than ban")
+    if "allow" in raw:
+        m.allow = _addresses(rd, where, "allow", raw["allow"], sets)
+    if "max_bans" in raw:
+        m.max_bans = _int_in(rd, where, "max_bans", raw["max_bans"], 1, 1 << 20)
+    if "prefix4" in raw:
+        m.prefix4 = _int_in(rd, where, "prefix4", raw["prefix4"], 8, 32)
+    if "prefix6" in raw:
+        m.prefix6 = _int_in(rd, where, "prefix6", raw["prefix6"], 16, 128)
+    if m.enabled and not any((m.syn_rate, m.conn_rate, m.pps, m.bps)):
+        rd.warn(where, "enabled, but no threshold (syn_rate, conn_rate, pps, bps) is set")
+    return m
+
+
+def _read_protect(rd: _Reader, raw) -> tuple[tuple[Prefix, int | None], ...]:
+    where = "[policy] protect"
+    if not isinstance(raw, list):
+        rd.fail(where, "expected a list like [\"192.0.2.10:22\", \"2001:db8::5\"]")
+    out = []
+    for item in raw:
+        if not isinstance(item, str):
+            rd.fail(where, f"{item!r} is not an address")
+        addr, port = item, None
+        m = re.fullmatch(r"\[(.+)\]:(\d+)", item) or re.fullmatch(r"([^:]+):(\d+)", item)
+        if m:
+            addr, port = m.group(1), int(m.group(2))
+            if port > 65535:
+                rd.fail(where, f"'{item}': {port} is not a port")
+        out.append((rd.prefix(where, "entry", addr), port))
+    return tuple(out)
+
+
+def load(path, text: str | None = None) -> Policy:
+    """Read and validate a policy file. Raises PolicyError."""
+    path = Path(path)
+    rd = _Reader(path)
+    if text is None:
+        try:
+            data_bytes = path.read_bytes()
+        except OSError as e:
+            raise PolicyError(f"{path}: cannot read policy: {e.strerror or e}") from None
+    else:
+        data_bytes = text.encode()
+    try:
+        doc = tomllib.loads(data_bytes.decode("utf-8"))
+    except UnicodeDecodeError:
+        rd.fail("", "not UTF-8 text")
+    except tomllib.TOMLDecodeError as e:
+        rd.fail("", f"TOML syntax error: {e}")
+
+    rd.check_keys("", doc, _TOP_KEYS)
+    head = doc.get("policy", {})
+    if not isinstance(head, dict):
+        rd.fail("[policy]", "expected a table")
+    rd.check_keys("[policy]", head, _POLICY_KEYS)
+    name = head.get("name", path.stem)
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", name):
+        rd.fail("[policy]", f"name {name!r} is not valid (1-64 letters, digits, '_', '.', ':' or '-')")
+    default = head.get("default", "allow")
+    if default not in ("allow", "deny"):
+        rd.fail("[policy]", f"default {default!r} is not valid (expected \"allow\" or \"deny\")")
+    log_rate = _int_in(rd, "[policy]", "log_rate", head.get("log_rate", 10), 0, 100000)
+
+    sets = _read_sets(rd, doc.get("sets", {}))
+    raw_rules = doc.get("rule", [])
+    if not isinstance(raw_rules, list):
+        rd.fail("", "rules must be written as [[rule]] tables")
+    if not raw_rules:
+        rd.fail("", "empty policy: no [[rule]] tables (add at least one rule)")
+    from xdpguard.layout import C
+    if len(raw_rules) > C.XG_MAX_RULES_LIMIT:
+        rd.fail("", f"{len(raw_rules)} rules: at most {C.XG_MAX_RULES_LIMIT} are supported")
+    names: dict[str, int] = {}
+    rules = [_read_rule(rd, i, r, sets, names) for i, r in enumerate(raw_rules)]
+    mitigation = _read_mitigation(rd, doc["mitigation"], sets) if "mitigation" in doc else Mitigation()
+    protect = _read_protect(rd, head["protect"]) if "protect" in head else ()
+    return Policy(name=name, default=default, rules=rules, sets=sets, mitigation=mitigation,
+                  protect=protect, log_rate=log_rate, source=str(path.resolve()) if text is None else str(path),
+                  sha256=hashlib.sha256(data_bytes).hexdigest(), warnings=rd.warnings)
