@@ -8,7 +8,7 @@
  *   XG_VEC_PER_GEN   vector table rows per generation
  *   XG_LPM4_MAX, XG_LPM6_MAX   classifier trie capacities (both generations)
  *   XG_STAGE         pid of the loader: maps are pinned (or reused) under
- *                    /sys/fs/bpf/xdpguard/.stage/<XG_STAGE>/
+ *                    /sys/fs/bpf/xdpguard/@stage/<XG_STAGE>/
  *   XG_TEST          build for BPF_PROG_TEST_RUN: record the deciding rule
  */
 #include <uapi/linux/bpf.h>
@@ -30,7 +30,7 @@
 #ifdef XG_STAGE
 #define XG_MAP(type, key, leaf, name, size, flags) \
 	BPF_TABLE_PINNED(type, key, leaf, name, size, \
-		"/sys/fs/bpf/xdpguard/.stage/" XG_STR(XG_STAGE) "/" #name, flags)
+		"/sys/fs/bpf/xdpguard/@stage/" XG_STR(XG_STAGE) "/" #name, flags)
 #else
 #define XG_MAP(type, key, leaf, name, size, flags) \
 	BPF_F_TABLE(type, key, leaf, name, size, flags)

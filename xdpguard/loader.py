@@ -363,6 +363,7 @@ def _load_and_attach(policy, tables, netns, iface, ifindex, directory, record, q
             os.rename(stage, directory)
     finally:
         pins.remove_dir(stage)
+        pins.prune()
     b.cleanup()
     verb = "replaced the running program" if ours else "attached"
     log(f"{iface}: policy '{policy.name}' {verb} ({attached} mode, program id {prog_id}) "
@@ -413,6 +414,7 @@ def detach(iface: str, netns: str | None = None, log=print) -> None:
                     with bpfsys.closing_fd(bpfsys.obj_get(str(directory / "prog"))) as old:
                         bpfsys.xdp_detach(ifindex, MODES[record["mode"]], old_prog_fd=old)
         pins.remove_dir(directory)
+        pins.prune()
     log(f"{iface}: detached; pins removed")
 
 

@@ -28,7 +28,9 @@ from xdpguard import bpfsys
 from xdpguard.layout import C
 
 ROOT = Path("/sys/fs/bpf/xdpguard")
-STAGE = ROOT / ".stage"
+# bpffs refuses names with a '.', and interface and netns names may have
+# one: it is written '~' there. '@' cannot start a netns name (netns.py).
+STAGE = ROOT / "@stage"
 META_SIZE = 1 << 20
 BPF_MAP_TYPE_ARRAY = 2
 PERCPU_TYPES = {5, 6, 10}   # percpu hash, percpu array, lru percpu hash
@@ -48,8 +50,16 @@ def ensure_bpffs() -> None:
         raise PinError(f"cannot mount bpffs at /sys/fs/bpf: {r.stderr.strip()}")
 
 
+def _enc(name: str) -> str:
+    return name.replace(".", "~")
+
+
+def _dec(name: str) -> str:
+    return name.replace("~", ".")
+
+
 def iface_dir(netns: str | None, iface: str) -> Path:
-    return ROOT / (netns or "host") / iface
+    return ROOT / _enc(netns or "host") / _enc(iface)
 
 
 @contextmanager
@@ -69,6 +79,17 @@ def remove_dir(path: Path) -> None:
     """Unpin everything under path (bpffs has no recursive rmdir)."""
     if path.exists():
         shutil.rmtree(path)
+
+
+def prune() -> None:
+    """Remove empty directories left under the root (and the root itself)."""
+    if not ROOT.is_dir():
+        return
+    for d in list(ROOT.iterdir()):
+        if d.is_dir() and not any(d.iterdir()):
+            d.rmdir()
+    if not any(ROOT.iterdir()):
+        ROOT.rmdir()
 
 
 def exchange(a: Path, b: Path) -> None:
@@ -130,11 +151,11 @@ def all_pinned() -> list[tuple[str, str, Path]]:
     if not ROOT.is_dir():
         return out
     for ns in sorted(ROOT.iterdir()):
-        if ns.name.startswith(".") or not ns.is_dir():
+        if ns.name.startswith("@") or not ns.is_dir():
             continue
         for ifd in sorted(ns.iterdir()):
-            if not ifd.name.startswith(".") and (ifd / "meta").exists():
-                out.append((ns.name, ifd.name, ifd))
+            if (ifd / "meta").exists():
+                out.append((_dec(ns.name), _dec(ifd.name), ifd))
     return out
 
 

@@ -1,0 +1,99 @@
+"""Readers of applied policies: `status` and `stats`, straight from the pins.
+
+No compile and no bcc program here: the record names the slots and carries
+the map types, so answering takes a few map lookups.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+from xdpguard import bpfsys, pins
+from xdpguard.layout import C
+
+SCHEMA_VERSION = 1
+_FIELDS = ("packets", "bytes", "dropped_packets", "dropped_bytes")
+
+
+def select(netns: str | None = None, iface: str | None = None) -> list[tuple[str, str, Path]]:
+    """Pinned interfaces matching the filters."""
+    out = []
+    for ns, ifc, d in pins.all_pinned():
+        if iface and ifc != iface:
+            continue
+        if netns and ns != netns:
+            continue
+        out.append((ns, ifc, d))
+    return out
+
+
+def _sum_counter(values) -> dict:
+    return {f: sum(getattr(v, f) for v in values) for f in _FIELDS}
+
+
+def read_stats(directory: Path, record: dict | None = None) -> dict:
+    """Per-rule counters of one interface, in the `stats --json` shape."""
+    record = record or pins.read_record(directory)
+    counters = pins.open_map(directory, "counters", record)
+    try:
+        def slot(s):
+            return _sum_counter(counters.lookup(ctypes.c_uint32(s)))
+        rules = [{"rule": r["name"], "action": r["action"], **slot(r["slot"])} for r in record["rules"]]
+        rules.append({"rule": "default", "action": record["policy"]["default"], **slot(C.XG_SLOT_DEFAULT)})
+        ban = slot(C.XG_SLOT_BAN)
+        malformed = slot(C.XG_SLOT_MALFORMED)
+        nd = slot(C.XG_SLOT_ND)
+    finally:
+        counters.close()
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "iface": record["iface"],
+        "netns": record["netns"],
+        "policy": record["policy"]["name"],
+        "rules": rules,
+        "bans": {"packets": ban["packets"], "bytes": ban["bytes"]},
+        "malformed": {"packets": malformed["packets"], "bytes": malformed["bytes"]},
+        "nd_passed": {"packets": nd["packets"], "bytes": nd["bytes"]},
+    }
+
+
+def read_status(directory: Path, record: dict) -> dict:
+    """Where and what xdpguard runs on one interface, with map fill."""
+    from xdpguard.netns import in_netns
+    attached = None
+    try:
+        with in_netns(None if record["netns"] == "host" else record["netns"]):
+            q = bpfsys.xdp_query(record["ifindex"])
+        attached = q["prog_id"] == record["prog_id"]
+    except Exception:
+        attached = False
+    maps = {}
+    for name in sorted(record["types"]):
+        path = directory / name
+        if not path.exists():
+            continue
+        fd = bpfsys.obj_get(str(path))
+        try:
+            info = bpfsys.map_info(fd)
+            if info["type"] in (2, 6):   # arrays: always full; report capacity only
+                entries = None
+            else:
+                entries = sum(1 for _ in bpfsys.map_keys(fd, info["key_size"]))
+        finally:
+            os.close(fd)
+        maps[name] = {"entries": entries, "capacity": info["max_entries"]}
+    return {
+        "netns": record["netns"],
+        "iface": record["iface"],
+        "mode": record["mode"],
+        "prog_id": record["prog_id"],
+        "attached": attached,
+        "policy": record["policy"]["name"],
+        "sha256": record["policy"]["sha256"],
+        "applied_at": record["policy"]["applied_at"],
+        "source": record["policy"]["source"],
+        "confirm_deadline": record.get("confirm_deadline"),
+        "probes": record.get("probes"),
+        "maps": maps,
+    }
