@@ -82,14 +82,13 @@ def remove_dir(path: Path) -> None:
 
 
 def prune() -> None:
-    """Remove empty directories left under the root (and the root itself)."""
+    """Remove empty directories left under the root. The root stays: it is
+    what writers flock, and a new inode would split the lock."""
     if not ROOT.is_dir():
         return
     for d in list(ROOT.iterdir()):
         if d.is_dir() and not any(d.iterdir()):
             d.rmdir()
-    if not any(ROOT.iterdir()):
-        ROOT.rmdir()
 
 
 def exchange(a: Path, b: Path) -> None:
