@@ -251,7 +251,9 @@ def _record(policy: Policy, tables: Tables, netns, iface, ifindex, shape, slots,
         "lpm": {"4": len(tables.lpm[4]), "6": len(tables.lpm[6])},
         "types": types,
         "mitigation": {"enabled": policy.mitigation.enabled,
-                       "prefix4": policy.mitigation.prefix4, "prefix6": policy.mitigation.prefix6},
+                       "prefix4": policy.mitigation.prefix4, "prefix6": policy.mitigation.prefix6,
+                       "allow": [str(p) for p in policy.mitigation.allow]},
+        "protect": [{"prefix": str(p), "port": port} for p, port in policy.protect],
     }
     if previous:
         # One level of history for `rollback` and `apply --confirm`.

@@ -238,9 +238,14 @@ def _read_set_file(rd: _Reader, setname: str, spec: dict) -> list[Prefix]:
         rd.fail(where, "expected a list of addresses or { file = \"path\" }")
     path = (rd.path.parent / spec["file"]).resolve()
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as e:
         rd.fail(where, f"cannot read set file '{spec['file']}' ({path}): {e.strerror or e}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        rd.fail(where, f"set file '{spec['file']}' ({path}) is not UTF-8 text (line {line})")
     out = []
     bad = 0
     for lineno, line in enumerate(text.splitlines(), 1):

@@ -20,9 +20,12 @@ bpf/probes/probes.h, read here only through bcc's Key/Leaf ctypes.
 
 from __future__ import annotations
 
+import ctypes as ct
+import errno
 import ipaddress
 import os
 import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,8 +36,8 @@ MODES = ("kprobe", "tracepoint")
 # Public counters of a snapshot entry ("resets" = rst_sent + rst_recv).
 COUNTERS = ("syns", "handshakes", "synack_retrans", "resets", "rst_sent", "rst_recv")
 
-SRC_MAP = "xg_psrc"
-DST_MAP = "xg_pdst"
+SRC_MAP = b"xg_psrc"
+DST_MAP = b"xg_pdst"
 
 AF_INET = 2
 AF_INET6 = 10
@@ -219,7 +222,7 @@ def load_only(mode: str, prefix4: int = 32, prefix6: int = 64) -> list[str]:
 
 def _fmt_addr(family: int, addr: bytes) -> str:
     if family == AF_INET:
-        return str(ipaddress.IPv4Address(addr[:4]))
+        return socket.inet_ntop(socket.AF_INET, addr[:4])
     return str(ipaddress.IPv6Address(addr[:16]))
 
 
@@ -247,7 +250,13 @@ class ProbeSet:
         src = bpf[SRC_MAP]
         self._leaf_type = getattr(src, "sLeaf", None) or src.Leaf
         self._fields = [f[0] for f in self._leaf_type._fields_]
-        self._idle_ref: dict[str, dict[bytes, tuple]] = {}
+        # The batch reader sums a flat u64 view: only if the leaf is
+        # nothing but u64 counters (as probes.h declares it).
+        self._batch_ok = (
+            all(f[1] in (ct.c_uint64, ct.c_ulonglong) for f in self._leaf_type._fields_)
+            and ct.sizeof(self._leaf_type) == 8 * len(self._fields)
+            and ct.sizeof(src.Leaf) == ct.sizeof(self._leaf_type) * src.total_cpu)
+        self._idle_ref: dict[bytes, dict[bytes, tuple]] = {}
         self._closed = False
 
     # ---- opening --------------------------------------------------------
@@ -315,19 +324,62 @@ class ProbeSet:
 
     # ---- reading --------------------------------------------------------
 
-    def _read(self, mapname: str) -> dict[bytes, tuple]:
-        """{raw key bytes: (key, summed counts in Leaf field order)}."""
+    def _read(self, mapname: bytes) -> dict[bytes, tuple]:
+        """{raw key bytes: (key, counts summed over CPUs, in Leaf field order)}."""
         table = self.bpf[mapname]
+        if self._batch_ok:
+            try:
+                return self._read_batch(table)
+            except OSError:
+                self._batch_ok = False
+        return self._read_iter(table)
+
+    def _read_iter(self, table) -> dict[bytes, tuple]:
         out = {}
         nf = len(self._fields)
         for key, percpu in table.items():
             sums = [0] * nf
-            vals = percpu if hasattr(percpu, "__len__") else [percpu]
-            for v in vals:
+            for v in percpu:
                 for i, f in enumerate(self._fields):
                     sums[i] += getattr(v, f)
             raw = bytes(key)
             out[raw] = (type(key).from_buffer_copy(raw), tuple(sums))
+        return out
+
+    def _read_batch(self, table, chunk: int = 1024) -> dict[bytes, tuple]:
+        """BPF_MAP_LOOKUP_BATCH in chunks; the per-CPU values (bcc's Leaf:
+        sLeaf * ncpus, all-u64 fields, checked in __init__) are summed over
+        a flat u64 view."""
+        from bcc.libbcc import lib
+
+        Key, Leaf = table.Key, table.Leaf
+        keys = (Key * chunk)()
+        vals = (Leaf * chunk)()
+        flat = memoryview(vals).cast("B").cast("Q")
+        ksize = ct.sizeof(Key)
+        kbytes = memoryview(keys).cast("B")
+        nf = len(self._fields)
+        per_entry = nf * table.total_cpu
+        in_b, out_b, cnt = ct.c_uint32(0), ct.c_uint32(0), ct.c_uint32(0)
+        out = {}
+        first = True
+        # bounded: every round returns >= 1 entry or ends
+        for _ in range(table.max_entries + 2):
+            cnt.value = chunk
+            res = lib.bpf_lookup_batch(table.map_fd, None if first else ct.byref(in_b),
+                                       ct.byref(out_b), keys, vals, ct.byref(cnt))
+            err = ct.get_errno()
+            if res != 0 and err != errno.ENOENT:
+                raise OSError(err, "BPF_MAP_LOOKUP_BATCH: %s" % os.strerror(err))
+            for i in range(cnt.value):
+                raw = bytes(kbytes[i * ksize:(i + 1) * ksize])
+                base = i * per_entry
+                sums = tuple(sum(flat[base + f:base + per_entry:nf]) for f in range(nf))
+                out[raw] = (Key.from_buffer_copy(raw), sums)
+            if res != 0 or cnt.value == 0:
+                break
+            in_b.value = out_b.value
+            first = False
         return out
 
     def _counts(self, sums: tuple) -> dict[str, int]:
@@ -342,10 +394,10 @@ class ProbeSet:
         }
 
     def _src_str(self, key) -> str:
+        # the kernel stored the address already masked to the prefix
         fam = key.family
-        addr = bytes(key.addr)
         plen = self.prefix4 if fam == AF_INET else self.prefix6
-        return str(ipaddress.ip_network("%s/%d" % (_fmt_addr(fam, addr), plen), strict=False))
+        return "%s/%d" % (_fmt_addr(fam, bytes(key.addr)), plen)
 
     @staticmethod
     def _dst_str(key) -> str:

@@ -1,0 +1,251 @@
+"""Commands of the feedback loop: watch, ban, unban, bans, top."""
+from __future__ import annotations
+
+import ipaddress
+import sys
+import time
+
+from xdpguard.cli import CliError, _check_names, _ns, _policy, _warn
+from xdpguard.output import emit_json, human_bytes, human_duration, table
+
+EPILOGS = {
+    "watch": """examples:
+  xdpguard watch /etc/xdpguard/eth1.toml --iface eth1
+  xdpguard watch policy.toml --iface veth0 --netns lab --interval 0.5s --json
+  xdpguard watch policy.toml --iface eth1 --metrics 127.0.0.1:9101""",
+    "ban": """examples:
+  xdpguard ban 203.0.113.7 --ttl 10m --reason "credential stuffing"
+  xdpguard ban 2001:db8:bad::/48 --iface eth1
+  xdpguard ban 198.51.100.0/24 --ttl 0      # no expiry""",
+    "unban": """examples:
+  xdpguard unban 203.0.113.7
+  xdpguard unban 2001:db8:bad::/48 --iface eth1""",
+    "bans": """examples:
+  xdpguard bans
+  xdpguard bans --iface eth1 --json""",
+    "top": """examples:
+  xdpguard top --iface eth1
+  xdpguard top --iface veth0 --netns lab --once --json""",
+}
+
+
+def _targets(args):
+    from xdpguard import pins, stats
+    targets = stats.select(args.netns, args.iface)
+    if not targets:
+        where = f" on {args.iface}" if args.iface else ""
+        raise CliError(f"xdpguard is not applied{where} (see 'xdpguard status')")
+    return [(d, pins.read_record(d)) for _n, _i, d in targets]
+
+
+def cmd_ban(args) -> int:
+    from xdpguard import bans, pins
+    from xdpguard.policy import parse_duration
+    _check_names(args)
+    try:
+        net = bans.parse_target(args.target)
+        ttl = None if args.ttl in ("0", "never") else parse_duration(args.ttl)
+    except (bans.BanError, ValueError) as e:
+        raise CliError(str(e))
+    done = []
+    with pins.locked():
+        targets = _targets(args)
+        for d, rec in targets:
+            try:
+                bans.check_bannable(net, rec)
+            except bans.BanError as e:
+                raise CliError(f"{rec['netns']}/{rec['iface']}: {e}")
+        for d, rec in targets:
+            with bans.BanMaps(d, rec) as bm:
+                bm.add(net, ttl, text=args.reason or "manual")
+            done.append(f"{rec['netns']}/{rec['iface']}")
+    if args.json:
+        emit_json({"banned": str(net), "ttl": ttl, "interfaces": done})
+    else:
+        print(f"banned {net} for {human_duration(ttl) if ttl else 'ever'} on {', '.join(done)}")
+    return 0
+
+
+def cmd_unban(args) -> int:
+    from xdpguard import bans, pins
+    _check_names(args)
+    try:
+        net = bans.parse_target(args.target)
+    except bans.BanError as e:
+        raise CliError(str(e))
+    lifted = []
+    with pins.locked():
+        for d, rec in _targets(args):
+            with bans.BanMaps(d, rec) as bm:
+                if bm.remove(net):
+                    lifted.append(f"{rec['netns']}/{rec['iface']}")
+    if args.json:
+        emit_json({"unbanned": str(net), "interfaces": lifted})
+    elif lifted:
+        print(f"unbanned {net} on {', '.join(lifted)}")
+    else:
+        raise CliError(f"{net} is not banned (see 'xdpguard bans')")
+    return 0
+
+
+def cmd_bans(args) -> int:
+    from xdpguard import bans
+    _check_names(args)
+    out = []
+    for d, rec in _targets(args):
+        with bans.BanMaps(d, rec) as bm:
+            for e in bm.entries():
+                out.append({"netns": rec["netns"], "iface": rec["iface"], **e})
+    if args.json:
+        emit_json({"schema_version": 1, "bans": out})
+        return 0
+    if not out:
+        print("no bans")
+        return 0
+    rows = [[f"{e['netns']}/{e['iface']}", e["prefix"], e["reason"], e["source"],
+             "never" if e["remaining_s"] is None else ("expired" if e["expired"] else human_duration(e["remaining_s"])),
+             e["packets"], e["bytes"]] for e in out]
+    print(table(["iface", "prefix", "reason", "by", "remaining", "dropped", "bytes"], rows, right={5, 6}))
+    return 0
+
+
+def cmd_watch(args) -> int:
+    from xdpguard.daemon import Watch
+    from xdpguard.policy import parse_duration
+    _check_names(args)
+    policy = _policy(args.policy)
+    _warn(policy)
+    try:
+        interval = parse_duration(args.interval)
+    except ValueError as e:
+        raise CliError(f"--interval: {e}")
+    if args.metrics and ":" not in args.metrics:
+        raise CliError("--metrics needs HOST:PORT, e.g. 127.0.0.1:9101")
+    return Watch(policy, args.iface, _ns(args), interval, args.json).run(args.metrics)
+
+
+def cmd_top(args) -> int:
+    from xdpguard import bans, stats
+    from xdpguard.daemon import Sampler, open_probes
+    from xdpguard.policy import Mitigation
+    _check_names(args)
+    targets = _targets(args)
+    d, rec = targets[0]
+    m = Mitigation(prefix4=rec["mitigation"]["prefix4"], prefix6=rec["mitigation"]["prefix6"])
+    probes = open_probes(m, lambda msg: print(f"note: {msg}", file=sys.stderr))
+    sampler = Sampler(d, rec, probes)
+    local = {a for a, _w in bans.own_addresses(None if rec["netns"] == "host" else rec["netns"])}
+    prev_stats = stats.read_stats(d, rec)
+    prev_t = time.monotonic()
+    sampler.sample()
+    try:
+        while True:
+            time.sleep(args.interval)
+            dt, sources, dests = sampler.sample()
+            cur = stats.read_stats(d, rec)
+            now = time.monotonic()
+            view = _top_view(rec, sources, dests, local, prev_stats, cur, now - prev_t, d)
+            prev_stats, prev_t = cur, now
+            if args.json:
+                emit_json(view)
+            else:
+                if not args.once:
+                    sys.stdout.write("\x1b[H\x1b[2J")
+                _print_top(view)
+                sys.stdout.flush()
+            if args.once:
+                return 0
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        sampler.close()
+        if probes:
+            probes.close()
+
+
+def _top_view(rec, sources, dests, local, prev, cur, dt, directory) -> dict:
+    from xdpguard import bans
+    n = 10
+    srcs = [{"source": k, **{f: round(v, 1) for f, v in r.items() if f in ("pps", "bps", "syn_rate", "conn_rate", "resets")}}
+            for k, r in sources.items()]
+
+    def top(key):
+        return sorted((s for s in srcs if s.get(key, 0) > 0), key=lambda s: -s[key])[:n]
+
+    def is_local(dest: str) -> bool:
+        addr = dest.rsplit(":", 1)[0].strip("[]")
+        return addr in local
+    dst = sorted(({"dest": k, **{f: round(v, 1) for f, v in r.items()}} for k, r in dests.items() if is_local(k)),
+                 key=lambda x: -(x["syn_rate"] + x["conn_rate"]))[:n]
+    pmap = {r["rule"]: r for r in prev["rules"]}
+    rules = [{"rule": r["rule"], "action": r["action"],
+              "pps": round((r["packets"] - pmap.get(r["rule"], r)["packets"]) / dt, 1),
+              "drop_pps": round((r["dropped_packets"] - pmap.get(r["rule"], r)["dropped_packets"]) / dt, 1)}
+             for r in cur["rules"]]
+    with bans.BanMaps(directory, rec) as bm:
+        active = [e for e in bm.entries() if not e["expired"]]
+    return {"schema_version": 1, "netns": rec["netns"], "iface": rec["iface"], "interval": round(dt, 2),
+            "mitigation": rec["mitigation"]["enabled"],
+            "top_pps": top("pps"), "top_syn_rate": top("syn_rate"), "top_conn_rate": top("conn_rate"),
+            "top_dests": dst, "bans": active[:n], "bans_active": len(active), "rules": rules}
+
+
+def _print_top(v: dict) -> None:
+    print(f"xdpguard top: {v['netns']}/{v['iface']}  interval {v['interval']}s  bans {v['bans_active']}"
+          + ("" if v["mitigation"] else "  (per-source XDP counts need [mitigation] enabled = true)"))
+    print()
+    print(table(["source", "pps", "bytes/s", "syn/s", "conn/s"],
+                [[s["source"], s["pps"], human_bytes(s["bps"]), s["syn_rate"], s["conn_rate"]] for s in v["top_pps"]]
+                or [["-", "", "", "", ""]], right={1, 2, 3, 4}))
+    print()
+    print(table(["new connections by source", "syn/s", "conn/s", "resets/s"],
+                [[s["source"], s["syn_rate"], s["conn_rate"], s["resets"]] for s in v["top_syn_rate"]]
+                or [["-", "", "", ""]], right={1, 2, 3}))
+    print()
+    print(table(["local destination (site)", "syn/s", "conn/s", "synack_retrans/s", "resets/s"],
+                [[d["dest"], d["syn_rate"], d["conn_rate"], d["synack_retrans"], d["resets"]] for d in v["top_dests"]]
+                or [["-", "", "", "", ""]], right={1, 2, 3, 4}))
+    print()
+    print(table(["rule", "action", "pps", "drop/s"], [[r["rule"], r["action"], r["pps"], r["drop_pps"]] for r in v["rules"]],
+                right={2, 3}))
+    if v["bans"]:
+        print()
+        print(table(["banned", "reason", "remaining", "dropped"],
+                    [[b["prefix"], b["reason"], "never" if b["remaining_s"] is None else human_duration(b["remaining_s"]),
+                      b["packets"]] for b in v["bans"]], right={3}))
+
+
+def register(sub, add) -> None:
+    p = add("watch", cmd_watch, "mitigation daemon: ban sources over the [mitigation] thresholds")
+    p.epilog = EPILOGS["watch"]
+    p.add_argument("policy")
+    p.add_argument("--iface", required=True)
+    p.add_argument("--netns")
+    p.add_argument("--interval", default="1s", help="evaluation interval (default 1s)")
+    p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics")
+
+    p = add("ban", cmd_ban, "ban an address or prefix at XDP")
+    p.epilog = EPILOGS["ban"]
+    p.add_argument("target", metavar="ADDR[/LEN]")
+    p.add_argument("--ttl", default="10m", help="ban duration (default 10m; 0 = no expiry)")
+    p.add_argument("--reason", help="free text shown by 'bans'")
+    p.add_argument("--iface", help="only this interface (default: every applied interface)")
+    p.add_argument("--netns")
+
+    p = add("unban", cmd_unban, "lift a ban at once")
+    p.epilog = EPILOGS["unban"]
+    p.add_argument("target", metavar="ADDR[/LEN]")
+    p.add_argument("--iface")
+    p.add_argument("--netns")
+
+    p = add("bans", cmd_bans, "list bans: prefix, reason, remaining time, packets dropped")
+    p.epilog = EPILOGS["bans"]
+    p.add_argument("--iface")
+    p.add_argument("--netns")
+
+    p = add("top", cmd_top, "live view: top sources, destinations, bans, rule drop rates")
+    p.epilog = EPILOGS["top"]
+    p.add_argument("--iface")
+    p.add_argument("--netns")
+    p.add_argument("--once", action="store_true", help="one snapshot, then exit")
+    p.add_argument("--interval", type=float, default=1.0, help="refresh interval in seconds")

@@ -1,0 +1,331 @@
+"""The mitigation daemon behind `xdpguard watch`, and the sampler `top` shares.
+
+Every interval it reads per-source traffic counted at XDP (map `srcstat`,
+only while [mitigation] is enabled) and per-source / per-destination TCP
+behaviour from the kernel probes, turns them into rates, bans a source
+whose rate stays over a threshold for `window` into the pinned ban map
+(the XDP program then drops it first thing), and lifts expired bans.
+Offender history lives in /var/lib/xdpguard/<netns>/<iface>/watch.json,
+written atomically, so a restart or a SIGKILL loses nothing: the bans
+themselves are in the pinned map.
+"""
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import json
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from xdpguard import bans, bpfsys, pins
+from xdpguard.layout import C
+from xdpguard.policy import Policy
+
+METRICS = (("syn_rate", C.XG_BAN_SYN_RATE), ("conn_rate", C.XG_BAN_CONN_RATE),
+           ("pps", C.XG_BAN_PPS), ("bps", C.XG_BAN_BPS))
+
+
+# ---------------------------------------------------------------- sampling
+
+def _src_prefix(family: int, raw: bytes, plen: int) -> str:
+    addr = ipaddress.ip_address(raw[:4] if family == 4 else raw[:16])
+    return str(ipaddress.ip_network((addr, plen), strict=False))
+
+
+class Sampler:
+    """Per-source rates from the XDP `srcstat` map and the probes."""
+
+    def __init__(self, directory: Path, record: dict, probes=None):
+        self.record = record
+        self.srcstat = pins.open_map(directory, "srcstat", record)
+        self.probes = probes
+        self.p4 = record["mitigation"]["prefix4"]
+        self.p6 = record["mitigation"]["prefix6"]
+        self.prev_xdp: dict[bytes, tuple] = {}
+        self.prev_probe: dict | None = None
+        self.prev_t: float | None = None
+
+    def close(self) -> None:
+        self.srcstat.close()
+
+    def _read_xdp(self) -> dict[bytes, tuple[int, int, int]]:
+        """{raw key: (packets, bytes, syns) summed over CPUs}."""
+        m = self.srcstat
+        ks, vs = ctypes.sizeof(m.Key), ctypes.sizeof(m.Leaf)
+        pvs = bpfsys.percpu_value_size(vs)
+        ncpu = pvs // ((vs + 7) & ~7)
+        out = {}
+        try:
+            items = bpfsys.map_items_batch(m.fd, ks, pvs, chunk=4096)
+        except OSError:
+            items = [(k, bpfsys.map_lookup(m.fd, k, pvs)) for k in bpfsys.map_keys(m.fd, ks)]
+        for k, v in items:
+            if v is None:
+                continue
+            vals = (m.Leaf * ncpu).from_buffer_copy(v)
+            out[k] = (sum(x.packets for x in vals), sum(x.bytes for x in vals), sum(x.syns for x in vals))
+        return out
+
+    def sample(self) -> tuple[float, dict[str, dict], dict[str, dict]]:
+        """(seconds since last sample, per-source rates, per-destination rates).
+
+        Rates are per second: pps, bps (bytes), syn_rate, conn_rate,
+        synack_retrans, resets. The first call returns empty rates."""
+        now = time.monotonic()
+        xdp = self._read_xdp()
+        probe = self.probes.snapshot() if self.probes else None
+        dt = None if self.prev_t is None else max(1e-6, now - self.prev_t)
+        sources: dict[str, dict] = {}
+        dests: dict[str, dict] = {}
+        if dt is not None:
+            for k, (pk, by, sy) in xdp.items():
+                p = self.prev_xdp.get(k, (0, 0, 0))
+                if pk < p[0]:
+                    p = (0, 0, 0)     # evicted and re-created: count from zero
+                fam = k[0]
+                key = _src_prefix(fam, k[4:20], self.p4 if fam == 4 else self.p6)
+                s = sources.setdefault(key, _zero())
+                s["pps"] += (pk - p[0]) / dt
+                s["bps"] += (by - p[1]) / dt
+                s["xdp_syn_rate"] += (sy - p[2]) / dt
+            if probe is not None and self.prev_probe is not None:
+                r = self.probes.rates(self.prev_probe, probe, dt)
+                for key, c in r["sources"].items():
+                    s = sources.setdefault(key, _zero())
+                    s["probe_syn_rate"] += c["syns"]
+                    s["conn_rate"] += c["handshakes"]
+                    s["synack_retrans"] += c["synack_retrans"]
+                    s["resets"] += c["resets"]
+                for key, c in r["dests"].items():
+                    dests[key] = {"syn_rate": c["syns"], "conn_rate": c["handshakes"],
+                                  "synack_retrans": c["synack_retrans"], "resets": c["resets"]}
+            for s in sources.values():
+                # SYNs at XDP include those a listener never sees (dropped,
+                # banned, to closed ports): the larger view wins.
+                s["syn_rate"] = max(s["xdp_syn_rate"], s["probe_syn_rate"])
+            self._clear_idle(xdp)
+        self.prev_xdp, self.prev_probe, self.prev_t = xdp, probe, now
+        if self.probes is not None and probe is not None:
+            try:
+                self.probes.clear_idle(probe)
+            except Exception:
+                pass
+        return (dt or 0.0), sources, dests
+
+    def _clear_idle(self, cur: dict) -> None:
+        """Forget sources with no traffic in the last interval (bounded map)."""
+        idle = [k for k, v in cur.items() if self.prev_xdp.get(k) == v]
+        for k in idle:
+            bpfsys.map_delete(self.srcstat.fd, k)
+            cur.pop(k, None)
+
+
+def _zero() -> dict:
+    return {"pps": 0.0, "bps": 0.0, "xdp_syn_rate": 0.0, "probe_syn_rate": 0.0, "syn_rate": 0.0,
+            "conn_rate": 0.0, "synack_retrans": 0.0, "resets": 0.0}
+
+
+def open_probes(mitigation, log_err=None):
+    """Kernel probes, kprobes where available (run-time detection), else
+    tracepoints; None if neither can be attached (XDP counts still work)."""
+    try:
+        from xdpguard.probes.collector import ProbeSet
+        return ProbeSet.open("auto", prefix4=mitigation.prefix4, prefix6=mitigation.prefix6)
+    except Exception as e:   # the daemon keeps working on XDP counts alone
+        if log_err:
+            log_err(f"kernel probes unavailable ({e}); using XDP counters only")
+        return None
+
+
+# ---------------------------------------------------------------- decisions
+
+@dataclass
+class Decision:
+    action: str              # "ban" | "unban"
+    source: str
+    metric: str | None = None
+    observed: float | None = None
+    threshold: float | None = None
+    duration: float | None = None
+    offence: int | None = None
+    dry_run: bool = False
+    reason: str | None = None
+    time: float = field(default_factory=time.time)
+
+    def as_json(self) -> dict:
+        d = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.time)),
+             "action": self.action, "source": self.source, "metric": self.metric,
+             "observed": None if self.observed is None else round(self.observed, 1),
+             "threshold": self.threshold, "duration": self.duration, "offence": self.offence}
+        if self.dry_run:
+            d["dry_run"] = True
+        if self.reason:
+            d["reason"] = self.reason
+        return d
+
+    def human(self) -> str:
+        t = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.time))
+        if self.action == "ban":
+            dr = " (dry run: not banned)" if self.dry_run else ""
+            return (f"{t} ban {self.source}: {self.metric} {self.observed:.0f}/s over {self.threshold:g}/s; "
+                    f"{self.duration:.0f}s (offence {self.offence}){dr}")
+        return f"{t} unban {self.source}: {self.reason or 'expired'}"
+
+
+class Mitigator:
+    """Thresholds, windows and offence history: pure logic, testable alone."""
+
+    def __init__(self, policy: Policy, protected, state: dict | None = None):
+        self.m = policy.mitigation
+        self.protected = protected
+        self.state = state or {"offenders": {}, "bans": {}}
+        self.over_since: dict[tuple[str, str], float] = {}
+
+    def thresholds(self) -> list[tuple[str, int, float]]:
+        out = []
+        for name, code in METRICS:
+            rate = getattr(self.m, name)
+            if rate is not None:
+                out.append((name, code, rate.per_second))
+        return out
+
+    def is_protected(self, prefix: str) -> bool:
+        net = ipaddress.ip_network(prefix)
+        return any(p.version == net.version and p.overlaps(net) for p, _why in self.protected)
+
+    def evaluate(self, now: float, dt: float, sources: dict[str, dict], active: set[str]) -> list[Decision]:
+        out = []
+        seen = set()
+        for prefix, rates in sources.items():
+            if prefix in active:
+                continue
+            for name, code, thr in self.thresholds():
+                if rates.get(name, 0.0) <= thr:
+                    continue
+                key = (prefix, name)
+                seen.add(key)
+                start = self.over_since.setdefault(key, now - dt)
+                if now - start + 1e-6 < self.m.window:
+                    continue
+                if self.is_protected(prefix):
+                    continue
+                off = self.state["offenders"].get(prefix, {}).get("offences", 0)
+                duration = min(self.m.ban * (2 ** off), self.m.ban_max)
+                out.append(Decision("ban", prefix, name, rates[name], thr, duration, off + 1,
+                                    dry_run=self.m.dry_run))
+                break
+        for key in list(self.over_since):
+            if key not in seen:
+                del self.over_since[key]
+        return out
+
+    def record_ban(self, d: Decision) -> None:
+        self.state["offenders"][d.source] = {"offences": d.offence, "last_ban": d.time}
+        self.state["bans"][d.source] = {"until": d.time + d.duration, "metric": d.metric,
+                                        "offence": d.offence}
+        for key in [k for k in self.over_since if k[0] == d.source]:
+            del self.over_since[key]
+
+
+# ---------------------------------------------------------------- the daemon
+
+class Watch:
+    def __init__(self, policy: Policy, iface: str, netns: str | None, interval: float,
+                 json_lines: bool, out=sys.stdout, err=sys.stderr):
+        self.policy = policy
+        self.iface = iface
+        self.netns = netns
+        self.interval = interval
+        self.json = json_lines
+        self.out = out
+        self.err = err
+        self.stop = threading.Event()
+        self.bans_total = 0
+        self.probe_mode = "none"
+
+    def log(self, d: Decision) -> None:
+        self.out.write((json.dumps(d.as_json()) if self.json else d.human()) + "\n")
+        self.out.flush()
+
+    def note(self, msg: str) -> None:
+        self.err.write(f"xdpguard watch: {msg}\n")
+        self.err.flush()
+
+    def run(self, metrics: str | None = None) -> int:
+        from xdpguard import loader
+        from xdpguard.compiler import compile_policy
+        directory = pins.iface_dir(self.netns, self.iface)
+        record = pins.read_record(directory)
+        if record is None or record["policy"]["sha256"] != self.policy.sha256:
+            loader.apply(self.policy, compile_policy(self.policy), self.iface, netns=self.netns,
+                         log=self.note)
+            record = pins.read_record(directory)
+        if not self.policy.mitigation.enabled:
+            self.note("[mitigation] enabled = false: watching, never banning")
+        state_path = bans.state_dir(record["netns"], record["iface"]) / "watch.json"
+        state = bans.read_json(state_path, {"offenders": {}, "bans": {}})
+        protected = bans.protected_networks(record)
+        for p in self.policy.mitigation.allow:
+            protected.append((ipaddress.ip_network(str(p)), "allowlisted"))
+        mit = Mitigator(self.policy, protected, state)
+        probes = open_probes(self.policy.mitigation, self.note)
+        self.probe_mode = probes.mode if probes else "none"
+        record["probes"] = self.probe_mode
+        pins.update_record(directory, record)
+        self.note(f"watching {record['netns']}/{self.iface} every {self.interval:g}s; "
+                  f"probes: {self.probe_mode}; {len(state['offenders'])} known offenders")
+        sampler = Sampler(directory, record, probes)
+        banmaps = bans.BanMaps(directory, record)
+        server = self._metrics(metrics, directory, record, banmaps) if metrics else None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: self.stop.set())
+        try:
+            sampler.sample()
+            while not self.stop.wait(self.interval):
+                self.tick(mit, sampler, banmaps, state_path)
+        finally:
+            banmaps.close()
+            sampler.close()
+            if probes:
+                probes.close()
+            if server:
+                server.shutdown()
+        self.note("stopped; bans stay in force in the pinned ban map")
+        return 0
+
+    def tick(self, mit: Mitigator, sampler: Sampler, banmaps, state_path: Path) -> None:
+        changed = False
+        for prefix in banmaps.expire():
+            self.log(Decision("unban", prefix, reason="expired"))
+            mit.state["bans"].pop(prefix, None)
+            changed = True
+        dt, sources, _dests = sampler.sample()
+        if dt <= 0 or not self.policy.mitigation.enabled:
+            if changed:
+                bans.write_json_atomic(state_path, mit.state)
+            return
+        active = {e["prefix"] for e in banmaps.entries()}
+        now = time.monotonic()
+        for d in mit.evaluate(now, dt, sources, active):
+            if not d.dry_run:
+                if len(active) >= self.policy.mitigation.max_bans:
+                    self.note(f"max_bans ({self.policy.mitigation.max_bans}) reached: not banning {d.source}")
+                    continue
+                banmaps.add(ipaddress.ip_network(d.source), d.duration, dict(METRICS)[d.metric],
+                            f"{d.metric} {d.observed:.0f}/s > {d.threshold:g}/s")
+                mit.record_ban(d)
+                active.add(d.source)
+                self.bans_total += 1
+                changed = True
+            self.log(d)
+        if changed:
+            bans.write_json_atomic(state_path, mit.state)
+
+    def _metrics(self, where: str, directory: Path, record: dict, banmaps):
+        from xdpguard.metrics import serve
+        host, _, port = where.rpartition(":")
+        return serve(host or "127.0.0.1", int(port), directory, record, banmaps, self)

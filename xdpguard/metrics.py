@@ -1,0 +1,68 @@
+"""Prometheus metrics for `xdpguard watch --metrics HOST:PORT`.
+
+Values are read from the pinned maps at scrape time, so they are never
+staler than the scrape itself.
+"""
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.registry import CollectorRegistry
+
+
+class _Collector:
+    def __init__(self, directory: Path, record: dict, banmaps, watch):
+        self.directory = directory
+        self.record = record
+        self.banmaps = banmaps
+        self.watch = watch
+
+    def collect(self):
+        from xdpguard import bpfsys, pins, stats
+        labels = ["netns", "iface", "rule", "action"]
+        where = [self.record["netns"], self.record["iface"]]
+        snap = stats.read_stats(self.directory, self.record)
+        fams = {n: CounterMetricFamily(f"xdpguard_rule_{n}", f"{n.replace('_', ' ')} per rule", labels=labels)
+                for n in ("packets", "bytes", "dropped_packets", "dropped_bytes")}
+        for r in snap["rules"]:
+            for n, fam in fams.items():
+                fam.add_metric(where + [r["rule"], r["action"]], r[n])
+        yield from fams.values()
+        banned = CounterMetricFamily("xdpguard_banned_packets", "packets dropped by bans", labels=["netns", "iface"])
+        banned.add_metric(where, snap["bans"]["packets"])
+        yield banned
+        entries = self.banmaps.entries()
+        active = GaugeMetricFamily("xdpguard_bans_active", "bans in force", labels=["netns", "iface"])
+        active.add_metric(where, sum(1 for e in entries if not e["expired"]))
+        yield active
+        total = CounterMetricFamily("xdpguard_bans", "bans made by this watch", labels=["netns", "iface"])
+        total.add_metric(where, self.watch.bans_total)
+        yield total
+        info = InfoMetricFamily("xdpguard_probes", "kernel probe set in use", labels=["netns", "iface"])
+        info.add_metric(where, {"mode": self.watch.probe_mode})
+        yield info
+        fill = GaugeMetricFamily("xdpguard_map_entries", "entries in hash and trie maps",
+                                 labels=["netns", "iface", "map"])
+        cap = GaugeMetricFamily("xdpguard_map_capacity", "capacity of maps", labels=["netns", "iface", "map"])
+        for name in ("ban4", "ban6", "sbuckets", "srcstat", "lpm4", "lpm6"):
+            path = self.directory / name
+            if not path.exists():
+                continue
+            with bpfsys.closing_fd(bpfsys.obj_get(str(path))) as fd:
+                info_m = bpfsys.map_info(fd)
+                n = sum(1 for _ in bpfsys.map_keys(fd, info_m["key_size"]))
+            fill.add_metric(where + [name], n)
+            cap.add_metric(where + [name], info_m["max_entries"])
+        yield fill
+        yield cap
+
+
+def serve(host: str, port: int, directory: Path, record: dict, banmaps, watch):
+    """Start the HTTP exporter in a thread; returns an object with shutdown()."""
+    from prometheus_client import start_http_server
+    registry = CollectorRegistry()
+    registry.register(_Collector(directory, record, banmaps, watch))
+    server, thread = start_http_server(port, addr=host, registry=registry)
+    return server
