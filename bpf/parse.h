@@ -33,6 +33,7 @@ struct xg_pkt {
 	__u8 l4;           /* XG_L4_* */
 	__u8 has_ports;
 	__u8 syn;          /* SYN without ACK */
+	__u16 vlan;        /* outer VLAN id (drop log only) */
 };
 
 static __always_inline int xg_is_vlan(__u16 proto)
@@ -70,6 +71,8 @@ static __always_inline int xg_parse(struct xdp_md *ctx, struct xg_pkt *pkt)
 		if ((void *)(vh + 1) > data_end)
 			return XG_PARSE_MALFORMED;
 		h_proto = vh->proto;
+		if (i == 0)
+			pkt->vlan = bpf_ntohs(vh->tci) & 0x0fff;
 		off += sizeof(*vh);
 	}
 	if (xg_is_vlan(h_proto))

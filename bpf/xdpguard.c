@@ -52,12 +52,44 @@ XG_MAP("lru_hash", struct xg_sbucket_key, struct xg_bucket, sbuckets, XG_SBUCKET
 XG_MAP("lpm_trie", struct xg_ban4_key, struct xg_ban, ban4, XG_BAN_MAX, BPF_F_NO_PREALLOC);
 XG_MAP("lpm_trie", struct xg_ban6_key, struct xg_ban, ban6, XG_BAN_MAX, BPF_F_NO_PREALLOC);
 XG_MAP("lru_percpu_hash", struct xg_srcstat_key, struct xg_srcstat, srcstat, XG_SRCSTAT_MAX, 0);
+XG_MAP("array", __u32, struct xg_bucket, logbuckets, XG_MAX_SLOTS, 0);
+BPF_RINGBUF_OUTPUT(droplog, XG_DROPLOG_BYTES / 4096);
+/* Never used by the program: it carries struct xg_logev to user space as a
+ * bcc leaf type, so `xdpguard log` reads events without a second layout. */
+BPF_ARRAY(logfmt, struct xg_logev, 1);
 
 #ifdef XG_TEST
 BPF_ARRAY(debug, struct xg_debug, 1);
 #endif
 
-static __always_inline int xg_finish(__u32 slot, __u32 rule, __u32 gen, __u64 len, int drop)
+/* Sample a drop into the ring buffer, at most log rate per slot. */
+static __always_inline void xg_log(struct xg_pkt *pkt, struct xg_gen *g, struct xg_counter *c,
+				   __u32 slot, __u32 rule, __u64 len)
+{
+	struct xg_bucket *b = logbuckets.lookup(&slot);
+	struct xg_logev ev = {};
+
+	if (!g || !b || !xg_gcra(b, bpf_ktime_get_ns(), 1, g->log_cost_fp, g->log_burst_ns)) {
+		if (c)
+			c->log_suppressed++;
+		return;
+	}
+	ev.ts_ns = bpf_ktime_get_boot_ns();
+	ev.slot = slot;
+	ev.rule = rule;
+	ev.len = len;
+	ev.sport = pkt->sport;
+	ev.dport = pkt->dport;
+	ev.vlan = pkt->vlan;
+	ev.family = pkt->family;
+	ev.proto = pkt->proto;
+	__builtin_memcpy(ev.src, pkt->src, 16);
+	__builtin_memcpy(ev.dst, pkt->dst, 16);
+	droplog.ringbuf_output(&ev, sizeof(ev), 0);
+}
+
+static __always_inline int xg_finish(struct xg_pkt *pkt, struct xg_gen *g, __u32 slot, __u32 rule,
+				     __u32 gen, __u64 len, int drop, int log)
 {
 	struct xg_counter *c = counters.lookup(&slot);
 
@@ -69,6 +101,8 @@ static __always_inline int xg_finish(__u32 slot, __u32 rule, __u32 gen, __u64 le
 			c->dropped_bytes += len;
 		}
 	}
+	if (drop && log)
+		xg_log(pkt, g, c, slot, rule, len);
 #ifdef XG_TEST
 	{
 		__u32 zero = 0;
@@ -183,14 +217,13 @@ int xdpguard_prog(struct xdp_md *ctx)
 		return XDP_DROP;
 	gen = *genp & 1;
 
-	if (rc == XG_PARSE_MALFORMED)
-		return xg_finish(XG_SLOT_MALFORMED, rule, gen, len, 1);
-	if (xg_banned(&pkt, len))
-		return xg_finish(XG_SLOT_BAN, rule, gen, len, 1);
-
 	g = gens.lookup(&gen);
 	if (!g)
 		return XDP_DROP;
+	if (rc == XG_PARSE_MALFORMED)
+		return xg_finish(&pkt, g, XG_SLOT_MALFORMED, rule, gen, len, 1, 0);
+	if (xg_banned(&pkt, len))
+		return xg_finish(&pkt, g, XG_SLOT_BAN, rule, gen, len, 1, g->flags & XG_GEN_LOG_BANS);
 	if (g->flags & XG_GEN_MITIGATE)
 		xg_srcstat(&pkt, g, len);
 
@@ -232,8 +265,9 @@ int xdpguard_prog(struct xdp_md *ctx)
 
 	if (rule == ~0U) {
 		if (pkt.l4 == XG_L4_ND)
-			return xg_finish(XG_SLOT_ND, rule, gen, len, 0);
-		return xg_finish(XG_SLOT_DEFAULT, rule, gen, len, g->default_action != XG_ACT_ALLOW);
+			return xg_finish(&pkt, g, XG_SLOT_ND, rule, gen, len, 0, 0);
+		return xg_finish(&pkt, g, XG_SLOT_DEFAULT, rule, gen, len,
+				 g->default_action != XG_ACT_ALLOW, g->flags & XG_GEN_LOG_DEFAULT);
 	}
 
 	idx = gen * XG_RULES_PER_GEN + rule;
@@ -241,9 +275,9 @@ int xdpguard_prog(struct xdp_md *ctx)
 	if (!r)
 		return XDP_DROP;
 	if (r->action == XG_ACT_ALLOW)
-		return xg_finish(r->slot, rule, gen, len, 0);
+		return xg_finish(&pkt, g, r->slot, rule, gen, len, 0, 0);
 	if (r->action != XG_ACT_LIMIT)
-		return xg_finish(r->slot, rule, gen, len, 1);
+		return xg_finish(&pkt, g, r->slot, rule, gen, len, 1, r->log);
 
 	{
 		__u64 units = r->unit == XG_UNIT_BYTES ? len : 1;
@@ -268,7 +302,7 @@ int xdpguard_prog(struct xdp_md *ctx)
 		}
 		/* No bucket (map full and racing): drop, never fail open. */
 		if (!b || !xg_gcra(b, now, units, r->cost_fp, r->burst_ns))
-			return xg_finish(slot, rule, gen, len, 1);
-		return xg_finish(slot, rule, gen, len, 0);
+			return xg_finish(&pkt, g, slot, rule, gen, len, 1, r->log);
+		return xg_finish(&pkt, g, slot, rule, gen, len, 0, 0);
 	}
 }

@@ -87,10 +87,13 @@
 #define XG_BAN_MAX 1048576
 #define XG_SBUCKET_MAX 262144
 #define XG_SRCSTAT_MAX 65536
+#define XG_DROPLOG_BYTES 262144
 
 /* struct xg_gen.flags */
 #define XG_GEN_HAS_DST 1     /* some rule names dst: look up the dst tries */
 #define XG_GEN_MITIGATE 2    /* count per-source stats for the daemon */
+#define XG_GEN_LOG_DEFAULT 4 /* drop log for default-deny drops */
+#define XG_GEN_LOG_BANS 8    /* drop log for banned sources */
 
 /* xg_debug.verdict values (test builds only) */
 #define XG_V_PASS 0
@@ -143,7 +146,8 @@ struct xg_rule {
 	__u8 unit;         /* XG_UNIT_* */
 	__u8 prefix4;      /* source grouping for per-source buckets */
 	__u8 prefix6;
-	__u8 pad[3];
+	__u8 log;          /* sample drops into the drop log */
+	__u8 pad[2];
 	__u64 cost_fp;     /* ns per unit << 16 (GCRA emission interval) */
 	__u64 burst_ns;    /* burst x cost: how far ahead the bucket may run */
 };
@@ -156,6 +160,8 @@ struct xg_gen {
 	__u8 mit_prefix4;      /* per-source stats grouping (XG_GEN_MITIGATE) */
 	__u8 mit_prefix6;
 	__u8 pad[5];
+	__u64 log_cost_fp;     /* drop log: GCRA per slot, events/s ... */
+	__u64 log_burst_ns;    /* ... so logging cannot add load in a flood */
 };
 
 struct xg_counter {
@@ -163,6 +169,22 @@ struct xg_counter {
 	__u64 bytes;
 	__u64 dropped_packets;
 	__u64 dropped_bytes;
+	__u64 log_suppressed;   /* drop-log events over the log rate */
+};
+
+/* One sampled drop (ring buffer `droplog`). */
+struct xg_logev {
+	__u64 ts_ns;        /* CLOCK_BOOTTIME */
+	__u32 slot;
+	__u32 rule;         /* rule index in the generation, or ~0 */
+	__u32 len;
+	__u16 sport;
+	__u16 dport;
+	__u16 vlan;         /* outer VLAN id, 0 = untagged */
+	__u8 family;
+	__u8 proto;
+	__u8 src[16];
+	__u8 dst[16];
 };
 
 /* GCRA state: theoretical arrival time of the next unit. */

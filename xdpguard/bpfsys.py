@@ -277,6 +277,10 @@ _PROTOTYPES = {
         [c_int, c_char_p, c_uint32, c_uint32, c_uint32, c_void_p],
     ),
     "libbpf_num_possible_cpus": (c_int, []),
+    "ring_buffer__new": (c_void_p, [c_int, c_void_p, c_void_p, c_void_p]),
+    "ring_buffer__poll": (c_int, [c_void_p, c_int]),
+    "ring_buffer__consume": (c_int, [c_void_p]),
+    "ring_buffer__free": (None, [c_void_p]),
     "libbpf_set_print": (c_void_p, [c_void_p]),
 }
 
@@ -771,3 +775,54 @@ def percpu_join(values: list[bytes], value_size: int) -> bytes:
         raise ValueError(f"{len(values)} values for {num_possible_cpus()} possible CPUs")
     stride = (value_size + 7) & ~7
     return b"".join(bytes(v).ljust(stride, b"\0") for v in values)
+
+
+# ---- ring buffers ----------------------------------------------------------
+
+_RB_SAMPLE_FN = CFUNCTYPE(c_int, c_void_p, c_void_p, c_size_t)
+
+
+class RingBuffer:
+    """A BPF ring buffer map read with libbpf's ring_buffer__poll.
+
+    callback(bytes) gets each record; it must not raise (errors are kept
+    and re-raised from poll())."""
+
+    def __init__(self, map_fd: int, callback):
+        self._error = None
+
+        def _cb(_ctx, data, size):
+            try:
+                callback(ctypes.string_at(data, size))
+            except BaseException as e:  # surfaced from poll()
+                self._error = e
+                return -1
+            return 0
+
+        self._fn = _RB_SAMPLE_FN(_cb)   # keep a reference while C holds it
+        self._rb = _lib().ring_buffer__new(map_fd, ctypes.cast(self._fn, c_void_p), None, None)
+        if not self._rb:
+            err = ctypes.get_errno() or _errno.EINVAL
+            raise _error(err, f"ring_buffer__new(map fd {map_fd})")
+
+    def poll(self, timeout_ms: int) -> int:
+        """Wait up to timeout_ms for records; returns how many were read."""
+        n = _lib().ring_buffer__poll(self._rb, timeout_ms)
+        if self._error is not None:
+            e, self._error = self._error, None
+            raise e
+        if n < 0 and n != -_errno.EINTR:
+            raise _error(-n, "ring_buffer__poll")
+        return max(n, 0)
+
+    def consume(self) -> int:
+        n = _lib().ring_buffer__consume(self._rb)
+        if self._error is not None:
+            e, self._error = self._error, None
+            raise e
+        return max(n, 0)
+
+    def close(self) -> None:
+        if self._rb:
+            _lib().ring_buffer__free(self._rb)
+            self._rb = None

@@ -1,7 +1,8 @@
 """xdpguard command line.
 
 Exit status: 0 success; 1 system failure (kernel, BPF, missing tools);
-2 invalid policy or usage (nothing running was changed).
+2 invalid policy or usage (nothing running was changed); 3 `apply --confirm`
+was not confirmed in time and the previous policy was restored.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import time
 
 from xdpguard.output import emit_json, table
 
-EXIT_OK, EXIT_SYSTEM, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_SYSTEM, EXIT_USAGE, EXIT_NOT_CONFIRMED = 0, 1, 2, 3
 
 
 class CliError(Exception):
@@ -214,20 +215,57 @@ def _test_result(rig, tables, res, names, C, Decision) -> dict:
 # ---------------------------------------------------------------- apply / detach
 
 def cmd_apply(args) -> int:
-    from xdpguard import loader
+    from xdpguard import loader, pins, safety
     from xdpguard.compiler import compile_policy
     _check_names(args)
     policy = _policy(args.policy)
     _warn(policy)
     tables = compile_policy(policy)
+    if not args.dry_run:
+        problems = safety.lockouts(policy, tables, _ns(args))
+        if problems and not args.force:
+            raise CliError("refusing to apply (lockout guard): " + "; ".join(problems)
+                           + ". Fix the policy or use --force.")
+        for p in problems:
+            print(f"warning: --force: {p}", file=sys.stderr)
     log = (lambda m: None) if args.json else print
     rec = loader.apply(policy, tables, args.iface, netns=_ns(args), mode=args.mode,
                        dry_run=args.dry_run, force=args.force, log=log)
+    outcome = None
+    if args.confirm and not args.dry_run:
+        outcome = _await_confirm(args, rec, log)
     if args.json:
         emit_json({"iface": args.iface, "netns": args.netns or "host", "policy": policy.name,
                    "sha256": policy.sha256, "dry_run": args.dry_run,
-                   "mode": rec.get("mode"), "prog_id": rec.get("prog_id")})
-    return EXIT_OK
+                   "mode": rec.get("mode"), "prog_id": rec.get("prog_id"),
+                   **({"confirm": outcome} if outcome else {})})
+    return EXIT_NOT_CONFIRMED if outcome == "rolled_back" else EXIT_OK
+
+
+def _await_confirm(args, rec, log) -> str:
+    """Arm the rollback timer, then wait for `xdpguard confirm` (or not)."""
+    from xdpguard import pins, safety
+    directory = pins.iface_dir(_ns(args), args.iface)
+    token = rec["policy"]["applied_at"]
+    deadline = time.time() + args.confirm
+    with pins.locked():
+        rec = pins.read_record(directory)
+        rec["confirm"] = {"deadline": deadline}
+        pins.update_record(directory, rec)
+    safety.start_timer(args.iface, _ns(args), token, deadline)
+    log(f"{args.iface}: waiting {args.confirm:g}s for 'xdpguard confirm --iface {args.iface}"
+        f"{' --netns ' + args.netns if args.netns else ''}'; otherwise the previous policy comes back")
+    while time.time() < deadline + 3:
+        cur = pins.read_record(directory)
+        if cur and cur["policy"]["applied_at"] == token and "confirm" not in cur:
+            log(f"{args.iface}: confirmed")
+            return "confirmed"
+        if not cur or cur["policy"]["applied_at"] != token:
+            what = f"policy '{cur['policy']['name']}' restored" if cur else "detached (no previous policy)"
+            log(f"{args.iface}: not confirmed in time: {what}")
+            return "rolled_back"
+        time.sleep(0.2)
+    raise CliError(f"{args.iface}: the rollback timer did not act; check 'xdpguard status'", EXIT_SYSTEM)
 
 
 def cmd_detach(args) -> int:
@@ -343,7 +381,8 @@ EPILOGS = {
     "apply": """examples:
   xdpguard apply policy.toml --iface eth1
   xdpguard apply policy.toml --iface veth0 --netns lab --mode generic
-  xdpguard apply policy.toml --iface eth1 --dry-run""",
+  xdpguard apply policy.toml --iface eth1 --dry-run
+  xdpguard apply policy.toml --iface eth0 --confirm 60   # then: xdpguard confirm --iface eth0""",
     "detach": """examples:
   xdpguard detach --iface eth1
   xdpguard detach --iface veth0 --netns lab""",
@@ -378,7 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="xdpguard",
         description="XDP access control and rate limiting for shared hosts.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="exit status: 0 success, 1 system failure, 2 invalid policy or usage\n"
+        epilog="exit status: 0 success, 1 system failure, 2 invalid policy or usage,\n"
+               "3 apply --confirm not confirmed (previous policy restored)\n"
                "see 'xdpguard COMMAND --help' for examples")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -410,7 +450,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--netns", help="network namespace name (/run/netns/NAME)")
     p.add_argument("--mode", choices=["auto", "native", "generic"], default="auto")
     p.add_argument("--dry-run", action="store_true", help="compile and load, do not attach")
-    p.add_argument("--force", action="store_true", help="replace a foreign XDP program")
+    p.add_argument("--force", action="store_true",
+                   help="replace a foreign XDP program; apply despite the lockout guard")
+    p.add_argument("--confirm", type=float, metavar="SECONDS",
+                   help="roll back unless 'xdpguard confirm' comes within SECONDS")
 
     p = add("detach", cmd_detach, "remove xdpguard from an interface (program and pins)")
     p.add_argument("--iface", required=True)
@@ -432,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _extensions():
     """Commands that live in their own modules (daemon, bans, ops)."""
     out = []
-    for modname in ("xdpguard.cli_mitigation", "xdpguard.cli_ops"):
+    for modname in ("xdpguard.cli_mitigation", "xdpguard.cli_safety", "xdpguard.cli_ops"):
         try:
             mod = __import__(modname, fromlist=["register"])
         except ModuleNotFoundError as e:

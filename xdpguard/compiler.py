@@ -54,6 +54,7 @@ class Tables:
     rules: list[RuleRecord]
     mit_prefix4: int = 32
     mit_prefix6: int = 64
+    log_rate: int = 10
     _index: dict = field(default=None, repr=False, compare=False)
 
     def summary(self) -> dict:
@@ -184,11 +185,13 @@ def compile_policy(policy: Policy) -> Tables:
     ports = {C.XG_PORT_SPORT: _port_table(rules, "sport", vectors),
              C.XG_PORT_DPORT: _port_table(rules, "dport", vectors)}
 
-    flags = (C.XG_GEN_HAS_DST if has_dst else 0) | (C.XG_GEN_MITIGATE if policy.mitigation.enabled else 0)
+    flags = ((C.XG_GEN_HAS_DST if has_dst else 0) | (C.XG_GEN_MITIGATE if policy.mitigation.enabled else 0)
+             | (C.XG_GEN_LOG_DEFAULT if policy.log_default else 0) | (C.XG_GEN_LOG_BANS if policy.log_bans else 0))
     return Tables(nrules=len(rules), nwords=max(1, (len(rules) + 63) // 64),
                   default_action=_ACTION[policy.default], flags=flags, vecs=vectors.vecs,
                   lpm=lpm, ports=ports, rules=[_record(r) for r in rules],
-                  mit_prefix4=policy.mitigation.prefix4, mit_prefix6=policy.mitigation.prefix6)
+                  mit_prefix4=policy.mitigation.prefix4, mit_prefix6=policy.mitigation.prefix6,
+                  log_rate=policy.log_rate)
 
 
 # ---------------------------------------------------------------- warnings for `check`

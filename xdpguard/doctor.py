@@ -464,8 +464,10 @@ def check_foreign(ctx: Context) -> list[Check]:
               "'xdpguard apply' refuses to replace it without --force")
     if stale:
         detail += f" (xdpguard pins here are unreadable: {stale})"
-    if pname == "xdp_dispatcher":
+    if pname == "xdp_dispatcher":       # libxdp's multi-program dispatcher
         fix = f"{_netns_prefix(ctx.netns, 'nsenter')}xdp-loader unload {iface} --all"
+    elif pname.startswith("xdpfilt_"):   # xdp-filter (xdp-tools)
+        fix = f"{_netns_prefix(ctx.netns, 'nsenter')}xdp-filter unload {iface}"
     else:
         kind = {"generic": "xdpgeneric", "native": "xdpdrv", "offload": "xdpoffload"}.get(q["attach_mode"], "xdp")
         fix = f"ip {_netns_prefix(ctx.netns, 'ip')}link set dev {iface} {kind} off"

@@ -44,7 +44,7 @@ C = _constants()
 # are bcc's (``Map.Key`` / ``Map.Leaf``), never declared here.
 
 # Maps that outlive a policy shape: reused when a new program is loaded.
-PERSISTENT_MAPS = ("counters", "rbuckets", "sbuckets", "ban4", "ban6", "srcstat")
+PERSISTENT_MAPS = ("counters", "rbuckets", "sbuckets", "ban4", "ban6", "srcstat", "logbuckets")
 # Maps of the classifier, sized by the shape.
 POLICY_MAPS = ("active", "gens", "lpm4", "lpm6", "vecs", "ports", "rules")
 
@@ -120,6 +120,7 @@ def rule_entries(maps, tables, gen: int, rules_per_gen: int, slots: dict[str, in
         v.unit = r.unit
         v.prefix4 = r.prefix4
         v.prefix6 = r.prefix6
+        v.log = int(r.log)
         v.cost_fp = r.cost_fp
         v.burst_ns = r.burst_ns
     return keys, vals
@@ -132,4 +133,8 @@ def gen_value(maps, tables):
     g.default_action = tables.default_action
     g.mit_prefix4 = tables.mit_prefix4
     g.mit_prefix6 = tables.mit_prefix6
+    if tables.log_rate:
+        # At most log_rate events per second per slot, bursts of log_rate.
+        g.log_cost_fp = round(1e9 * 65536 / tables.log_rate)
+        g.log_burst_ns = round(1e9)
     return g

@@ -233,7 +233,7 @@ def _prog_name(prog_id: int) -> str:
         os.close(fd)
 
 
-def _record(policy: Policy, tables: Tables, netns, iface, ifindex, shape, slots, types, mode, prog_id, previous):
+def _record(policy: Policy, tables: Tables, netns, iface, ifindex, shape, slots, types, mode, prog_id):
     rec = {
         "layout": C.XG_LAYOUT_VERSION,
         "netns": netns or "host",
@@ -255,10 +255,6 @@ def _record(policy: Policy, tables: Tables, netns, iface, ifindex, shape, slots,
                        "allow": [str(p) for p in policy.mitigation.allow]},
         "protect": [{"prefix": str(p), "port": port} for p, port in policy.protect],
     }
-    if previous:
-        # One level of history for `rollback` and `apply --confirm`.
-        prev = {k: previous.get(k) for k in ("policy", "rules")}
-        rec["previous"] = prev
     return rec
 
 
@@ -301,6 +297,13 @@ def _open_maps(directory: Path, record: dict, names) -> dict[str, pins.Map]:
     return {n: pins.open_map(directory, n, record) for n in names}
 
 
+def _previous(record: dict, kind: str, **extra) -> dict:
+    """What `rollback` needs of the policy being replaced (one level)."""
+    prev = {k: v for k, v in record.items() if k not in ("types", "previous", "confirm")}
+    prev.update(kind=kind, **extra)
+    return prev
+
+
 def _reapply_in_place(policy, tables, directory, record, slots, fresh, log) -> dict:
     t0 = time.monotonic()
     shape = Shape(**record["shape"])
@@ -308,21 +311,28 @@ def _reapply_in_place(policy, tables, directory, record, slots, fresh, log) -> d
     try:
         old = read_active(maps)
         new = 1 - old
-        clear_gen(maps, new)           # leftovers of an interrupted apply
+        # The inactive generation holds the policy before the running one
+        # (kept for rollback until now) or leftovers of an interrupted apply.
+        clear_gen(maps, new)
         zero_slots(maps, fresh)
         write_gen(maps, tables, new, shape, slots)
         set_active(maps, new)
-        time.sleep(GRACE_S)
-        clear_gen(maps, old)
         rec = _record(policy, tables, record["netns"], record["iface"], record["ifindex"], shape,
-                      slots, record["types"], record["mode"], record["prog_id"], record)
+                      slots, record["types"], record["mode"], record["prog_id"])
+        rec["previous"] = _previous(record, "gen", gen=old)
         pins.update_record(directory, rec)
+        pins.remove_dir(prev_dir(directory))   # no longer the rollback target
     finally:
         for m in maps.values():
             m.close()
     log(f"{record['iface']}: policy '{policy.name}' applied in place "
         f"(generation {new}, no reload) in {time.monotonic() - t0:.2f}s")
     return rec
+
+
+def prev_dir(directory: Path) -> Path:
+    """Where the program replaced by a reload stays, for rollback."""
+    return directory.with_name(directory.name + "@prev")
 
 
 def _load_and_attach(policy, tables, netns, iface, ifindex, directory, record, q, ours,
@@ -345,13 +355,17 @@ def _load_and_attach(policy, tables, netns, iface, ifindex, directory, record, q
         b, fn = compile_program(shape, stage=os.getpid())
         names = POLICY_MAPS + PERSISTENT_MAPS
         maps = bcc_maps(b, names)
+        for extra in ("droplog", "logfmt"):
+            bpfsys.obj_pin(b[extra.encode()].map_fd, str(stage / extra))
         zero_slots(maps, fresh)
         write_gen(maps, tables, 0, shape, slots)
         set_active(maps, 0)
         prog_id = bpfsys.prog_info(fn.fd)["id"]
         attached = _attach(fn.fd, ifindex, netns, iface, directory, record, q, ours, mode)
-        rec = _record(policy, tables, netns, iface, ifindex, shape, slots, bcc_types(b, names),
-                      attached, prog_id, record)
+        rec = _record(policy, tables, netns, iface, ifindex, shape, slots,
+                      bcc_types(b, names + ("logfmt",)), attached, prog_id)
+        if ours:
+            rec["previous"] = _previous(record, "dir")
         meta = pins.create_meta(rec)
         try:
             bpfsys.obj_pin(meta, str(stage / "meta"))
@@ -360,6 +374,10 @@ def _load_and_attach(policy, tables, netns, iface, ifindex, directory, record, q
         bpfsys.obj_pin(fn.fd, str(stage / "prog"))
         if directory.exists():
             pins.exchange(stage, directory)
+            if ours:
+                # The replaced program and its maps stay for rollback.
+                pins.remove_dir(prev_dir(directory))
+                os.rename(stage, prev_dir(directory))
         else:
             directory.parent.mkdir(parents=True, exist_ok=True)
             os.rename(stage, directory)
@@ -416,8 +434,58 @@ def detach(iface: str, netns: str | None = None, log=print) -> None:
                     with bpfsys.closing_fd(bpfsys.obj_get(str(directory / "prog"))) as old:
                         bpfsys.xdp_detach(ifindex, MODES[record["mode"]], old_prog_fd=old)
         pins.remove_dir(directory)
+        pins.remove_dir(prev_dir(directory))
         pins.prune()
     log(f"{iface}: detached; pins removed")
+
+
+def rollback(iface: str, netns: str | None = None, log=print, expect_token: float | None = None) -> dict:
+    """Go back to the policy before the running one (one level), atomically,
+    keeping bans and counters. expect_token: only if the running policy is
+    still the one applied at that time (used by `apply --confirm`)."""
+    with pins.locked():
+        directory = pins.iface_dir(netns, iface)
+        record = pins.read_record(directory)
+        if record is None:
+            raise UsageError(f"{iface}: xdpguard is not applied here")
+        if expect_token is not None and (record["policy"]["applied_at"] != expect_token
+                                         or "confirm" not in record):
+            raise UsageError(f"{iface}: confirmed or changed since; not rolling back")
+        prev = record.get("previous")
+        if not prev:
+            raise UsageError(f"{iface}: no previous policy to go back to")
+        if prev["kind"] == "gen":
+            maps = _open_maps(directory, record, ("active",))
+            try:
+                set_active(maps, prev["gen"])
+            finally:
+                for m in maps.values():
+                    m.close()
+            back = dict(prev)
+            back.pop("kind")
+            back.pop("gen")
+            back["types"] = record["types"]
+            back["previous"] = _previous(record, "gen", gen=1 - prev["gen"])
+            back["policy"] = dict(back["policy"], applied_at=time.time())
+            pins.update_record(directory, back)
+        else:
+            pdir = prev_dir(directory)
+            back = pins.read_record(pdir)
+            if back is None:
+                raise UsageError(f"{iface}: the previous program is gone ({pdir})")
+            ifindex = ifindex_of(iface, netns)
+            with in_netns(netns):
+                with bpfsys.closing_fd(bpfsys.obj_get(str(pdir / "prog"))) as new_fd, \
+                        bpfsys.closing_fd(bpfsys.obj_get(str(directory / "prog"))) as old_fd:
+                    bpfsys.xdp_attach(ifindex, new_fd, MODES[record["mode"]], old_prog_fd=old_fd)
+            back["mode"] = record["mode"]
+            back["previous"] = _previous(record, "dir")
+            back["policy"] = dict(back["policy"], applied_at=time.time())
+            back.pop("confirm", None)
+            pins.update_record(pdir, back)
+            pins.exchange(pdir, directory)
+    log(f"{iface}: rolled back to policy '{back['policy']['name']}'")
+    return back
 
 
 # ---------------------------------------------------------------- test rig

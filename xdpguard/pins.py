@@ -153,7 +153,7 @@ def all_pinned() -> list[tuple[str, str, Path]]:
         if ns.name.startswith("@") or not ns.is_dir():
             continue
         for ifd in sorted(ns.iterdir()):
-            if (ifd / "meta").exists():
+            if "@" not in ifd.name and (ifd / "meta").exists():
                 out.append((_dec(ns.name), _dec(ifd.name), ifd))
     return out
 

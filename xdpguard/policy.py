@@ -17,7 +17,7 @@ from pathlib import Path
 PROTOS = ("tcp", "udp", "icmp", "icmpv6")
 ACTIONS = ("allow", "deny", "limit")
 
-_POLICY_KEYS = ("name", "default", "protect", "log_rate")
+_POLICY_KEYS = ("name", "default", "protect", "log_rate", "log_default", "log_bans")
 _RULE_KEYS = ("name", "src", "dst", "proto", "sport", "dport", "tcp_flags", "action",
               "rate", "burst", "per", "prefix4", "prefix6", "log", "comment")
 _MITIGATION_KEYS = ("enabled", "syn_rate", "conn_rate", "pps", "bps", "window", "ban",
@@ -116,6 +116,8 @@ class Policy:
     mitigation: Mitigation
     protect: tuple[tuple[Prefix, int | None], ...] = ()
     log_rate: int = 10
+    log_default: bool = False
+    log_bans: bool = False
     source: str = ""
     sha256: str = ""
     warnings: list[str] = field(default_factory=list)
@@ -179,6 +181,10 @@ def parse_rate(text) -> Rate:
         kind = "packets"
     if value <= 0:
         raise ValueError(f"'{text}': a rate must be above zero")
+    # The data plane keeps ns-per-unit << 16 in 64 bits (times up to 64 KiB units).
+    least, least_text = (1.0, "8bit/s") if kind == "bytes" else (0.001, "0.001/s")
+    if value < least:
+        raise ValueError(f"'{text}': rate too small (at least \"{least_text}\")")
     if value > 1e12:
         raise ValueError(f"'{text}': rate too large")
     return Rate(value, kind, text.strip())
@@ -190,7 +196,7 @@ _DUR_MULT = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 def parse_duration(text) -> float:
     """'500ms', '3s', '10m', '24h', '7d' -> seconds."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool) and text > 0:
+    if isinstance(text, (int, float)) and not isinstance(text, bool) and 0 < text < 1e12:
         return float(text)
     m = _DUR.match(text) if isinstance(text, str) else None
     if not m or float(m.group(1)) <= 0:
@@ -394,6 +400,9 @@ def _read_rule(rd: _Reader, i: int, raw, sets, names: dict) -> Rule:
             rule.burst = _int_in(rd, where, "burst", raw["burst"], 1, 1 << 40)
         else:
             rule.burst = max(1, int(round(rule.rate.per_second)))
+        if rule.burst / rule.rate.per_second > 1e9:
+            # burst_ns is a 64-bit count of nanoseconds in the data plane
+            rd.fail(where, f"burst {rule.burst} is too large for rate '{rule.rate}' (burst / rate must be at most 1e9 seconds)")
         if rule.rate.unit == "bytes" and rule.burst < 1514:
             rd.warn(where, f"burst {rule.burst} bytes is smaller than one full-size frame (1514 bytes)")
         per = raw.get("per", "source")
@@ -501,6 +510,12 @@ def load(path, text: str | None = None) -> Policy:
     if default not in ("allow", "deny"):
         rd.fail("[policy]", f"default {default!r} is not valid (expected \"allow\" or \"deny\")")
     log_rate = _int_in(rd, "[policy]", "log_rate", head.get("log_rate", 10), 0, 100000)
+    log_flags = {}
+    for key in ("log_default", "log_bans"):
+        val = head.get(key, False)
+        if not isinstance(val, bool):
+            rd.fail("[policy]", f"{key} {val!r} is not valid (expected true or false)")
+        log_flags[key] = val
 
     sets = _read_sets(rd, doc.get("sets", {}))
     raw_rules = doc.get("rule", [])
@@ -516,5 +531,5 @@ def load(path, text: str | None = None) -> Policy:
     mitigation = _read_mitigation(rd, doc["mitigation"], sets) if "mitigation" in doc else Mitigation()
     protect = _read_protect(rd, head["protect"]) if "protect" in head else ()
     return Policy(name=name, default=default, rules=rules, sets=sets, mitigation=mitigation,
-                  protect=protect, log_rate=log_rate, source=str(path.resolve()) if text is None else str(path),
+                  protect=protect, log_rate=log_rate, **log_flags, source=str(path.resolve()) if text is None else str(path),
                   sha256=hashlib.sha256(data_bytes).hexdigest(), warnings=rd.warnings)

@@ -93,7 +93,7 @@ def read_status(directory: Path, record: dict) -> dict:
         "sha256": record["policy"]["sha256"],
         "applied_at": record["policy"]["applied_at"],
         "source": record["policy"]["source"],
-        "confirm_deadline": record.get("confirm_deadline"),
+        "confirm_deadline": (record.get("confirm") or {}).get("deadline"),
         "probes": record.get("probes"),
         "maps": maps,
     }

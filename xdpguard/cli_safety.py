@@ -1,0 +1,113 @@
+"""Commands for safe operation: confirm, rollback, log."""
+from __future__ import annotations
+
+import sys
+import time
+
+from xdpguard.cli import CliError, _check_names, _ns
+from xdpguard.output import emit_json
+
+EPILOGS = {
+    "confirm": """examples:
+  xdpguard apply new.toml --iface eth0 --confirm 60   # then, from another shell:
+  xdpguard confirm --iface eth0""",
+    "rollback": """examples:
+  xdpguard rollback --iface eth0
+  xdpguard rollback --iface veth0 --netns lab""",
+    "log": """examples:
+  xdpguard log --iface eth0
+  xdpguard log --iface eth0 --follow --json""",
+}
+
+
+def cmd_confirm(args) -> int:
+    from xdpguard import pins
+    _check_names(args)
+    with pins.locked():
+        d = pins.iface_dir(_ns(args), args.iface)
+        rec = pins.read_record(d)
+        if not rec or "confirm" not in rec:
+            raise CliError(f"{args.iface}: nothing waits for confirmation")
+        rec.pop("confirm")
+        pins.update_record(d, rec)
+    if args.json:
+        emit_json({"iface": args.iface, "confirmed": True, "policy": rec["policy"]["name"]})
+    else:
+        print(f"{args.iface}: policy '{rec['policy']['name']}' confirmed")
+    return 0
+
+
+def cmd_rollback(args) -> int:
+    from xdpguard import loader
+    _check_names(args)
+    back = loader.rollback(args.iface, _ns(args), log=(lambda m: None) if args.json else print)
+    if args.json:
+        emit_json({"iface": args.iface, "policy": back["policy"]["name"], "rolled_back": True})
+    return 0
+
+
+def cmd_log(args) -> int:
+    from xdpguard import stats
+    from xdpguard.droplog import DropLog
+    from xdpguard import pins
+    _check_names(args)
+    targets = stats.select(args.netns, args.iface)
+    if not targets:
+        raise CliError("xdpguard is not applied here (see 'xdpguard status')")
+    _n, _i, d = targets[0]
+    log = DropLog(d, pins.read_record(d))
+    def show(events):
+        for e in events:
+            if args.json:
+                emit_json(e)
+            else:
+                ports = f" {e['sport']} -> {e['dport']}" if e["sport"] is not None else ""
+                vlan = f" vlan {e['vlan']}" if e["vlan"] else ""
+                print(f"{e['time']} {e['rule']} {e['verdict']} {e['src']} -> {e['dst']} "
+                      f"{e['proto']}{ports} len {e['length']}{vlan}")
+
+    def suppressed(n, since):
+        if not n:
+            return
+        if args.json:
+            emit_json({"suppressed": n, "since": since})
+        else:
+            print(f"({n} events suppressed by the log rate limit since {since})")
+
+    try:
+        if not args.follow:
+            # What the ring buffer holds now; then the suppression total.
+            show(log.read(0))
+            suppressed(log.suppressed(), "apply")
+            return 0
+        last_supp = log.suppressed()
+        last_t = time.monotonic()
+        while True:
+            show(log.read(200))
+            if time.monotonic() - last_t >= 1.0:
+                supp = log.suppressed()
+                suppressed(supp - last_supp, "the last line")
+                last_supp, last_t = supp, time.monotonic()
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        log.close()
+
+
+def register(sub, add) -> None:
+    p = add("confirm", cmd_confirm, "confirm a policy applied with --confirm (stops the rollback)")
+    p.epilog = EPILOGS["confirm"]
+    p.add_argument("--iface", required=True)
+    p.add_argument("--netns")
+
+    p = add("rollback", cmd_rollback, "go back to the previous applied policy (one level)")
+    p.epilog = EPILOGS["rollback"]
+    p.add_argument("--iface", required=True)
+    p.add_argument("--netns")
+
+    p = add("log", cmd_log, "sampled dropped packets (rules with log = true)")
+    p.epilog = EPILOGS["log"]
+    p.add_argument("--iface")
+    p.add_argument("--netns")
+    p.add_argument("--follow", action="store_true", help="keep printing new events")
