@@ -160,10 +160,39 @@ def all_pinned() -> list[tuple[str, str, Path]]:
 
 # ---------------------------------------------------------------- maps
 
+_CTYPES = {
+    "_Bool": ctypes.c_bool, "char": ctypes.c_char, "unsigned char": ctypes.c_ubyte,
+    "short": ctypes.c_short, "unsigned short": ctypes.c_ushort, "int": ctypes.c_int,
+    "unsigned int": ctypes.c_uint, "long": ctypes.c_long, "unsigned long": ctypes.c_ulong,
+    "long long": ctypes.c_longlong, "unsigned long long": ctypes.c_ulonglong,
+}
+
+
 def decode_type(desc):
-    """bcc's JSON type description -> ctypes type (bcc's own decoder)."""
-    from bcc import BPF
-    return BPF._decode_table_type(desc)
+    """bcc's JSON type description -> ctypes type.
+
+    The same decoding as bcc's BPF._decode_table_type, for the subset of C
+    types bpf/xdpguard.h uses, because importing bcc costs `stats` 0.2 s.
+    tests/test_pins.py checks it against bcc's own decoder."""
+    if isinstance(desc, str):
+        return _CTYPES[desc]
+    fields = []
+    for t in desc[1]:
+        if len(t) == 2:
+            fields.append((t[0], decode_type(t[1])))
+        elif len(t) == 3 and isinstance(t[2], list):
+            fields.append((t[0], decode_type(t[1]) * t[2][0]))
+        elif len(t) == 3 and isinstance(t[2], int):
+            fields.append((t[0], decode_type(t[1]), t[2]))
+        elif len(t) == 3 and t[2] in ("struct", "union", "struct_packed"):
+            fields.append((t[0], decode_type(t)))
+        else:
+            raise PinError(f"cannot decode map type {t!r}")
+    base = ctypes.Union if len(desc) > 2 and desc[2] == "union" else ctypes.Structure
+    attrs = {"_fields_": fields}
+    if len(desc) > 2 and desc[2] == "struct_packed":
+        attrs["_pack_"] = 1
+    return type(str(desc[0]), (base,), attrs)
 
 
 @dataclass
