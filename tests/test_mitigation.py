@@ -1,0 +1,261 @@
+"""The feedback loop end to end: `xdpguard watch` bans floods, spares the
+legitimate and the allowlisted, lifts bans, remembers offenders.
+
+Real traffic in a veth lab (tests/lab.py): nginx with two virtual hosts on
+two server addresses, clients on several addresses, hping3 SYN floods and
+a real TCP connection flood. Every flood is bounded in packets and seconds.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from tests.conftest import require_tool
+from tests.lab import CLIENT4, EXTRA4, REPO, SERVER4, Lab
+
+pytestmark = pytest.mark.e2e
+
+SERVER4B = "10.200.0.5"          # second hosted site
+SYN_FLOODER = EXTRA4[0]          # 10.200.0.10
+CONN_FLOODER = EXTRA4[1]         # 10.200.0.11
+ALLOWED_FLOODER = EXTRA4[10]     # 10.200.0.20
+
+POLICY = """
+[policy]
+name = "mitigate"
+[[rule]]
+name = "web"
+proto = "tcp"
+dport = 80
+action = "allow"
+[mitigation]
+enabled = true
+syn_rate = "200/s"
+conn_rate = "40/s"
+window = "2s"
+ban = "{ban}"
+ban_max = "1m"
+allow = ["{allowed}/32"]
+dry_run = {dry}
+"""
+
+_CONN_FLOOD = r"""
+import socket, sys, time
+src, dst, rate, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
+end = time.monotonic() + seconds
+n = 0
+while time.monotonic() < end:
+    s = socket.socket()
+    s.settimeout(0.2)
+    s.bind((src, 0))
+    try:
+        s.connect((dst, 80))
+        n += 1
+    except OSError:
+        pass
+    s.close()
+    time.sleep(1.0 / rate)
+print(n)
+"""
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    require_tool("hping3")
+    require_tool("nginx")
+    with Lab() as lab:
+        lab.run("server", ["ip", "addr", "add", f"{SERVER4B}/24", "dev", lab.server_if], check=True)
+        lab.start_nginx("server", listen=[(SERVER4, 80), (SERVER4B, 80)])
+        yield lab
+
+
+class Watcher:
+    """`xdpguard watch --json` in the background, its lines collected."""
+
+    def __init__(self, lab: Lab, policy, state_dir, interval="0.5s"):
+        env = dict(os.environ, XDPGUARD_STATE_DIR=str(state_dir))
+        self.p = subprocess.Popen(
+            [*lab.xg, "watch", str(policy), "--iface", lab.server_if, "--netns", lab.server_ns,
+             "--interval", interval, "--json"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+        self.lines: list[dict] = []
+        self.err: list[str] = []
+        self.ready = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+        threading.Thread(target=self._read_err, daemon=True).start()
+        assert self.ready.wait(60), "watch did not start: " + "".join(self.err)
+
+    def _read(self):
+        for line in self.p.stdout:
+            d = json.loads(line)
+            d["_seen"] = time.monotonic()
+            self.lines.append(d)
+
+    def _read_err(self):
+        for line in self.p.stderr:
+            self.err.append(line)
+            if "watching" in line:
+                self.ready.set()
+
+    def bans(self, source=None):
+        return [d for d in self.lines if d["action"] == "ban" and (source is None or d["source"] == source)]
+
+    def wait_for(self, pred, timeout):
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            hit = pred()
+            if hit:
+                return hit
+            time.sleep(0.05)
+        return pred()
+
+    def stop(self, sig=signal.SIGTERM) -> float:
+        t0 = time.monotonic()
+        self.p.send_signal(sig)
+        try:
+            self.p.wait(10)
+        finally:
+            if self.p.poll() is None:
+                self.p.kill()
+        return time.monotonic() - t0
+
+
+def _syn_flood(lab: Lab, src: str, pps: int, seconds: float, dst=SERVER4):
+    n = int(pps * seconds)
+    return lab.popen("client", ["timeout", str(seconds + 5), "hping3", "-q", "-S", "-p", "80", "-a", src,
+                                "-i", f"u{int(1e6 / pps)}", "-c", str(n), dst],
+                     what=f"hping3 {src}", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _policy(lab, name, ban="30s", dry="false"):
+    return lab.write_policy(name, POLICY.format(ban=ban, allowed=ALLOWED_FLOODER, dry=dry))
+
+
+def _bans(lab) -> dict:
+    cp = lab.xdpguard("bans", "--iface", lab.server_if, "--netns", lab.server_ns, "--json")
+    return {b["prefix"]: b for b in json.loads(cp.stdout)["bans"] if not b["expired"]}
+
+
+def test_floods_banned_legit_and_allowlisted_spared(lab, tmp_path):
+    lab.detach(check=False)
+    w = Watcher(lab, _policy(lab, "m1"), tmp_path)
+    served = {"ok": 0, "fail": 0}
+    stop = threading.Event()
+
+    def legit():
+        # A real user: one request every 0.2 s to each site, never over any threshold.
+        while not stop.is_set():
+            for host in (SERVER4, SERVER4B):
+                cp = lab.run("client", ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                                        "--interface", CLIENT4, "-m", "2", f"http://{host}/"], timeout=5)
+                served["ok" if cp.stdout == "200" else "fail"] += 1
+            time.sleep(0.2)
+
+    try:
+        t_legit = threading.Thread(target=legit, daemon=True)
+        t_legit.start()
+        t0 = time.monotonic()
+        floods = [_syn_flood(lab, SYN_FLOODER, 500, 8), _syn_flood(lab, ALLOWED_FLOODER, 500, 8),
+                  lab.popen("client", [sys.executable, "-c", _CONN_FLOOD, CONN_FLOODER, SERVER4B, "120", "8"],
+                            what="connection flood")]
+        syn_ban = w.wait_for(lambda: w.bans(f"{SYN_FLOODER}/32"), 12)
+        conn_ban = w.wait_for(lambda: w.bans(f"{CONN_FLOODER}/32"), 12)
+        time.sleep(1.5)          # the floods go on against the bans for a while
+        for p in floods:
+            lab.stop(p)
+        stop.set()
+        t_legit.join(15)
+
+        assert syn_ban, f"SYN flooder not banned; watch said {w.lines} {w.err}"
+        assert syn_ban[0]["metric"] == "syn_rate"
+        assert conn_ban, f"connection flooder not banned; watch said {w.lines}"
+        assert conn_ban[0]["metric"] in ("conn_rate", "syn_rate")
+        # Banned within 2 s of exceeding the threshold for `window` (2 s).
+        window = 2.0
+        assert syn_ban[0]["_seen"] - t0 <= window + 2.0 + 1.0   # +1: hping3 start-up
+        assert conn_ban[0]["_seen"] - t0 <= window + 2.0 + 1.0
+        assert not w.bans(f"{CLIENT4}/32"), "the legitimate client was banned"
+        assert not w.bans(f"{ALLOWED_FLOODER}/32"), "an allowlisted source was banned"
+        # The flood's packets are then dropped at XDP.
+        st = lab.stats()
+        assert st["bans"]["packets"] > 100
+        bans = _bans(lab)
+        assert bans[f"{SYN_FLOODER}/32"]["packets"] > 100
+        total = served["ok"] + served["fail"]
+        assert total >= 10 and served["ok"] / total >= 0.95, served
+    finally:
+        stop.set()
+        assert w.stop() < 2.0, "watch took more than 2 s to stop"
+        lab.xdpguard("unban", f"{SYN_FLOODER}/32", "--iface", lab.server_if, "--netns", lab.server_ns, check=False)
+        lab.xdpguard("unban", f"{CONN_FLOODER}/32", "--iface", lab.server_if, "--netns", lab.server_ns, check=False)
+
+
+def test_dry_run_logs_but_bans_nothing(lab, tmp_path):
+    lab.detach(check=False)
+    w = Watcher(lab, _policy(lab, "m2", dry="true"), tmp_path)
+    try:
+        p = _syn_flood(lab, EXTRA4[2], 500, 5)
+        hit = w.wait_for(lambda: w.bans(f"{EXTRA4[2]}/32"), 9)
+        lab.stop(p)
+        assert hit and hit[0].get("dry_run") is True
+        assert f"{EXTRA4[2]}/32" not in _bans(lab)
+    finally:
+        w.stop()
+
+
+def test_expiry_doubling_restart_kill_unban(lab, tmp_path):
+    lab.detach(check=False)
+    src = f"{EXTRA4[3]}/32"
+    pol = _policy(lab, "m3", ban="2s")
+    w = Watcher(lab, pol, tmp_path)
+    try:
+        p = _syn_flood(lab, EXTRA4[3], 500, 5)
+        first = w.wait_for(lambda: w.bans(src), 9)
+        lab.stop(p)
+        assert first and first[0]["duration"] == 2.0 and first[0]["offence"] == 1
+        unban = w.wait_for(lambda: [d for d in w.lines if d["action"] == "unban" and d["source"] == src], 6)
+        assert unban, "the ban did not expire"
+        assert src not in _bans(lab)
+        # A repeat offender's second ban is twice as long.
+        p = _syn_flood(lab, EXTRA4[3], 500, 5)
+        second = w.wait_for(lambda: w.bans(src)[1:], 9)
+        lab.stop(p)
+        assert second and second[0]["duration"] == 4.0 and second[0]["offence"] == 2
+    finally:
+        took = w.stop()
+    assert took < 2.0
+
+    # SIGTERM: the ban stays in force, offences are remembered.
+    state = json.loads((tmp_path / lab.server_ns / lab.server_if / "watch.json").read_text())
+    assert state["offenders"][src]["offences"] == 2
+    w2 = Watcher(lab, pol, tmp_path)
+    assert any("2 known offenders" in e or "1 known offenders" in e for e in w2.err)
+    # SIGKILL loses nothing either: the state file is whole, the ban map pinned.
+    lab.xdpguard("ban", EXTRA4[4], "--ttl", "1m", "--iface", lab.server_if, "--netns", lab.server_ns)
+    w2.stop(signal.SIGKILL)
+    state = json.loads((tmp_path / lab.server_ns / lab.server_if / "watch.json").read_text())
+    assert state["offenders"][src]["offences"] == 2
+    assert f"{EXTRA4[4]}/32" in _bans(lab)
+
+    # unban lifts at once: traffic from that source passes again.
+    ping = ["ping", "-c", "1", "-W", "1", "-I", EXTRA4[4], SERVER4]
+    assert lab.run("client", ping).returncode != 0
+    lab.xdpguard("unban", EXTRA4[4], "--iface", lab.server_if, "--netns", lab.server_ns)
+    assert lab.run("client", ping).returncode == 0
+
+
+def test_ban_refuses_own_and_allowlisted(lab, tmp_path):
+    lab.detach(check=False)
+    lab.apply(_policy(lab, "m4"))
+    own = lab.xdpguard("ban", SERVER4, "--iface", lab.server_if, "--netns", lab.server_ns, check=False)
+    assert own.returncode == 2 and "address of this host" in own.stderr
+    allowed = lab.xdpguard("ban", ALLOWED_FLOODER, "--iface", lab.server_if, "--netns", lab.server_ns, check=False)
+    assert allowed.returncode == 2 and "allowlisted" in allowed.stderr
+    assert "Traceback" not in own.stderr + allowed.stderr
