@@ -5,10 +5,19 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 
 import pytest
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+# Daemon and ban state of the tests' xdpguard runs stays out of /var/lib.
+_STATE = tempfile.mkdtemp(prefix="xdpguard-test-state-")
+os.environ.setdefault("XDPGUARD_STATE_DIR", _STATE)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_STATE, ignore_errors=True)
 
 
 def _kernel_unavailable() -> str | None:

@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
 
 OK, WARN, FAIL = "ok", "warn", "fail"
@@ -69,7 +69,6 @@ class Context:
     bpf_ok: bool = False
     bcc_module: object = None           # a loaded bcc.BPF with the test program
     test_prog_fd: int | None = None
-    notes: dict = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- helpers

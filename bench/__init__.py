@@ -1,0 +1,1 @@
+"""xdpguard benchmark suite (bench/run.py)."""

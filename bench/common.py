@@ -1,0 +1,509 @@
+"""Shared helpers of the benchmark suite: tables, statistics, namespaces and
+veth pairs (always our own, always removed), CPU and interface counters,
+small bcc programs, xdp-filter.
+
+Safety rules kept here, once for every section:
+
+* Nothing is attached to, or sent through, the machine's own interfaces:
+  every interface is one end of a veth pair created by ``Lab`` inside
+  namespaces named ``xgb<hex>``; ``Lab`` refuses to touch an ifindex whose
+  name it did not create, and deletes the namespaces on exit (also on
+  Ctrl-C and SIGTERM, which ``install_signal_handlers`` turns into
+  KeyboardInterrupt so every ``finally`` runs).
+* bpffs work never goes through ``ip netns exec`` (it remounts /sys and
+  hides the pins): xdpguard gets ``--netns`` / ``in_netns``, other tools
+  run under ``nsenter --net=/run/netns/NAME``.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import secrets
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from xdpguard import bpfsys  # noqa: E402
+from xdpguard.netns import in_netns  # noqa: E402
+
+BLOCKLISTS = REPO.parent / "shared" / "data" / "blocklists"
+PREFIX = "xgb"
+NCPU = os.cpu_count() or 1
+
+
+class Skip(Exception):
+    """A measurement that cannot run here; the reason goes into the results."""
+
+
+# ---------------------------------------------------------------- output
+
+def fmt(v, digits: int = 1) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def print_table(title: str, headers: list[str], rows: list[list], note: str | None = None) -> None:
+    cells = [[str(h) for h in headers]] + [[fmt(c) if not isinstance(c, str) else c for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    print()
+    print(f"== {title}")
+    for n, r in enumerate(cells):
+        line = "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        print("  " + line.rstrip())
+        if n == 0:
+            print("  " + "  ".join("-" * w for w in widths))
+    if note:
+        for ln in note.splitlines():
+            print(f"  {ln}")
+    sys.stdout.flush()
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def ratio(a, b):
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+# ---------------------------------------------------------------- signals, cleanup
+
+_cleanups: list = []
+
+
+_MAIN_PID = os.getpid()
+
+
+def _raise_interrupt(signum, _frame):
+    if os.getpid() != _MAIN_PID:
+        # A forked helper (pyroute2 forks to work in a namespace, and stops
+        # its children with SIGTERM): never unwind the benchmark's own
+        # stack, and its cleanups, in a child.
+        os._exit(128 + signum)
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM / SIGHUP behave like Ctrl-C: every finally block runs."""
+    global _MAIN_PID
+    _MAIN_PID = os.getpid()
+    for s in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, _raise_interrupt)
+
+
+def unique(tag: str = "") -> str:
+    return PREFIX + tag + secrets.token_hex(3)
+
+
+def run(argv: list[str], check: bool = True, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kw)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed ({r.returncode}): {r.stderr.strip() or r.stdout.strip()}")
+    return r
+
+
+def nsrun(ns: str, argv: list[str], **kw) -> subprocess.CompletedProcess:
+    """Run a tool inside a bench namespace (nsenter: bpffs stays visible)."""
+    assert ns.startswith(PREFIX), ns
+    return run(["nsenter", f"--net=/run/netns/{ns}", *argv], **kw)
+
+
+# ---------------------------------------------------------------- namespaces and veth pairs
+
+def _mac(iface_ns: str, ifname: str) -> str:
+    from pyroute2 import IPRoute
+    with IPRoute(netns=iface_ns) as ipr:
+        idx = ipr.link_lookup(ifname=ifname)[0]
+        return ipr.get_links(idx)[0].get_attr("IFLA_ADDRESS")
+
+
+class Lab:
+    """Two namespaces (sender ``s``, receiver ``r``) joined by a veth pair
+    ``a`` (sender side) <-> ``b`` (receiver side); with ``split=False`` both
+    ends live in one namespace. Removed on exit, whatever happens."""
+
+    RECV_V4 = "198.51.100.1"
+    RECV_V6 = "2001:db8:ffff::1"
+
+    def __init__(self, split: bool = True, tag: str = ""):
+        self.name = unique(tag)
+        self.s = self.name + "s"
+        self.r = self.name + "r" if split else self.s
+        self.a = self.name + "a"
+        self.b = self.name + "b"
+        self._created: list[str] = []
+
+    def __enter__(self) -> "Lab":
+        from pyroute2 import IPRoute, netns
+        try:
+            for ns in dict.fromkeys((self.s, self.r)):
+                netns.create(ns)
+                self._created.append(ns)
+            with IPRoute(netns=self.s) as ipr:
+                peer = {"ifname": self.b}
+                if self.r != self.s:
+                    peer["net_ns_fd"] = f"/run/netns/{self.r}"
+                ipr.link("add", ifname=self.a, kind="veth", peer=peer)
+            # The sender stays silent: no IPv6 autoconf chatter in the counts.
+            self.sysctl(self.s, f"net/ipv6/conf/{self.a}/disable_ipv6", "1")
+            with IPRoute(netns=self.s) as ipr:
+                self.ia = ipr.link_lookup(ifname=self.a)[0]
+                ipr.link("set", index=self.ia, state="up")
+            with IPRoute(netns=self.r) as ipr:
+                self.ib = ipr.link_lookup(ifname=self.b)[0]
+                ipr.link("set", index=self.ib, state="up")
+                ipr.addr("add", index=self.ib, address=self.RECV_V4, prefixlen=24)
+                ipr.addr("add", index=self.ib, address=self.RECV_V6, prefixlen=64)
+            self.sysctl(self.r, f"net/ipv6/conf/{self.b}/accept_dad", "0")
+            self.sysctl(self.r, "net/ipv4/conf/all/rp_filter", "0")
+            self.sysctl(self.r, f"net/ipv4/conf/{self.b}/rp_filter", "0")
+            self.mac_a = _mac(self.s, self.a)
+            self.mac_b = _mac(self.r, self.b)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    @staticmethod
+    def sysctl(ns: str, key: str, value: str) -> None:
+        ns_sysctl_write(ns, key, value)
+
+    def guard(self, ns: str, ifindex: int, ifname: str) -> None:
+        """Refuse to touch an interface that is not ours (call inside in_netns(ns))."""
+        assert ns in (self.s, self.r) and ifname in (self.a, self.b)
+        assert socket.if_indextoname(ifindex) == ifname, f"ifindex {ifindex} is not {ifname}"
+
+    def close(self) -> None:
+        from pyroute2 import IPRoute, netns
+        if self.s in self._created:
+            try:
+                with IPRoute(netns=self.s) as ipr:
+                    idx = ipr.link_lookup(ifname=self.a)
+                    if idx:
+                        ipr.link("del", index=idx[0])   # takes the peer and XDP programs
+            except Exception as e:  # noqa: BLE001 - keep removing
+                log(f"cleanup: deleting {self.a}: {e}")
+        for ns in reversed(self._created):
+            try:
+                netns.remove(ns)
+            except Exception as e:  # noqa: BLE001
+                log(f"cleanup: removing netns {ns}: {e}")
+        self._created = []
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def ns_sysctl_write(ns: str, key: str, value: str) -> None:
+    """/proc/sys/net/... of the namespace the calling thread is in."""
+    with in_netns(ns):
+        with open(f"/proc/sys/{key}", "w") as f:
+            f.write(value)
+
+
+# ---------------------------------------------------------------- interface and CPU counters
+
+def ethtool_stats(ns: str, ifname: str) -> dict[str, int]:
+    from pyroute2.ethtool.ioctl import IoctlEthtool
+    with in_netns(ns):
+        e = IoctlEthtool(ifname)
+        try:
+            return {k: int(v) for k, v in e.get_statistics()}
+        finally:
+            e.close()
+
+
+def link_stats(ns: str, ifname: str) -> dict[str, int]:
+    from pyroute2 import IPRoute
+    with IPRoute(netns=ns) as ipr:
+        idx = ipr.link_lookup(ifname=ifname)[0]
+        st = ipr.get_links(idx)[0].get_attr("IFLA_STATS64")
+        return {k: int(st[k]) for k in ("rx_packets", "rx_dropped", "tx_packets", "tx_dropped",
+                                         "rx_errors", "rx_missed_errors")}
+
+
+def set_gro(ns: str, ifname: str, on: bool) -> None:
+    """GRO gives veth a NAPI instance, which XDP frames from the peer need
+    when no XDP program is attached on this side."""
+    from pyroute2.ethtool.ioctl import IoctlEthtool
+    with in_netns(ns):
+        e = IoctlEthtool(ifname)
+        try:
+            f = e.get_features()
+            f["rx-gro"] = 1 if on else 0
+            e.set_features(f)
+        finally:
+            e.close()
+
+
+def snmp(ns: str) -> dict[str, int]:
+    """/proc/net/snmp (+ snmp6) of a namespace: 'Ip.InReceives' -> n."""
+    out: dict[str, int] = {}
+    with in_netns(ns):
+        lines = Path("/proc/thread-self/net/snmp").read_text().splitlines()
+        six = Path("/proc/thread-self/net/snmp6").read_text().splitlines()
+    for h, v in zip(lines[0::2], lines[1::2]):
+        hk, hv = h.split(), v.split()
+        for k, x in zip(hk[1:], hv[1:]):
+            out[hk[0].rstrip(":") + "." + k] = int(x)
+    for ln in six:
+        k, x = ln.split()
+        out["Ip6." + k] = int(x)
+    return out
+
+
+def cpu_times() -> list[tuple[int, int]]:
+    """Per CPU (busy, total) jiffies from /proc/stat."""
+    out = []
+    for ln in Path("/proc/stat").read_text().splitlines():
+        if ln.startswith("cpu") and ln[3:4].isdigit():
+            v = [int(x) for x in ln.split()[1:]]
+            idle = v[3] + (v[4] if len(v) > 4 else 0)
+            total = sum(v[:8])
+            out.append((total - idle, total))
+    return out
+
+
+def cpu_busy(before, after) -> list[float]:
+    """Busy share (0..1) per CPU between two cpu_times() samples."""
+    out = []
+    for (b0, t0), (b1, t1) in zip(before, after):
+        out.append((b1 - b0) / (t1 - t0) if t1 > t0 else 0.0)
+    return out
+
+
+def memlock_of_fd(fd: int) -> int | None:
+    for ln in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines():
+        if ln.startswith("memlock:"):
+            return int(ln.split()[1])
+    return None
+
+
+def prog_maps_memlock(prog_fd: int) -> dict[str, int]:
+    """memlock bytes of every map a program uses, by map name."""
+    out = {}
+    for mid in bpfsys.prog_info(prog_fd)["map_ids"]:
+        fd = bpfsys.map_get_fd_by_id(mid)
+        try:
+            info = bpfsys.map_info(fd)
+            out[info["name"]] = memlock_of_fd(fd) or 0
+        finally:
+            os.close(fd)
+    return out
+
+
+# ---------------------------------------------------------------- threaded NAPI
+
+def napi_threads(ifname: str) -> list[int]:
+    pids = []
+    for p in os.listdir("/proc"):
+        if not p.isdigit():
+            continue
+        try:
+            comm = Path(f"/proc/{p}/comm").read_text().strip()
+        except OSError:
+            continue
+        if comm.startswith(f"napi/{ifname}-"):
+            pids.append(int(p))
+    return pids
+
+
+def set_threaded_napi(lab: Lab, cpu: int) -> list[int]:
+    """Receiver veth NAPI in its own kthread, pinned to one CPU: the receive
+    path then runs beside the sender like a NIC queue on its own core.
+
+    sysfs is per namespace, so this one step uses `ip netns exec` (it only
+    writes /sys/class/net/<our veth>/threaded; no BPF work happens there).
+    """
+    run(["ip", "netns", "exec", lab.r, "sh", "-c", f"echo 1 > /sys/class/net/{lab.b}/threaded"])
+    pids = []
+    for _ in range(50):
+        pids = napi_threads(lab.b)
+        if pids:
+            break
+        time.sleep(0.02)
+    for pid in pids:
+        try:
+            os.sched_setaffinity(pid, {cpu})
+        except OSError as e:
+            log(f"cannot pin napi thread {pid}: {e}")
+    return pids
+
+
+@contextmanager
+def pinned_thread(cpu: int) -> Iterator[None]:
+    old = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, old)
+
+
+# ---------------------------------------------------------------- small bcc programs
+
+TINY_SRC = r"""
+#include <uapi/linux/bpf.h>
+BPF_PERCPU_ARRAY(xgb_seen, u64, 1);
+
+int xgb_pass(struct xdp_md *ctx) { return XDP_PASS; }
+int xgb_drop(struct xdp_md *ctx) { return XDP_DROP; }
+
+/* Empty XDP_DROP plus a per-CPU count: the receiver's own tally. */
+int xgb_count_drop(struct xdp_md *ctx)
+{
+    u32 k = 0;
+    u64 *v = xgb_seen.lookup(&k);
+    if (v)
+        *v += 1;
+    return XDP_DROP;
+}
+"""
+
+
+class Tiny:
+    """The empty programs: floor of BPF_PROG_TEST_RUN, flood baselines."""
+
+    def __init__(self):
+        from bcc import BPF
+        self.b = BPF(text=TINY_SRC, cflags=["-w"])
+        self.pass_fd = self.b.load_func(b"xgb_pass", BPF.XDP).fd
+        self.drop_fd = self.b.load_func(b"xgb_drop", BPF.XDP).fd
+        self.count_drop_fd = self.b.load_func(b"xgb_count_drop", BPF.XDP).fd
+
+    def seen(self) -> int:
+        t = self.b[b"xgb_seen"]
+        return sum(int(v) for v in t[t.Key(0)])
+
+    def close(self) -> None:
+        self.b.cleanup()
+
+
+# ---------------------------------------------------------------- xdp-filter
+
+XDPF_PIN = Path("/sys/fs/bpf/xdp-filter")
+XDPF_MAP_FLAG_SRC = 1
+
+
+class XdpFilter:
+    """xdp-filter loaded on a bench veth (inside its namespace), unloaded on exit.
+
+    xdp-filter keeps its maps in /sys/fs/bpf/xdp-filter, shared by every
+    interface it is loaded on: when another instance is loaded there, we
+    skip rather than touch someone else's filter lists.
+    """
+
+    def __init__(self, ns: str, ifname: str, mode: str = "native", policy: str = "allow"):
+        self.ns, self.ifname, self.mode, self.policy = ns, ifname, mode, policy
+        self.loaded = False
+
+    def __enter__(self) -> "XdpFilter":
+        import shutil
+        if not shutil.which("xdp-filter"):
+            raise Skip("xdp-filter not installed")
+        progs = XDPF_PIN / "programs"
+        if progs.is_dir() and any(progs.iterdir()):
+            raise Skip(f"another xdp-filter instance is loaded ({sorted(p.name for p in progs.iterdir())}); "
+                       "not sharing its maps")
+        mode = {"native": "native", "generic": "skb", "skb": "skb"}[self.mode]
+        nsrun(self.ns, ["xdp-filter", "load", self.ifname, "--mode", mode, "--policy", self.policy])
+        self.loaded = True
+        try:
+            with in_netns(self.ns):
+                ifindex = socket.if_nametoindex(self.ifname)
+                self.prog_id = bpfsys.xdp_query(ifindex)["prog_id"]
+            if not self.prog_id:
+                raise RuntimeError("xdp-filter loaded, but no XDP program on the interface")
+            self.prog_fd = bpfsys.prog_get_fd_by_id(self.prog_id)
+            self.prog_name = bpfsys.prog_info(self.prog_fd)["name"]
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def add_src(self, addrs: list[str], via_cli: int = 10) -> None:
+        """Filter source addresses: the first via_cli with `xdp-filter ip`,
+        the rest written straight into its pinned map (same value the CLI
+        writes: MAP_FLAG_SRC on every CPU), since one process per address
+        would take minutes for 10,000."""
+        for a in addrs[:via_cli]:
+            nsrun(self.ns, ["xdp-filter", "ip", a, "--mode", "src"])
+        rest4 = [a for a in addrs[via_cli:] if ":" not in a]
+        rest6 = [a for a in addrs[via_cli:] if ":" in a]
+        for name, fam, items in (("filter_ipv4", socket.AF_INET, rest4), ("filter_ipv6", socket.AF_INET6, rest6)):
+            if not items:
+                continue
+            fd = bpfsys.obj_get(str(XDPF_PIN / name))
+            try:
+                keys = b"".join(socket.inet_pton(fam, a) for a in items)
+                one = XDPF_MAP_FLAG_SRC.to_bytes(8, "little")
+                vals = one * bpfsys.num_possible_cpus() * len(items)
+                bpfsys.map_update_batch(fd, keys, vals, len(items))
+            finally:
+                os.close(fd)
+
+    def count(self, family: int = 4) -> int:
+        name = "filter_ipv4" if family == 4 else "filter_ipv6"
+        fd = bpfsys.obj_get(str(XDPF_PIN / name))
+        try:
+            return sum(1 for _ in bpfsys.map_keys(fd, 4 if family == 4 else 16))
+        finally:
+            os.close(fd)
+
+    def action_counts(self) -> dict[str, int]:
+        """xdp_stats_map: packets per XDP action, summed over CPUs."""
+        fd = bpfsys.obj_get(str(XDPF_PIN / "xdp_stats_map"))
+        out = {}
+        try:
+            for act, name in enumerate(("aborted", "drop", "pass", "tx", "redirect")):
+                raw = bpfsys.map_lookup(fd, act.to_bytes(4, "little"), bpfsys.percpu_value_size(16))
+                out[name] = sum(int.from_bytes(v[:8], "little") for v in bpfsys.percpu_split(raw, 16)) if raw else 0
+        finally:
+            os.close(fd)
+        return out
+
+    def close(self) -> None:
+        if getattr(self, "prog_fd", None) is not None:
+            os.close(self.prog_fd)
+            self.prog_fd = None
+        if self.loaded:
+            r = nsrun(self.ns, ["xdp-filter", "unload", self.ifname], check=False)
+            if r.returncode != 0:
+                log(f"xdp-filter unload {self.ifname}: {r.stderr.strip()}")
+            self.loaded = False
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def git_rev() -> str | None:
+    r = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return r.stdout.strip() or None
+
+
+def dump_json(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str) + "\n")
+    tmp.rename(path)

@@ -1,0 +1,186 @@
+#!/usr/bin/env python3
+"""xdpguard benchmark suite: one entry point.
+
+    .venv/bin/python bench/run.py            # full run (make bench)
+    .venv/bin/python bench/run.py --quick    # < 2 minutes (make bench-quick)
+    .venv/bin/python bench/run.py --sections percpu,control --json-out /tmp/x.json
+
+Sections: percpu (BPF_PROG_TEST_RUN cost per packet), flood (live-frame
+floods through a veth pair), limiter (accuracy of rate limits), control
+(apply, re-apply, stats, memory, compile). Tables go to stdout, progress to
+stderr, everything to JSON (bench/results/latest.json by default).
+
+Needs root, bcc and bpffs. Every interface it touches is a veth pair in
+namespaces named xgb<hex>, removed on exit, also on Ctrl-C / SIGTERM.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import common  # noqa: E402
+from bench.common import dump_json, log, print_table  # noqa: E402
+
+SECTIONS = ("percpu", "flood", "limiter", "control")
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+class Context:
+    def __init__(self, quick: bool, workdir: Path):
+        from bench import policies
+        self.quick = quick
+        self.workdir = workdir
+        self.material = policies.material()
+        self.sizes: dict = {}
+        self.tiny = common.Tiny()
+
+    def close(self) -> None:
+        self.tiny.close()
+
+
+# ---------------------------------------------------------------- targets
+
+def _get(d, *path):
+    for p in path:
+        if not isinstance(d, dict) or p not in d:
+            return None
+        d = d[p]
+    return d
+
+
+def targets(res: dict) -> list[dict]:
+    """Each target: value, limit, ratio value/limit (or limit/value for
+    at-least targets), PASS/MISS; None when the measurement is missing."""
+    out = []
+
+    def add(name, value, limit, kind="max", unit="", detail=""):
+        if value is None:
+            out.append({"target": name, "value": None, "limit": limit, "unit": unit,
+                        "status": "n/a", "ratio": None, "detail": detail})
+            return
+        ok = value <= limit if kind == "max" else value >= limit
+        out.append({"target": name, "value": value, "limit": limit, "unit": unit, "kind": kind,
+                    "status": "PASS" if ok else "MISS",
+                    "ratio": value / limit if limit else None, "detail": detail})
+
+    p = res.get("percpu", {})
+    r = _get(p, "ratios", "b_vs_xdp_filter_10k")
+    add("full policy (b) cost <= xdp-filter (10k addresses)", r and r["mix"], 1.0,
+        unit="x", detail=r and f"worst class {r['worst_class']} {r['worst']:.2f}x")
+    r = _get(p, "ratios", "c_vs_a")
+    add("100k prefixes + 1000 rules within 1.2x of 10 rules", r and r["mix"], 1.2,
+        unit="x", detail=r and f"worst class {r['worst_class']} {r['worst']:.2f}x")
+    r = _get(p, "ratios", "d_vs_a")
+    n = _get(p, "policies", "d", "prefixes_v4")
+    add(f"{n or '1M':,} prefixes within 1.5x of 10 rules" if n else "1M prefixes within 1.5x",
+        r and r["mix"], 1.5, unit="x", detail=r and f"worst class {r['worst_class']} {r['worst']:.2f}x")
+
+    f = res.get("flood", {})
+    t = f.get("targets", {})
+    add("flood: xdpguard native drop rate >= 3x nftables ingress drop",
+        t.get("xdpguard_vs_nft"), 3.0, kind="min", unit="x", detail=t.get("xdpguard_vs_nft_detail", ""))
+    add("flood: xdpguard native drop rate >= 0.9x empty XDP_DROP",
+        t.get("xdpguard_vs_xdp_drop"), 0.9, kind="min", unit="x", detail=t.get("xdpguard_vs_xdp_drop_detail", ""))
+    add("flood: 10M spoofed sources no more than 10% below 1 source",
+        t.get("spoof_vs_single"), 0.9, kind="min", unit="x", detail=t.get("spoof_vs_single_detail", ""))
+
+    lim = res.get("limiter", {})
+    add("limiter within 5% of configured rate", lim.get("worst_error"), 0.05,
+        unit="", detail=lim.get("worst_case", ""))
+
+    c = res.get("control", {})
+    add("re-apply of 100k prefixes <= 1 s", _get(c, "reapply_100k", "cli_s"), 1.0, unit="s",
+        detail=_get(c, "reapply_100k", "detail") or "")
+    add("stats <= 0.3 s", _get(c, "stats", "median_s"), 0.3, unit="s")
+    add("first apply <= 5 s", _get(c, "first_apply", "cli_s"), 5.0, unit="s",
+        detail=_get(c, "first_apply", "detail") or "")
+    return out
+
+
+def print_targets(tg: list[dict]) -> None:
+    rows = []
+    for t in tg:
+        v = t["value"]
+        vs = "-" if v is None else (f"{v:.3f}" if t["unit"] == "" else f"{v:.2f}{t['unit']}")
+        lim = f"{'<=' if t.get('kind', 'max') == 'max' else '>='} {t['limit']}{t['unit']}"
+        rs = "-" if t["ratio"] is None else f"{t['ratio']:.2f}"
+        rows.append([t["target"], vs, lim, rs, t["status"], t["detail"] or ""])
+    print_table("targets (ratio = value / limit)", ["target", "value", "limit", "ratio", "status", "detail"], rows)
+
+
+# ---------------------------------------------------------------- main
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smaller counts, fewer modes (< 2 minutes)")
+    ap.add_argument("--sections", default=",".join(SECTIONS),
+                    help=f"comma-separated subset of {','.join(SECTIONS)}")
+    ap.add_argument("--json-out", type=Path, default=RESULTS / "latest.json", help="JSON result path")
+    args = ap.parse_args(argv)
+
+    if os.geteuid() != 0:
+        print("bench: needs root (BPF, network namespaces)", file=sys.stderr)
+        return 2
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    for s in sections:
+        if s not in SECTIONS:
+            print(f"bench: unknown section {s!r} (expected {', '.join(SECTIONS)})", file=sys.stderr)
+            return 2
+
+    common.install_signal_handlers()
+    t_start = time.monotonic()
+    res: dict = {
+        "schema": 1,
+        "meta": {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "quick": args.quick,
+                 "kernel": platform.release(), "cpus": os.cpu_count(), "git": common.git_rev(),
+                 "python": platform.python_version(), "sections": sections},
+        "errors": {},
+    }
+    workdir = Path(tempfile.mkdtemp(prefix="xgbwork"))
+    ctx = None
+    rc = 0
+    try:
+        ctx = Context(args.quick, workdir)
+        res["meta"]["test_addresses"] = vars(ctx.material.addrs)
+        for s in sections:
+            t0 = time.monotonic()
+            log(f"section {s} ...")
+            mod = __import__(f"bench.{s}", fromlist=["run"])
+            try:
+                res[s] = mod.run(ctx)
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:  # noqa: BLE001 - one broken section must not lose the others
+                traceback.print_exc()
+                res["errors"][s] = f"{type(e).__name__}: {e}"
+                res[s] = {"error": res["errors"][s]}
+                rc = 1
+            res[s]["elapsed_s"] = time.monotonic() - t0
+            log(f"section {s} done in {res[s]['elapsed_s']:.1f}s")
+    except KeyboardInterrupt:
+        log("interrupted: cleaning up")
+        res["errors"]["interrupted"] = True
+        rc = 130
+    finally:
+        if ctx is not None:
+            ctx.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+    res["targets"] = targets(res)
+    res["meta"]["elapsed_s"] = time.monotonic() - t_start
+    print_targets(res["targets"])
+    dump_json(res, args.json_out)
+    print(f"\nelapsed {res['meta']['elapsed_s']:.1f}s; JSON: {args.json_out}")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

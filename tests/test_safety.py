@@ -1,0 +1,167 @@
+"""Safe operations with real traffic: --confirm rollback, rollback, the
+lockout guard, the drop log's rate limit, refusing a foreign XDP program."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+
+import pytest
+
+from tests.conftest import require_tool
+from tests.lab import CLIENT4, EXTRA4, REPO, SERVER4, Lab
+
+pytestmark = pytest.mark.e2e
+
+ALLOW_PING = """
+[policy]
+name = "{name}"
+[[rule]]
+name = "ping"
+proto = "icmp"
+src = "{client}/32"
+action = "allow"
+[[rule]]
+name = "{extra}"
+proto = "udp"
+dport = 9
+action = "deny"
+"""
+
+
+@pytest.fixture(scope="module")
+def lab():
+    with Lab() as lab:
+        yield lab
+
+
+def _ping_flow(lab, count=300, interval=0.01):
+    return lab.popen("client", ["ping", "-q", "-c", str(count), "-i", str(interval), "-W", "1", SERVER4],
+                     what="ping flow")
+
+
+def _loss(out: str) -> int:
+    m = re.search(r"(\d+) packets transmitted, (\d+) received", out)
+    assert m, out
+    return int(m.group(1)) - int(m.group(2))
+
+
+def test_confirm_timeout_restores_previous_without_loss(lab):
+    lab.detach(check=False)
+    a = lab.write_policy("a", ALLOW_PING.format(name="pol-a", client=CLIENT4, extra="a-only"))
+    b = lab.write_policy("b", ALLOW_PING.format(name="pol-b", client=CLIENT4, extra="b-only"))
+    lab.apply(a)
+    flow = _ping_flow(lab, count=400)
+    time.sleep(0.5)
+    cp = lab.xdpguard("apply", b, "--iface", lab.server_if, "--netns", lab.server_ns,
+                      "--confirm", "1.5", check=False)
+    assert cp.returncode == 3, cp.stdout + cp.stderr
+    assert "not confirmed" in cp.stdout
+    out, _ = lab.stop(flow) if flow.alive() else flow.stop()
+    assert lab.stats()["policy"] == "pol-a"
+    names = [r["rule"] for r in lab.stats()["rules"]]
+    assert "a-only" in names and "b-only" not in names
+    # Counters were kept across apply and rollback: the allowed flow is all there.
+    assert lab.counters()["ping"]["packets"] >= 300
+
+
+def test_confirm_in_time_keeps_new_policy(lab):
+    lab.detach(check=False)
+    a = lab.write_policy("a2", ALLOW_PING.format(name="pol-a", client=CLIENT4, extra="a-only"))
+    b = lab.write_policy("b2", ALLOW_PING.format(name="pol-b", client=CLIENT4, extra="b-only"))
+    lab.apply(a)
+    p = subprocess.Popen([*lab.xg, "apply", str(b), "--iface", lab.server_if, "--netns", lab.server_ns,
+                          "--confirm", "20"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        st = [s for s in lab.status() if s["iface"] == lab.server_if]
+        if st and st[0]["policy"] == "pol-b" and st[0]["confirm_deadline"]:
+            break
+        time.sleep(0.2)
+    lab.xdpguard("confirm", "--iface", lab.server_if, "--netns", lab.server_ns)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 0, out + err
+    assert lab.stats()["policy"] == "pol-b"
+    # rollback goes back one level, keeping counters, and works both ways
+    lab.xdpguard("rollback", "--iface", lab.server_if, "--netns", lab.server_ns)
+    assert lab.stats()["policy"] == "pol-a"
+    assert lab.run("client", ["ping", "-c", "2", "-W", "1", SERVER4]).returncode == 0
+
+
+def test_lockout_guard(lab):
+    lab.detach(check=False)
+    pol = lab.write_policy("lock", """
+[policy]
+name = "lockout"
+default = "deny"
+[[rule]]
+name = "web"
+proto = "tcp"
+dport = 80
+action = "allow"
+""")
+    env = dict(os.environ, SSH_CONNECTION=f"{CLIENT4} 50022 {SERVER4} 22")
+    cmd = [*lab.xg, "apply", str(pol), "--iface", lab.server_if, "--netns", lab.server_ns]
+    cp = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+    assert cp.returncode == 2
+    assert "the default (deny) would drop the SSH session" in cp.stderr
+    assert "Traceback" not in cp.stderr
+    assert lab.xdp_on() is None, "a refused policy must change nothing"
+    cp = subprocess.run(cmd + ["--force"], capture_output=True, text=True, env=env, cwd=REPO)
+    assert cp.returncode == 0, cp.stderr
+    assert lab.xdp_on() is not None
+    # protect entries are checked too
+    pol2 = lab.write_policy("lock2", """
+[policy]
+name = "lockout2"
+protect = ["10.200.0.12:22"]
+[[rule]]
+name = "no-ssh"
+proto = "tcp"
+dport = 22
+action = "deny"
+""")
+    cp = lab.xdpguard("apply", pol2, "--iface", lab.server_if, "--netns", lab.server_ns, check=False)
+    assert cp.returncode == 2 and "rule 'no-ssh' (rule 1) would drop protected 10.200.0.12/32" in cp.stderr
+
+
+def test_drop_log_is_rate_limited(lab):
+    lab.detach(check=False)
+    pol = lab.write_policy("log", """
+[policy]
+name = "logged"
+log_rate = 5
+[[rule]]
+name = "no-ping"
+proto = "icmp"
+action = "deny"
+log = true
+""")
+    lab.apply(pol)
+    lab.xdpguard("log", "--iface", lab.server_if, "--netns", lab.server_ns)   # drain
+    t0 = time.monotonic()
+    lab.run("client", ["ping", "-q", "-c", "200", "-i", "0.005", "-W", "1", SERVER4], timeout=20)
+    elapsed = time.monotonic() - t0
+    cp = lab.xdpguard("log", "--iface", lab.server_if, "--netns", lab.server_ns, "--json")
+    docs = [json.loads(l) for l in cp.stdout.splitlines()]
+    events = [d for d in docs if "rule" in d]
+    supp = [d for d in docs if "suppressed" in d]
+    assert events and all(e["rule"] == "no-ping" and e["src"] == CLIENT4 and e["proto"] == "icmp" for e in events)
+    # burst (one second of rate) + rate x elapsed, never more
+    assert len(events) <= 5 + 5 * elapsed + 1
+    assert supp and supp[0]["suppressed"] + len(events) >= 195
+
+
+def test_refuses_foreign_xdp_program(lab):
+    require_tool("xdp-filter")
+    lab.detach(check=False)
+    lab.run("server", ["xdp-filter", "load", lab.server_if, "--mode", "skb"], check=True)
+    try:
+        pol = lab.write_policy("f", ALLOW_PING.format(name="pol-f", client=CLIENT4, extra="x"))
+        cp = lab.xdpguard("apply", pol, "--iface", lab.server_if, "--netns", lab.server_ns, check=False)
+        assert cp.returncode == 2
+        assert "another XDP program is attached" in cp.stderr and "--force" in cp.stderr
+    finally:
+        lab.run("server", ["xdp-filter", "unload", lab.server_if])
