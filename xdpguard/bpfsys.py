@@ -384,6 +384,20 @@ def obj_pin(fd: int, path: str) -> None:
     _check(_lib().bpf_obj_pin(fd, os.fsencode(path)), f"bpf_obj_pin(fd {fd}, {path})")
 
 
+def prog_name(prog_id: int) -> str:
+    """Name of a loaded program by id ("?" when it is gone or unreadable)."""
+    try:
+        fd = prog_get_fd_by_id(prog_id)
+    except OSError:
+        return "?"
+    try:
+        return prog_info(fd)["name"]
+    except OSError:
+        return "?"
+    finally:
+        os.close(fd)
+
+
 def prog_get_fd_by_id(prog_id: int) -> int:
     return _check(_lib().bpf_prog_get_fd_by_id(prog_id), f"bpf_prog_get_fd_by_id({prog_id})")
 

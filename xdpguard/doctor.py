@@ -386,18 +386,6 @@ def _ifindex(ctx: Context) -> int:
         return socket.if_nametoindex(ctx.iface)
 
 
-def _prog_name(prog_id: int) -> str:
-    from xdpguard import bpfsys
-    try:
-        fd = bpfsys.prog_get_fd_by_id(prog_id)
-    except OSError:
-        return "?"
-    try:
-        return bpfsys.prog_info(fd)["name"]
-    except OSError:
-        return "?"
-    finally:
-        os.close(fd)
 
 
 def check_xdp_native(ctx: Context) -> list[Check]:
@@ -458,7 +446,8 @@ def check_foreign(ctx: Context) -> list[Check]:
         pol = (record.get("policy") or {}).get("name", "?")
         return [Check(name, OK, f"{iface}: xdpguard's program is attached (id {pid}, {q['attach_mode']} "
                       f"mode, policy '{pol}')")]
-    pname = _prog_name(pid)
+    from xdpguard import bpfsys
+    pname = bpfsys.prog_name(pid)
     detail = (f"{iface}: a foreign XDP program is attached (id {pid}, '{pname}', {q['attach_mode']} mode); "
               "'xdpguard apply' refuses to replace it without --force")
     if stale:

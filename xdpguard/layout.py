@@ -70,20 +70,6 @@ def lpm_entries(maps, tables, gen: int, family: int):
     return keys, vals
 
 
-def lpm_keys_of(maps, family: int, gen: int, entries):
-    """Keys only (for deleting a generation)."""
-    m = maps["lpm4" if family == 4 else "lpm6"]
-    keys = (m.Key * len(entries))()
-    nbytes = 4 if family == 4 else 16
-    for i, (dim, value, plen, _vec) in enumerate(entries):
-        k = keys[i]
-        k.prefixlen = 16 + plen
-        k.gen = gen
-        k.dim = dim
-        ctypes.memmove(ctypes.addressof(k) + type(k).addr.offset, value.to_bytes(nbytes, "big"), nbytes)
-    return keys
-
-
 def vec_entries(maps, tables, gen: int, vec_per_gen: int):
     m = maps["vecs"]
     n = len(tables.vecs)

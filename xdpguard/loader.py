@@ -222,17 +222,6 @@ def ifindex_of(iface: str, netns: str | None) -> int:
         raise UsageError(f"no interface '{iface}'{where}") from None
 
 
-def _prog_name(prog_id: int) -> str:
-    try:
-        fd = bpfsys.prog_get_fd_by_id(prog_id)
-    except OSError:
-        return "?"
-    try:
-        return bpfsys.prog_info(fd)["name"]
-    finally:
-        os.close(fd)
-
-
 def _record(policy: Policy, tables: Tables, netns, iface, ifindex, shape, slots, types, mode, prog_id):
     rec = {
         "layout": C.XG_LAYOUT_VERSION,
@@ -282,7 +271,7 @@ def apply(policy: Policy, tables: Tables, iface: str, netns: str | None = None,
         ours = bool(record) and q["prog_id"] != 0 and q["prog_id"] == record["prog_id"]
         if q["prog_id"] and not ours and not force:
             raise UsageError(f"{iface}: another XDP program is attached (id {q['prog_id']}, "
-                             f"'{_prog_name(q['prog_id'])}'); xdpguard will not replace it "
+                             f"'{bpfsys.prog_name(q['prog_id'])}'); xdpguard will not replace it "
                              f"(detach it, or use --force)")
         slots, fresh = assign_slots(tables, record["slots"] if record else None)
         if ours:
