@@ -507,8 +507,25 @@ class Lab:
     def xdpguard(self, *args, check: bool = True, timeout: float = 180) -> subprocess.CompletedProcess:
         """Run the CLI in the root namespace (pass --netns yourself, or use
         apply/detach/stats/status below, which add --iface/--netns)."""
-        cp = subprocess.run([*self.xg, *map(str, args)], capture_output=True, text=True,
-                            timeout=timeout, cwd=REPO)
+        cmd = [*self.xg, *map(str, args)]
+        # Own session: a Ctrl-C of the test run does not hit it, and an
+        # interrupt here lets it finish (a killed apply can leave pins).
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             cwd=REPO, start_new_session=True)
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, err = p.communicate()
+            raise LabError(_fmt(subprocess.CompletedProcess(cmd, -9, out, err)) + f"\n(timed out after {timeout}s)")
+        except BaseException:
+            try:
+                p.communicate(timeout=60)
+            except BaseException:
+                p.kill()
+                p.wait()
+            raise
+        cp = subprocess.CompletedProcess(cmd, p.returncode, out, err)
         if check and cp.returncode != 0:
             raise LabError(_fmt(cp))
         return cp

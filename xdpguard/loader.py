@@ -273,6 +273,12 @@ def apply(policy: Policy, tables: Tables, iface: str, netns: str | None = None,
             raise UsageError(f"{iface}: another XDP program is attached (id {q['prog_id']}, "
                              f"'{bpfsys.prog_name(q['prog_id'])}'); xdpguard will not replace it "
                              f"(detach it, or use --force)")
+        pins.prune()
+        if ours and mode != "auto" and mode != record["mode"]:
+            # Native and generic XDP cannot be attached at once: a switch
+            # would leave a moment without the filter.
+            raise UsageError(f"{iface}: xdpguard runs in {record['mode']} mode here; changing to "
+                             f"{mode} cannot be atomic: detach first, then apply --mode {mode}")
         slots, fresh = assign_slots(tables, record["slots"] if record else None)
         if ours:
             shape = Shape(**record["shape"])

@@ -86,6 +86,12 @@ def prune() -> None:
     what writers flock, and a new inode would split the lock."""
     if not ROOT.is_dir():
         return
+    if STAGE.is_dir():
+        # A stage whose loader died (killed mid-apply) holds map pins, and
+        # so locked memory: nobody else will ever remove it.
+        for d in list(STAGE.iterdir()):
+            if not (d.name.isdigit() and os.path.exists(f"/proc/{d.name}")):
+                remove_dir(d)
     for d in list(ROOT.iterdir()):
         if d.is_dir() and not any(d.iterdir()):
             d.rmdir()
