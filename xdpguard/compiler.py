@@ -111,7 +111,7 @@ def _address_entries(rules: list[Rule], family: int, dim: int, attr: str, vector
     stack: list[tuple[int, int]] = []     # (last address, accumulated mask)
     for value, plen in sorted(own):
         last = value | ((1 << (bits - plen)) - 1)
-        while stack and stack[-1][0] < value - 1:
+        while stack and stack[-1][0] < value:
             stack.pop()
         # Prefixes nest or are disjoint, so the top of the stack contains this one.
         mask = own[(value, plen)] | (stack[-1][1] if stack else 0)
