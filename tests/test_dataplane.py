@@ -29,9 +29,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from scapy.layers.inet import GRE, ICMP, IP, TCP, UDP, IPOption_NOP
+from scapy.layers.inet import GRE, IP, TCP, UDP, IPOption_NOP
 from scapy.layers.inet6 import (ICMPv6EchoRequest, ICMPv6ND_NS, ICMPv6ND_RA, IPv6,
                                 IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop,
                                 IPv6ExtHdrRouting)
@@ -40,7 +40,7 @@ from scapy.packet import Raw
 
 from conftest import require_kernel
 from xdpguard import bpfsys, packet
-from xdpguard.compiler import compile_policy, rule_classes
+from xdpguard.compiler import compile_policy
 from xdpguard.layout import C
 from xdpguard.lookup import decide
 from xdpguard.packet import MALFORMED, NON_IP, build
@@ -1002,9 +1002,30 @@ def big_rig():
     rig.close()
 
 
-@settings(max_examples=int(os.environ.get("XG_HYP_EXAMPLES", "80")), deadline=None,
+ADJACENT_EXAMPLE = """
+[policy]
+default = "allow"
+[[rule]]
+name = "low-half"
+src = ["192.0.2.0/25", "2001:db8:1::/48", "10.1.2.3"]
+action = "deny"
+[[rule]]
+name = "high-half"
+src = ["192.0.2.128/25", "2001:db8:2::/48", "10.1.2.4/30"]
+proto = "udp"
+action = "limit"
+rate = "1/s"
+"""
+
+
+@settings(max_examples=int(os.environ.get("XG_HYP_EXAMPLES", "100")), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(text=policies(), pkts=st.lists(frames(), min_size=1, max_size=25))
+@given(text=policies(), pkts=st.lists(frames(), min_size=1, max_size=40))
+@example(text=ADJACENT_EXAMPLE, pkts=[build(s, d, p) for s, d in (("192.0.2.128", "10.0.0.1"),
+                                                                  ("192.0.2.127", "10.0.0.1"),
+                                                                  ("2001:db8:2::1", "2001:db8::1"),
+                                                                  ("10.1.2.4", "10.0.0.1"))
+                                      for p in ("tcp", "udp")])
 def test_kernel_agrees_with_explain(big_rig, text, pkts):
     policy, tables = compile_text(text, "hyp.toml")
     rig = big_rig

@@ -522,6 +522,7 @@ class TestRig:
         dbg = self.maps["debug"]
         empty = dbg.Leaf()
         empty.slot = 0xFFFFFFFF
+        empty.rule = 0xFFFFFFFF
         dbg.update(ctypes.c_uint32(0), empty)
         retval, duration, _ = bpfsys.prog_test_run(self.fn.fd, frame, repeat=repeat)
         d = dbg.lookup(ctypes.c_uint32(0))
