@@ -159,7 +159,7 @@ def policy_specs(draw, min_rules=1, max_rules=40):
     pool = draw(st.lists(prefix_specs([]), min_size=1, max_size=8))
     sets = {}
     for i in range(draw(st.integers(0, 3))):
-        sets[f"set{i}"] = draw(st.lists(prefix_specs(pool), min_size=1, max_size=6))
+        sets[f"set{i}"] = draw(st.lists(prefix_specs(pool), min_size=0 if i == 2 else 1, max_size=6))
     names = sorted(sets)
     n = draw(st.one_of(st.integers(min_rules, max_rules), st.integers(min_rules, min(max_rules, min_rules + 5))))
     rules = draw(st.lists(rule_specs(pool, names), min_size=n, max_size=n))
