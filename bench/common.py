@@ -89,7 +89,9 @@ def ratio(a, b):
 
 # ---------------------------------------------------------------- signals, cleanup
 
-_cleanups: list = []
+# Every namespace a Lab created in this process (recorded in the results,
+# so a test can check that none survived).
+CREATED_NETNS: list[str] = []
 
 
 _MAIN_PID = os.getpid()
@@ -113,7 +115,11 @@ def install_signal_handlers() -> None:
 
 
 def unique(tag: str = "") -> str:
-    return PREFIX + tag + secrets.token_hex(3)
+    """'xgb' + tag + hex, 8 characters: an interface name (+1) must fit the
+    15-character comm of its NAPI thread, "napi/<name>-<id>"."""
+    n = 8 - len(PREFIX) - len(tag)
+    assert n >= 3, tag
+    return PREFIX + tag + secrets.token_hex(4)[:n]
 
 
 def run(argv: list[str], check: bool = True, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
@@ -160,6 +166,7 @@ class Lab:
             for ns in dict.fromkeys((self.s, self.r)):
                 netns.create(ns)
                 self._created.append(ns)
+                CREATED_NETNS.append(ns)
             with IPRoute(netns=self.s) as ipr:
                 peer = {"ifname": self.b}
                 if self.r != self.s:
@@ -324,7 +331,7 @@ def napi_threads(ifname: str) -> list[int]:
             comm = Path(f"/proc/{p}/comm").read_text().strip()
         except OSError:
             continue
-        if comm.startswith(f"napi/{ifname}-"):
+        if comm.startswith(f"napi/{ifname}-"[:15]):
             pids.append(int(p))
     return pids
 
@@ -336,13 +343,18 @@ def set_threaded_napi(lab: Lab, cpu: int) -> list[int]:
     sysfs is per namespace, so this one step uses `ip netns exec` (it only
     writes /sys/class/net/<our veth>/threaded; no BPF work happens there).
     """
-    run(["ip", "netns", "exec", lab.r, "sh", "-c", f"echo 1 > /sys/class/net/{lab.b}/threaded"])
+    # Fails (EIO) while the device has no NAPI instance; the flag then
+    # stays as it was, and the pids below tell.
+    r = run(["ip", "netns", "exec", lab.r, "sh", "-c", f"echo 1 > /sys/class/net/{lab.b}/threaded"],
+            check=False)
     pids = []
-    for _ in range(50):
+    for _ in range(10 if r.returncode else 50):
         pids = napi_threads(lab.b)
         if pids:
             break
         time.sleep(0.02)
+    if not pids:
+        log(f"no NAPI thread for {lab.b} ({r.stderr.strip()}): receiver runs in softirq")
     for pid in pids:
         try:
             os.sched_setaffinity(pid, {cpu})
@@ -359,6 +371,73 @@ def pinned_thread(cpu: int) -> Iterator[None]:
         yield
     finally:
         os.sched_setaffinity(0, old)
+
+
+# ---------------------------------------------------------------- bounded kernel calls
+
+def _noop(_signum, _frame):
+    pass
+
+
+def ensure_sigusr1() -> None:
+    """SIGUSR1 interrupts a test run (EINTR); its Python handler does nothing."""
+    import threading
+    if threading.current_thread() is threading.main_thread():
+        if signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None):
+            signal.signal(signal.SIGUSR1, _noop)
+
+
+def run_bounded(fn, seconds: float, monitor=None) -> dict:
+    """Run fn() (a long BPF_PROG_TEST_RUN) in a worker thread for at most
+    `seconds`: then the worker gets SIGUSR1 and the kernel's test-run loop
+    stops with EINTR. monitor(), if given, runs in the calling thread
+    meanwhile (counter snapshots while traffic flows).
+
+    Returns t0 / t1 (perf_counter when the call started / stopped) and
+    whether it was interrupted.
+    """
+    import errno
+    import threading
+    ensure_sigusr1()
+    box: dict = {}
+
+    def worker():
+        try:
+            # Only our SIGUSR1 may interrupt the test run: any other signal
+            # (SIGCHLD of a subprocess, ...) is left to the other threads.
+            signal.pthread_sigmask(signal.SIG_BLOCK, set(signal.Signals) - {signal.SIGUSR1})
+            box["t0"] = time.perf_counter()
+            box["result"] = fn()
+        except OSError as e:
+            if e.errno != errno.EINTR:
+                box["error"] = e
+            box["eintr"] = True
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller
+            box["error"] = e
+        finally:
+            box["t1"] = time.perf_counter()
+
+    th = threading.Thread(target=worker, name="xgb-testrun", daemon=True)
+    start = time.perf_counter()
+    th.start()
+    try:
+        if monitor is not None:
+            monitor()
+        th.join(max(0.0, seconds - (time.perf_counter() - start)))
+    finally:
+        t_stop = None
+        while th.is_alive():
+            if t_stop is None:
+                t_stop = time.perf_counter()
+            signal.pthread_kill(th.ident, signal.SIGUSR1)
+            th.join(0.05)
+    if "error" in box:
+        raise box["error"]
+    if t_stop is None and box.get("eintr"):
+        raise RuntimeError("test run interrupted by a signal that was not ours")
+    t1 = box["t1"] if t_stop is None else min(box["t1"], t_stop)
+    return {"t0": box.get("t0", start), "t1": t1, "interrupted": t_stop is not None,
+            "result": box.get("result")}
 
 
 # ---------------------------------------------------------------- small bcc programs

@@ -19,7 +19,7 @@ import time
 from bench import policies
 from bench.common import Lab, Skip, XdpFilter, log, median, print_table, ratio
 from bench.rig import BenchRig
-from xdpguard import bpfsys
+from xdpguard import bpfsys, loader
 from xdpguard.compiler import compile_policy
 from xdpguard.policy import load as load_policy
 
@@ -43,21 +43,43 @@ def _mean_ratio(num: dict, den: dict, names) -> tuple[float | None, float | None
     return agg, worst[0] / worst[1], worst[2]
 
 
-def _xdpguard(ctx, key: str, classes, runs: int, repeat: int, builds) -> dict:
-    mat = ctx.material
+def _compiled(ctx, key: str):
     n = ctx.sizes.get(key)
-    path, nprefixes = policies.write_policy(mat, key, ctx.workdir, nprefixes=n)
+    path, nprefixes = policies.write_policy(ctx.material, key, ctx.workdir, nprefixes=n)
     t0 = time.monotonic()
     pol = load_policy(path)
     t1 = time.monotonic()
     tables = compile_policy(pol)
     t2 = time.monotonic()
-    out = {"policy": key, "rules": len(pol.rules), "prefixes_v4": nprefixes,
-           "lpm4_entries": len(tables.lpm[4]), "lpm6_entries": len(tables.lpm[6]),
-           "vector_words": tables.nwords, "load_s": t1 - t0, "compile_s": t2 - t1,
-           "key_rule_index": len(pol.rules) - policies.KEY_RULES}
+    info = {"policy": key, "rules": len(pol.rules), "prefixes_v4": nprefixes,
+            "lpm4_entries": len(tables.lpm[4]), "lpm6_entries": len(tables.lpm[6]),
+            "vector_words": tables.nwords, "load_s": t1 - t0, "compile_s": t2 - t1,
+            "key_rule_index": len(pol.rules) - policies.KEY_RULES}
+    return tables, info
+
+
+def _union(*shapes):
+    return loader.Shape(*(max(getattr(s, f) for s in shapes)
+                          for f in ("nwords", "vec_per_gen", "lpm4_max", "lpm6_max")))
+
+
+def _xdpguard(ctx, key: str, classes, runs: int, repeat: int, builds, compiled=None,
+              rig: BenchRig | None = None) -> dict:
+    """Measure one policy. With rig: load the policy into that program in
+    place (same shape; the trie capacity does not change the lookup cost)."""
+    mat = ctx.material
+    tables, out = compiled or _compiled(ctx, key)
     for build in builds:
-        rig = BenchRig(tables, test=(build == "test"))
+        shared = rig is not None
+        if shared:
+            if rig.tables is not tables:
+                t0 = time.monotonic()
+                rig.load(tables)
+                rig.fill_s = time.monotonic() - t0
+                rig.compile_s = 0.0
+            out["shared_program"] = True
+        else:
+            rig = BenchRig(tables, test=(build == "test"))
         try:
             rig.ban(mat.addrs.banned4)
             res, checks = {}, {}
@@ -81,7 +103,9 @@ def _xdpguard(ctx, key: str, classes, runs: int, repeat: int, builds) -> dict:
             out[build + "_fill_s"] = rig.fill_s
             out[build + "_xlated_bytes"] = bpfsys.prog_info(rig.fd)["xlated_prog_len"]
         finally:
-            rig.close()
+            if not shared:
+                rig.close()
+            rig = None if not shared else rig
     return out
 
 
@@ -127,12 +151,27 @@ def run(ctx) -> dict:
     floor = {c.name: _measure(ctx.tiny.pass_fd, c.frame, runs, repeat)["median"] for c in classes}
     result["floor"] = floor
 
-    for key in keys:
-        # Production build everywhere; the XG_TEST build too, except for the
-        # largest policies in quick mode (a compile costs seconds).
-        builds = ["prod", "test"] if (not quick or key in ("a", "b")) else ["prod"]
-        log(f"percpu: policy {key} ({', '.join(builds)})")
-        result["policies"][key] = _xdpguard(ctx, key, classes, runs, repeat, builds)
+    if not quick:
+        for key in keys:
+            log(f"percpu: policy {key} (prod, test)")
+            result["policies"][key] = _xdpguard(ctx, key, classes, runs, repeat, ["prod", "test"])
+    else:
+        # A bcc compile costs seconds: production builds only (and the test
+        # build of b), c and d share one program of their union shape.
+        for key in ("a", "b"):
+            builds = ["prod", "test"] if key == "b" else ["prod"]
+            log(f"percpu: policy {key} ({', '.join(builds)})")
+            result["policies"][key] = _xdpguard(ctx, key, classes, runs, repeat, builds)
+        log("percpu: policies c, d (one program)")
+        cc, cd = _compiled(ctx, "c"), _compiled(ctx, "d")
+        shape = _union(loader.Shape.for_tables(cc[0]), loader.Shape.for_tables(cd[0]))
+        rig = BenchRig(cc[0], shape=shape)
+        try:
+            rig.ban(ctx.material.addrs.banned4)
+            result["policies"]["c"] = _xdpguard(ctx, "c", classes, runs, repeat, ["prod"], cc, rig)
+            result["policies"]["d"] = _xdpguard(ctx, "d", classes, runs, repeat, ["prod"], cd, rig)
+        finally:
+            rig.close()
 
     try:
         log("percpu: xdp-filter")

@@ -153,6 +153,7 @@ def main(argv=None) -> int:
         res["meta"]["test_addresses"] = vars(ctx.material.addrs)
         for s in sections:
             t0 = time.monotonic()
+            load0 = os.getloadavg()
             log(f"section {s} ...")
             mod = __import__(f"bench.{s}", fromlist=["run"])
             try:
@@ -165,6 +166,8 @@ def main(argv=None) -> int:
                 res[s] = {"error": res["errors"][s]}
                 rc = 1
             res[s]["elapsed_s"] = time.monotonic() - t0
+            # Other work on the machine skews every number: keep the load.
+            res[s]["loadavg"] = {"before": load0, "after": os.getloadavg()}
             log(f"section {s} done in {res[s]['elapsed_s']:.1f}s")
     except KeyboardInterrupt:
         log("interrupted: cleaning up")
@@ -174,6 +177,7 @@ def main(argv=None) -> int:
         if ctx is not None:
             ctx.close()
         shutil.rmtree(workdir, ignore_errors=True)
+    res["meta"]["namespaces"] = list(common.CREATED_NETNS)
     res["targets"] = targets(res)
     res["meta"]["elapsed_s"] = time.monotonic() - t_start
     print_targets(res["targets"])

@@ -447,6 +447,8 @@ def _read_mitigation(rd: _Reader, raw, sets) -> Mitigation:
                 setattr(m, key, parse_duration(raw[key]))
             except ValueError as e:
                 rd.fail(where, f"{key} {e}")
+    if "ban_max" not in raw:
+        m.ban_max = max(m.ban_max, m.ban)
     if m.ban_max < m.ban:
         rd.fail(where, "ban_max is shorter than ban")
     if "allow" in raw:
@@ -503,7 +505,7 @@ def load(path, text: str | None = None) -> Policy:
     if not isinstance(head, dict):
         rd.fail("[policy]", "expected a table")
     rd.check_keys("[policy]", head, _POLICY_KEYS)
-    name = head.get("name", path.stem)
+    name = head.get("name", re.sub(r"[^A-Za-z0-9_.:-]", "-", path.stem)[:64] or "policy")
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", name):
         rd.fail("[policy]", f"name {name!r} is not valid (1-64 letters, digits, '_', '.', ':' or '-')")
     default = head.get("default", "allow")
