@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import re
+import struct
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -53,20 +54,45 @@ def addr_bytes(family: int, value: int) -> bytes:
     return value.to_bytes(4 if family == 4 else 16, "big")
 
 
-def lpm_entries(maps, tables, gen: int, family: int):
-    """Keys and values of the classifier trie of one family and generation."""
+_INT_CODES = {1: "B", 2: "H", 4: "I", 8: "Q"}
+
+
+def struct_of(ctype) -> struct.Struct:
+    """A struct.Struct with the layout of a bcc ctypes struct (native byte
+    order, bcc's offsets and padding), for packing entries by the 100,000:
+    derived from the one definition, never written by hand."""
+    fmt, pos = "=", 0
+    for f in ctype._fields_:
+        name, ft = f[0], f[1]
+        if name.startswith("__pad"):
+            continue          # bcc's explicit padding: left as pad bytes
+        off = getattr(ctype, name).offset
+        if off > pos:
+            fmt += f"{off - pos}x"
+        size = ctypes.sizeof(ft)
+        if hasattr(ft, "_length_"):
+            fmt += f"{size}s"
+        else:
+            fmt += _INT_CODES[size]
+        pos = off + size
+    if ctypes.sizeof(ctype) > pos:
+        fmt += f"{ctypes.sizeof(ctype) - pos}x"
+    st = struct.Struct(fmt)
+    assert st.size == ctypes.sizeof(ctype), (ctype, fmt)
+    return st
+
+
+def lpm_entries(maps, tables, gen: int, family: int) -> tuple[bytes, bytes]:
+    """Packed keys and values of the classifier trie of one family and generation."""
     m = maps["lpm4" if family == 4 else "lpm6"]
-    entries = tables.lpm[family]
-    keys = (m.Key * len(entries))()
-    vals = (m.Leaf * len(entries))()
+    kst, vst = struct_of(m.Key), struct_of(m.Leaf)
+    # Field order of struct xg_lpm*_key: prefixlen, gen, dim, addr.
+    assert [f[0] for f in m.Key._fields_ if not f[0].startswith("__pad")] == ["prefixlen", "gen", "dim", "addr"]
     nbytes = 4 if family == 4 else 16
-    for i, (dim, value, plen, vec) in enumerate(entries):
-        k = keys[i]
-        k.prefixlen = 16 + plen
-        k.gen = gen
-        k.dim = dim
-        ctypes.memmove(ctypes.addressof(k) + type(k).addr.offset, value.to_bytes(nbytes, "big"), nbytes)
-        vals[i].vec = vec
+    entries = tables.lpm[family]
+    keys = b"".join([kst.pack(16 + plen, gen, dim, value.to_bytes(nbytes, "big"))
+                     for dim, value, plen, _vec in entries])
+    vals = b"".join([vst.pack(vec) for _d, _v, _p, vec in entries])
     return keys, vals
 
 

@@ -116,15 +116,19 @@ def bcc_types(b, names) -> dict:
 _ENOTSUPP = 524   # the kernel's internal "not supported", seen by user space
 
 
-def _lpm_update(m: pins.Map, keys, vals) -> None:
+def _lpm_update(m: pins.Map, keys: bytes, vals: bytes) -> None:
+    ks, vs = ctypes.sizeof(m.Key), ctypes.sizeof(m.Leaf)
+    n = len(keys) // ks
+    if not n:
+        return
     # LPM tries have no batch operations on some kernels: fall back.
     try:
-        m.update_batch(keys, vals)
+        bpfsys.map_update_batch(m.fd, keys, vals, n)
     except OSError as e:
         if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, _ENOTSUPP):
             raise
-        for k, v in zip(keys, vals):
-            m.update(k, v)
+        for i in range(n):
+            bpfsys.map_update(m.fd, keys[i * ks:(i + 1) * ks], vals[i * vs:(i + 1) * vs])
 
 
 def write_gen(maps: dict, tables: Tables, gen: int, shape: Shape, slots: dict[str, int]) -> None:
@@ -156,22 +160,34 @@ def set_active(maps, gen: int) -> None:
     maps["active"].update(ctypes.c_uint32(0), ctypes.c_uint32(gen))
 
 
+def _gen_keys(m: pins.Map, gen: int) -> list[bytes]:
+    """Trie keys of one generation (byte 4 of a key is its generation)."""
+    ks, vs = ctypes.sizeof(m.Key), ctypes.sizeof(m.Leaf)
+    try:
+        items = bpfsys.map_items_batch(m.fd, ks, vs, chunk=8192)
+        return [k for k, _v in items if k[4] == gen]
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, _ENOTSUPP):
+            raise
+        return [k for k in bpfsys.map_keys(m.fd, ks) if k[4] == gen]
+
+
 def clear_gen(maps, gen: int) -> None:
     """Delete the trie entries of a generation no longer active."""
     for name in ("lpm4", "lpm6"):
         m = maps[name]
-        ks = ctypes.sizeof(m.Key)
-        doomed = [k for k in bpfsys.map_keys(m.fd, ks) if k[4] == gen]
-        for k in doomed:
-            bpfsys.map_delete(m.fd, k)
+        doomed = _gen_keys(m, gen)
+        try:
+            m.delete_batch(b"".join(doomed)) if doomed else None
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, _ENOTSUPP):
+                raise
+            for k in doomed:
+                bpfsys.map_delete(m.fd, k)
 
 
 def count_gen(maps, gen: int) -> tuple[int, int]:
-    out = []
-    for name in ("lpm4", "lpm6"):
-        m = maps[name]
-        out.append(sum(1 for k in bpfsys.map_keys(m.fd, ctypes.sizeof(m.Key)) if k[4] == gen))
-    return out[0], out[1]
+    return len(_gen_keys(maps["lpm4"], gen)), len(_gen_keys(maps["lpm6"], gen))
 
 
 def assign_slots(tables: Tables, previous: dict[str, int] | None) -> tuple[dict[str, int], list[int]]:

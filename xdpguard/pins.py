@@ -228,7 +228,8 @@ class Map:
             bpfsys.map_update_batch(self.fd, bytes(keys), bytes(values), n)
 
     def delete_batch(self, keys) -> None:
-        n = len(keys)
+        """keys: a ctypes array, or packed key bytes."""
+        n = len(keys) if not isinstance(keys, bytes) else len(keys) // ctypes.sizeof(self.Key)
         if n:
             try:
                 bpfsys.map_delete_batch(self.fd, bytes(keys), n)
