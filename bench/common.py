@@ -481,34 +481,59 @@ class Tiny:
 
 # ---------------------------------------------------------------- xdp-filter
 
-XDPF_PIN = Path("/sys/fs/bpf/xdp-filter")
 XDPF_MAP_FLAG_SRC = 1
+
+
+def _pdeathsig():
+    # Runs in the child before exec: die with the benchmark.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
 
 
 class XdpFilter:
     """xdp-filter loaded on a bench veth (inside its namespace), unloaded on exit.
 
-    xdp-filter keeps its maps in /sys/fs/bpf/xdp-filter, shared by every
-    interface it is loaded on: when another instance is loaded there, we
-    skip rather than touch someone else's filter lists.
+    xdp-filter pins its maps in <bpffs>/xdp-filter, shared by every
+    interface it is loaded on, and other users of this machine load and
+    unload it too. So it runs in a private mount namespace (held by a
+    `sleep` we start and stop) with a bpffs of its own mounted there:
+    nothing of theirs is touched, nothing of theirs touches ours. We reach
+    its maps through the program's own map ids, not through pins.
     """
 
     def __init__(self, ns: str, ifname: str, mode: str = "native", policy: str = "allow"):
+        assert ns.startswith(PREFIX), ns
         self.ns, self.ifname, self.mode, self.policy = ns, ifname, mode, policy
         self.loaded = False
+        self.holder = None
+        self.prog_fd = None
+
+    def _run(self, args: list[str], check: bool = True, **kw) -> subprocess.CompletedProcess:
+        return run(["nsenter", f"--mount=/proc/{self.holder.pid}/ns/mnt", f"--net=/run/netns/{self.ns}",
+                    *args], check=check, **kw)
 
     def __enter__(self) -> "XdpFilter":
         import shutil
-        if not shutil.which("xdp-filter"):
-            raise Skip("xdp-filter not installed")
-        progs = XDPF_PIN / "programs"
-        if progs.is_dir() and any(progs.iterdir()):
-            raise Skip(f"another xdp-filter instance is loaded ({sorted(p.name for p in progs.iterdir())}); "
-                       "not sharing its maps")
-        mode = {"native": "native", "generic": "skb", "skb": "skb"}[self.mode]
-        nsrun(self.ns, ["xdp-filter", "load", self.ifname, "--mode", mode, "--policy", self.policy])
-        self.loaded = True
+        for tool in ("xdp-filter", "unshare", "nsenter"):
+            if not shutil.which(tool):
+                raise Skip(f"{tool} not installed")
+        self.holder = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sleep", "infinity"],
+                                       preexec_fn=_pdeathsig)
         try:
+            for _ in range(100):        # until unshare has exec'd sleep in the new namespace
+                try:
+                    if os.readlink(f"/proc/{self.holder.pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt") \
+                            and Path(f"/proc/{self.holder.pid}/comm").read_text().strip() == "sleep":
+                        break
+                except OSError:
+                    pass
+                time.sleep(0.01)
+            else:
+                raise RuntimeError("unshare --mount did not start")
+            run(["nsenter", f"--mount=/proc/{self.holder.pid}/ns/mnt", "mount", "-t", "bpf", "bpf", "/sys/fs/bpf"])
+            mode = {"native": "native", "generic": "skb", "skb": "skb"}[self.mode]
+            self._run(["xdp-filter", "load", self.ifname, "--mode", mode, "--policy", self.policy])
+            self.loaded = True
             with in_netns(self.ns):
                 ifindex = socket.if_nametoindex(self.ifname)
                 self.prog_id = bpfsys.xdp_query(ifindex)["prog_id"]
@@ -521,19 +546,27 @@ class XdpFilter:
             raise
         return self
 
+    def _map_fd(self, name: str) -> int:
+        for mid in bpfsys.prog_info(self.prog_fd)["map_ids"]:
+            fd = bpfsys.map_get_fd_by_id(mid)
+            if bpfsys.map_info(fd)["name"] == name:
+                return fd
+            os.close(fd)
+        raise RuntimeError(f"xdp-filter program has no map {name}")
+
     def add_src(self, addrs: list[str], via_cli: int = 10) -> None:
         """Filter source addresses: the first via_cli with `xdp-filter ip`,
-        the rest written straight into its pinned map (same value the CLI
-        writes: MAP_FLAG_SRC on every CPU), since one process per address
-        would take minutes for 10,000."""
+        the rest written straight into its map (the value the CLI writes:
+        MAP_FLAG_SRC on every CPU), since one process per address would take
+        minutes for 10,000."""
         for a in addrs[:via_cli]:
-            nsrun(self.ns, ["xdp-filter", "ip", a, "--mode", "src"])
+            self._run(["xdp-filter", "ip", a, "--mode", "src"])
         rest4 = [a for a in addrs[via_cli:] if ":" not in a]
         rest6 = [a for a in addrs[via_cli:] if ":" in a]
         for name, fam, items in (("filter_ipv4", socket.AF_INET, rest4), ("filter_ipv6", socket.AF_INET6, rest6)):
             if not items:
                 continue
-            fd = bpfsys.obj_get(str(XDPF_PIN / name))
+            fd = self._map_fd(name)
             try:
                 keys = b"".join(socket.inet_pton(fam, a) for a in items)
                 one = XDPF_MAP_FLAG_SRC.to_bytes(8, "little")
@@ -543,8 +576,7 @@ class XdpFilter:
                 os.close(fd)
 
     def count(self, family: int = 4) -> int:
-        name = "filter_ipv4" if family == 4 else "filter_ipv6"
-        fd = bpfsys.obj_get(str(XDPF_PIN / name))
+        fd = self._map_fd("filter_ipv4" if family == 4 else "filter_ipv6")
         try:
             return sum(1 for _ in bpfsys.map_keys(fd, 4 if family == 4 else 16))
         finally:
@@ -552,7 +584,7 @@ class XdpFilter:
 
     def action_counts(self) -> dict[str, int]:
         """xdp_stats_map: packets per XDP action, summed over CPUs."""
-        fd = bpfsys.obj_get(str(XDPF_PIN / "xdp_stats_map"))
+        fd = self._map_fd("xdp_stats_map")
         out = {}
         try:
             for act, name in enumerate(("aborted", "drop", "pass", "tx", "redirect")):
@@ -563,14 +595,19 @@ class XdpFilter:
         return out
 
     def close(self) -> None:
-        if getattr(self, "prog_fd", None) is not None:
+        if self.prog_fd is not None:
             os.close(self.prog_fd)
             self.prog_fd = None
         if self.loaded:
-            r = nsrun(self.ns, ["xdp-filter", "unload", self.ifname], check=False)
+            r = self._run(["xdp-filter", "unload", self.ifname], check=False)
             if r.returncode != 0:
-                log(f"xdp-filter unload {self.ifname}: {r.stderr.strip()}")
+                log(f"xdp-filter unload {self.ifname}: {r.stderr.strip()} (the veth goes with its namespace)")
             self.loaded = False
+        if self.holder is not None:
+            # Our own `sleep`: its mount namespace and private bpffs go with it.
+            self.holder.kill()
+            self.holder.wait()
+            self.holder = None
 
     def __exit__(self, *exc) -> None:
         self.close()

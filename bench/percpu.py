@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import ipaddress
 import time
+from contextlib import ExitStack
 
 from bench import policies
-from bench.common import Lab, Skip, XdpFilter, log, median, print_table, ratio
+from bench.common import Lab, Skip, XdpFilter, log, median, print_table
 from bench.rig import BenchRig
 from xdpguard import bpfsys, loader
 from xdpguard.compiler import compile_policy
@@ -26,9 +27,26 @@ from xdpguard.policy import load as load_policy
 SHARED = ("v4 udp denied", "v4 tcp syn pass", "v6 udp pass", "vlan v4 syn pass")
 
 
-def _measure(fd: int, frame: bytes, runs: int, repeat: int) -> dict:
-    xs = [bpfsys.prog_test_run(fd, frame, repeat=repeat, data_out_size=0)[1] for _ in range(runs)]
-    return {"median": median(xs), "runs": xs}
+class Subject:
+    """One program under measurement: label, fd, and its results per class."""
+
+    def __init__(self, label: str, fd: int):
+        self.label, self.fd = label, fd
+        self.runs: dict[str, list[int]] = {}
+        self.verdicts_ok: dict[str, bool] = {}
+
+    def medians(self) -> dict:
+        return {c: median(xs) for c, xs in self.runs.items()}
+
+
+def _rounds(subjects: list[Subject], classes, runs: int, repeat: int) -> None:
+    """Interleave: in every round each subject runs every class once, so a
+    slow moment of the machine (other work on it) hits all of them alike."""
+    for _ in range(runs):
+        for c in classes:
+            for s in subjects:
+                d = bpfsys.prog_test_run(s.fd, c.frame, repeat=repeat, data_out_size=0)[1]
+                s.runs.setdefault(c.name, []).append(d)
 
 
 def _mean_ratio(num: dict, den: dict, names) -> tuple[float | None, float | None, str | None]:
@@ -63,126 +81,131 @@ def _union(*shapes):
                           for f in ("nwords", "vec_per_gen", "lpm4_max", "lpm6_max")))
 
 
-def _xdpguard(ctx, key: str, classes, runs: int, repeat: int, builds, compiled=None,
-              rig: BenchRig | None = None) -> dict:
-    """Measure one policy. With rig: load the policy into that program in
-    place (same shape; the trie capacity does not change the lookup cost)."""
-    mat = ctx.material
-    tables, out = compiled or _compiled(ctx, key)
-    for build in builds:
-        shared = rig is not None
-        if shared:
-            if rig.tables is not tables:
-                t0 = time.monotonic()
-                rig.load(tables)
-                rig.fill_s = time.monotonic() - t0
-                rig.compile_s = 0.0
-            out["shared_program"] = True
-        else:
-            rig = BenchRig(tables, test=(build == "test"))
-        try:
-            rig.ban(mat.addrs.banned4)
-            res, checks = {}, {}
-            for c in classes:
-                # Warm up (limit-over spends its burst of 1) and check the verdict.
-                for _ in range(3):
-                    got = rig.verdict(c.frame)
-                ok = got == c.expect
-                if build == "test":
-                    d = rig.run(c.frame)
-                    name = None if d["rule"] is None else tables.rules[d["rule"]].name
-                    ok = ok and name == c.expect_rule
-                checks[c.name] = ok
-                if not ok:
-                    log(f"percpu: policy {key} {build}: {c.name}: verdict {got}, expected {c.expect}")
-                res[c.name] = _measure(rig.fd, c.frame, runs, repeat)
-            out[build] = {c: r["median"] for c, r in res.items()}
-            out[build + "_runs"] = {c: r["runs"] for c, r in res.items()}
-            out[build + "_verdicts_ok"] = checks
-            out[build + "_bcc_compile_s"] = rig.compile_s
-            out[build + "_fill_s"] = rig.fill_s
-            out[build + "_xlated_bytes"] = bpfsys.prog_info(rig.fd)["xlated_prog_len"]
-        finally:
-            if not shared:
-                rig.close()
-            rig = None if not shared else rig
-    return out
+def _check(ctx, rig: BenchRig, tables, subject: Subject, classes) -> None:
+    """Ban the banned class's source, warm up (limit-over spends its burst)
+    and check every class gets its verdict (test build: and its rule)."""
+    rig.ban(ctx.material.addrs.banned4)
+    for c in classes:
+        for _ in range(3):
+            got = rig.verdict(c.frame)
+        ok = got == c.expect
+        if rig.test:
+            d = rig.run(c.frame)
+            name = None if d["rule"] is None else tables.rules[d["rule"]].name
+            ok = ok and name == c.expect_rule
+        subject.verdicts_ok[c.name] = ok
+        if not ok:
+            log(f"percpu: {subject.label}: {c.name}: verdict {got}, expected {c.expect}")
 
 
-def _xdp_filter(ctx, classes, runs: int, repeat: int) -> dict:
+def _rig(ctx, key, tables, info, build, classes, stack, shape=None) -> Subject:
+    rig = BenchRig(tables, test=(build == "test"), shape=shape)
+    stack.callback(rig.close)
+    s = Subject(f"{key}/{build}", rig.fd)
+    s.rig = rig
+    _check(ctx, rig, tables, s, classes)
+    info[build + "_bcc_compile_s"] = rig.compile_s
+    info[build + "_fill_s"] = rig.fill_s
+    info[build + "_xlated_bytes"] = bpfsys.prog_info(rig.fd)["xlated_prog_len"]
+    return s
+
+
+def _xdp_filter(ctx, classes, stack) -> tuple[list[Subject], dict]:
+    """xdp-filter with 10 and with 10,000 source addresses: two instances on
+    two bench veths, alive together, measured in the same rounds."""
     mat = ctx.material
-    out: dict = {}
-    with Lab(split=False) as lab:
-        with XdpFilter(lab.s, lab.b, mode="native") as xf:
-            out["prog_name"] = xf.prog_name
-            xf.add_src(mat.addrs.xdpf_deny, via_cli=10)
-            sets = [("10", None)]
-            # The firehol comparison: up to xdp-filter's 10,000 addresses.
-            firsts = []
-            for fam, v, pl in mat.level1 + mat.level3:
-                if fam == 4:
-                    firsts.append(str(ipaddress.IPv4Address(v | (1 if pl < 32 else 0))))
-            firsts = [a for a in dict.fromkeys(firsts) if a not in set(mat.addrs.xdpf_deny)]
-            sets.append(("10000", firsts[: 10000 - len(mat.addrs.xdpf_deny)]))
-            for label, extra in sets:
-                if extra:
-                    xf.add_src(extra, via_cli=0)
-                res, checks = {}, {}
-                for c in classes:
-                    got = bpfsys.prog_test_run(xf.prog_fd, c.frame, data_out_size=0)[0]
-                    want = 1 if c.src in mat.addrs.xdpf_deny else 2
-                    checks[c.name] = got == want
-                    res[c.name] = _measure(xf.prog_fd, c.frame, runs, repeat)["median"]
-                out[label] = res
-                out[label + "_verdicts_ok"] = checks
-                out[label + "_entries"] = xf.count(4)
-    return out
+    firsts = []
+    for fam, v, pl in mat.level1 + mat.level3:
+        if fam == 4:
+            firsts.append(str(ipaddress.IPv4Address(v | (1 if pl < 32 else 0))))
+    firsts = [a for a in dict.fromkeys(firsts) if a not in set(mat.addrs.xdpf_deny)]
+    info: dict = {}
+    subjects = []
+    for label, extra in (("10", []), ("10000", firsts[: 10000 - len(mat.addrs.xdpf_deny)])):
+        lab = stack.enter_context(Lab(split=False))
+        xf = stack.enter_context(XdpFilter(lab.s, lab.b, mode="native"))
+        info["prog_name"] = xf.prog_name
+        xf.add_src(mat.addrs.xdpf_deny, via_cli=10)
+        if extra:
+            xf.add_src(extra, via_cli=0)
+        s = Subject(f"xdp-filter/{label}", xf.prog_fd)
+        for c in classes:
+            got = bpfsys.prog_test_run(xf.prog_fd, c.frame, data_out_size=0)[0]
+            s.verdicts_ok[c.name] = got == (1 if c.src in mat.addrs.xdpf_deny else 2)
+        info[label + "_entries"] = xf.count(4)
+        subjects.append(s)
+    return subjects, info
 
 
 def run(ctx) -> dict:
     quick = ctx.quick
     runs, repeat = (3, 100_000) if quick else (5, 1_000_000)
     classes = policies.classes(ctx.material.addrs)
+    names = [c.name for c in classes]
     keys = ["a", "b", "c", "d"]
     ctx.sizes.setdefault("d", 200_000 if quick else 1_000_000)
-    result: dict = {"runs": runs, "repeat": repeat, "classes": [c.name for c in classes],
-                    "policies": {}, "notes": []}
+    result: dict = {"runs": runs, "repeat": repeat, "classes": names, "policies": {}}
+    P = result["policies"]
 
-    floor = {c.name: _measure(ctx.tiny.pass_fd, c.frame, runs, repeat)["median"] for c in classes}
-    result["floor"] = floor
-
-    if not quick:
-        for key in keys:
-            log(f"percpu: policy {key} (prod, test)")
-            result["policies"][key] = _xdpguard(ctx, key, classes, runs, repeat, ["prod", "test"])
-    else:
-        # A bcc compile costs seconds: production builds only (and the test
-        # build of b), c and d share one program of their union shape.
-        for key in ("a", "b"):
-            builds = ["prod", "test"] if key == "b" else ["prod"]
-            log(f"percpu: policy {key} ({', '.join(builds)})")
-            result["policies"][key] = _xdpguard(ctx, key, classes, runs, repeat, builds)
-        log("percpu: policies c, d (one program)")
-        cc, cd = _compiled(ctx, "c"), _compiled(ctx, "d")
-        shape = _union(loader.Shape.for_tables(cc[0]), loader.Shape.for_tables(cd[0]))
-        rig = BenchRig(cc[0], shape=shape)
+    with ExitStack() as stack:
+        floor = Subject("floor", ctx.tiny.pass_fd)
+        subjects = [floor]
+        later = []          # quick: d replaces c in the shared program afterwards
+        if not quick:
+            for key in keys:
+                log(f"percpu: policy {key}: compile, load, check (prod, test)")
+                tables, P[key] = _compiled(ctx, key)
+                for build in ("prod", "test"):
+                    subjects.append(_rig(ctx, key, tables, P[key], build, classes, stack))
+        else:
+            # A bcc compile costs seconds: production builds, the test build
+            # of b only, and c and d share one program of their union shape.
+            for key in ("a", "b"):
+                log(f"percpu: policy {key}: compile, load, check")
+                tables, P[key] = _compiled(ctx, key)
+                for build in (("prod", "test") if key == "b" else ("prod",)):
+                    subjects.append(_rig(ctx, key, tables, P[key], build, classes, stack))
+            log("percpu: policies c, d (one program)")
+            (tc, P["c"]), (td, P["d"]) = _compiled(ctx, "c"), _compiled(ctx, "d")
+            shape = _union(loader.Shape.for_tables(tc), loader.Shape.for_tables(td))
+            sc = _rig(ctx, "c", tc, P["c"], "prod", classes, stack, shape=shape)
+            P["c"]["shared_program"] = P["d"]["shared_program"] = True
+            subjects.append(sc)
+            later.append(("d", td, sc.rig))
         try:
-            rig.ban(ctx.material.addrs.banned4)
-            result["policies"]["c"] = _xdpguard(ctx, "c", classes, runs, repeat, ["prod"], cc, rig)
-            result["policies"]["d"] = _xdpguard(ctx, "d", classes, runs, repeat, ["prod"], cd, rig)
-        finally:
-            rig.close()
+            log("percpu: xdp-filter")
+            xsubs, result["xdp_filter"] = _xdp_filter(ctx, classes, stack)
+            subjects += xsubs
+        except Skip as e:
+            result["xdp_filter"] = {"skipped": str(e)}
+        log(f"percpu: {len(subjects)} programs x {len(classes)} classes x {runs} rounds")
+        _rounds(subjects, classes, runs, repeat)
+        for key, tables, rig in later:
+            t0 = time.monotonic()
+            rig.load(tables)
+            P[key]["prod_fill_s"] = time.monotonic() - t0
+            s = Subject(f"{key}/prod", rig.fd)
+            _check(ctx, rig, tables, s, classes)
+            _rounds([s, floor], classes, runs, repeat)
+            subjects.append(s)
 
-    try:
-        log("percpu: xdp-filter")
-        result["xdp_filter"] = _xdp_filter(ctx, classes, runs, repeat)
-    except Skip as e:
-        result["xdp_filter"] = {"skipped": str(e)}
+    for s in subjects:
+        if "/" in s.label and not s.label.startswith("xdp-filter"):
+            key, build = s.label.split("/")
+            P[key][build] = s.medians()
+            P[key][build + "_runs"] = s.runs
+            P[key][build + "_verdicts_ok"] = s.verdicts_ok
+        elif s.label.startswith("xdp-filter"):
+            lab = s.label.split("/")[1]
+            result["xdp_filter"][lab] = s.medians()
+            result["xdp_filter"][lab + "_runs"] = s.runs
+            result["xdp_filter"][lab + "_verdicts_ok"] = s.verdicts_ok
+    result["floor"] = floor.medians()
+    result["floor_runs"] = floor.runs
+    floor = result["floor"]
 
     # ---- ratios
-    P = result["policies"]
     xf = result.get("xdp_filter", {})
-    names = [c.name for c in classes]
     r: dict = {}
     if "10000" in xf:
         agg, worst, wname = _mean_ratio(P["b"]["prod"], xf["10000"], SHARED)
@@ -193,9 +216,15 @@ def run(ctx) -> dict:
     for k in ("b", "c", "d"):
         agg, worst, wname = _mean_ratio(P[k]["prod"], P["a"]["prod"], names)
         r[f"{k}_vs_a"] = {"mix": agg, "worst": worst, "worst_class": wname}
-    if "test" in P["a"]:
-        agg, _, _ = _mean_ratio(P["a"]["test"], P["a"]["prod"], names)
-        r["test_build_vs_prod_a"] = {"mix": agg}
+        # The same with the test-run loop itself (the floor) taken out.
+        net = {c: P[k]["prod"][c] - floor[c] for c in names}
+        net_a = {c: P["a"]["prod"][c] - floor[c] for c in names}
+        agg, worst, wname = _mean_ratio(net, net_a, names)
+        r[f"{k}_vs_a_net_of_floor"] = {"mix": agg, "worst": worst, "worst_class": wname}
+    for k in keys:
+        if "test" in P[k]:
+            agg, _, _ = _mean_ratio(P[k]["test"], P[k]["prod"], names)
+            r[f"test_build_vs_prod_{k}"] = {"mix": agg}
     result["ratios"] = r
 
     # ---- tables
@@ -208,8 +237,10 @@ def run(ctx) -> dict:
         rows.append(row)
     bad = [f"{k}/{b}/{c}" for k in keys for b in ("prod", "test")
            for c, ok in P[k].get(b + "_verdicts_ok", {}).items() if not ok]
-    note = [f"ns/packet, median of {runs} x {repeat:,} repeats; xdpguard production build "
-            f"(key rules at index N-8: passing packets scan every rule-vector word)"]
+    bad += [f"xdp-filter {n}/{c}" for n in ("10", "10000")
+            for c, ok in xf.get(n + "_verdicts_ok", {}).items() if not ok]
+    note = [f"ns/packet, median of {runs} x {repeat:,} repeats, all programs interleaved in rounds;",
+            "xdpguard production build; key rules at index N-8 (passing packets scan every rule word)"]
     if "skipped" in xf:
         note.append(f"xdp-filter: skipped: {xf['skipped']}")
     else:

@@ -20,11 +20,23 @@ from xdpguard.layout import PERSISTENT_MAPS, POLICY_MAPS
 class BenchRig(loader.TestRig):
     __test__ = False
 
-    def __init__(self, tables: Tables, test: bool = False, shape: loader.Shape | None = None):
+    def __init__(self, tables: Tables, test: bool = False, shape: loader.Shape | None = None,
+                 source: str | None = None, cflags: tuple = ()):
+        """source: a variant of bpf/xdpguard.c (bench/analysis.py), compiled
+        like loader.compile_program does, with extra cflags."""
         self.test = test
         self.shape = shape or loader.Shape.for_tables(tables)
         t0 = time.monotonic()
-        self.b, self.fn = loader.compile_program(self.shape, test=test)
+        if source is None:
+            self.b, self.fn = loader.compile_program(self.shape, test=test)
+        else:
+            from bcc import BPF
+            from xdpguard import layout
+            flags = [f"-I{layout.bpf_dir()}", "-w"] + self.shape.cflags() + list(cflags)
+            if test:
+                flags.append("-DXG_TEST=1")
+            self.b = BPF(text=source, cflags=flags)
+            self.fn = self.b.load_func(loader.PROG_NAME.encode(), BPF.XDP)
         self.compile_s = time.monotonic() - t0
         names = POLICY_MAPS + PERSISTENT_MAPS + (("debug",) if test else ())
         self.maps = loader.bcc_maps(self.b, names)

@@ -7,7 +7,8 @@
 
 Sections: percpu (BPF_PROG_TEST_RUN cost per packet), flood (live-frame
 floods through a veth pair), limiter (accuracy of rate limits), control
-(apply, re-apply, stats, memory, compile). Tables go to stdout, progress to
+(apply, re-apply, stats, memory, compile), analysis (full runs only: cost
+of each stage of the program, LPM trie vs array lookup). Tables go to stdout, progress to
 stderr, everything to JSON (bench/results/latest.json by default).
 
 Needs root, bcc and bpffs. Every interface it touches is a veth pair in
@@ -30,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import common  # noqa: E402
 from bench.common import dump_json, log, print_table  # noqa: E402
 
-SECTIONS = ("percpu", "flood", "limiter", "control")
+SECTIONS = ("percpu", "flood", "limiter", "control", "analysis")
+QUICK_SECTIONS = ("percpu", "flood", "limiter", "control")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -122,14 +124,17 @@ def print_targets(tg: list[dict]) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller counts, fewer modes (< 2 minutes)")
-    ap.add_argument("--sections", default=",".join(SECTIONS),
-                    help=f"comma-separated subset of {','.join(SECTIONS)}")
+    ap.add_argument("--sections", default=None,
+                    help=f"comma-separated subset of {','.join(SECTIONS)} "
+                         f"(default: all; --quick: {','.join(QUICK_SECTIONS)})")
     ap.add_argument("--json-out", type=Path, default=RESULTS / "latest.json", help="JSON result path")
     args = ap.parse_args(argv)
 
     if os.geteuid() != 0:
         print("bench: needs root (BPF, network namespaces)", file=sys.stderr)
         return 2
+    if args.sections is None:
+        args.sections = ",".join(QUICK_SECTIONS if args.quick else SECTIONS)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     for s in sections:
         if s not in SECTIONS:
