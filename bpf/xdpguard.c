@@ -241,25 +241,27 @@ int xdpguard_prog(struct xdp_md *ctx)
 		vdp = xg_vec(gen, XG_VEC_NOPORT_DPORT);
 	}
 	if (vl && vs && vd && vsp && vdp) {
-		__u32 nwords = g->nwords;
+		/* Words that are non-zero in all five vectors, lowest first. */
+		__u64 cand = vl->summary & vs->summary & vd->summary & vsp->summary & vdp->summary;
 
 		for (i = 0; i < XG_NWORDS; i++) {
+			__u32 w;
+			__u64 m;
+
+			if (!cand)
+				break;
 			/* XG_NWORDS is a power of two. The empty asm hides w
 			 * from clang, so the mask survives and the verifier
 			 * sees the bound whatever clang does to the loop. */
-			__u32 w = i;
-			__u64 m;
-
+			w = xg_ctz64(cand);
 			asm volatile("" : "+r"(w));
 			w &= XG_NWORDS - 1;
-
-			if (i >= nwords)
-				break;
 			m = vl->w[w] & vs->w[w] & vd->w[w] & vsp->w[w] & vdp->w[w];
 			if (m) {
 				rule = w * 64 + xg_ctz64(m);
 				break;
 			}
+			cand &= cand - 1;
 		}
 	}
 

@@ -221,8 +221,14 @@ struct xg_debug {
 };
 
 #ifdef XG_NWORDS
-/* One rule bit vector; the width is a -D flag from the compiled policy. */
+/*
+ * One rule bit vector; the width is a -D flag from the compiled policy.
+ * summary has bit j set when w[j] is not zero: ANDing the five summaries
+ * first lets the program visit only words that can hold a match, so a
+ * packet that matches no rule costs the same with 1,000 rules as with 10.
+ */
 struct xg_vec {
+	__u64 summary;
 	__u64 w[XG_NWORDS];
 };
 #endif

@@ -105,10 +105,14 @@ def vec_entries(maps, tables, gen: int, vec_per_gen: int):
     mask = (1 << 64) - 1
     for i, v in enumerate(tables.vecs):
         w = vals[i].w
+        summary = 0
         for j in range(nwords):
-            w[j] = (v >> (64 * j)) & mask
+            w[j] = word = (v >> (64 * j)) & mask
+            if word:
+                summary |= 1 << j
             if not v >> (64 * (j + 1)):
                 break
+        vals[i].summary = summary
     return keys, vals
 
 
