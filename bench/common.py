@@ -363,6 +363,15 @@ def set_threaded_napi(lab: Lab, cpu: int) -> list[int]:
     return pids
 
 
+def schedstat(path: str) -> tuple[int, int]:
+    """(ns on a CPU, ns waiting for one) of a task: /proc/<pid>/schedstat."""
+    try:
+        f = Path(path).read_text().split()
+        return int(f[0]), int(f[1])
+    except (OSError, IndexError, ValueError):
+        return 0, 0
+
+
 @contextmanager
 def pinned_thread(cpu: int) -> Iterator[None]:
     old = os.sched_getaffinity(0)

@@ -7,7 +7,8 @@
 
 Sections: percpu (BPF_PROG_TEST_RUN cost per packet), flood (live-frame
 floods through a veth pair), limiter (accuracy of rate limits), control
-(apply, re-apply, stats, memory, compile), analysis (full runs only: cost
+(apply, re-apply, stats, memory, compile), mitigation (watch: reaction,
+legit client during a flood, CPU at 10,000 sources), analysis (full runs only: cost
 of each stage of the program, LPM trie vs array lookup). Tables go to stdout, progress to
 stderr, everything to JSON (bench/results/latest.json by default).
 
@@ -31,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import common  # noqa: E402
 from bench.common import dump_json, log, print_table  # noqa: E402
 
-SECTIONS = ("percpu", "flood", "limiter", "control", "analysis")
+SECTIONS = ("percpu", "flood", "limiter", "control", "mitigation", "analysis")
 QUICK_SECTIONS = ("percpu", "flood", "limiter", "control")
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -105,6 +106,12 @@ def targets(res: dict) -> list[dict]:
     add("stats <= 0.3 s", _get(c, "stats", "median_s"), 0.3, unit="s")
     add("first apply <= 5 s", _get(c, "first_apply", "cli_s"), 5.0, unit="s",
         detail=_get(c, "first_apply", "detail") or "")
+
+    m = res.get("mitigation", {})
+    add("watch reaction (threshold for window -> first drop) <= 2 s", _get(m, "reaction_s", "max"), 2.0, unit="s")
+    add("legit success during a flood with watch >= 95% of baseline",
+        _get(m, "legit", "with_watch_vs_baseline"), 0.95, kind="min", unit="x")
+    add("watch CPU at 10,000 sources < 5% of a core", _get(m, "watch_cpu", "cpu_share_of_one_core"), 0.05)
     return out
 
 

@@ -1,0 +1,116 @@
+"""The benchmark suite runs end to end (bench/run.py --quick) and writes
+well-formed JSON with every section. No timing is asserted: the numbers
+depend on the machine; only their presence and shape are checked."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.kernel]
+
+REPO = Path(__file__).resolve().parent.parent
+SECTIONS = ("percpu", "flood", "limiter", "control")
+CLASSES = {"v4 udp denied", "v4 tcp syn pass", "v6 udp pass", "vlan v4 syn pass",
+           "limit within", "limit over", "banned"}
+
+
+def _numbers(obj):
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from _numbers(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _numbers(v)
+    elif isinstance(obj, float):
+        yield obj
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory, blocklists_dir):
+    out = tmp_path_factory.mktemp("bench") / "quick.json"
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--json-out", str(out)],
+                       capture_output=True, text=True, timeout=600, cwd=REPO)
+    return r, out
+
+
+def test_quick_run_succeeds(quick_run):
+    r, out = quick_run
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert out.is_file()
+    assert str(out) in r.stdout               # the JSON path is printed
+    assert "targets" in r.stdout
+
+
+def test_json_sections(quick_run):
+    _, out = quick_run
+    res = json.loads(out.read_text())
+    assert res["meta"]["quick"] is True
+    assert res["errors"] == {}
+    for s in SECTIONS:
+        assert s in res and "error" not in res[s], s
+        assert res[s]["elapsed_s"] >= 0
+    # No NaN or infinity anywhere (json.loads accepts them; strict readers do not).
+    assert all(math.isfinite(x) for x in _numbers(res))
+
+
+def test_percpu_shape(quick_run):
+    res = json.loads(quick_run[1].read_text())["percpu"]
+    assert set(res["classes"]) == CLASSES
+    assert set(res["floor"]) == CLASSES
+    for key in ("a", "b", "c", "d"):
+        p = res["policies"][key]
+        assert set(p["prod"]) == CLASSES
+        assert all(isinstance(v, (int, float)) and v > 0 for v in p["prod"].values())
+        assert all(p["prod_verdicts_ok"].values()), (key, p["prod_verdicts_ok"])
+    xf = res["xdp_filter"]
+    assert "skipped" in xf or set(xf["10"]) == CLASSES
+    assert {"c_vs_a", "d_vs_a"} <= set(res["ratios"])
+
+
+def test_flood_accounting(quick_run):
+    res = json.loads(quick_run[1].read_text())["flood"]
+    assert res["runs"]
+    for r in res["runs"]:
+        assert r["sent"] > 0
+        # Every frame sent is received or lost with a reason.
+        assert r["sent"] == r["received"] + r["lost_ring_full"] + r["unaccounted"]
+        assert r["received"] == r["dropped"] + r["passed"]
+    assert {"xdpguard_vs_nft", "xdpguard_vs_xdp_drop", "spoof_vs_single"} <= set(res["targets"])
+
+
+def test_limiter_and_control_shape(quick_run):
+    res = json.loads(quick_run[1].read_text())
+    lim = res["limiter"]
+    assert lim["testrun"] and lim["flood"]
+    for r in lim["testrun"] + lim["flood"]:
+        assert {"system", "per", "sources", "rate", "admitted_pps", "error"} <= set(r)
+    ctl = res["control"]
+    for k in ("first_apply", "reapply_100k", "stats", "py_compile_100k", "memory"):
+        assert k in ctl, k
+    assert ctl["reapply_100k"]["in_place"] is True
+    assert len(ctl["stats"]["runs_s"]) == 10
+
+
+def test_targets_listed(quick_run):
+    res = json.loads(quick_run[1].read_text())
+    tg = res["targets"]
+    assert len(tg) == 10
+    for t in tg:
+        assert t["status"] in ("PASS", "MISS", "n/a")
+
+
+def test_nothing_left_behind(quick_run):
+    """No namespace the run created, nor an xdpguard pin in one, survives."""
+    created = json.loads(quick_run[1].read_text())["meta"]["namespaces"]
+    assert created and all(n.startswith("xgb") for n in created)
+    netns = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
+    assert not netns & set(created)
+    root = Path("/sys/fs/bpf/xdpguard")
+    if root.is_dir():
+        assert not {d.name for d in root.iterdir()} & set(created)
