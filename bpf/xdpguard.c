@@ -7,6 +7,7 @@
  *                    (rules per generation = 64 x this)
  *   XG_VEC_PER_GEN   vector table rows per generation
  *   XG_LPM4_MAX, XG_LPM6_MAX   classifier trie capacities (both generations)
+ *   XG_DIR24         1: IPv4 sources go through the /24 table first
  *   XG_STAGE         pid of the loader: maps are pinned (or reused) under
  *                    /sys/fs/bpf/xdpguard/@stage/<XG_STAGE>/
  *   XG_TEST          build for BPF_PROG_TEST_RUN: record the deciding rule
@@ -44,6 +45,10 @@ XG_MAP("lpm_trie", struct xg_lpm6_key, struct xg_class, lpm6, XG_LPM6_MAX, BPF_F
 XG_MAP("array", __u32, struct xg_vec, vecs, 2 * XG_VEC_PER_GEN, 0);
 XG_MAP("array", __u32, struct xg_class, ports, 2 * 2 * XG_NPORTS, 0);
 XG_MAP("array", __u32, struct xg_rule, rules, 2 * XG_RULES_PER_GEN, 0);
+#ifdef XG_DIR24
+/* Written through mmap: 2 x 64 MiB would take seconds as map updates. */
+XG_MAP("array", __u32, struct xg_dir24, dir24, XG_DIR24_SLOTS, BPF_F_MMAPABLE);
+#endif
 
 /* State that outlives a policy: fixed sizes, reused across reloads. */
 XG_MAP("percpu_array", __u32, struct xg_counter, counters, XG_MAX_SLOTS, 0);
@@ -165,6 +170,20 @@ static __always_inline __u32 xg_addr_vec(struct xg_pkt *pkt, __u32 gen, __u8 dim
 {
 	struct xg_class *cl;
 
+#ifdef XG_DIR24
+	if (pkt->family == 4 && dim == XG_DIM_SRC) {
+		__u32 slot = (__u32)addr[0] << 16 | (__u32)addr[1] << 8 | addr[2];
+		__u32 idx = gen * (XG_DIR24_SLOTS / 2) + (slot >> 1);
+		struct xg_dir24 *d = dir24.lookup(&idx);
+
+		if (d) {
+			__u32 vec = d->vec[slot & 1];
+
+			if (vec != XG_DIR24_TRIE)
+				return vec;
+		}
+	}
+#endif
 	if (pkt->family == 4) {
 		struct xg_lpm4_key k = { .prefixlen = 16 + 32, .gen = gen, .dim = dim };
 

@@ -63,6 +63,15 @@
 #define XG_VEC_NOPORT_DPORT 9  /* packet has no ports: rules without dport */
 #define XG_VEC_FIRST_FREE 10
 
+/*
+ * Direct IPv4 source table (shape flag XG_DIR24, for large policies): one
+ * slot per /24 and generation holding the source's vector index, or
+ * XG_DIR24_TRIE when a prefix longer than /24 starts inside the slot and
+ * the trie must decide. Its cost does not grow with the policy.
+ */
+#define XG_DIR24_SLOTS 16777216
+#define XG_DIR24_TRIE 4294967295
+
 /* Dimensions of the address tries (byte 1 of the key data). */
 #define XG_DIM_SRC 0
 #define XG_DIM_DST 1
@@ -114,6 +123,12 @@ struct xg_lpm6_key {
 	__u8 gen;
 	__u8 dim;
 	__u8 addr[16];
+};
+
+/* Two /24 slots of the direct source table: array elements are 8-byte
+ * aligned, so a lone __u32 per element would waste half of 128 MiB. */
+struct xg_dir24 {
+	__u32 vec[2];
 };
 
 /* LPM value: index of the class bit vector in the vector table. */

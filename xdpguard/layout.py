@@ -154,3 +154,23 @@ def gen_value(maps, tables):
         g.log_cost_fp = round(1e9 * 65536 / tables.log_rate)
         g.log_burst_ns = round(1e9)
     return g
+
+
+def dir24_table(tables) -> "array":
+    """The /24 source table of one generation (XG_DIR24), from the same trie
+    entries: each slot gets the vector of the longest prefix of length <= 24
+    covering it, or XG_DIR24_TRIE where a longer prefix starts inside it.
+    Entries nest or are disjoint, so painting shorter prefixes first and
+    longer ones over them leaves the longest match in every slot."""
+    from array import array
+    table = array("I", bytes(4 * C.XG_DIR24_SLOTS))
+    src = sorted((plen, value, vec) for dim, value, plen, vec in tables.lpm[4] if dim == C.XG_DIM_SRC)
+    for plen, value, vec in src:
+        if plen <= 24:
+            lo = value >> 8
+            n = 1 << (24 - plen)
+            table[lo:lo + n] = array("I", [vec]) * n
+    for plen, value, _vec in src:
+        if plen > 24:
+            table[value >> 8] = C.XG_DIR24_TRIE
+    return table

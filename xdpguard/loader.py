@@ -25,6 +25,8 @@ MODES = {"native": bpfsys.XDP_FLAGS_DRV_MODE, "generic": bpfsys.XDP_FLAGS_SKB_MO
 # Time for packets already inside the program to finish with the old
 # generation before its entries are deleted (XDP runs in microseconds).
 GRACE_S = 0.01
+# IPv4 trie entries above which a policy gets the /24 source table.
+DIR24_THRESHOLD = 16384
 
 
 class LoadError(Exception):
@@ -46,14 +48,16 @@ class Shape:
     vec_per_gen: int
     lpm4_max: int
     lpm6_max: int
+    dir24: bool = False    # /24 source table in front of the trie (128 MiB)
 
     @property
     def rules_per_gen(self) -> int:
         return 64 * self.nwords
 
     def cflags(self) -> list[str]:
-        return [f"-DXG_NWORDS={self.nwords}", f"-DXG_VEC_PER_GEN={self.vec_per_gen}",
-                f"-DXG_LPM4_MAX={self.lpm4_max}", f"-DXG_LPM6_MAX={self.lpm6_max}"]
+        flags = [f"-DXG_NWORDS={self.nwords}", f"-DXG_VEC_PER_GEN={self.vec_per_gen}",
+                 f"-DXG_LPM4_MAX={self.lpm4_max}", f"-DXG_LPM6_MAX={self.lpm6_max}"]
+        return flags + (["-DXG_DIR24=1"] if self.dir24 else [])
 
     @classmethod
     def for_tables(cls, t: Tables) -> "Shape":
@@ -62,7 +66,10 @@ class Shape:
         return cls(nwords=min(64, _pow2(max(1, (t.nrules + 16 + 63) // 64))),
                    vec_per_gen=_pow2(max(256, 2 * len(t.vecs))),
                    lpm4_max=_pow2(max(4096, 4 * len(t.lpm[4]))),
-                   lpm6_max=_pow2(max(4096, 4 * len(t.lpm[6]))))
+                   lpm6_max=_pow2(max(4096, 4 * len(t.lpm[6]))),
+                   # A deep trie costs ~75 ns a lookup at 100k prefixes; the
+                   # /24 table costs one array load at any size, for 128 MiB.
+                   dir24=len(t.lpm[4]) > DIR24_THRESHOLD)
 
     def fits(self, t: Tables, old_lpm4: int = 0, old_lpm6: int = 0) -> bool:
         return (t.nrules <= self.rules_per_gen and len(t.vecs) <= self.vec_per_gen
@@ -147,7 +154,20 @@ def write_gen(maps: dict, tables: Tables, gen: int, shape: Shape, slots: dict[st
     bpfsys.map_update_batch(maps["ports"].fd, keys.tobytes(), vals.tobytes(), len(keys))
     keys, vals = layout.rule_entries(maps, tables, gen, shape.rules_per_gen, slots)
     maps["rules"].update_batch(keys, vals)
+    if shape.dir24:
+        _write_dir24(maps["dir24"], tables, gen)
     maps["gens"].update(ctypes.c_uint32(gen), layout.gen_value(maps, tables))
+
+
+def _write_dir24(m: pins.Map, tables: Tables, gen: int) -> None:
+    import mmap
+    table = layout.dir24_table(tables)
+    # A generation is SLOTS / 2 elements of two __u32 slots each (8 bytes,
+    # the array's element stride), in slot order: the table's own bytes.
+    assert ctypes.sizeof(m.Leaf) == 8
+    gen_bytes = C.XG_DIR24_SLOTS * 4
+    with mmap.mmap(m.fd, 2 * gen_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as mm:
+        mm[gen * gen_bytes:(gen + 1) * gen_bytes] = table.tobytes()
 
 
 def read_active(maps) -> int:
@@ -271,7 +291,7 @@ def apply(policy: Policy, tables: Tables, iface: str, netns: str | None = None,
     if dry_run:
         shape = Shape.for_tables(tables)
         b, fn = compile_program(shape)
-        maps = bcc_maps(b, POLICY_MAPS + PERSISTENT_MAPS)
+        maps = bcc_maps(b, POLICY_MAPS + PERSISTENT_MAPS + (("dir24",) if shape.dir24 else ()))
         slots, _ = assign_slots(tables, None)
         write_gen(maps, tables, 0, shape, slots)
         set_active(maps, 0)
@@ -318,7 +338,8 @@ def _previous(record: dict, kind: str, **extra) -> dict:
 def _reapply_in_place(policy, tables, directory, record, slots, fresh, log) -> dict:
     t0 = time.monotonic()
     shape = Shape(**record["shape"])
-    maps = _open_maps(directory, record, POLICY_MAPS + ("counters", "rbuckets"))
+    maps = _open_maps(directory, record, POLICY_MAPS + ("counters", "rbuckets")
+                      + (("dir24",) if shape.dir24 else ()))
     try:
         old = read_active(maps)
         new = 1 - old
@@ -352,7 +373,7 @@ def _load_and_attach(policy, tables, netns, iface, ifindex, directory, record, q
     shape = Shape.for_tables(tables)
     if record:
         shape = Shape(max(shape.nwords, record["shape"]["nwords"]), shape.vec_per_gen,
-                      shape.lpm4_max, shape.lpm6_max)
+                      shape.lpm4_max, shape.lpm6_max, shape.dir24)
     stage = pins.STAGE / str(os.getpid())
     pins.remove_dir(stage)
     stage.mkdir(parents=True)
@@ -364,7 +385,7 @@ def _load_and_attach(policy, tables, netns, iface, ifindex, directory, record, q
                     with bpfsys.closing_fd(bpfsys.obj_get(str(directory / name))) as fd:
                         bpfsys.obj_pin(fd, str(stage / name))
         b, fn = compile_program(shape, stage=os.getpid())
-        names = POLICY_MAPS + PERSISTENT_MAPS
+        names = POLICY_MAPS + PERSISTENT_MAPS + (("dir24",) if shape.dir24 else ())
         maps = bcc_maps(b, names)
         for extra in ("droplog", "logfmt"):
             bpfsys.obj_pin(b[extra.encode()].map_fd, str(stage / extra))
@@ -509,7 +530,8 @@ class TestRig:
     def __init__(self, tables: Tables, shape: Shape | None = None):
         self.shape = shape or Shape.for_tables(tables)
         self.b, self.fn = compile_program(self.shape, test=True)
-        self.maps = bcc_maps(self.b, POLICY_MAPS + PERSISTENT_MAPS + ("debug",))
+        self.maps = bcc_maps(self.b, POLICY_MAPS + PERSISTENT_MAPS + ("debug",)
+                             + (("dir24",) if self.shape.dir24 else ()))
         self.gen = 0
         self.slots = {}
         self.load(tables)
