@@ -38,8 +38,7 @@ class BenchRig(loader.TestRig):
             self.b = BPF(text=source, cflags=flags)
             self.fn = self.b.load_func(loader.PROG_NAME.encode(), BPF.XDP)
         self.compile_s = time.monotonic() - t0
-        names = POLICY_MAPS + PERSISTENT_MAPS + (("debug",) if test else ())
-        self.maps = loader.bcc_maps(self.b, names)
+        self.maps = loader.bcc_maps(self.b, self.shape.map_names(test=test))
         t0 = time.monotonic()
         # First fill: generation 0 of empty maps, nothing to clear (TestRig.load
         # would walk every key of the tries with get_next_key to clear gen 1).

@@ -71,6 +71,11 @@ class Shape:
                    # /24 table costs one array load at any size, for 128 MiB.
                    dir24=len(t.lpm[4]) > DIR24_THRESHOLD)
 
+    def map_names(self, test: bool = False) -> tuple[str, ...]:
+        """The maps a program of this shape has (bpf/xdpguard.c)."""
+        return (POLICY_MAPS + PERSISTENT_MAPS + (("dir24",) if self.dir24 else ())
+                + (("debug",) if test else ()))
+
     def fits(self, t: Tables, old_lpm4: int = 0, old_lpm6: int = 0) -> bool:
         return (t.nrules <= self.rules_per_gen and len(t.vecs) <= self.vec_per_gen
                 and len(t.lpm[4]) + old_lpm4 <= self.lpm4_max
@@ -291,7 +296,7 @@ def apply(policy: Policy, tables: Tables, iface: str, netns: str | None = None,
     if dry_run:
         shape = Shape.for_tables(tables)
         b, fn = compile_program(shape)
-        maps = bcc_maps(b, POLICY_MAPS + PERSISTENT_MAPS + (("dir24",) if shape.dir24 else ()))
+        maps = bcc_maps(b, shape.map_names())
         slots, _ = assign_slots(tables, None)
         write_gen(maps, tables, 0, shape, slots)
         set_active(maps, 0)
@@ -385,7 +390,7 @@ def _load_and_attach(policy, tables, netns, iface, ifindex, directory, record, q
                     with bpfsys.closing_fd(bpfsys.obj_get(str(directory / name))) as fd:
                         bpfsys.obj_pin(fd, str(stage / name))
         b, fn = compile_program(shape, stage=os.getpid())
-        names = POLICY_MAPS + PERSISTENT_MAPS + (("dir24",) if shape.dir24 else ())
+        names = shape.map_names()
         maps = bcc_maps(b, names)
         for extra in ("droplog", "logfmt"):
             bpfsys.obj_pin(b[extra.encode()].map_fd, str(stage / extra))
@@ -530,8 +535,7 @@ class TestRig:
     def __init__(self, tables: Tables, shape: Shape | None = None):
         self.shape = shape or Shape.for_tables(tables)
         self.b, self.fn = compile_program(self.shape, test=True)
-        self.maps = bcc_maps(self.b, POLICY_MAPS + PERSISTENT_MAPS + ("debug",)
-                             + (("dir24",) if self.shape.dir24 else ()))
+        self.maps = bcc_maps(self.b, self.shape.map_names(test=True))
         self.gen = 0
         self.slots = {}
         self.load(tables)
