@@ -164,13 +164,17 @@ def dir24_table(tables) -> "array":
     longer ones over them leaves the longest match in every slot."""
     from array import array
     table = array("I", bytes(4 * C.XG_DIR24_SLOTS))
-    src = sorted((plen, value, vec) for dim, value, plen, vec in tables.lpm[4] if dim == C.XG_DIM_SRC)
+    src = [(plen, value, vec) for dim, value, plen, vec in tables.lpm[4] if dim == C.XG_DIM_SRC]
+    src.sort(key=lambda e: e[0])
+    longer = []
     for plen, value, vec in src:
-        if plen <= 24:
-            lo = value >> 8
-            n = 1 << (24 - plen)
+        if plen == 24:
+            table[value >> 8] = vec       # most blocklist entries: one slot
+        elif plen < 24:
+            lo, n = value >> 8, 1 << (24 - plen)
             table[lo:lo + n] = array("I", [vec]) * n
-    for plen, value, _vec in src:
-        if plen > 24:
-            table[value >> 8] = C.XG_DIR24_TRIE
+        else:
+            longer.append(value >> 8)
+    for slot in longer:
+        table[slot] = C.XG_DIR24_TRIE
     return table

@@ -189,7 +189,7 @@ def _gen_keys(m: pins.Map, gen: int) -> list[bytes]:
     """Trie keys of one generation (byte 4 of a key is its generation)."""
     ks, vs = ctypes.sizeof(m.Key), ctypes.sizeof(m.Leaf)
     try:
-        items = bpfsys.map_items_batch(m.fd, ks, vs, chunk=8192)
+        items = bpfsys.map_items_batch(m.fd, ks, vs, chunk=65536)
         return [k for k, _v in items if k[4] == gen]
     except OSError as e:
         if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, _ENOTSUPP):
