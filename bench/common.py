@@ -627,6 +627,13 @@ def git_rev() -> str | None:
     return r.stdout.strip() or None
 
 
+def git_dirty() -> list[str]:
+    """Uncommitted changes to what is measured (bpf/, xdpguard/) at the start."""
+    r = subprocess.run(["git", "-C", str(REPO), "status", "--short", "--", "bpf", "xdpguard"],
+                       capture_output=True, text=True)
+    return [ln.strip() for ln in r.stdout.splitlines() if ln.strip()]
+
+
 def dump_json(obj, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

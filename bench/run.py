@@ -153,7 +153,7 @@ def main(argv=None) -> int:
     res: dict = {
         "schema": 1,
         "meta": {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "quick": args.quick,
-                 "kernel": platform.release(), "cpus": os.cpu_count(), "git": common.git_rev(),
+                 "kernel": platform.release(), "cpus": os.cpu_count(), "git": common.git_rev(), "git_dirty": common.git_dirty(),
                  "python": platform.python_version(), "sections": sections},
         "errors": {},
     }

@@ -347,7 +347,9 @@ def test_e2e_ipv4(probes, nspair):
     assert entry(snap, "dests", dclosed)["syns"] == 0
     # and the client's sockets received them: the server is their peer
     assert entry(snap, "sources", h.srv4 + "/32")["rst_recv"] == N_REFUSED
-    assert d["synack_retrans"] == 0 and d["resets"] == 0
+    # (No assertion on resets at the open port: a client that closes before
+    # reading the reply makes the kernel send an RST, which is timing.)
+    assert d["synack_retrans"] == 0
 
     # A forged SYN from an address that never answers: the SYN reaches the
     # listener, no handshake, and the SYN-ACK is retransmitted (after 1 s).
