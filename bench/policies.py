@@ -69,15 +69,9 @@ class _Cover:
     """Is an address inside any of a list of IPv4 prefixes (sorted intervals)."""
 
     def __init__(self, prefixes):
-        iv = sorted((v, v | ((1 << (32 - pl)) - 1)) for f, v, pl in prefixes if f == 4)
-        firsts, lasts = [], []
-        for a, b in iv:
-            if lasts and a <= lasts[-1] + 1:
-                lasts[-1] = max(lasts[-1], b)
-            else:
-                firsts.append(a)
-                lasts.append(b)
-        self.firsts, self.lasts = firsts, lasts
+        from xdpguard.compiler import merged_intervals
+        from xdpguard.policy import Prefix
+        self.firsts, self.lasts = merged_intervals([Prefix(*p) for p in prefixes])[4]
 
     def hits(self, lo: int, hi: int) -> bool:
         """Does [lo, hi] overlap any prefix?"""

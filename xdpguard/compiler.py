@@ -196,7 +196,7 @@ def compile_policy(policy: Policy) -> Tables:
 
 # ---------------------------------------------------------------- warnings for `check`
 
-def _merged(prefixes) -> dict[int, tuple[list[int], list[int]]]:
+def merged_intervals(prefixes) -> dict[int, tuple[list[int], list[int]]]:
     """Per family: sorted, merged [first, last] intervals for containment tests."""
     out = {}
     for fam in (4, 6):
@@ -217,7 +217,7 @@ def _covers_addr(outer, inner) -> bool:
         return True
     if inner is None:
         return False
-    m = _merged(outer)
+    m = merged_intervals(outer)
     for p in inner:
         firsts, lasts = m[p.family]
         i = bisect_right(firsts, p.value) - 1
