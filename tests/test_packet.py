@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import random
-import time
 from ipaddress import ip_address, ip_network
 
 import pytest
@@ -637,13 +636,11 @@ def test_from_fields_not_a_dict():
 # --------------------------------------------------------------------------
 # fuzz helpers
 
-def test_random_frame_coverage_and_speed():
+def test_random_frame_coverage():
+    # Behaviour only: the generator's speed is a benchmark matter (make fuzz).
     rng = random.Random(1234)
     n = 100_000
-    t0 = time.perf_counter()
     frames = [random_frame(rng) for _ in range(n)]
-    rate = n / (time.perf_counter() - t0)
-    assert rate > 50_000, f"{rate:.0f} frames/s"
     seen = set()
     lengths = set()
     for f in frames:
@@ -681,9 +678,7 @@ def test_mutate():
     base = [build("192.0.2.1", "198.51.100.2", vlans=(1,)),
             build("2001:db8::1", "2001:db8::2", "udp", ipv6_exthdrs=[("hop",), ("frag", 0, True)]),
             b""]
-    t0 = time.perf_counter()
     out = [mutate(rng, base[i % 3]) for i in range(60_000)]
-    assert 60_000 / (time.perf_counter() - t0) > 50_000
     assert all(isinstance(f, bytes) for f in out)
     results = {parse(f) if isinstance(parse(f), Verdict) else "packet" for f in out}
     assert results == {MALFORMED, NON_IP, "packet"}

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
@@ -135,7 +134,6 @@ def _describe(pkt) -> str:
 # ---------------------------------------------------------------- test (real kernel)
 
 def cmd_test(args) -> int:
-    from xdpguard import packet
     from xdpguard.compiler import compile_policy
     from xdpguard.layout import C
     from xdpguard.loader import TestRig
@@ -215,7 +213,7 @@ def _test_result(rig, tables, res, names, C, Decision) -> dict:
 # ---------------------------------------------------------------- apply / detach
 
 def cmd_apply(args) -> int:
-    from xdpguard import loader, pins, safety
+    from xdpguard import loader, safety
     from xdpguard.compiler import compile_policy
     _check_names(args)
     policy = _policy(args.policy)

@@ -1,7 +1,6 @@
 """Commands of the feedback loop: watch, ban, unban, bans, top."""
 from __future__ import annotations
 
-import ipaddress
 import sys
 import time
 

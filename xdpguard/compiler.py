@@ -12,7 +12,7 @@ from bisect import bisect_right
 from dataclasses import dataclass, field
 
 from xdpguard.layout import C
-from xdpguard.policy import Policy, Prefix, Rule
+from xdpguard.policy import Policy, Rule
 
 _ACTION = {"allow": C.XG_ACT_ALLOW, "deny": C.XG_ACT_DENY, "limit": C.XG_ACT_LIMIT}
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ctypes
 import ipaddress
-import socket
 import time
 from pathlib import Path
 

@@ -156,7 +156,7 @@ def gen_value(maps, tables):
     return g
 
 
-def dir24_table(tables) -> "array":
+def dir24_table(tables):
     """The /24 source table of one generation (XG_DIR24), from the same trie
     entries: each slot gets the vector of the longest prefix of length <= 24
     covering it, or XG_DIR24_TRIE where a longer prefix starts inside it.

@@ -8,16 +8,14 @@ import ctypes
 import errno
 import os
 import socket
-import sys
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from xdpguard import bpfsys, layout, pins
 from xdpguard.compiler import Tables
 from xdpguard.layout import C, PERSISTENT_MAPS, POLICY_MAPS
-from xdpguard.netns import NetnsError, in_netns
+from xdpguard.netns import in_netns
 from xdpguard.policy import Policy
 
 PROG_NAME = "xdpguard_prog"

@@ -5,7 +5,6 @@ staler than the scrape itself.
 """
 from __future__ import annotations
 
-import ctypes
 from pathlib import Path
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
@@ -20,7 +19,7 @@ class _Collector:
         self.watch = watch
 
     def collect(self):
-        from xdpguard import bpfsys, pins, stats
+        from xdpguard import bpfsys, stats
         labels = ["netns", "iface", "rule", "action"]
         where = [self.record["netns"], self.record["iface"]]
         snap = stats.read_stats(self.directory, self.record)
