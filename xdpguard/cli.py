@@ -486,8 +486,7 @@ def _extensions():
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from xdpguard.loader import LoadError, UsageError
-    from xdpguard.netns import NetnsError
+    from xdpguard.errors import LoadError, NetnsError, UsageError
     from xdpguard.pins import PinError
     from xdpguard.policy import PolicyError
     try:

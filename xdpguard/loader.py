@@ -14,6 +14,7 @@ from pathlib import Path
 
 from xdpguard import bpfsys, layout, pins
 from xdpguard.compiler import Tables
+from xdpguard.errors import LoadError, UsageError  # noqa: F401 (re-exported)
 from xdpguard.layout import C, PERSISTENT_MAPS, POLICY_MAPS
 from xdpguard.netns import in_netns
 from xdpguard.policy import Policy
@@ -26,13 +27,6 @@ GRACE_S = 0.01
 # IPv4 trie entries above which a policy gets the /24 source table.
 DIR24_THRESHOLD = 16384
 
-
-class LoadError(Exception):
-    """The kernel refused something (exit status 1)."""
-
-
-class UsageError(Exception):
-    """The operator asked for something impossible here (exit status 2)."""
 
 
 def _pow2(n: int) -> int:

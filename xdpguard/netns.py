@@ -16,7 +16,7 @@ import socket
 from contextlib import contextmanager
 from typing import Iterator
 
-from pyroute2 import netns as _pr_netns
+from xdpguard.errors import NetnsError  # noqa: F401 (re-exported)
 
 NETNS_DIR = "/run/netns"
 HOST = "host"  # the name xdpguard uses for the initial namespace
@@ -24,9 +24,6 @@ IFNAMSIZ = 16  # kernel limit including the NUL: 15 characters
 _NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
 _NETNS_NAME_MAX = 255  # a file name in /run/netns
 
-
-class NetnsError(Exception):
-    """A network namespace or an interface in it is missing or unusable."""
 
 
 def check_name(name: str, kind: str = "netns") -> str:
@@ -69,6 +66,9 @@ def _setns(fd: int, what: str) -> None:
     # pyroute2.netns.setns with an fd never creates anything (it would with
     # a name and its default O_CREAT). Python 3.11 has no os.setns.
     try:
+        # Imported here: pyroute2 costs 0.1 s, and name checks (stats,
+        # status) need none of it.
+        from pyroute2 import netns as _pr_netns
         _pr_netns.setns(fd, flags=0)
     except OSError as e:
         reason = os.strerror(e.errno or 0)
