@@ -12,7 +12,6 @@ import json
 import os
 import statistics
 import subprocess
-import threading
 import time
 
 from bench.common import log, print_table

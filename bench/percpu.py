@@ -78,7 +78,7 @@ def _compiled(ctx, key: str):
 
 def _union(*shapes):
     return loader.Shape(*(max(getattr(s, f) for s in shapes)
-                          for f in ("nwords", "vec_per_gen", "lpm4_max", "lpm6_max", "dir24")))
+                          for f in ("nwords", "vec_per_gen", "lpm4_max", "lpm6_max", "dir_nodes")))
 
 
 def _check(ctx, rig: BenchRig, tables, subject: Subject, classes) -> None:

@@ -12,9 +12,8 @@ import ipaddress
 import time
 
 from bench.common import REPO  # noqa: F401  (puts the repo on sys.path)
-from xdpguard import bpfsys, loader
+from xdpguard import bans, bpfsys, loader
 from xdpguard.compiler import Tables
-from xdpguard.layout import PERSISTENT_MAPS, POLICY_MAPS
 
 
 class BenchRig(loader.TestRig):
@@ -62,7 +61,7 @@ class BenchRig(loader.TestRig):
         k = m.Key()
         k.prefixlen = a.max_prefixlen
         ctypes.memmove(ctypes.addressof(k) + type(k).addr.offset, a.packed, len(a.packed))
-        m.update(k, m.Leaf())
+        bans.insert(m, self.maps["banstate"], a.version, k, m.Leaf())
 
     def verdict(self, frame: bytes) -> int:
         return bpfsys.prog_test_run(self.fn.fd, frame, repeat=1, data_out_size=0)[0]

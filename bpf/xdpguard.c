@@ -7,7 +7,7 @@
  *                    (rules per generation = 64 x this)
  *   XG_VEC_PER_GEN   vector table rows per generation
  *   XG_LPM4_MAX, XG_LPM6_MAX   classifier trie capacities (both generations)
- *   XG_DIR24         1: IPv4 sources go through the /24 table first
+ *   XG_DIR_NODES     nodes per generation of the IPv4 source table
  *   XG_STAGE         pid of the loader: maps are pinned (or reused) under
  *                    /sys/fs/bpf/xdpguard/@stage/<XG_STAGE>/
  *   XG_TEST          build for BPF_PROG_TEST_RUN: record the deciding rule
@@ -45,10 +45,8 @@ XG_MAP("lpm_trie", struct xg_lpm6_key, struct xg_class, lpm6, XG_LPM6_MAX, BPF_F
 XG_MAP("array", __u32, struct xg_vec, vecs, 2 * XG_VEC_PER_GEN, 0);
 XG_MAP("array", __u32, struct xg_class, ports, 2 * 2 * XG_NPORTS, 0);
 XG_MAP("array", __u32, struct xg_rule, rules, 2 * XG_RULES_PER_GEN, 0);
-#ifdef XG_DIR24
-/* Written through mmap: 2 x 64 MiB would take seconds as map updates. */
-XG_MAP("array", __u32, struct xg_dir24, dir24, XG_DIR24_SLOTS, BPF_F_MMAPABLE);
-#endif
+/* Written through mmap: tens of MiB would take seconds as map updates. */
+XG_MAP("array", __u32, struct xg_dirnode, dir4, 2 * XG_DIR_NODES, BPF_F_MMAPABLE);
 
 /* State that outlives a policy: fixed sizes, reused across reloads. */
 XG_MAP("percpu_array", __u32, struct xg_counter, counters, XG_MAX_SLOTS, 0);
@@ -56,6 +54,7 @@ XG_MAP("array", __u32, struct xg_bucket, rbuckets, XG_MAX_SLOTS, 0);
 XG_MAP("lru_hash", struct xg_sbucket_key, struct xg_bucket, sbuckets, XG_SBUCKET_MAX, 0);
 XG_MAP("lpm_trie", struct xg_ban4_key, struct xg_ban, ban4, XG_BAN_MAX, BPF_F_NO_PREALLOC);
 XG_MAP("lpm_trie", struct xg_ban6_key, struct xg_ban, ban6, XG_BAN_MAX, BPF_F_NO_PREALLOC);
+XG_MAP("array", __u32, struct xg_banstate, banstate, 1, 0);
 XG_MAP("lru_percpu_hash", struct xg_srcstat_key, struct xg_srcstat, srcstat, XG_SRCSTAT_MAX, 0);
 XG_MAP("array", __u32, struct xg_bucket, logbuckets, XG_MAX_SLOTS, 0);
 BPF_RINGBUF_OUTPUT(droplog, XG_DROPLOG_BYTES / 4096);
@@ -121,8 +120,14 @@ static __always_inline int xg_finish(struct xg_pkt *pkt, struct xg_gen *g, __u32
 
 static __always_inline int xg_banned(struct xg_pkt *pkt, __u64 len)
 {
+	__u32 zero = 0;
+	struct xg_banstate *st = banstate.lookup(&zero);
 	struct xg_ban *b;
 
+	/* An array lookup (inlined by the verifier) instead of a trie walk
+	 * while the family has no bans at all. */
+	if (st && !(pkt->family == 4 ? st->v4 : st->v6))
+		return 0;
 	if (pkt->family == 4) {
 		struct xg_ban4_key k = { .prefixlen = 32 };
 
@@ -165,25 +170,44 @@ static __always_inline void xg_srcstat(struct xg_pkt *pkt, struct xg_gen *g, __u
 	}
 }
 
-/* Class vector index of an address in the classifier trie of a dimension. */
+/* Vector index of an IPv4 source in the source table, or XG_DIR_TRIE. */
+static __always_inline __u32 xg_dir4(__u32 gen, __u8 *addr)
+{
+	__u32 base = gen * XG_DIR_NODES, idx = base + addr[0], e;
+	struct xg_dirnode *n = dir4.lookup(&idx);
+
+	if (!n)
+		return XG_DIR_TRIE;
+	e = n->e[addr[1]];
+	if (!(e & XG_DIR_NODE))
+		return e;
+	idx = base + (e & (XG_DIR_NODE - 1));
+	n = dir4.lookup(&idx);
+	if (!n)
+		return XG_DIR_TRIE;
+	e = n->e[addr[2]];
+	if (!(e & XG_DIR_NODE))
+		return e;
+	idx = base + (e & (XG_DIR_NODE - 1));
+	n = dir4.lookup(&idx);
+	if (!n)
+		return XG_DIR_TRIE;
+	e = n->e[addr[3]];
+	return e & XG_DIR_NODE ? XG_DIR_TRIE : e;
+}
+
+/* Class vector index of an address in a dimension: IPv4 sources from the
+ * source table, the rest (and what the table leaves to it) from the trie. */
 static __always_inline __u32 xg_addr_vec(struct xg_pkt *pkt, __u32 gen, __u8 dim, __u8 *addr)
 {
 	struct xg_class *cl;
 
-#ifdef XG_DIR24
 	if (pkt->family == 4 && dim == XG_DIM_SRC) {
-		__u32 slot = (__u32)addr[0] << 16 | (__u32)addr[1] << 8 | addr[2];
-		__u32 idx = gen * (XG_DIR24_SLOTS / 2) + (slot >> 1);
-		struct xg_dir24 *d = dir24.lookup(&idx);
+		__u32 vec = xg_dir4(gen, addr);
 
-		if (d) {
-			__u32 vec = d->vec[slot & 1];
-
-			if (vec != XG_DIR24_TRIE)
-				return vec;
-		}
+		if (vec != XG_DIR_TRIE)
+			return vec;
 	}
-#endif
 	if (pkt->family == 4) {
 		struct xg_lpm4_key k = { .prefixlen = 16 + 32, .gen = gen, .dim = dim };
 
@@ -247,8 +271,12 @@ int xdpguard_prog(struct xdp_md *ctx)
 		xg_srcstat(&pkt, g, len);
 
 	/* Classify: AND the five dimension vectors, the lowest bit wins. */
-	vl = xg_vec(gen, pkt.l4);
 	vs = xg_vec(gen, xg_addr_vec(&pkt, gen, XG_DIM_SRC, pkt.src));
+	if (vs && vs->decides && pkt.l4 != XG_L4_ND) {
+		rule = vs->decides - 1;
+		goto decided;
+	}
+	vl = xg_vec(gen, pkt.l4);
 	vd = vs;   /* no rule names dst: AND with itself */
 	if (g->flags & XG_GEN_HAS_DST)
 		vd = xg_vec(gen, xg_addr_vec(&pkt, gen, XG_DIM_DST, pkt.dst));
@@ -291,7 +319,8 @@ int xdpguard_prog(struct xdp_md *ctx)
 				 g->default_action != XG_ACT_ALLOW, g->flags & XG_GEN_LOG_DEFAULT);
 	}
 
-	idx = gen * XG_RULES_PER_GEN + rule;
+decided:
+	idx = gen * XG_RULES_PER_GEN + (rule & (XG_RULES_PER_GEN - 1));
 	r = rules.lookup(&idx);
 	if (!r)
 		return XDP_DROP;

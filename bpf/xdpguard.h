@@ -15,7 +15,7 @@
 #ifndef XDPGUARD_H
 #define XDPGUARD_H
 
-#define XG_LAYOUT_VERSION 1
+#define XG_LAYOUT_VERSION 2
 
 /* Rule actions (struct xg_rule.action, default action). */
 #define XG_ACT_ALLOW 0
@@ -64,13 +64,18 @@
 #define XG_VEC_FIRST_FREE 10
 
 /*
- * Direct IPv4 source table (shape flag XG_DIR24, for large policies): one
- * slot per /24 and generation holding the source's vector index, or
- * XG_DIR24_TRIE when a prefix longer than /24 starts inside the slot and
- * the trie must decide. Its cost does not grow with the policy.
+ * IPv4 source table (map dir4): a multibit trie of arrays with strides
+ * 16-8-8, one region of XG_DIR_NODES nodes (a -D flag) per generation. A node
+ * is 256 entries; nodes 0..255 of a region are the root (indexed by the
+ * first address byte, then the second). An entry is a vector index, or
+ * XG_DIR_NODE | n: look the next address byte up in node n, or
+ * XG_DIR_TRIE: the region ran out of nodes here and the classifier trie
+ * decides. At most three array loads, whatever the policy's size.
  */
-#define XG_DIR24_SLOTS 16777216
-#define XG_DIR24_TRIE 4294967295
+#define XG_DIR_ROOT_NODES 256
+#define XG_DIR_MAX_NODES 65536     /* per generation: 64 MiB */
+#define XG_DIR_NODE 2147483648
+#define XG_DIR_TRIE 2147483647
 
 /* Dimensions of the address tries (byte 1 of the key data). */
 #define XG_DIM_SRC 0
@@ -125,15 +130,25 @@ struct xg_lpm6_key {
 	__u8 addr[16];
 };
 
-/* Two /24 slots of the direct source table: array elements are 8-byte
- * aligned, so a lone __u32 per element would waste half of 128 MiB. */
-struct xg_dir24 {
-	__u32 vec[2];
+/* One node of the IPv4 source table: an entry per value of an address
+ * byte (XG_DIR_* above). */
+struct xg_dirnode {
+	__u32 e[256];
 };
 
 /* LPM value: index of the class bit vector in the vector table. */
 struct xg_class {
 	__u32 vec;
+};
+
+/* Which ban tries may hold entries (map `banstate`, one element). Set
+ * before a ban is inserted and cleared once its trie is empty again, by
+ * writers holding the pin lock (xdpguard/bans.py): while nothing is
+ * banned, a packet skips the ban trie, the costliest lookup of an empty
+ * policy (~45 ns on the flood path). */
+struct xg_banstate {
+	__u32 v4;
+	__u32 v6;
 };
 
 struct xg_ban4_key {
@@ -244,6 +259,13 @@ struct xg_debug {
  */
 struct xg_vec {
 	__u64 summary;
+	/* rule + 1 when this vector, found as the source vector, decides the
+	 * match alone: its lowest rule matches every protocol (but ND), port
+	 * and destination, so the AND of all five vectors has that rule as
+	 * its lowest bit too. A blocklist rule decides this way: such packets
+	 * skip the other four lookups. 0 otherwise. */
+	__u32 decides;
+	__u32 pad;
 	__u64 w[XG_NWORDS];
 };
 #endif

@@ -39,7 +39,7 @@ from scapy.layers.l2 import ARP, Dot1AD, Dot1Q, Ether
 from scapy.packet import Raw
 
 from conftest import require_kernel
-from xdpguard import bpfsys, packet
+from xdpguard import bans as xgbans, bpfsys, packet
 from xdpguard.compiler import compile_policy
 from xdpguard.layout import C
 from xdpguard.lookup import decide
@@ -567,12 +567,13 @@ class Bans:
         self.rig, self.keys = rig, []
 
     def add(self, cidr: str, expires_ns: int = 0, reason: int = C.XG_BAN_MANUAL):
-        m = self.rig.maps["ban4" if ":" not in cidr else "ban6"]
+        fam = 6 if ":" in cidr else 4
+        m = self.rig.maps[f"ban{fam}"]
         k = _ban_key(m, cidr)
         v = m.Leaf()
         v.expires_ns, v.reason = expires_ns, reason
-        m.update(k, v)
-        self.keys.append((m, k))
+        xgbans.insert(m, self.rig.maps["banstate"], fam, k, v)
+        self.keys.append((m, fam, k))
         return k
 
     def get(self, cidr: str):
@@ -580,8 +581,8 @@ class Bans:
         return m.lookup(_ban_key(m, cidr))
 
     def clear(self):
-        for m, k in self.keys:
-            m.delete(k)
+        for m, fam, k in self.keys:
+            xgbans.delete(m, self.rig.maps["banstate"], fam, k)
         self.keys = []
 
 
@@ -620,6 +621,36 @@ def test_ban_prefixes(allow_rig, bans):
     assert observed(r, run(r, tcp("2001:db8:a:1::1", D6, dport=22))) == ("drop", "ssh-deny")
     # Fragments and VLAN-tagged frames are banned too.
     assert observed(r, run(r, tcp("192.0.2.7", fragment=(3, False), vlans=(1, 2)))) == ("drop", "ban")
+
+
+def test_banstate_flags_follow_the_tries(allow_rig, bans):
+    """The program skips a ban trie while its flag is down: the flag goes up
+    with the first ban of a family and down when its trie is empty again."""
+    r = allow_rig
+    state = r.maps["banstate"]
+
+    def flags():
+        v = state.lookup(ctypes.c_uint32(0))
+        return v.v4, v.v6
+    assert flags() == (0, 0)
+    bans.add("198.51.100.0/24")
+    bans.add(ADMIN4 + "/32")
+    assert flags() == (1, 0)
+    assert observed(r, run(r, tcp(ADMIN4, dport=22))) == ("drop", "ban")
+    m = r.maps["ban4"]
+    xgbans.delete(m, state, 4, _ban_key(m, "198.51.100.0/24"))
+    assert flags() == (1, 0)                    # one ban left
+    bans.clear()
+    assert flags() == (0, 0)
+    assert observed(r, run(r, tcp(ADMIN4, dport=22))) == ("pass", "ssh-admin")
+    # A lowered flag hides an entry written behind the protocol's back:
+    # that is why every writer goes through bans.insert.
+    k = _ban_key(m, ADMIN4 + "/32")
+    m.update(k, m.Leaf())
+    try:
+        assert observed(r, run(r, tcp(ADMIN4, dport=22))) == ("pass", "ssh-admin")
+    finally:
+        m.delete(k)
 
 
 def test_ban_expiry(allow_rig, bans):

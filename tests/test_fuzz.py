@@ -21,7 +21,7 @@ import time
 import pytest
 
 from conftest import require_kernel
-from xdpguard import bpfsys, packet
+from xdpguard import bans, bpfsys, packet
 from xdpguard.compiler import compile_policy
 from xdpguard.layout import C
 from xdpguard.lookup import decide
@@ -227,7 +227,7 @@ class Fuzzer:
             m = self.rig.maps["ban4" if net.version == 4 else "ban6"]
             v = m.Leaf()
             v.expires_ns = now - 1_000_000_000 if exp < 0 else exp
-            m.update(_ban_key(m, net), v)
+            bans.insert(m, self.rig.maps["banstate"], net.version, _ban_key(m, net), v)
             self.bans.append((net, v.expires_ns))
         self.bans.sort(key=lambda b: -b[0].prefixlen)
         self.policy = None

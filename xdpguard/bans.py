@@ -4,6 +4,12 @@ Bans live in the pinned LPM tries `ban4` / `ban6` (bpf/xdpguard.h: struct
 xg_ban). Expiry is CLOCK_BOOTTIME nanoseconds, which the XDP program reads
 with bpf_ktime_get_boot_ns(); 0 never expires. Reason texts and who banned
 (manual or a metric) are kept beside, in the state directory.
+
+The one-element map `banstate` (struct xg_banstate) tells the program
+which trie may hold bans, so that it skips the trie while none do. Every
+writer goes through `insert` / `delete` below while holding
+`pins.locked()`: a flag is raised before an entry goes in and lowered only
+when the trie is seen empty, so a ban never waits behind a lowered flag.
 """
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from xdpguard import pins
+from xdpguard import bpfsys, pins
 from xdpguard.layout import C
 
 STATE_ROOT = Path(os.environ.get("XDPGUARD_STATE_DIR", "/var/lib/xdpguard"))
@@ -119,6 +125,27 @@ def _key(m: pins.Map, net) -> object:
     return k
 
 
+def _set_flag(state, family: int, on: bool) -> None:
+    zero = ctypes.c_uint32(0)
+    v = state.lookup(zero)
+    setattr(v, "v4" if family == 4 else "v6", int(on))
+    state.update(zero, v)
+
+
+def insert(trie, state, family: int, key, value) -> None:
+    """Put a ban entry in; the caller holds pins.locked()."""
+    _set_flag(state, family, True)
+    trie.update(key, value)
+
+
+def delete(trie, state, family: int, key) -> bool:
+    """Take a ban entry out; the caller holds pins.locked()."""
+    gone = trie.delete(key)
+    if bpfsys.map_get_next_key(trie.fd, None, ctypes.sizeof(trie.Key)) is None:
+        _set_flag(state, family, False)
+    return gone
+
+
 def parse_target(text: str):
     try:
         return ipaddress.ip_network(text, strict=False)
@@ -133,11 +160,13 @@ class BanMaps:
         self.directory = directory
         self.record = record
         self.maps = {4: pins.open_map(directory, "ban4", record), 6: pins.open_map(directory, "ban6", record)}
+        self.state = pins.open_map(directory, "banstate", record)
         self.notes_path = state_dir(record["netns"], record["iface"]) / "bans.json"
 
     def close(self) -> None:
         for m in self.maps.values():
             m.close()
+        self.state.close()
 
     def __enter__(self):
         return self
@@ -146,6 +175,7 @@ class BanMaps:
         self.close()
 
     def add(self, net, ttl_s: float | None, reason: int = C.XG_BAN_MANUAL, text: str = "") -> None:
+        """Ban a prefix (renewing keeps its counters); hold pins.locked()."""
         m = self.maps[net.version]
         v = m.Leaf()
         v.expires_ns = 0 if not ttl_s else boot_ns() + int(ttl_s * 1e9)
@@ -153,14 +183,15 @@ class BanMaps:
         old = m.lookup(_key(m, net))
         if old is not None:      # keep the drop counters of a renewed ban
             v.packets, v.bytes = old.packets, old.bytes
-        m.update(_key(m, net), v)
+        insert(m, self.state, net.version, _key(m, net), v)
         notes = read_json(self.notes_path, {})
         notes[str(net)] = {"reason": text or REASONS.get(reason, "manual"), "since": time.time()}
         write_json_atomic(self.notes_path, notes)
 
     def remove(self, net) -> bool:
+        """Lift a ban; hold pins.locked()."""
         m = self.maps[net.version]
-        gone = m.delete(_key(m, net))
+        gone = delete(m, self.state, net.version, _key(m, net))
         notes = read_json(self.notes_path, {})
         if notes.pop(str(net), None) is not None:
             write_json_atomic(self.notes_path, notes)
@@ -184,7 +215,7 @@ class BanMaps:
         return sorted(out, key=lambda e: e["prefix"])
 
     def expire(self) -> list[str]:
-        """Delete expired bans; returns their prefixes."""
+        """Delete expired bans; returns their prefixes. Hold pins.locked()."""
         gone = []
         for e in self.entries():
             if e["expired"]:

@@ -313,7 +313,10 @@ class Watch:
 
     def tick(self, mit: Mitigator, sampler: Sampler, banmaps, state_path: Path) -> None:
         changed = False
-        for prefix in banmaps.expire():
+        # Ban writers serialise on the pin lock (bans.py: the banstate flags).
+        with pins.locked():
+            expired = banmaps.expire()
+        for prefix in expired:
             self.log(Decision("unban", prefix, reason="expired"))
             mit.state["bans"].pop(prefix, None)
             changed = True
@@ -329,8 +332,9 @@ class Watch:
                 if len(active) >= self.policy.mitigation.max_bans:
                     self.note(f"max_bans ({self.policy.mitigation.max_bans}) reached: not banning {d.source}")
                     continue
-                banmaps.add(ipaddress.ip_network(d.source), d.duration, dict(METRICS)[d.metric],
-                            f"{d.metric} {d.observed:.0f}/s > {d.threshold:g}/s")
+                with pins.locked():
+                    banmaps.add(ipaddress.ip_network(d.source), d.duration, dict(METRICS)[d.metric],
+                                f"{d.metric} {d.observed:.0f}/s > {d.threshold:g}/s")
                 mit.record_ban(d)
                 active.add(d.source)
                 self.bans_total += 1

@@ -45,9 +45,9 @@ C = _constants()
 # are bcc's (``Map.Key`` / ``Map.Leaf``), never declared here.
 
 # Maps that outlive a policy shape: reused when a new program is loaded.
-PERSISTENT_MAPS = ("counters", "rbuckets", "sbuckets", "ban4", "ban6", "srcstat", "logbuckets")
+PERSISTENT_MAPS = ("counters", "rbuckets", "sbuckets", "ban4", "ban6", "banstate", "srcstat", "logbuckets")
 # Maps of the classifier, sized by the shape.
-POLICY_MAPS = ("active", "gens", "lpm4", "lpm6", "vecs", "ports", "rules")
+POLICY_MAPS = ("active", "gens", "lpm4", "lpm6", "vecs", "ports", "rules", "dir4")
 
 
 def addr_bytes(family: int, value: int) -> bytes:
@@ -82,18 +82,45 @@ def struct_of(ctype) -> struct.Struct:
     return st
 
 
-def lpm_entries(maps, tables, gen: int, family: int) -> tuple[bytes, bytes]:
-    """Packed keys and values of the classifier trie of one family and generation."""
+def lpm_entries(maps, entries, gen: int, family: int) -> tuple[bytes, bytes]:
+    """Packed keys and values of the classifier trie of one family and
+    generation, from (dim, value, plen, vec) entries."""
     m = maps["lpm4" if family == 4 else "lpm6"]
     kst, vst = struct_of(m.Key), struct_of(m.Leaf)
     # Field order of struct xg_lpm*_key: prefixlen, gen, dim, addr.
     assert [f[0] for f in m.Key._fields_ if not f[0].startswith("__pad")] == ["prefixlen", "gen", "dim", "addr"]
     nbytes = 4 if family == 4 else 16
-    entries = tables.lpm[family]
     keys = b"".join([kst.pack(16 + plen, gen, dim, value.to_bytes(nbytes, "big"))
                      for dim, value, plen, _vec in entries])
     vals = b"".join([vst.pack(vec) for _d, _v, _p, vec in entries])
     return keys, vals
+
+
+def universal_rules(tables) -> int:
+    """Rules that match whatever the packet's protocol (ND aside), ports
+    and destination are: their bits are set in every vector the program can
+    find in those four dimensions. Derived from the tables, so it holds for
+    exactly what the program looks up."""
+    u = (1 << tables.nrules) - 1
+    for c in range(C.XG_L4_NCLASSES):
+        if c != C.XG_L4_ND:
+            u &= tables.vecs[c]
+    u &= tables.vecs[C.XG_VEC_NOPORT_SPORT] & tables.vecs[C.XG_VEC_NOPORT_DPORT]
+    for dim in (C.XG_PORT_SPORT, C.XG_PORT_DPORT):
+        for idx in set(tables.ports[dim]):
+            u &= tables.vecs[idx]
+    if tables.flags & C.XG_GEN_HAS_DST:
+        for fam in (4, 6):
+            for idx in {vec for dim, _v, _p, vec in tables.lpm[fam] if dim == C.XG_DIM_DST}:
+                u &= tables.vecs[idx]
+    return u
+
+
+def decides(vec: int, universal: int) -> int:
+    """struct xg_vec.decides: rule + 1 when the vector's lowest rule is
+    universal (then it is the lowest bit of any AND with this vector)."""
+    low = vec & -vec
+    return low.bit_length() if low & universal else 0
 
 
 def vec_entries(maps, tables, gen: int, vec_per_gen: int):
@@ -103,7 +130,9 @@ def vec_entries(maps, tables, gen: int, vec_per_gen: int):
     vals = (m.Leaf * n)()
     nwords = len(vals[0].w) if n else 0
     mask = (1 << 64) - 1
+    universal = universal_rules(tables)
     for i, v in enumerate(tables.vecs):
+        vals[i].decides = decides(v, universal)
         w = vals[i].w
         summary = 0
         for j in range(nwords):
@@ -156,25 +185,79 @@ def gen_value(maps, tables):
     return g
 
 
-def dir24_table(tables):
-    """The /24 source table of one generation (XG_DIR24), from the same trie
-    entries: each slot gets the vector of the longest prefix of length <= 24
-    covering it, or XG_DIR24_TRIE where a longer prefix starts inside it.
-    Entries nest or are disjoint, so painting shorter prefixes first and
-    longer ones over them leaves the longest match in every slot."""
+def dir4_nodes_needed(tables) -> int:
+    """Nodes of the IPv4 source table that hold every source prefix
+    (root included): one per /16 holding a longer prefix, one per /24
+    holding a prefix longer than /24."""
+    l2, l3 = set(), set()
+    for dim, value, plen, _vec in tables.lpm[4]:
+        if dim == C.XG_DIM_SRC and plen > 16:
+            l2.add(value >> 16)
+            if plen > 24:
+                l3.add(value >> 8)
+    return C.XG_DIR_ROOT_NODES + len(l2) + len(l3)
+
+
+def dir4(tables, nodes: int):
+    """dir4_plan, computed once per tables and size."""
+    cache = tables.__dict__.setdefault("_dir4_cache", {})
+    if nodes not in cache:
+        cache.clear()
+        cache[nodes] = dir4_plan(tables, nodes)
+    return cache[nodes]
+
+
+def dir4_plan(tables, nodes: int):
+    """One generation of the IPv4 source table in `nodes` nodes, and the
+    IPv4 trie entries that must go with it.
+
+    Returns (table, trie4): table is the region's entries (array of u32,
+    nodes x 256, node 0 first); trie4 the (dim, value, plen, vec) entries
+    for lpm4: every dst entry, and where the table ran out of nodes
+    (XG_DIR_TRIE) the slot's own prefix with the vector it would have
+    held, plus the source prefixes inside it.
+
+    One pass in the compiler's order (by address, then length): prefixes
+    nest or are disjoint, so a prefix comes after every prefix holding it,
+    and painting each over what is there leaves the longest match in every
+    entry. A node is made when a longer prefix first needs one, filled
+    with the value of the entry it replaces.
+    """
     from array import array
-    table = array("I", bytes(4 * C.XG_DIR24_SLOTS))
-    src = [(plen, value, vec) for dim, value, plen, vec in tables.lpm[4] if dim == C.XG_DIM_SRC]
-    src.sort(key=lambda e: e[0])
-    longer = []
-    for plen, value, vec in src:
-        if plen == 24:
-            table[value >> 8] = vec       # most blocklist entries: one slot
-        elif plen < 24:
-            lo, n = value >> 8, 1 << (24 - plen)
-            table[lo:lo + n] = array("I", [vec]) * n
+    NODE, TRIE, SRC = C.XG_DIR_NODE, C.XG_DIR_TRIE, C.XG_DIM_SRC
+    table = array("I", bytes(1024 * nodes))
+    trie4 = []
+    fills: dict[int, array] = {}       # value -> a node of it (most nodes share a few)
+    free = C.XG_DIR_ROOT_NODES
+    trie_until = -1                    # last address under the newest XG_DIR_TRIE slot
+    for e in tables.lpm[4]:
+        dim, value, plen, vec = e
+        if dim != SRC or value <= trie_until:
+            trie4.append(e)
+            continue
+        # slot: the entry of the /d holding the prefix (root entries are /16s).
+        slot, d = value >> 16, 16
+        while plen > d:
+            cur = table[slot]
+            if not cur & NODE:
+                if free >= nodes:
+                    trie4.append((SRC, value >> (32 - d) << (32 - d), d, cur))
+                    trie4.append(e)
+                    table[slot] = TRIE
+                    trie_until = value | ((1 << (32 - d)) - 1)
+                    break
+                n, free = free, free + 1
+                fill = fills.get(cur)
+                if fill is None:
+                    fill = fills[cur] = array("I", [cur]) * 256
+                table[256 * n:256 * n + 256] = fill
+                table[slot] = cur = NODE | n
+            d += 8
+            slot = 256 * (cur & (NODE - 1)) + ((value >> (32 - d)) & 255)
         else:
-            longer.append(value >> 8)
-    for slot in longer:
-        table[slot] = C.XG_DIR24_TRIE
-    return table
+            width = 1 << (d - plen)
+            if width == 1:
+                table[slot] = vec
+            else:
+                table[slot:slot + width] = array("I", [vec]) * width
+    return table, trie4

@@ -24,9 +24,6 @@ MODES = {"native": bpfsys.XDP_FLAGS_DRV_MODE, "generic": bpfsys.XDP_FLAGS_SKB_MO
 # Time for packets already inside the program to finish with the old
 # generation before its entries are deleted (XDP runs in microseconds).
 GRACE_S = 0.01
-# IPv4 trie entries above which a policy gets the /24 source table.
-DIR24_THRESHOLD = 16384
-
 
 
 def _pow2(n: int) -> int:
@@ -40,38 +37,43 @@ class Shape:
     vec_per_gen: int
     lpm4_max: int
     lpm6_max: int
-    dir24: bool = False    # /24 source table in front of the trie (128 MiB)
+    dir_nodes: int = 1024  # IPv4 source table nodes per generation (1 KiB each)
 
     @property
     def rules_per_gen(self) -> int:
         return 64 * self.nwords
 
     def cflags(self) -> list[str]:
-        flags = [f"-DXG_NWORDS={self.nwords}", f"-DXG_VEC_PER_GEN={self.vec_per_gen}",
-                 f"-DXG_LPM4_MAX={self.lpm4_max}", f"-DXG_LPM6_MAX={self.lpm6_max}"]
-        return flags + (["-DXG_DIR24=1"] if self.dir24 else [])
+        return [f"-DXG_NWORDS={self.nwords}", f"-DXG_VEC_PER_GEN={self.vec_per_gen}",
+                f"-DXG_LPM4_MAX={self.lpm4_max}", f"-DXG_LPM6_MAX={self.lpm6_max}",
+                f"-DXG_DIR_NODES={self.dir_nodes}"]
 
     @classmethod
     def for_tables(cls, t: Tables) -> "Shape":
         # Headroom, so that most later policies fit without a recompile, and
         # room for two generations in the tries.
+        nodes = min(C.XG_DIR_MAX_NODES, _pow2(2 * layout.dir4_nodes_needed(t)))
+        _table, trie4 = layout.dir4(t, nodes)
         return cls(nwords=min(64, _pow2(max(1, (t.nrules + 16 + 63) // 64))),
                    vec_per_gen=_pow2(max(256, 2 * len(t.vecs))),
-                   lpm4_max=_pow2(max(4096, 4 * len(t.lpm[4]))),
+                   lpm4_max=_pow2(max(4096, 4 * len(trie4))),
                    lpm6_max=_pow2(max(4096, 4 * len(t.lpm[6]))),
-                   # A deep trie costs ~75 ns a lookup at 100k prefixes; the
-                   # /24 table costs one array load at any size, for 128 MiB.
-                   dir24=len(t.lpm[4]) > DIR24_THRESHOLD)
+                   dir_nodes=nodes)
 
     def map_names(self, test: bool = False) -> tuple[str, ...]:
         """The maps a program of this shape has (bpf/xdpguard.c)."""
-        return (POLICY_MAPS + PERSISTENT_MAPS + (("dir24",) if self.dir24 else ())
-                + (("debug",) if test else ()))
+        return POLICY_MAPS + PERSISTENT_MAPS + (("debug",) if test else ())
 
     def fits(self, t: Tables, old_lpm4: int = 0, old_lpm6: int = 0) -> bool:
-        return (t.nrules <= self.rules_per_gen and len(t.vecs) <= self.vec_per_gen
-                and len(t.lpm[4]) + old_lpm4 <= self.lpm4_max
-                and len(t.lpm[6]) + old_lpm6 <= self.lpm6_max)
+        if not (t.nrules <= self.rules_per_gen and len(t.vecs) <= self.vec_per_gen
+                and len(t.lpm[6]) + old_lpm6 <= self.lpm6_max):
+            return False
+        # A table at the largest size takes any policy (the trie takes the
+        # rest); a smaller one must hold all of it.
+        if self.dir_nodes < C.XG_DIR_MAX_NODES and layout.dir4_nodes_needed(t) > self.dir_nodes:
+            return False
+        _table, trie4 = layout.dir4(t, self.dir_nodes)
+        return len(trie4) + old_lpm4 <= self.lpm4_max
 
 
 # ---------------------------------------------------------------- compile + load
@@ -135,10 +137,13 @@ def _lpm_update(m: pins.Map, keys: bytes, vals: bytes) -> None:
             bpfsys.map_update(m.fd, keys[i * ks:(i + 1) * ks], vals[i * vs:(i + 1) * vs])
 
 
-def write_gen(maps: dict, tables: Tables, gen: int, shape: Shape, slots: dict[str, int]) -> None:
-    """Write one generation of the classifier (not yet active)."""
+def write_gen(maps: dict, tables: Tables, gen: int, shape: Shape, slots: dict[str, int]) -> int:
+    """Write one generation of the classifier (not yet active); returns
+    the IPv4 trie entries it took."""
+    table, trie4 = layout.dir4(tables, shape.dir_nodes)
+    _write_dir4(maps["dir4"], table, gen, shape.dir_nodes)
     for fam in (4, 6):
-        keys, vals = layout.lpm_entries(maps, tables, gen, fam)
+        keys, vals = layout.lpm_entries(maps, trie4 if fam == 4 else tables.lpm[6], gen, fam)
         try:
             _lpm_update(maps["lpm4" if fam == 4 else "lpm6"], keys, vals)
         except OSError as e:
@@ -151,20 +156,18 @@ def write_gen(maps: dict, tables: Tables, gen: int, shape: Shape, slots: dict[st
     bpfsys.map_update_batch(maps["ports"].fd, keys.tobytes(), vals.tobytes(), len(keys))
     keys, vals = layout.rule_entries(maps, tables, gen, shape.rules_per_gen, slots)
     maps["rules"].update_batch(keys, vals)
-    if shape.dir24:
-        _write_dir24(maps["dir24"], tables, gen)
     maps["gens"].update(ctypes.c_uint32(gen), layout.gen_value(maps, tables))
+    return len(trie4)
 
 
-def _write_dir24(m: pins.Map, tables: Tables, gen: int) -> None:
+def _write_dir4(m: pins.Map, table, gen: int, nodes: int) -> None:
     import mmap
-    table = layout.dir24_table(tables)
-    # A generation is SLOTS / 2 elements of two __u32 slots each (8 bytes,
-    # the array's element stride), in slot order: the table's own bytes.
-    assert ctypes.sizeof(m.Leaf) == 8
-    gen_bytes = C.XG_DIR24_SLOTS * 4
+    # A generation is `nodes` elements of 256 __u32 (1 KiB, a multiple of
+    # the array's 8-byte stride), node 0 first: the table's own bytes.
+    assert ctypes.sizeof(m.Leaf) == 1024 and len(table) == 256 * nodes
+    gen_bytes = 1024 * nodes
     with mmap.mmap(m.fd, 2 * gen_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as mm:
-        mm[gen * gen_bytes:(gen + 1) * gen_bytes] = table.tobytes()
+        mm[gen * gen_bytes:(gen + 1) * gen_bytes] = memoryview(table).cast("B")
 
 
 def read_active(maps) -> int:
@@ -270,7 +273,8 @@ def _record(policy: Policy, tables: Tables, netns, iface, ifindex, shape, slots,
         "rules": [{"name": r.name, "action": {0: "allow", 1: "deny", 2: "limit"}[r.action],
                    "slot": slots[r.name]} for r in tables.rules],
         "slots": slots,
-        "lpm": {"4": len(tables.lpm[4]), "6": len(tables.lpm[6])},
+        # Trie entries of the generation (IPv4: what the source table left).
+        "lpm": {"4": len(layout.dir4(tables, shape.dir_nodes)[1]), "6": len(tables.lpm[6])},
         "types": types,
         "mitigation": {"enabled": policy.mitigation.enabled,
                        "prefix4": policy.mitigation.prefix4, "prefix6": policy.mitigation.prefix6,
@@ -335,8 +339,7 @@ def _previous(record: dict, kind: str, **extra) -> dict:
 def _reapply_in_place(policy, tables, directory, record, slots, fresh, log) -> dict:
     t0 = time.monotonic()
     shape = Shape(**record["shape"])
-    maps = _open_maps(directory, record, POLICY_MAPS + ("counters", "rbuckets")
-                      + (("dir24",) if shape.dir24 else ()))
+    maps = _open_maps(directory, record, POLICY_MAPS + ("counters", "rbuckets"))
     try:
         old = read_active(maps)
         new = 1 - old
@@ -370,7 +373,7 @@ def _load_and_attach(policy, tables, netns, iface, ifindex, directory, record, q
     shape = Shape.for_tables(tables)
     if record:
         shape = Shape(max(shape.nwords, record["shape"]["nwords"]), shape.vec_per_gen,
-                      shape.lpm4_max, shape.lpm6_max, shape.dir24)
+                      shape.lpm4_max, shape.lpm6_max, shape.dir_nodes)
     stage = pins.STAGE / str(os.getpid())
     pins.remove_dir(stage)
     stage.mkdir(parents=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from xdpguard.compiler import Tables
-from xdpguard.layout import C
+from xdpguard.layout import C, universal_rules
 
 _ACTION_NAME = {C.XG_ACT_ALLOW: "allow", C.XG_ACT_DENY: "deny", C.XG_ACT_LIMIT: "limit"}
 _VERDICT = {C.XG_ACT_ALLOW: "pass", C.XG_ACT_DENY: "drop", C.XG_ACT_LIMIT: "limit"}
@@ -48,7 +48,17 @@ def _lpm(tables: Tables, family: int, dim: int, addr: int) -> int:
 def classify(tables: Tables, family: int, src: int, dst: int, l4: int,
              sport: int | None, dport: int | None) -> int | None:
     """Index of the first matching rule, or None."""
-    v = tables.vecs[l4] & _lpm(tables, family, C.XG_DIM_SRC, src)
+    vsrc = _lpm(tables, family, C.XG_DIM_SRC, src)
+    if l4 != C.XG_L4_ND:
+        # struct xg_vec.decides: the source vector alone decides when its
+        # lowest rule matches any protocol, port and destination.
+        u = getattr(tables, "_universal", None)
+        if u is None:
+            u = tables._universal = universal_rules(tables)
+        low = vsrc & -vsrc
+        if low & u:
+            return low.bit_length() - 1
+    v = tables.vecs[l4] & vsrc
     if tables.flags & C.XG_GEN_HAS_DST:
         v &= _lpm(tables, family, C.XG_DIM_DST, dst)
     if sport is None:
