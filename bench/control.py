@@ -95,6 +95,22 @@ print(json.dumps(out))
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def _churned(path: Path, every: int = 100) -> Path:
+    """The policy at `path` with one prefix in `every` of its blocklist set
+    replaced by another address (a blocklist refresh): a re-apply that
+    must re-read the set and rebuild the source table."""
+    text = path.read_text()
+    setname = re.search(r'bl = \{ file = "([^"]+)" \}', text).group(1)
+    lines = (path.parent / setname).read_text().split()
+    for i in range(0, len(lines), every):
+        lines[i] = f"100.{64 + (i >> 16) % 64}.{(i >> 8) & 255}.{i & 255}"
+    new = path.parent / ("churn-" + setname)
+    new.write_text("\n".join(lines) + "\n")
+    out = path.with_name("churn-" + path.name)
+    out.write_text(text.replace(f'"{setname}"', f'"{new.name}"').replace('name = "bench-', 'name = "churn-', 1))
+    return out
+
+
 def run(ctx) -> dict:
     quick = ctx.quick
     mat, wd = ctx.material, ctx.workdir
@@ -140,6 +156,11 @@ def run(ctx) -> dict:
             r["detail"] = (f"CLI process {r['cli_s']:.2f}s, loader in place {r['loader_s']}s"
                            if r["in_place"] else "NOT in place: " + r["message"])
             res["reapply_100k"] = r
+            r = _apply(lab, _churned(pc0))
+            r["prefixes"] = nc
+            r["detail"] = (f"CLI process {r['cli_s']:.2f}s, loader in place {r['loader_s']}s"
+                           if r["in_place"] else "NOT in place: " + r["message"])
+            res["reapply_100k_set"] = r
 
             if big:
                 log("control: apply 1M prefixes")
@@ -171,7 +192,8 @@ def run(ctx) -> dict:
     for key, label in (("first_apply", "first apply, b (6k prefixes, 100 rules)"),
                        ("reapply_b", "re-apply changed b"),
                        ("apply_100k", "apply 100k prefixes + 1000 rules (new shape)"),
-                       ("reapply_100k", "re-apply changed 100k"),
+                       ("reapply_100k", "re-apply 100k, rules changed"),
+                       ("reapply_100k_set", "re-apply 100k, 1 % of the set changed"),
                        ("apply_1m", "apply 1M prefixes + 1000 rules (new shape)"),
                        ("reapply_1m", "re-apply changed 1M")):
         r = res.get(key)

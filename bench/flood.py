@@ -6,6 +6,8 @@ separate namespace, for each receiver mode:
 
     pass                XDP_PASS program: everything to the stack (UDP port 9, no socket)
     xdp-drop            empty XDP_DROP (with a per-CPU count)
+    xdp-read-drop       reads the IPv4 source, counts, drops: the floor of any
+                        filter (the first touch of the frame's cache lines)
     xdpguard-native     policy b (firehol_level1 deny + 100 rules), native XDP
     xdpguard-generic    the same, generic (skb) XDP
     xdp-filter-native   xdp-filter with the flood's source addresses (<= 10,000 of them)
@@ -32,9 +34,9 @@ from xdpguard.policy import load as load_policy
 
 POOLS_FULL = (1, 1024, 10_000_000)
 POOLS_QUICK = (1, 10_000_000)
-MODES_FULL = ("pass", "xdp-drop", "xdpguard-native", "xdpguard-generic", "xdp-filter-native",
+MODES_FULL = ("pass", "xdp-drop", "xdp-read-drop", "xdpguard-native", "xdpguard-generic", "xdp-filter-native",
               "nft-drop", "xdpguard-limit", "nft-limit", "iptables-hashlimit")
-MODES_QUICK = ("pass", "xdp-drop", "xdpguard-native", "nft-drop")
+MODES_QUICK = ("pass", "xdp-drop", "xdp-read-drop", "xdpguard-native", "nft-drop")
 LIMIT_RATE, LIMIT_BURST, LIMIT_SIZE = 100, 100, 262144
 
 
@@ -116,8 +118,8 @@ def setup_mode(ctx, lab: Lab, mode: str) -> Receiver:
     if mode == "pass":
         _attach(lab, tiny.pass_fd)
         return Receiver(lambda: (0, None), lambda: _detach(lab))
-    if mode == "xdp-drop":
-        _attach(lab, tiny.count_drop_fd)
+    if mode in ("xdp-drop", "xdp-read-drop"):
+        _attach(lab, tiny.count_drop_fd if mode == "xdp-drop" else tiny.read_drop_fd)
 
         def counts():
             n = tiny.seen()
@@ -195,7 +197,7 @@ def measure(lab, sender, fam, pool, count, seconds, rx: Receiver, rate=None) -> 
     return r
 
 
-DROP_MODES = ("pass", "xdp-drop", "xdpguard-native", "xdpguard-generic", "xdp-filter-native", "nft-drop")
+DROP_MODES = ("pass", "xdp-drop", "xdp-read-drop", "xdpguard-native", "xdpguard-generic", "xdp-filter-native", "nft-drop")
 LIMIT_MODES = ("xdpguard-limit", "nft-limit", "iptables-hashlimit")
 
 
@@ -314,6 +316,8 @@ def run(ctx) -> dict:
     xg1 = ("xdpguard-native", 4, 1)
     t["xdpguard_vs_nft"] = paired(xg1, ("nft-drop", 4, 1))
     t["xdpguard_vs_xdp_drop"] = paired(xg1, ("xdp-drop", 4, 1))
+    t["xdpguard_vs_read_drop"] = paired(xg1, ("xdp-read-drop", 4, 1))
+    t["read_drop_vs_xdp_drop"] = paired(("xdp-read-drop", 4, 1), ("xdp-drop", 4, 1))
     t["spoof_vs_single"] = paired(("xdpguard-native", 4, 10_000_000), xg1)
     t["raw"] = {"xdpguard_vs_nft": paired(xg1, ("nft-drop", 4, 1), "drop_mpps"),
                 "xdpguard_vs_xdp_drop": paired(xg1, ("xdp-drop", 4, 1), "drop_mpps"),
@@ -327,6 +331,9 @@ def run(ctx) -> dict:
             det.append(f"v{fam}: {a:.2f} vs nft {b:.2f} / XDP_DROP {c:.2f} Mpps/core")
     t["xdpguard_vs_nft_detail"] = "; ".join(det)
     t["xdpguard_vs_xdp_drop_detail"] = "; ".join(det)
+    if t["xdpguard_vs_read_drop"] and t["read_drop_vs_xdp_drop"]:
+        t["xdpguard_vs_xdp_drop_detail"] += (f"; reading the frame alone: {t['read_drop_vs_xdp_drop']:.2f}x, "
+                                             f"xdpguard vs that floor {t['xdpguard_vs_read_drop']:.2f}x")
     det = []
     for fam in fams:
         a, b = rate("xdpguard-native", fam, 1), rate("xdpguard-native", fam, 10_000_000)

@@ -101,8 +101,10 @@ def targets(res: dict) -> list[dict]:
         unit="", detail=lim.get("worst_case", ""))
 
     c = res.get("control", {})
-    add("re-apply of 100k prefixes <= 1 s", _get(c, "reapply_100k", "cli_s"), 1.0, unit="s",
+    add("re-apply of 100k prefixes (rules changed) <= 1 s", _get(c, "reapply_100k", "cli_s"), 1.0, unit="s",
         detail=_get(c, "reapply_100k", "detail") or "")
+    add("re-apply of 100k prefixes (1 % of the set changed) <= 1 s", _get(c, "reapply_100k_set", "cli_s"), 1.0,
+        unit="s", detail=_get(c, "reapply_100k_set", "detail") or "")
     add("stats <= 0.3 s", _get(c, "stats", "median_s"), 0.3, unit="s")
     add("first apply <= 5 s", _get(c, "first_apply", "cli_s"), 5.0, unit="s",
         detail=_get(c, "first_apply", "detail") or "")

@@ -100,7 +100,7 @@ def test_limiter_and_control_shape(quick_run):
 def test_targets_listed(quick_run):
     res = json.loads(quick_run[1].read_text())
     tg = res["targets"]
-    assert len(tg) == 13
+    assert len(tg) == 14
     for t in tg:
         assert t["status"] in ("PASS", "MISS", "n/a")
     # The feedback-loop section runs in full runs only.

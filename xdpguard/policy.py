@@ -7,11 +7,16 @@ Nothing here touches the kernel.
 from __future__ import annotations
 
 import difflib
+import gc
 import hashlib
 import re
 import socket
+import struct
 import tomllib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import repeat
+from operator import and_, itemgetter
 from pathlib import Path
 from typing import NamedTuple
 
@@ -238,6 +243,68 @@ class _Reader:
         return p
 
 
+@contextmanager
+def _gc_paused():
+    """Hold off the cyclic garbage collector while sets are built.
+
+    Prefix is a tuple subclass, so the collector tracks every one of them
+    (it stops tracking only plain tuples of atoms) and each automatic full
+    collection walks them all again: with the collector on, reading a
+    million-prefix set takes about 0.5 s longer. Prefixes hold only ints and
+    form no cycles; the collector runs as usual once it is back on.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+# Fast path of set files, by the column (see _plain_ipv4_set).
+_PLAIN4_CHARS = b"0123456789./\n"
+# What follows the "/" (nothing when there is none) -> prefix length. Any
+# other text ("33", or "08", which parse_prefix reads as 8) leaves the fast path.
+_PLEN4 = {"": 32, **{str(n): n for n in range(33)}}
+_HOST4 = [(1 << (32 - n)) - 1 for n in range(33)]
+
+
+def _plain_ipv4_set(lines: list[str]) -> list[Prefix] | None:
+    """The prefixes of a set file whose lines are all plain IPv4 ``a.b.c.d``
+    or ``a.b.c.d/n`` (no spaces, no host bits), blank, or whole-line
+    comments; None if any line needs the per-line parser.
+
+    Each step runs over a whole column in C (str.partition, inet_pton,
+    struct.unpack) instead of a Python call per line: that is what makes a
+    million-line blocklist cheap. Whenever the per-line parser could answer
+    differently (a line it rejects, host bits: both warn with a line
+    number), this gives up and the caller runs that parser instead.
+    """
+    entries = list(filter(None, lines))
+    joined = "\n".join(entries)
+    if "#" in joined:                   # drop whole-line comments (a netset's header)
+        entries = [ln for ln in entries if ln[0] != "#"]
+        joined = "\n".join(entries)
+    # Only digits, dots and slashes: nothing for strip() or a "#" to remove,
+    # no ":" (IPv6), and inet_pton checks each address as parse_prefix does.
+    # A line ending in "/" would look like one without (length 32).
+    if (not entries or joined.encode().translate(None, _PLAIN4_CHARS)
+            or "/\n" in joined or joined.endswith("/")):
+        return None
+    parts = list(map(str.partition, entries, repeat("/")))
+    try:
+        packed = b"".join(map(socket.inet_pton, repeat(socket.AF_INET), map(itemgetter(0), parts)))
+        plens = list(map(_PLEN4.__getitem__, map(itemgetter(2), parts)))
+    except (OSError, KeyError):
+        return None
+    values = struct.unpack(f">{len(entries)}I", packed)
+    if any(map(and_, values, map(_HOST4.__getitem__, plens))):
+        return None
+    # tuple.__new__ is what Prefix(...) calls, without a Python-level call per item.
+    return list(map(tuple.__new__, repeat(Prefix), zip(repeat(4), values, plens)))
+
+
 def _read_set_file(rd: _Reader, setname: str, spec: dict) -> list[Prefix]:
     where = f"set '{setname}'"
     rd.check_keys(where, spec, ("file",))
@@ -253,9 +320,13 @@ def _read_set_file(rd: _Reader, setname: str, spec: dict) -> list[Prefix]:
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
         rd.fail(where, f"set file '{spec['file']}' ({path}) is not UTF-8 text (line {line})")
+    lines = text.splitlines()
+    fast = _plain_ipv4_set(lines)
+    if fast is not None:
+        return fast
     out = []
     bad = 0
-    for lineno, line in enumerate(text.splitlines(), 1):
+    for lineno, line in enumerate(lines, 1):
         item = line.split("#", 1)[0].strip()
         if not item:
             continue
@@ -278,17 +349,18 @@ def _read_sets(rd: _Reader, sets) -> dict[str, tuple[Prefix, ...]]:
     if not isinstance(sets, dict):
         rd.fail("[sets]", "expected a table of named address sets")
     out = {}
-    for name, spec in sets.items():
-        where = f"set '{name}'"
-        if isinstance(spec, list):
-            prefixes = [rd.prefix(where, "entry", item) for item in spec]
-        elif isinstance(spec, dict):
-            prefixes = _read_set_file(rd, name, spec)
-        else:
-            rd.fail(where, "expected a list of addresses or { file = \"path\" }")
-        if not prefixes:
-            rd.warn(where, "set is empty")
-        out[name] = tuple(dict.fromkeys(prefixes))
+    with _gc_paused():
+        for name, spec in sets.items():
+            where = f"set '{name}'"
+            if isinstance(spec, list):
+                prefixes = [rd.prefix(where, "entry", item) for item in spec]
+            elif isinstance(spec, dict):
+                prefixes = _read_set_file(rd, name, spec)
+            else:
+                rd.fail(where, "expected a list of addresses or { file = \"path\" }")
+            if not prefixes:
+                rd.warn(where, "set is empty")
+            out[name] = tuple(dict.fromkeys(prefixes))
     return out
 
 
@@ -303,7 +375,9 @@ def _addresses(rd, where, fld, value, sets) -> tuple[Prefix, ...]:
             out.extend(sets[item[1:]])
         else:
             out.append(rd.prefix(where, fld, item))
-    return tuple(dict.fromkeys(out))
+    # One item is free of duplicates already (a set is deduplicated when it
+    # is read): skip a second pass over what may be a million prefixes.
+    return tuple(out if len(items) == 1 else dict.fromkeys(out))
 
 
 def _ports(rd, where, fld, value) -> tuple[tuple[int, int], ...]:
