@@ -15,7 +15,7 @@
 #ifndef XDPGUARD_H
 #define XDPGUARD_H
 
-#define XG_LAYOUT_VERSION 2
+#define XG_LAYOUT_VERSION 3
 
 /* Rule actions (struct xg_rule.action, default action). */
 #define XG_ACT_ALLOW 0
@@ -103,7 +103,10 @@
 #define XG_SRCSTAT_MAX 65536
 #define XG_DROPLOG_BYTES 262144
 
-/* struct xg_gen.flags */
+/* The `active` word: bit 0 the generation, from this bit on its flags. */
+#define XG_ACTIVE_FLAGS_SHIFT 8
+
+/* struct xg_gen.flags (also in the `active` word) */
 #define XG_GEN_HAS_DST 1     /* some rule names dst: look up the dst tries */
 #define XG_GEN_MITIGATE 2    /* count per-source stats for the daemon */
 #define XG_GEN_LOG_DEFAULT 4 /* drop log for default-deny drops */
@@ -265,7 +268,11 @@ struct xg_vec {
 	 * its lowest bit too. A blocklist rule decides this way: such packets
 	 * skip the other four lookups. 0 otherwise. */
 	__u32 decides;
-	__u32 pad;
+	/* That rule's slot, action and log flag (its struct xg_rule's): an
+	 * allow or deny it decides needs no rule record. */
+	__u16 dslot;
+	__u8 daction;
+	__u8 dlog;
 	__u64 w[XG_NWORDS];
 };
 #endif

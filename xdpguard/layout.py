@@ -123,7 +123,7 @@ def decides(vec: int, universal: int) -> int:
     return low.bit_length() if low & universal else 0
 
 
-def vec_entries(maps, tables, gen: int, vec_per_gen: int):
+def vec_entries(maps, tables, gen: int, vec_per_gen: int, slots: dict[str, int]):
     m = maps["vecs"]
     n = len(tables.vecs)
     keys = (ctypes.c_uint32 * n)(*range(gen * vec_per_gen, gen * vec_per_gen + n))
@@ -132,7 +132,10 @@ def vec_entries(maps, tables, gen: int, vec_per_gen: int):
     mask = (1 << 64) - 1
     universal = universal_rules(tables)
     for i, v in enumerate(tables.vecs):
-        vals[i].decides = decides(v, universal)
+        d = vals[i].decides = decides(v, universal)
+        if d:
+            r = tables.rules[d - 1]
+            vals[i].dslot, vals[i].daction, vals[i].dlog = slots[r.name], r.action, int(r.log)
         w = vals[i].w
         summary = 0
         for j in range(nwords):
@@ -221,7 +224,9 @@ def dir4_plan(tables, nodes: int):
     nest or are disjoint, so a prefix comes after every prefix holding it,
     and painting each over what is there leaves the longest match in every
     entry. A node is made when a longer prefix first needs one, filled
-    with the value of the entry it replaces.
+    with the value of the entry it replaces. /16 nodes are reserved first:
+    without one, a whole /16 would go to the trie; without a /24 node,
+    only the addresses of that /24.
     """
     from array import array
     NODE, TRIE, SRC = C.XG_DIR_NODE, C.XG_DIR_TRIE, C.XG_DIM_SRC
@@ -229,6 +234,8 @@ def dir4_plan(tables, nodes: int):
     trie4 = []
     fills: dict[int, array] = {}       # value -> a node of it (most nodes share a few)
     free = C.XG_DIR_ROOT_NODES
+    l2_need = len({v >> 16 for d, v, p, _ in tables.lpm[4] if d == SRC and p > 16})
+    l3_left = nodes - C.XG_DIR_ROOT_NODES - l2_need    # may go below 0: no /24 nodes
     trie_until = -1                    # last address under the newest XG_DIR_TRIE slot
     for e in tables.lpm[4]:
         dim, value, plen, vec = e
@@ -240,13 +247,15 @@ def dir4_plan(tables, nodes: int):
         while plen > d:
             cur = table[slot]
             if not cur & NODE:
-                if free >= nodes:
+                if free >= nodes or (d == 24 and l3_left <= 0):
                     trie4.append((SRC, value >> (32 - d) << (32 - d), d, cur))
                     trie4.append(e)
                     table[slot] = TRIE
                     trie_until = value | ((1 << (32 - d)) - 1)
                     break
                 n, free = free, free + 1
+                if d == 24:
+                    l3_left -= 1
                 fill = fills.get(cur)
                 if fill is None:
                     fill = fills[cur] = array("I", [cur]) * 256

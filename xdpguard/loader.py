@@ -150,7 +150,7 @@ def write_gen(maps: dict, tables: Tables, gen: int, shape: Shape, slots: dict[st
             if e.errno in (errno.ENOSPC, errno.E2BIG):
                 raise LoadError(f"IPv{fam} classifier trie is full") from None
             raise
-    keys, vals = layout.vec_entries(maps, tables, gen, shape.vec_per_gen)
+    keys, vals = layout.vec_entries(maps, tables, gen, shape.vec_per_gen, slots)
     maps["vecs"].update_batch(keys, vals)
     keys, vals = layout.port_entries(tables, gen)
     bpfsys.map_update_batch(maps["ports"].fd, keys.tobytes(), vals.tobytes(), len(keys))
@@ -176,8 +176,12 @@ def read_active(maps) -> int:
 
 
 def set_active(maps, gen: int) -> None:
-    # One 4-byte array write: every packet sees either generation, whole.
-    maps["active"].update(ctypes.c_uint32(0), ctypes.c_uint32(gen))
+    """Switch to a written generation. One 4-byte array write, so every
+    packet sees either generation whole; it carries the generation's flags
+    (bpf/xdpguard.h: the active word), copied from its gens record."""
+    flags = maps["gens"].lookup(ctypes.c_uint32(gen)).flags
+    word = gen | flags << C.XG_ACTIVE_FLAGS_SHIFT
+    maps["active"].update(ctypes.c_uint32(0), ctypes.c_uint32(word))
 
 
 def _gen_keys(m: pins.Map, gen: int) -> list[bytes]:
@@ -487,7 +491,7 @@ def rollback(iface: str, netns: str | None = None, log=print, expect_token: floa
         if not prev:
             raise UsageError(f"{iface}: no previous policy to go back to")
         if prev["kind"] == "gen":
-            maps = _open_maps(directory, record, ("active",))
+            maps = _open_maps(directory, record, ("active", "gens"))
             try:
                 set_active(maps, prev["gen"])
             finally:
