@@ -171,30 +171,28 @@ static __always_inline void xg_srcstat(struct xg_pkt *pkt, struct xg_gen *g, __u
 	}
 }
 
-/* Vector index of an IPv4 source in the source table, or XG_DIR_TRIE. */
+/* Vector index of an IPv4 source in the source table, or XG_DIR_TRIE.
+ * Node n of the generation's region holds entries for one address byte:
+ * the root's 256 nodes take bytes 0 and 1, a node below it byte 2, then 3. */
 static __always_inline __u32 xg_dir4(__u32 gen, __u8 *addr)
 {
-	__u32 base = gen * XG_DIR_NODES, idx = base + addr[0], e;
-	struct xg_dirnode *n = dir4.lookup(&idx);
+	__u32 base = gen * XG_DIR_NODES, node = addr[0], e = XG_DIR_NODE;
+	struct xg_dirnode *n;
+	int i;
 
-	if (!n)
-		return XG_DIR_TRIE;
-	e = n->e[addr[1]];
-	if (!(e & XG_DIR_NODE))
-		return e;
-	idx = base + (e & (XG_DIR_NODE - 1));
-	n = dir4.lookup(&idx);
-	if (!n)
-		return XG_DIR_TRIE;
-	e = n->e[addr[2]];
-	if (!(e & XG_DIR_NODE))
-		return e;
-	idx = base + (e & (XG_DIR_NODE - 1));
-	n = dir4.lookup(&idx);
-	if (!n)
-		return XG_DIR_TRIE;
-	e = n->e[addr[3]];
-	return e & XG_DIR_NODE ? XG_DIR_TRIE : e;
+#pragma unroll
+	for (i = 1; i < 4; i++) {
+		__u32 idx = base + node;
+
+		n = dir4.lookup(&idx);
+		if (!n)
+			return XG_DIR_TRIE;
+		e = n->e[addr[i]];
+		if (!(e & XG_DIR_NODE))
+			return e;
+		node = e & (XG_DIR_NODE - 1);
+	}
+	return XG_DIR_TRIE;   /* a node below byte 3: cannot be; the trie decides */
 }
 
 /* Class vector index of an address in a dimension: IPv4 sources from the
