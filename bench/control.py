@@ -151,16 +151,12 @@ def run(ctx) -> dict:
             r["prefixes"] = nc
             res["apply_100k"] = r
             res["memory"]["c"] = dict(_memory(lab), prefixes=nc)
-            r = _apply(lab, pc1)
-            r["prefixes"] = nc
-            r["detail"] = (f"CLI process {r['cli_s']:.2f}s, loader in place {r['loader_s']}s"
-                           if r["in_place"] else "NOT in place: " + r["message"])
-            res["reapply_100k"] = r
-            r = _apply(lab, _churned(pc0))
-            r["prefixes"] = nc
-            r["detail"] = (f"CLI process {r['cli_s']:.2f}s, loader in place {r['loader_s']}s"
-                           if r["in_place"] else "NOT in place: " + r["message"])
-            res["reapply_100k_set"] = r
+            for key, path in (("reapply_100k", pc1), ("reapply_100k_set", _churned(pc0))):
+                r = _apply(lab, path)
+                r["prefixes"] = nc
+                r["detail"] = (f"CLI process {r['cli_s']:.2f}s, loader in place {r['loader_s']}s"
+                               if r["in_place"] else "NOT in place: " + r["message"])
+                res[key] = r
 
             if big:
                 log("control: apply 1M prefixes")

@@ -60,6 +60,8 @@ class Tables:
     mit_prefix6: int = 64
     log_rate: int = 10
     _index: dict = field(default=None, repr=False, compare=False)
+    # Values derived from the tables by xdpguard.layout, computed once.
+    _derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     def summary(self) -> dict:
         return {

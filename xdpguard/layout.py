@@ -96,11 +96,22 @@ def lpm_entries(maps, entries, gen: int, family: int) -> tuple[bytes, bytes]:
     return keys, vals
 
 
+def _derived(tables, key: str, make):
+    d = tables._derived
+    if key not in d:
+        d[key] = make()
+    return d[key]
+
+
 def universal_rules(tables) -> int:
     """Rules that match whatever the packet's protocol (ND aside), ports
     and destination are: their bits are set in every vector the program can
     find in those four dimensions. Derived from the tables, so it holds for
     exactly what the program looks up."""
+    return _derived(tables, "universal", lambda: _universal(tables))
+
+
+def _universal(tables) -> int:
     u = (1 << tables.nrules) - 1
     for c in range(C.XG_L4_NCLASSES):
         if c != C.XG_L4_ND:
@@ -188,26 +199,33 @@ def gen_value(maps, tables):
     return g
 
 
+def _dir4_levels(tables) -> tuple[int, int]:
+    """(/16s holding a longer source prefix, /24s holding a prefix longer
+    than /24): the nodes below the root a full IPv4 source table has."""
+    def count():
+        l2, l3 = set(), set()
+        for dim, value, plen, _vec in tables.lpm[4]:
+            if dim == C.XG_DIM_SRC and plen > 16:
+                l2.add(value >> 16)
+                if plen > 24:
+                    l3.add(value >> 8)
+        return len(l2), len(l3)
+    return _derived(tables, "dir4_levels", count)
+
+
 def dir4_nodes_needed(tables) -> int:
     """Nodes of the IPv4 source table that hold every source prefix
     (root included): one per /16 holding a longer prefix, one per /24
     holding a prefix longer than /24."""
-    l2, l3 = set(), set()
-    for dim, value, plen, _vec in tables.lpm[4]:
-        if dim == C.XG_DIM_SRC and plen > 16:
-            l2.add(value >> 16)
-            if plen > 24:
-                l3.add(value >> 8)
-    return C.XG_DIR_ROOT_NODES + len(l2) + len(l3)
+    return C.XG_DIR_ROOT_NODES + sum(_dir4_levels(tables))
 
 
 def dir4(tables, nodes: int):
     """dir4_plan, computed once per tables and size."""
-    cache = tables.__dict__.setdefault("_dir4_cache", {})
-    if nodes not in cache:
-        cache.clear()
-        cache[nodes] = dir4_plan(tables, nodes)
-    return cache[nodes]
+    cached = tables._derived.get("dir4")
+    if cached is None or cached[0] != nodes:
+        cached = tables._derived["dir4"] = (nodes, dir4_plan(tables, nodes))
+    return cached[1]
 
 
 def dir4_plan(tables, nodes: int):
@@ -234,8 +252,7 @@ def dir4_plan(tables, nodes: int):
     trie4 = []
     fills: dict[int, array] = {}       # value -> a node of it (most nodes share a few)
     free = C.XG_DIR_ROOT_NODES
-    l2_need = len({v >> 16 for d, v, p, _ in tables.lpm[4] if d == SRC and p > 16})
-    l3_left = nodes - C.XG_DIR_ROOT_NODES - l2_need    # may go below 0: no /24 nodes
+    l3_left = nodes - C.XG_DIR_ROOT_NODES - _dir4_levels(tables)[0]   # may go below 0: no /24 nodes
     trie_until = -1                    # last address under the newest XG_DIR_TRIE slot
     for e in tables.lpm[4]:
         dim, value, plen, vec = e

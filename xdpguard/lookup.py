@@ -52,11 +52,8 @@ def classify(tables: Tables, family: int, src: int, dst: int, l4: int,
     if l4 != C.XG_L4_ND:
         # struct xg_vec.decides: the source vector alone decides when its
         # lowest rule matches any protocol, port and destination.
-        u = getattr(tables, "_universal", None)
-        if u is None:
-            u = tables._universal = universal_rules(tables)
         low = vsrc & -vsrc
-        if low & u:
+        if low & universal_rules(tables):
             return low.bit_length() - 1
     v = tables.vecs[l4] & vsrc
     if tables.flags & C.XG_GEN_HAS_DST:
