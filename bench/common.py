@@ -37,7 +37,9 @@ if str(REPO) not in sys.path:
 from xdpguard import bpfsys  # noqa: E402
 from xdpguard.netns import in_netns  # noqa: E402
 
-BLOCKLISTS = REPO.parent / "shared" / "data" / "blocklists"
+# ../shared/data/blocklists beside the repo (CI lays a copy there), or
+# wherever XDPGUARD_BLOCKLISTS points (a clone made elsewhere).
+BLOCKLISTS = Path(os.environ.get("XDPGUARD_BLOCKLISTS") or REPO.parent / "shared" / "data" / "blocklists")
 PREFIX = "xgb"
 NCPU = os.cpu_count() or 1
 

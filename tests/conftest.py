@@ -68,11 +68,10 @@ def policies_dir():
 
 @pytest.fixture(scope="session")
 def blocklists_dir():
-    """../shared/data/blocklists beside the repo (CI lays a copy there)."""
-    from pathlib import Path
-    d = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "blocklists"
+    """The bench's blocklists (bench.common.BLOCKLISTS)."""
+    from bench.common import BLOCKLISTS as d
     if not d.is_dir():
         if IN_CI:
-            pytest.fail(f"blocklist data missing at {d}", pytrace=False)
+            pytest.fail(f"blocklist data missing at {d} (set XDPGUARD_BLOCKLISTS)", pytrace=False)
         pytest.skip("blocklist data not found")
     return d
