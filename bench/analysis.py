@@ -12,7 +12,13 @@ A. Stage breakdown. Variants of bpf/xdpguard.c, made at run time by
      4 + l4, port vectors        the l4 vector and both port arrays (a packet
                                  whose source vector decides skips 4 and 5)
      5 + AND loop                the rule-vector scan
-     6 full                      rule record, counters, limiter: the production program
+     6 general path              rule record, counters, limiter: the production
+                                 program without its fast lane
+     7 full                      the production program: the fast lane (a frame its
+                                 source decides, no packet record) before the rest
+
+   Stages 1 to 6 have the fast lane switched off, so that they time the
+   general path every frame the fast lane leaves takes.
 
    Each variant runs with BPF_PROG_TEST_RUN (hot caches) for policies b and
    c, and as the receiver of a flood (policy b, native XDP), where the cost
@@ -49,7 +55,8 @@ STAGES = [
      "(vl && vs && vd && vsp && vdp) ? XDP_DROP : XDP_PASS"),
     (5, "+ AND loop", "before", r"\tif \(rule == ~0U\) \{\n", "rule != ~0U ? XDP_DROP : XDP_PASS"),
 ]
-FULL = 6
+GENERAL, FULL = 6, 7
+FAST_CALL = "int rc = xg_fast4(ctx);\n"
 CLASSES = ("v4 udp denied", "v4 tcp syn pass", "v6 udp pass", "limit within")
 
 
@@ -65,11 +72,17 @@ def stage_source() -> tuple[str, list[int]]:
         at = ms[0].end() if where == "after" else ms[0].start()
         src = src[:at] + stop + src[at:]
         found.append(n)
+    if src.count(FAST_CALL) == 1:
+        src = src.replace(FAST_CALL, "int rc = XGB_STOP ? -1 : xg_fast4(ctx);\n")
+        found.append(GENERAL)
     return src, found + [FULL]
 
 
 def _name(n: int) -> str:
-    return dict((s[0], s[1]) for s in STAGES).get(n, "full (rule, counters, limiter)")
+    names = dict((s[0], s[1]) for s in STAGES)
+    names[GENERAL] = "general path (rule, counters, limiter)"
+    names[FULL] = "full: fast lane, then the general path"
+    return names[n]
 
 
 def _stages_testrun(ctx, src, stages, stack) -> dict:

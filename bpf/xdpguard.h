@@ -251,6 +251,7 @@ struct xg_debug {
 	__u32 rule;        /* rule index in the generation, or ~0 */
 	__u32 verdict;     /* XG_V_* */
 	__u32 gen;
+	__u32 fast;        /* 1: decided in the fast lane (xg_fast4) */
 };
 
 #ifdef XG_NWORDS

@@ -564,11 +564,12 @@ class TestRig:
         empty = dbg.Leaf()
         empty.slot = 0xFFFFFFFF
         empty.rule = 0xFFFFFFFF
+        empty.fast = 0
         dbg.update(ctypes.c_uint32(0), empty)
         retval, duration, _ = bpfsys.prog_test_run(self.fn.fd, frame, repeat=repeat)
         d = dbg.lookup(ctypes.c_uint32(0))
         return {"retval": retval, "duration_ns": duration, "slot": d.slot,
-                "rule": None if d.rule == 0xFFFFFFFF else d.rule}
+                "rule": None if d.rule == 0xFFFFFFFF else d.rule, "fast": bool(d.fast)}
 
     def close(self) -> None:
         self.b.cleanup()

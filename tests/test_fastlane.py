@@ -1,0 +1,220 @@
+"""The fast lane (xg_fast4 in bpf/xdpguard.c) under BPF_PROG_TEST_RUN.
+
+A flood frame whose source alone decides an allow or deny skips the
+general parser. These tests pin down which frames take that lane (the test
+build records it in the debug map) and that every frame, in the lane or
+not, gets the verdict, rule and counters of the Python reference, the
+same as the general path gives it: the fixture and fuzz tests check the
+verdicts over many more frames.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+
+from conftest import require_kernel
+from xdpguard import bans as xgbans, bpfsys
+from xdpguard.compiler import compile_policy
+from xdpguard.layout import C
+from xdpguard.lookup import decide
+from xdpguard import packet
+from xdpguard.packet import build
+from xdpguard.policy import load
+
+pytestmark = pytest.mark.kernel
+
+XDP_DROP, XDP_PASS = 1, 2
+
+POLICY = """
+[policy]
+name = "fastlane"
+default = "allow"
+
+[[rule]]
+name = "blocklist"
+src = ["198.51.100.0/24", "203.0.113.0/25", "2001:db8:bad::/48"]
+action = "deny"
+
+[[rule]]
+name = "trusted"
+src = "192.0.2.0/28"
+action = "allow"
+
+[[rule]]
+name = "logged"
+src = "192.0.2.64/26"
+action = "deny"
+log = true
+
+[[rule]]
+name = "limited"
+src = "203.0.113.128/25"
+action = "limit"
+rate = "1000/s"
+burst = 1000
+
+[[rule]]
+name = "web-only"
+src = "192.0.2.128/25"
+proto = "tcp"
+dport = 80
+action = "deny"
+"""
+
+MITIGATION = """
+[mitigation]
+enabled = true
+syn_rate = "100/s"
+"""
+
+BLOCKED, TRUSTED, LOGGED, LIMITED, WEB = "198.51.100.7", "192.0.2.3", "192.0.2.70", "203.0.113.200", "192.0.2.130"
+DST = "10.9.9.9"
+
+
+def udp(src, **kw):
+    return build(src, DST, "udp", sport=40000, dport=5000, **kw)
+
+
+def tcp(src, flags="syn", **kw):
+    return build(src, DST, "tcp", dport=80, tcp_flags=flags, **kw)
+
+
+def _with_byte(frame: bytes, at: int, value: int) -> bytes:
+    return frame[:at] + bytes([value]) + frame[at + 1:]
+
+
+@pytest.fixture(scope="module")
+def rig():
+    require_kernel()
+    from xdpguard.loader import TestRig
+    r = TestRig(compile_policy(load("fastlane.toml", text=POLICY)))
+    yield r
+    r.close()
+
+
+def _expect(tables, frame):
+    p = packet.parse(frame)
+    if p is packet.MALFORMED:
+        return "drop", "malformed"
+    d = decide(tables, p.family, int(p.src), int(p.dst), p.l4, p.sport, p.dport)
+    # One packet of a limit rule is within its burst.
+    return ("pass" if d.verdict == "limit" else d.verdict), d.rule
+
+
+def _got(rig, res):
+    verdict = {XDP_DROP: "drop", XDP_PASS: "pass"}[res["retval"]]
+    if res["rule"] is not None:
+        name = rig.tables.rules[res["rule"]].name
+        assert res["slot"] == rig.slots[name]
+        return verdict, name
+    return verdict, {C.XG_SLOT_DEFAULT: None, C.XG_SLOT_MALFORMED: "malformed",
+                     C.XG_SLOT_BAN: "ban"}[res["slot"]]
+
+
+LANE = [
+    # (description, frame, takes the fast lane)
+    ("blocklisted v4 UDP", udp(BLOCKED), True),
+    ("blocklisted v4 TCP SYN", tcp(BLOCKED), True),
+    ("blocklisted v4 ICMP", build(BLOCKED, DST, "icmp"), True),
+    ("blocklisted v4 GRE", build(BLOCKED, DST, "gre", payload=bytes(32)), True),
+    ("blocklisted v4, a later fragment", udp(BLOCKED, fragment=(3, False), payload=bytes(32)), True),
+    ("blocklisted v4 GRE, under 8 bytes after IP", build(BLOCKED, DST, "gre"), False),
+    ("blocklisted v4, a later fragment, under 8 bytes", udp(BLOCKED, fragment=(3, False)), False),
+    ("blocklisted v4, 1,400 bytes of payload", udp(BLOCKED, payload=bytes(1400)), True),
+    ("trusted v4 (allow decided by the source)", tcp(TRUSTED, flags="ack"), True),
+    ("blocklisted, VLAN-tagged", udp(BLOCKED, vlans=(7,)), False),
+    ("blocklisted v6", build("2001:db8:bad::1", "2001:db8:9::9", "udp", dport=5000), False),
+    ("blocklisted v4 with IP options", None, False),
+    ("blocklisted v4 TCP, header cut short", None, False),
+    ("deny that logs", udp(LOGGED), False),
+    ("limit rule", udp(LIMITED), False),
+    ("source vector that does not decide alone", tcp(WEB), False),
+    ("no rule: the default", udp("10.1.2.3"), False),
+]
+
+
+def _frame(desc, frame):
+    if desc.endswith("with IP options"):
+        from scapy.layers.inet import IP, UDP, IPOption_NOP
+        from scapy.layers.l2 import Ether
+        return bytes(Ether() / IP(src=BLOCKED, dst=DST, options=[IPOption_NOP()] * 4) / UDP(dport=5000))
+    if desc.endswith("header cut short"):
+        return tcp(BLOCKED)[:14 + 20 + 12]
+    return frame
+
+
+@pytest.mark.parametrize("desc,frame,fast", LANE, ids=[r[0] for r in LANE])
+def test_lane_and_verdict(rig, desc, frame, fast):
+    frame = _frame(desc, frame)
+    res = rig.run(frame)
+    assert res["fast"] == fast, desc
+    assert _got(rig, res) == _expect(rig.tables, frame), desc
+
+
+def test_lane_counts_like_the_general_path(rig):
+    """Packets and bytes (all, and dropped) in the deciding rule's slot."""
+    for name, frame, n, dropped in (("blocklist", udp(BLOCKED, payload=bytes(333)), 5, True),
+                                    ("trusted", tcp(TRUSTED, flags="ack"), 3, False)):
+        slot = rig.slots[name]
+        before = rig.counter(slot)
+        res = rig.run(frame, repeat=n)
+        assert res["fast"]
+        after = rig.counter(slot)
+        assert after["packets"] - before["packets"] == n
+        assert after["bytes"] - before["bytes"] == n * len(frame)
+        assert after["dropped_packets"] - before["dropped_packets"] == (n if dropped else 0)
+        assert after["dropped_bytes"] - before["dropped_bytes"] == (n * len(frame) if dropped else 0)
+
+
+def test_a_ban_turns_the_lane_off(rig):
+    """While any IPv4 ban exists, every IPv4 frame takes the general path,
+    which checks the ban trie first: a banned trusted source is dropped."""
+    ban4, state = rig.maps["ban4"], rig.maps["banstate"]
+    key = ban4.Key()
+    key.prefixlen = 32
+    key.addr = (ctypes.c_uint8 * 4)(*map(int, TRUSTED.split(".")))
+    xgbans.insert(ban4, state, 4, key, ban4.Leaf())   # a test rig has no pin lock
+    try:
+        res = rig.run(tcp(TRUSTED, flags="ack"))
+        assert (res["fast"], _got(rig, res)) == (False, ("drop", "ban"))
+        res = rig.run(udp(BLOCKED))
+        assert (res["fast"], _got(rig, res)) == (False, ("drop", "blocklist"))
+    finally:
+        xgbans.delete(ban4, state, 4, key)
+    assert state.lookup(ctypes.c_uint32(0)).v4 == 0
+    assert rig.run(udp(BLOCKED))["fast"]
+
+
+def test_mitigation_turns_the_lane_off():
+    """A generation that counts per-source stats for the daemon sends every
+    frame through the general path, which counts it."""
+    require_kernel()
+    from xdpguard.loader import TestRig
+    r = TestRig(compile_policy(load("fastlane-mit.toml", text=POLICY + MITIGATION)))
+    try:
+        assert r.tables.flags & C.XG_GEN_MITIGATE
+        res = r.run(udp(BLOCKED))
+        assert (res["fast"], _got(r, res)) == (False, ("drop", "blocklist"))
+        m = r.maps["srcstat"]
+        assert len(list(bpfsys.map_keys(m.fd, ctypes.sizeof(m.Key)))) >= 1
+    finally:
+        r.close()
+
+
+def test_lane_follows_the_active_generation(rig):
+    """After a re-apply that moves a source from deny to allow, the lane
+    reads the new generation."""
+    swapped = POLICY.replace('name = "blocklist"', 'name = "blocklist-old"', 1)
+    swapped = swapped.replace('action = "deny"\n\n[[rule]]\nname = "trusted"',
+                              'action = "allow"\n\n[[rule]]\nname = "trusted"', 1)
+    old = rig.tables
+    rig.load(compile_policy(load("fastlane2.toml", text=swapped)))
+    try:
+        res = rig.run(udp(BLOCKED))
+        assert res["fast"]
+        assert _got(rig, res) == ("pass", "blocklist-old")
+    finally:
+        rig.load(old)
+    res = rig.run(udp(BLOCKED))
+    assert (res["fast"], _got(rig, res)) == (True, ("drop", "blocklist"))
