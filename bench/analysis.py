@@ -49,7 +49,7 @@ STAGES = [
     (1, "parse", "after", r"\tif \(rc == XG_PARSE_NONIP\)\n\t\treturn XDP_PASS;\n", "XDP_DROP"),
     (2, "+ active, gens, bans", "after", r"\tif \(xg_banned\(&pkt, len\)\)\n[^\n]*\n", "XDP_DROP"),
     (3, "+ source lookup", "after",
-     r"\tvs = xg_vec\(gen, xg_addr_vec\(&pkt, gen, XG_DIM_SRC, pkt\.src\)\);\n",
+     r"\tvs = xg_vec\(gen, svec\);\n",
      "vs ? XDP_DROP : XDP_PASS"),
     (4, "+ l4, port vectors", "before", r"\tif \(vl && vs && vd && vsp && vdp\) \{\n",
      "(vl && vs && vd && vsp && vdp) ? XDP_DROP : XDP_PASS"),

@@ -26,6 +26,10 @@
 
 #define XG_RULES_PER_GEN (64 * XG_NWORDS)
 
+/* A dir4 entry carries a rule and its slot (XG_DIR_FAST). */
+_Static_assert(XG_MAX_SLOTS <= XG_DIR_SLOT_MASK + 1, "counter slots fit a dir4 entry");
+_Static_assert(XG_RULES_PER_GEN <= XG_DIR_RULE_MASK + 1, "rules fit a dir4 entry");
+
 #define XG_STR2(x) #x
 #define XG_STR(x) XG_STR2(x)
 #ifdef XG_STAGE
@@ -260,9 +264,8 @@ static __always_inline int xg_fast4(struct xdp_md *ctx)
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
 	__u8 *ip = data + sizeof(struct ethhdr);
-	__u32 zero = 0, word, gen, vec;
+	__u32 zero = 0, word, e;
 	struct xg_banstate *st;
-	struct xg_vec *v;
 	__u32 *ap;
 
 	/* What does not depend on the frame comes first: instructions behind
@@ -274,7 +277,6 @@ static __always_inline int xg_fast4(struct xdp_md *ctx)
 	word = *ap;
 	if (((word >> XG_ACTIVE_FLAGS_SHIFT) & XG_GEN_MITIGATE) || st->v4)
 		return -1;
-	gen = word & 1;
 	/* 8 bytes of L4 header: what the general parser requires of UDP
 	 * (and of ICMPv6); TCP needs 20. */
 	if ((void *)(ip + 28) > data_end)
@@ -283,14 +285,12 @@ static __always_inline int xg_fast4(struct xdp_md *ctx)
 		return -1;
 	if (ip[9] == IPPROTO_TCP && (void *)(ip + 40) > data_end)
 		return -1;
-	vec = xg_dir4(gen, ip + 12);
-	if (vec == XG_DIR_TRIE)
+	/* The table entry itself holds the verdict (XG_DIR_FAST): no vector. */
+	e = xg_dir4(word & 1, ip + 12);
+	if (!(e & XG_DIR_FAST))
 		return -1;
-	v = xg_vec(gen, vec);
-	if (!v || !v->decides || v->daction == XG_ACT_LIMIT || v->dlog)
-		return -1;
-	return xg_finish(0, v->dslot, v->decides - 1, gen, data_end - data,
-			 v->daction != XG_ACT_ALLOW, 0);
+	return xg_finish(0, e & XG_DIR_SLOT_MASK, (e >> XG_DIR_RULE_SHIFT) & XG_DIR_RULE_MASK,
+			 word & 1, data_end - data, !!(e & XG_DIR_DROP), 0);
 }
 
 /* Every frame the fast lane leaves: parse, bans, stats, classify. */
@@ -301,7 +301,7 @@ static __always_inline int xg_general(struct xdp_md *ctx)
 	__u32 zero = 0, gen, rule = ~0U, idx, i;
 	struct xg_vec *vl, *vs, *vd, *vsp, *vdp;
 	struct xg_rule *r;
-	__u32 *genp, word, flags;
+	__u32 *genp, word, flags, svec;
 	int rc;
 
 	rc = xg_parse(ctx, &pkt);
@@ -331,7 +331,12 @@ static __always_inline int xg_general(struct xdp_md *ctx)
 	}
 
 	/* Classify: AND the five dimension vectors, the lowest bit wins. */
-	vs = xg_vec(gen, xg_addr_vec(&pkt, gen, XG_DIM_SRC, pkt.src));
+	svec = xg_addr_vec(&pkt, gen, XG_DIM_SRC, pkt.src);
+	if (svec & XG_DIR_FAST)   /* an IPv4 source (never ND) that decides */
+		return xg_finish(&pkt, svec & XG_DIR_SLOT_MASK,
+				 (svec >> XG_DIR_RULE_SHIFT) & XG_DIR_RULE_MASK, gen, len,
+				 !!(svec & XG_DIR_DROP), 0);
+	vs = xg_vec(gen, svec);
 	if (vs && vs->decides && pkt.l4 != XG_L4_ND) {
 		rule = vs->decides - 1;
 		if (vs->daction != XG_ACT_LIMIT)

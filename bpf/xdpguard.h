@@ -15,7 +15,7 @@
 #ifndef XDPGUARD_H
 #define XDPGUARD_H
 
-#define XG_LAYOUT_VERSION 3
+#define XG_LAYOUT_VERSION 4
 
 /* Rule actions (struct xg_rule.action, default action). */
 #define XG_ACT_ALLOW 0
@@ -67,15 +67,26 @@
  * IPv4 source table (map dir4): a multibit trie of arrays with strides
  * 16-8-8, one region of XG_DIR_NODES nodes (a -D flag) per generation. A node
  * is 256 entries; nodes 0..255 of a region are the root (indexed by the
- * first address byte, then the second). An entry is a vector index, or
- * XG_DIR_NODE | n: look the next address byte up in node n, or
- * XG_DIR_TRIE: the region ran out of nodes here and the classifier trie
- * decides. At most three array loads, whatever the policy's size.
+ * first address byte, then the second). An entry is one of:
+ *   XG_DIR_NODE | n   look the next address byte up in node n;
+ *   XG_DIR_FAST | ... the source alone decides an allow or deny that does
+ *                     not log (its vector's xg_vec.decides): the rule's
+ *                     counter slot in bits 0-13, the rule in bits 14-28,
+ *                     XG_DIR_DROP for a deny. No vector is read;
+ *   XG_DIR_TRIE       the region ran out of nodes here: the classifier
+ *                     trie decides;
+ *   anything else     a vector index.
+ * At most three array loads, whatever the policy's size.
  */
 #define XG_DIR_ROOT_NODES 256
 #define XG_DIR_MAX_NODES 65536     /* per generation: 64 MiB */
 #define XG_DIR_NODE 2147483648
-#define XG_DIR_TRIE 2147483647
+#define XG_DIR_FAST 1073741824
+#define XG_DIR_DROP 536870912
+#define XG_DIR_RULE_SHIFT 14
+#define XG_DIR_SLOT_MASK 16383
+#define XG_DIR_RULE_MASK 32767
+#define XG_DIR_TRIE 1073741823     /* below XG_DIR_FAST: vector indexes are smaller */
 
 /* Dimensions of the address tries (byte 1 of the key data). */
 #define XG_DIM_SRC 0

@@ -83,6 +83,74 @@ def test_table_and_trie_agree_with_lookup(seed, spare):
         assert t.vecs[_walk(table, trie4, a)] == want, (_text(a, 32), nodes)
 
 
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@given(seed=st.integers(0, 2**32), spare=st.integers(0, 60))
+def test_table_with_verdict_codes_agrees_with_lookup(seed, spare):
+    """With codes (what the loader writes), an entry is the verdict the
+    vector would have given (XG_DIR_FAST) or that vector; the trie behind
+    an overflowed slot still gets a vector that decides alike."""
+    rng = random.Random(seed)
+    t, pfx = _policy(rng, nrules=6, per_rule=25)
+    slots, _ = loader.assign_slots(t, None)
+    need = layout.dir4_nodes_needed(t)
+    nodes = ROOT + min(spare, need - ROOT)
+    table, trie4 = layout.dir4_plan(t, nodes, layout.dir4_codes(t, slots))
+    plain_table, plain_trie4 = layout.dir4_plan(t, nodes)
+    assert len(trie4) == len(plain_trie4)
+    universal = layout.universal_rules(t)
+    for a in _addresses(rng, pfx, 300):
+        want = lookup._lpm(t, 4, C.XG_DIM_SRC, a)
+        e = _walk(table, trie4, a)
+        if e & C.XG_DIR_FAST:
+            d = layout.decides(want, universal)
+            r = t.rules[d - 1]
+            assert d and (e >> C.XG_DIR_RULE_SHIFT) & C.XG_DIR_RULE_MASK == d - 1
+            assert e & C.XG_DIR_SLOT_MASK == slots[r.name]
+            assert bool(e & C.XG_DIR_DROP) == (r.action != C.XG_ACT_ALLOW)
+        else:
+            got = t.vecs[e]
+            assert got == want or layout.decides(got, universal) == layout.decides(want, universal) != 0
+
+
+def test_verdict_codes():
+    text = """
+[[rule]]
+name = "deny"
+src = "10.0.0.0/8"
+action = "deny"
+[[rule]]
+name = "allow"
+src = "11.0.0.0/8"
+action = "allow"
+[[rule]]
+name = "logged"
+src = "12.0.0.0/8"
+action = "deny"
+log = true
+[[rule]]
+name = "limited"
+src = "13.0.0.0/8"
+action = "limit"
+rate = "10/s"
+[[rule]]
+name = "web"
+src = "14.0.0.0/8"
+proto = "tcp"
+dport = 80
+action = "deny"
+"""
+    t = compiler.compile_policy(policy.load("codes.toml", text=text))
+    slots = {"deny": 100, "allow": 101, "logged": 102, "limited": 103, "web": 104}
+    codes = layout.dir4_codes(t, slots)
+    table, _ = layout.dir4_plan(t, ROOT, codes)
+    F, D, S = C.XG_DIR_FAST, C.XG_DIR_DROP, C.XG_DIR_RULE_SHIFT
+    assert table[10 * 256] == F | D | (0 << S) | 100
+    assert table[11 * 256] == F | (1 << S) | 101
+    for first in (12, 13, 14, 15):        # logs, limits, needs the port; no rule
+        e = table[first * 256]
+        assert not e & F and e < len(t.vecs)
+
+
 def test_longer_prefixes_get_nodes_or_the_trie():
     text = """
 [[rule]]

@@ -220,23 +220,58 @@ def dir4_nodes_needed(tables) -> int:
     return C.XG_DIR_ROOT_NODES + sum(_dir4_levels(tables))
 
 
-def dir4(tables, nodes: int):
-    """dir4_plan, computed once per tables and size."""
+def dir4_codes(tables, slots: dict[str, int]) -> list[int]:
+    """The source-table entry of each vector: XG_DIR_FAST with the rule,
+    its slot and XG_DIR_DROP where the vector decides an allow or deny
+    that does not log (the program then reads no vector), else the
+    vector's own index."""
+    universal = universal_rules(tables)
+    codes = list(range(len(tables.vecs)))
+    for i, v in enumerate(tables.vecs):
+        d = decides(v, universal)
+        if not d:
+            continue
+        r = tables.rules[d - 1]
+        slot = slots[r.name]
+        if r.action == C.XG_ACT_LIMIT or r.log or slot > C.XG_DIR_SLOT_MASK or d - 1 > C.XG_DIR_RULE_MASK:
+            continue
+        codes[i] = (C.XG_DIR_FAST | ((d - 1) << C.XG_DIR_RULE_SHIFT) | slot
+                    | (C.XG_DIR_DROP if r.action != C.XG_ACT_ALLOW else 0))
+    return codes
+
+
+def dir4(tables, nodes: int, slots: dict[str, int] | None = None):
+    """dir4_plan, computed once per tables, size and slots (without slots:
+    vector indexes only, enough to size a program)."""
+    key = (nodes, None if slots is None else tuple(sorted(slots.items())))
     cached = tables._derived.get("dir4")
-    if cached is None or cached[0] != nodes:
-        cached = tables._derived["dir4"] = (nodes, dir4_plan(tables, nodes))
+    if cached is None or cached[0] != key:
+        codes = None if slots is None else dir4_codes(tables, slots)
+        cached = tables._derived["dir4"] = (key, dir4_plan(tables, nodes, codes))
     return cached[1]
 
 
-def dir4_plan(tables, nodes: int):
+def dir4_trie4(tables, nodes: int, slots: dict[str, int] | None = None) -> list:
+    """The trie entries that go with the table: the same whatever the
+    entries' codes, so any plan of that size answers."""
+    cached = tables._derived.get("dir4")
+    if cached is not None and cached[0][0] == nodes:
+        return cached[1][1]
+    return dir4(tables, nodes, slots)[1]
+
+
+def dir4_plan(tables, nodes: int, codes: list[int] | None = None):
     """One generation of the IPv4 source table in `nodes` nodes, and the
     IPv4 trie entries that must go with it.
 
     Returns (table, trie4): table is the region's entries (array of u32,
-    nodes x 256, node 0 first); trie4 the (dim, value, plen, vec) entries
-    for lpm4: every dst entry, and where the table ran out of nodes
-    (XG_DIR_TRIE) the slot's own prefix with the vector it would have
-    held, plus the source prefixes inside it.
+    nodes x 256, node 0 first): codes[vec] (dir4_codes) for each vector,
+    or the vector index without codes; trie4 the (dim, value, plen, vec)
+    entries for lpm4: every dst entry, and where the table ran out of
+    nodes (XG_DIR_TRIE) the slot's own prefix with the vector it would
+    have held, plus the source prefixes inside it. (Two vectors deciding
+    the same rule have the same code; the trie gets either, which decides
+    the same.)
 
     One pass in the compiler's order (by address, then length): prefixes
     nest or are disjoint, so a prefix comes after every prefix holding it,
@@ -254,18 +289,22 @@ def dir4_plan(tables, nodes: int):
     free = C.XG_DIR_ROOT_NODES
     l3_left = nodes - C.XG_DIR_ROOT_NODES - _dir4_levels(tables)[0]   # may go below 0: no /24 nodes
     trie_until = -1                    # last address under the newest XG_DIR_TRIE slot
+    vec_of: dict[int, int] = {}        # code -> a vector with that code
     for e in tables.lpm[4]:
         dim, value, plen, vec = e
         if dim != SRC or value <= trie_until:
             trie4.append(e)
             continue
+        if codes is not None:
+            vec_of[codes[vec]] = vec
+            vec = codes[vec]
         # slot: the entry of the /d holding the prefix (root entries are /16s).
         slot, d = value >> 16, 16
         while plen > d:
             cur = table[slot]
             if not cur & NODE:
                 if free >= nodes or (d == 24 and l3_left <= 0):
-                    trie4.append((SRC, value >> (32 - d) << (32 - d), d, cur))
+                    trie4.append((SRC, value >> (32 - d) << (32 - d), d, vec_of.get(cur, cur)))
                     trie4.append(e)
                     table[slot] = TRIE
                     trie_until = value | ((1 << (32 - d)) - 1)

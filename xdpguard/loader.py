@@ -49,11 +49,13 @@ class Shape:
                 f"-DXG_DIR_NODES={self.dir_nodes}"]
 
     @classmethod
-    def for_tables(cls, t: Tables) -> "Shape":
+    def for_tables(cls, t: Tables, slots: dict[str, int] | None = None) -> "Shape":
+        """slots: those the policy will be written with (the source table's
+        entries depend on them), so that its plan is made once."""
         # Headroom, so that most later policies fit without a recompile, and
         # room for two generations in the tries.
         nodes = min(C.XG_DIR_MAX_NODES, _pow2(2 * layout.dir4_nodes_needed(t)))
-        _table, trie4 = layout.dir4(t, nodes)
+        trie4 = layout.dir4_trie4(t, nodes, slots)
         return cls(nwords=min(64, _pow2(max(1, (t.nrules + 16 + 63) // 64))),
                    vec_per_gen=_pow2(max(256, 2 * len(t.vecs))),
                    lpm4_max=_pow2(max(4096, 4 * len(trie4))),
@@ -64,7 +66,8 @@ class Shape:
         """The maps a program of this shape has (bpf/xdpguard.c)."""
         return POLICY_MAPS + PERSISTENT_MAPS + (("debug",) if test else ())
 
-    def fits(self, t: Tables, old_lpm4: int = 0, old_lpm6: int = 0) -> bool:
+    def fits(self, t: Tables, old_lpm4: int = 0, old_lpm6: int = 0,
+             slots: dict[str, int] | None = None) -> bool:
         if not (t.nrules <= self.rules_per_gen and len(t.vecs) <= self.vec_per_gen
                 and len(t.lpm[6]) + old_lpm6 <= self.lpm6_max):
             return False
@@ -72,7 +75,7 @@ class Shape:
         # rest); a smaller one must hold all of it.
         if self.dir_nodes < C.XG_DIR_MAX_NODES and layout.dir4_nodes_needed(t) > self.dir_nodes:
             return False
-        _table, trie4 = layout.dir4(t, self.dir_nodes)
+        trie4 = layout.dir4_trie4(t, self.dir_nodes, slots)
         return len(trie4) + old_lpm4 <= self.lpm4_max
 
 
@@ -140,7 +143,7 @@ def _lpm_update(m: pins.Map, keys: bytes, vals: bytes) -> None:
 def write_gen(maps: dict, tables: Tables, gen: int, shape: Shape, slots: dict[str, int]) -> int:
     """Write one generation of the classifier (not yet active); returns
     the IPv4 trie entries it took."""
-    table, trie4 = layout.dir4(tables, shape.dir_nodes)
+    table, trie4 = layout.dir4(tables, shape.dir_nodes, slots)
     _write_dir4(maps["dir4"], table, gen, shape.dir_nodes)
     for fam in (4, 6):
         keys, vals = layout.lpm_entries(maps, trie4 if fam == 4 else tables.lpm[6], gen, fam)
@@ -278,7 +281,7 @@ def _record(policy: Policy, tables: Tables, netns, iface, ifindex, shape, slots,
                    "slot": slots[r.name]} for r in tables.rules],
         "slots": slots,
         # Trie entries of the generation (IPv4: what the source table left).
-        "lpm": {"4": len(layout.dir4(tables, shape.dir_nodes)[1]), "6": len(tables.lpm[6])},
+        "lpm": {"4": len(layout.dir4_trie4(tables, shape.dir_nodes, slots)), "6": len(tables.lpm[6])},
         "types": types,
         "mitigation": {"enabled": policy.mitigation.enabled,
                        "prefix4": policy.mitigation.prefix4, "prefix6": policy.mitigation.prefix6,
@@ -294,10 +297,10 @@ def apply(policy: Policy, tables: Tables, iface: str, netns: str | None = None,
     pins.ensure_bpffs()
     ifindex = ifindex_of(iface, netns)
     if dry_run:
-        shape = Shape.for_tables(tables)
+        slots, _ = assign_slots(tables, None)
+        shape = Shape.for_tables(tables, slots)
         b, fn = compile_program(shape)
         maps = bcc_maps(b, shape.map_names())
-        slots, _ = assign_slots(tables, None)
         write_gen(maps, tables, 0, shape, slots)
         set_active(maps, 0)
         log(f"dry run: policy '{policy.name}' compiled, loaded and verified; nothing attached")
@@ -323,7 +326,7 @@ def apply(policy: Policy, tables: Tables, iface: str, netns: str | None = None,
         slots, fresh = assign_slots(tables, record["slots"] if record else None)
         if ours:
             shape = Shape(**record["shape"])
-            if shape.fits(tables, record["lpm"]["4"], record["lpm"]["6"]):
+            if shape.fits(tables, record["lpm"]["4"], record["lpm"]["6"], slots):
                 return _reapply_in_place(policy, tables, directory, record, slots, fresh, log)
         return _load_and_attach(policy, tables, netns, iface, ifindex, directory, record,
                                 q, ours, slots, fresh, mode, log)
@@ -374,7 +377,7 @@ def prev_dir(directory: Path) -> Path:
 def _load_and_attach(policy, tables, netns, iface, ifindex, directory, record, q, ours,
                      slots, fresh, mode, log) -> dict:
     t0 = time.monotonic()
-    shape = Shape.for_tables(tables)
+    shape = Shape.for_tables(tables, slots)
     if record:
         shape = Shape(max(shape.nwords, record["shape"]["nwords"]), shape.vec_per_gen,
                       shape.lpm4_max, shape.lpm6_max, shape.dir_nodes)
