@@ -167,23 +167,61 @@ def test_lane_counts_like_the_general_path(rig):
         assert after["dropped_bytes"] - before["dropped_bytes"] == (n * len(frame) if dropped else 0)
 
 
-def test_a_ban_turns_the_lane_off(rig):
-    """While any IPv4 ban exists, every IPv4 frame takes the general path,
-    which checks the ban trie first: a banned trusted source is dropped."""
-    ban4, state = rig.maps["ban4"], rig.maps["banstate"]
+def _ban(rig, addr):
+    ban4 = rig.maps["ban4"]
     key = ban4.Key()
     key.prefixlen = 32
-    key.addr = (ctypes.c_uint8 * 4)(*map(int, TRUSTED.split(".")))
-    xgbans.insert(ban4, state, 4, key, ban4.Leaf())   # a test rig has no pin lock
+    key.addr = (ctypes.c_uint8 * 4)(*map(int, addr.split(".")))
+    xgbans.insert(ban4, rig.maps["banstate"], 4, key, ban4.Leaf())   # a test rig has no pin lock
+    return key
+
+
+def test_bans_in_the_lane(rig):
+    """While IPv4 bans exist the lane checks the ban trie first, as the
+    general path does: a banned trusted source is dropped (ban slot, ban
+    counters), an unbanned blocklisted one still gets its rule."""
+    ban4, state = rig.maps["ban4"], rig.maps["banstate"]
+    key = _ban(rig, TRUSTED)
     try:
-        res = rig.run(tcp(TRUSTED, flags="ack"))
-        assert (res["fast"], _got(rig, res)) == (False, ("drop", "ban"))
+        before = rig.counter(C.XG_SLOT_BAN)
+        frame = tcp(TRUSTED, flags="ack")
+        res = rig.run(frame, repeat=4)
+        assert (res["fast"], _got(rig, res)) == (True, ("drop", "ban"))
+        after = rig.counter(C.XG_SLOT_BAN)
+        assert after["dropped_packets"] - before["dropped_packets"] == 4
+        assert after["dropped_bytes"] - before["dropped_bytes"] == 4 * len(frame)
+        v = ban4.lookup(key)
+        assert (v.packets, v.bytes) == (4, 4 * len(frame))
         res = rig.run(udp(BLOCKED))
-        assert (res["fast"], _got(rig, res)) == (False, ("drop", "blocklist"))
+        assert (res["fast"], _got(rig, res)) == (True, ("drop", "blocklist"))
+        # A frame the lane leaves walks the ban trie once, on the general path.
+        res = rig.run(udp(TRUSTED, vlans=(3,)))
+        assert (res["fast"], _got(rig, res)) == (False, ("drop", "ban"))
+        assert ban4.lookup(key).packets == 5
     finally:
         xgbans.delete(ban4, state, 4, key)
     assert state.lookup(ctypes.c_uint32(0)).v4 == 0
-    assert rig.run(udp(BLOCKED))["fast"]
+    assert _got(rig, rig.run(tcp(TRUSTED, flags="ack"))) == ("pass", "trusted")
+
+
+def test_logged_bans_leave_the_lane():
+    """Banned drops that log need the packet record: with log_bans and a
+    ban in the map, IPv4 frames take the general path."""
+    require_kernel()
+    from xdpguard.loader import TestRig
+    text = POLICY.replace('default = "allow"', 'default = "allow"\nlog_bans = true', 1)
+    r = TestRig(compile_policy(load("fastlane-logbans.toml", text=text)))
+    try:
+        assert r.run(udp(BLOCKED))["fast"]             # no ban yet
+        key = _ban(r, TRUSTED)
+        try:
+            res = r.run(tcp(TRUSTED, flags="ack"))
+            assert (res["fast"], _got(r, res)) == (False, ("drop", "ban"))
+            assert not r.run(udp(BLOCKED))["fast"]
+        finally:
+            xgbans.delete(r.maps["ban4"], r.maps["banstate"], 4, key)
+    finally:
+        r.close()
 
 
 def test_mitigation_turns_the_lane_off():
