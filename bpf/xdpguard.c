@@ -26,9 +26,11 @@
 
 #define XG_RULES_PER_GEN (64 * XG_NWORDS)
 
-/* A dir4 entry carries a rule and its slot (XG_DIR_FAST). */
+/* A dir4 entry carries a rule and its slot (XG_DIR_FAST), or a vector
+ * index, which must stay below the markers. */
 _Static_assert(XG_MAX_SLOTS <= XG_DIR_SLOT_MASK + 1, "counter slots fit a dir4 entry");
 _Static_assert(XG_RULES_PER_GEN <= XG_DIR_RULE_MASK + 1, "rules fit a dir4 entry");
+_Static_assert(XG_VEC_PER_GEN <= XG_DIR_TRIE, "vector indexes stay below XG_DIR_TRIE");
 
 #define XG_STR2(x) #x
 #define XG_STR(x) XG_STR2(x)
@@ -259,10 +261,10 @@ static __always_inline struct xg_vec *xg_vec(__u32 gen, __u32 vec)
  * parser would accept, while the generation counts no per-source stats,
  * whose source decides an allow or deny that does not log (its source
  * table entry says so: XG_DIR_FAST), and which no ban holds (checked
- * while bans exist, unless banned drops log). Such a frame gets the verdict and
- * the counters the general path gives it (the fixture and fuzz tests
- * hold the two to the same answers), in about half the instructions:
- * no packet record, no second parse, one read of each header field.
+ * while bans exist, unless banned drops log). Such a frame gets the
+ * verdict and the counters the general path gives it (the fixture and
+ * fuzz tests hold the two to the same answers) in about a third of the
+ * instructions: no packet record, no second parse, no vector.
  * On a flood the instruction count is what costs: the first read of a
  * frame is a cache miss, and the work queued behind it decides how much
  * of the next frames' misses the CPU can overlap (docs/design.md).
