@@ -116,3 +116,25 @@ def test_nothing_left_behind(quick_run):
     root = Path("/sys/fs/bpf/xdpguard")
     if root.is_dir():
         assert not {d.name for d in root.iterdir()} & set(created)
+
+
+def test_behind_experiment_runs(tmp_path):
+    """bench/behind.py (the cost of work behind a frame's first read): one
+    short round of two variants, well-formed JSON, a table on stdout."""
+    out = tmp_path / "behind.json"
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "behind.py"), "--rounds", "1", "--seconds", "0.2",
+                        "--moves", "0,20", "--json-out", str(out)],
+                       capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "work behind the frame's first read" in r.stdout
+    res = json.loads(out.read_text())
+    assert set(res["variants"]) == {"read-drop", "+ 20 moves", "+ 4 lookups"}
+    for v in res["variants"].values():
+        assert len(v["mpps_core"]) == 1 and v["median"] > 0
+    assert res["variants"]["read-drop"]["vs_read_drop"] == 1.0
+
+
+def test_behind_refuses_bad_arguments():
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "behind.py"), "--moves", "10,0"],
+                       capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert r.returncode == 2 and "must start with 0" in r.stderr and "Traceback" not in r.stderr
