@@ -126,6 +126,13 @@ static __always_inline int xg_finish(struct xg_pkt *pkt, __u32 slot, __u32 rule,
 	return drop ? XDP_DROP : XDP_PASS;
 }
 
+/* The verdict an XG_DIR_FAST source-table entry carries (never logged). */
+static __always_inline int xg_finish_fast(struct xg_pkt *pkt, __u32 e, __u32 gen, __u64 len)
+{
+	return xg_finish(pkt, e & XG_DIR_SLOT_MASK, (e >> XG_DIR_RULE_SHIFT) & XG_DIR_RULE_MASK,
+			 gen, len, !!(e & XG_DIR_DROP), 0);
+}
+
 /* Count a packet against its ban, if the ban holds. */
 static __always_inline int xg_ban_hit(struct xg_ban *b, __u64 len)
 {
@@ -307,8 +314,7 @@ static __always_inline int xg_fast4(struct xdp_md *ctx)
 	 * only for a frame the lane keeps, so no frame walks the trie twice. */
 	if (st->v4 && xg_banned4(ip + 12, data_end - data))
 		return xg_finish(0, XG_SLOT_BAN, ~0U, word & 1, data_end - data, 1, 0);
-	return xg_finish(0, e & XG_DIR_SLOT_MASK, (e >> XG_DIR_RULE_SHIFT) & XG_DIR_RULE_MASK,
-			 word & 1, data_end - data, !!(e & XG_DIR_DROP), 0);
+	return xg_finish_fast(0, e, word & 1, data_end - data);
 }
 
 /* Every frame the fast lane leaves: parse, bans, stats, classify. */
@@ -351,9 +357,7 @@ static __always_inline int xg_general(struct xdp_md *ctx)
 	/* Classify: AND the five dimension vectors, the lowest bit wins. */
 	svec = xg_addr_vec(&pkt, gen, XG_DIM_SRC, pkt.src);
 	if (svec & XG_DIR_FAST)   /* an IPv4 source (never ND) that decides */
-		return xg_finish(&pkt, svec & XG_DIR_SLOT_MASK,
-				 (svec >> XG_DIR_RULE_SHIFT) & XG_DIR_RULE_MASK, gen, len,
-				 !!(svec & XG_DIR_DROP), 0);
+		return xg_finish_fast(&pkt, svec, gen, len);
 	vs = xg_vec(gen, svec);
 	if (vs && vs->decides && pkt.l4 != XG_L4_ND) {
 		rule = vs->decides - 1;
