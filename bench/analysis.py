@@ -27,7 +27,7 @@ A. Stage breakdown. Variants of bpf/xdpguard.c, made at run time by
 B. The LPM trie alone: one lookup in a trie of 8, 6.3k, 100k and 1M IPv4
    prefixes (hit on a /32 deep in it, and a miss), beside one lookup in a
    16M-entry array indexed by the top 24 bits: why IPv4 sources go through
-   the array table (map dir4) before the trie.
+   the array table (map srctab) before the trie.
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ STAGES = [
     (5, "+ AND loop", "before", r"\tif \(rule == ~0U\) \{\n", "rule != ~0U ? XDP_DROP : XDP_PASS"),
 ]
 GENERAL, FULL = 6, 7
-FAST_CALL = "int rc = xg_fast4(ctx);\n"
+FAST_CALL = "int rc = xg_fast(ctx);\n"
 CLASSES = ("v4 udp denied", "v4 tcp syn pass", "v6 udp pass", "limit within")
 
 
@@ -73,7 +73,7 @@ def stage_source() -> tuple[str, list[int]]:
         src = src[:at] + stop + src[at:]
         found.append(n)
     if src.count(FAST_CALL) == 1:
-        src = src.replace(FAST_CALL, "int rc = XGB_STOP ? -1 : xg_fast4(ctx);\n")
+        src = src.replace(FAST_CALL, "int rc = XGB_STOP ? -1 : xg_fast(ctx);\n")
         found.append(GENERAL)
     return src, found + [FULL]
 

@@ -13,6 +13,8 @@ an empty bcc XDP program returning XDP_PASS, i.e. the test-run loop itself.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import ipaddress
 import time
 from contextlib import ExitStack
@@ -77,8 +79,8 @@ def _compiled(ctx, key: str):
 
 
 def _union(*shapes):
-    return loader.Shape(*(max(getattr(s, f) for s in shapes)
-                          for f in ("nwords", "vec_per_gen", "lpm4_max", "lpm6_max", "dir_nodes")))
+    return loader.Shape(**{f.name: max(getattr(s, f.name) for s in shapes)
+                           for f in dataclasses.fields(loader.Shape)})
 
 
 def _check(ctx, rig: BenchRig, tables, subject: Subject, classes) -> None:

@@ -4,6 +4,7 @@
     .venv/bin/python bench/run.py            # full run (make bench)
     .venv/bin/python bench/run.py --quick    # < 2 minutes (make bench-quick)
     .venv/bin/python bench/run.py --sections percpu,control --json-out /tmp/x.json
+    .venv/bin/python bench/run.py --sections flood --flood-modes xdp-drop,xdpguard-native
 
 Sections: percpu (BPF_PROG_TEST_RUN cost per packet), flood (live-frame
 floods through a veth pair), limiter (accuracy of rate limits), control
@@ -38,9 +39,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 class Context:
-    def __init__(self, quick: bool, workdir: Path):
+    def __init__(self, quick: bool, workdir: Path, flood_modes: tuple[str, ...] | None = None):
         from bench import policies
         self.quick = quick
+        self.flood_modes = flood_modes
         self.workdir = workdir
         self.material = policies.material()
         self.sizes: dict = {}
@@ -137,6 +139,9 @@ def main(argv=None) -> int:
                     help=f"comma-separated subset of {','.join(SECTIONS)} "
                          f"(default: all; --quick: {','.join(QUICK_SECTIONS)})")
     ap.add_argument("--json-out", type=Path, default=RESULTS / "latest.json", help="JSON result path")
+    ap.add_argument("--flood-modes", default=None,
+                    help="comma-separated receiver modes of the flood section (default: all; "
+                         "bench/flood.py lists them)")
     args = ap.parse_args(argv)
 
     if os.geteuid() != 0:
@@ -148,6 +153,16 @@ def main(argv=None) -> int:
     for s in sections:
         if s not in SECTIONS:
             print(f"bench: unknown section {s!r} (expected {', '.join(SECTIONS)})", file=sys.stderr)
+            return 2
+
+    flood_modes = None
+    if args.flood_modes is not None:
+        from bench.flood import MODES_FULL
+        flood_modes = tuple(m.strip() for m in args.flood_modes.split(",") if m.strip())
+        bad = [m for m in flood_modes if m not in MODES_FULL]
+        if bad or not flood_modes:
+            print(f"bench: unknown flood mode {', '.join(map(repr, bad)) or '(none)'} "
+                  f"(expected {', '.join(MODES_FULL)})", file=sys.stderr)
             return 2
 
     common.install_signal_handlers()
@@ -163,7 +178,7 @@ def main(argv=None) -> int:
     ctx = None
     rc = 0
     try:
-        ctx = Context(args.quick, workdir)
+        ctx = Context(args.quick, workdir, flood_modes)
         res["meta"]["test_addresses"] = vars(ctx.material.addrs)
         for s in sections:
             t0 = time.monotonic()

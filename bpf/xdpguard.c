@@ -7,7 +7,8 @@
  *                    (rules per generation = 64 x this)
  *   XG_VEC_PER_GEN   vector table rows per generation
  *   XG_LPM4_MAX, XG_LPM6_MAX   classifier trie capacities (both generations)
- *   XG_DIR_NODES     nodes per generation of the IPv4 source table
+ *   XG_DIR4_NODES, XG_DIR6_NODES   nodes per generation of the IPv4 and
+ *                    IPv6 source tables
  *   XG_STAGE         pid of the loader: maps are pinned (or reused) under
  *                    /sys/fs/bpf/xdpguard/@stage/<XG_STAGE>/
  *   XG_TEST          build for BPF_PROG_TEST_RUN: record the deciding rule
@@ -26,10 +27,10 @@
 
 #define XG_RULES_PER_GEN (64 * XG_NWORDS)
 
-/* A dir4 entry carries a rule and its slot (XG_DIR_FAST), or a vector
- * index, which must stay below the markers. */
-_Static_assert(XG_MAX_SLOTS <= XG_DIR_SLOT_MASK + 1, "counter slots fit a dir4 entry");
-_Static_assert(XG_RULES_PER_GEN <= XG_DIR_RULE_MASK + 1, "rules fit a dir4 entry");
+/* A source-table entry carries a rule and its slot (XG_DIR_FAST), or a
+ * vector index, which must stay below the markers. */
+_Static_assert(XG_MAX_SLOTS <= XG_DIR_SLOT_MASK + 1, "counter slots fit a srctab entry");
+_Static_assert(XG_RULES_PER_GEN <= XG_DIR_RULE_MASK + 1, "rules fit a srctab entry");
 _Static_assert(XG_VEC_PER_GEN <= XG_DIR_TRIE, "vector indexes stay below XG_DIR_TRIE");
 
 #define XG_STR2(x) #x
@@ -52,7 +53,7 @@ XG_MAP("array", __u32, struct xg_vec, vecs, 2 * XG_VEC_PER_GEN, 0);
 XG_MAP("array", __u32, struct xg_class, ports, 2 * 2 * XG_NPORTS, 0);
 XG_MAP("array", __u32, struct xg_rule, rules, 2 * XG_RULES_PER_GEN, 0);
 /* Written through mmap: tens of MiB would take seconds as map updates. */
-XG_MAP("array", __u32, struct xg_dirnode, dir4, 2 * XG_DIR_NODES, BPF_F_MMAPABLE);
+XG_MAP("array", __u32, struct xg_dirnode, srctab, 2 * (XG_DIR4_NODES + XG_DIR6_NODES), BPF_F_MMAPABLE);
 
 /* State that outlives a policy: fixed sizes, reused across reloads. */
 XG_MAP("percpu_array", __u32, struct xg_counter, counters, XG_MAX_SLOTS, 0);
@@ -153,6 +154,14 @@ static __always_inline int xg_banned4(__u8 *src, __u64 len)
 	return xg_ban_hit(ban4.lookup(&k), len);
 }
 
+static __always_inline int xg_banned6(__u8 *src, __u64 len)
+{
+	struct xg_ban6_key k = { .prefixlen = 128 };
+
+	__builtin_memcpy(k.addr, src, 16);
+	return xg_ban_hit(ban6.lookup(&k), len);
+}
+
 static __always_inline int xg_banned(struct xg_pkt *pkt, __u64 len)
 {
 	__u32 zero = 0;
@@ -162,14 +171,9 @@ static __always_inline int xg_banned(struct xg_pkt *pkt, __u64 len)
 	 * while the family has no bans at all. */
 	if (st && !(pkt->family == 4 ? st->v4 : st->v6))
 		return 0;
-	if (pkt->family == 4) {
+	if (pkt->family == 4)
 		return xg_banned4(pkt->src, len);
-	} else {
-		struct xg_ban6_key k = { .prefixlen = 128 };
-
-		__builtin_memcpy(k.addr, pkt->src, 16);
-		return xg_ban_hit(ban6.lookup(&k), len);
-	}
+	return xg_banned6(pkt->src, len);
 }
 
 static __always_inline void xg_srcstat(struct xg_pkt *pkt, struct xg_gen *g, __u64 len)
@@ -194,20 +198,21 @@ static __always_inline void xg_srcstat(struct xg_pkt *pkt, struct xg_gen *g, __u
 	}
 }
 
-/* Vector index of an IPv4 source in the source table, or XG_DIR_TRIE.
- * Node n of the generation's region holds entries for one address byte:
- * the root's 256 nodes take bytes 0 and 1, a node below it byte 2, then 3. */
-static __always_inline __u32 xg_dir4(__u32 gen, __u8 *addr)
+/* The source-table entry of an address (XG_DIR_* in xdpguard.h), or
+ * XG_DIR_TRIE. base is the region's first node; node n of a region holds
+ * entries for one address byte: the root's 256 nodes take bytes 0 and 1,
+ * a node below it the next byte, down to byte nbytes - 1. */
+static __always_inline __u32 xg_srctab(__u32 base, __u8 *addr, const int nbytes)
 {
-	__u32 base = gen * XG_DIR_NODES, node = addr[0], e = XG_DIR_NODE;
+	__u32 node = addr[0], e;
 	struct xg_dirnode *n;
 	int i;
 
 #pragma unroll
-	for (i = 1; i < 4; i++) {
+	for (i = 1; i < nbytes; i++) {
 		__u32 idx = base + node;
 
-		n = dir4.lookup(&idx);
+		n = srctab.lookup(&idx);
 		if (!n)
 			return XG_DIR_TRIE;
 		e = n->e[addr[i]];
@@ -215,17 +220,21 @@ static __always_inline __u32 xg_dir4(__u32 gen, __u8 *addr)
 			return e;
 		node = e & (XG_DIR_NODE - 1);
 	}
-	return XG_DIR_TRIE;   /* a node below byte 3: cannot be; the trie decides */
+	return XG_DIR_TRIE;   /* a node past the table's last byte: cannot be; the trie decides */
 }
 
-/* Class vector index of an address in a dimension: IPv4 sources from the
- * source table, the rest (and what the table leaves to it) from the trie. */
+#define xg_srctab4(gen, addr) xg_srctab((gen) * XG_DIR4_NODES, (addr), XG_DIR_V4_BYTES)
+#define xg_srctab6(gen, addr) \
+	xg_srctab(2 * XG_DIR4_NODES + (gen) * XG_DIR6_NODES, (addr), XG_DIR_V6_BYTES)
+
+/* Class vector index of an address in a dimension: sources from the
+ * source tables, destinations (and what a table leaves to it) from the trie. */
 static __always_inline __u32 xg_addr_vec(struct xg_pkt *pkt, __u32 gen, __u8 dim, __u8 *addr)
 {
 	struct xg_class *cl;
 
-	if (pkt->family == 4 && dim == XG_DIM_SRC) {
-		__u32 vec = xg_dir4(gen, addr);
+	if (dim == XG_DIM_SRC) {
+		__u32 vec = pkt->family == 4 ? xg_srctab4(gen, addr) : xg_srctab6(gen, addr);
 
 		if (vec != XG_DIR_TRIE)
 			return vec;
@@ -264,28 +273,32 @@ static __always_inline struct xg_vec *xg_vec(__u32 gen, __u32 vec)
 
 /*
  * The fast lane: the frame of most floods, decided by its source alone.
- * An untagged IPv4 frame without options whose L4 header the general
- * parser would accept, while the generation counts no per-source stats,
- * whose source decides an allow or deny that does not log (its source
- * table entry says so: XG_DIR_FAST), and which no ban holds (checked
- * while bans exist, unless banned drops log). Such a frame gets the
- * verdict and the counters the general path gives it (the fixture and
- * fuzz tests hold the two to the same answers) in about a third of the
- * instructions: no packet record, no second parse, no vector.
+ * An untagged IPv4 frame without options, or an untagged IPv6 frame
+ * without extension headers that is not ICMPv6 (so never ND), whose L4
+ * header the general parser would accept, while the generation counts no
+ * per-source stats, whose source decides an allow or deny that does not
+ * log (its source table entry says so: XG_DIR_FAST), and which no ban
+ * holds (checked while bans of its family exist, unless banned drops
+ * log). Such a frame gets the verdict and the counters the general path
+ * gives it (the fixture and fuzz tests hold the two to the same answers)
+ * in about a third of the instructions: no packet record, no second
+ * parse, no vector.
  * On a flood the instruction count is what costs: the first read of a
  * frame is a cache miss, and the work queued behind it decides how much
  * of the next frames' misses the CPU can overlap (docs/design.md).
  * Returns -1 for a frame the general path must take, with nothing
  * written.
  */
-static __always_inline int xg_fast4(struct xdp_md *ctx)
+static __always_inline int xg_fast(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
 	__u8 *ip = data + sizeof(struct ethhdr);
-	__u32 zero = 0, word, e;
+	__u64 len = data_end - data;
+	__u32 zero = 0, word, gen, logbans, e;
 	struct xg_banstate *st;
 	__u32 *ap;
+	__u16 h_proto;
 
 	/* What does not depend on the frame comes first: instructions behind
 	 * the frame's first (missing) read wait in the reorder buffer. */
@@ -294,27 +307,48 @@ static __always_inline int xg_fast4(struct xdp_md *ctx)
 	if (!ap || !st)
 		return -1;
 	word = *ap;
-	/* Banned drops that log need the packet record. */
-	if ((word >> XG_ACTIVE_FLAGS_SHIFT) & XG_GEN_MITIGATE ||
-	    (st->v4 && (word >> XG_ACTIVE_FLAGS_SHIFT) & XG_GEN_LOG_BANS))
+	gen = word & 1;
+	if ((word >> XG_ACTIVE_FLAGS_SHIFT) & XG_GEN_MITIGATE)
 		return -1;
+	/* Banned drops that log need the packet record. */
+	logbans = (word >> XG_ACTIVE_FLAGS_SHIFT) & XG_GEN_LOG_BANS;
 	/* 8 bytes of L4 header: what the general parser requires of UDP
 	 * (and of ICMPv6); TCP needs 20. */
 	if ((void *)(ip + 28) > data_end)
 		return -1;
-	if (*(__u16 *)(data + 12) != bpf_htons(XG_ETH_P_IP) || ip[0] != 0x45)
+	h_proto = *(__u16 *)(data + 12);
+	if (h_proto == bpf_htons(XG_ETH_P_IP)) {
+		if (ip[0] != 0x45 || (st->v4 && logbans))
+			return -1;
+		if (ip[9] == IPPROTO_TCP && (void *)(ip + 40) > data_end)
+			return -1;
+		/* The table entry itself holds the verdict (XG_DIR_FAST): no vector. */
+		e = xg_srctab4(gen, ip + 12);
+		if (!(e & XG_DIR_FAST))
+			return -1;
+		/* A ban comes before any rule, as on the general path; looked
+		 * up only for a frame the lane keeps, so no frame walks the
+		 * trie twice. */
+		if (st->v4 && xg_banned4(ip + 12, len))
+			return xg_finish(0, XG_SLOT_BAN, ~0U, gen, len, 1, 0);
+	} else if (h_proto == bpf_htons(XG_ETH_P_IPV6)) {
+		__u8 nh;
+
+		if ((void *)(ip + 48) > data_end || (ip[0] & 0xf0) != 0x60 || (st->v6 && logbans))
+			return -1;
+		nh = ip[6];
+		if (nh == IPPROTO_ICMPV6 || xg_is_exthdr(nh) ||
+		    (nh == IPPROTO_TCP && (void *)(ip + 60) > data_end))
+			return -1;
+		e = xg_srctab6(gen, ip + 8);
+		if (!(e & XG_DIR_FAST))
+			return -1;
+		if (st->v6 && xg_banned6(ip + 8, len))
+			return xg_finish(0, XG_SLOT_BAN, ~0U, gen, len, 1, 0);
+	} else {
 		return -1;
-	if (ip[9] == IPPROTO_TCP && (void *)(ip + 40) > data_end)
-		return -1;
-	/* The table entry itself holds the verdict (XG_DIR_FAST): no vector. */
-	e = xg_dir4(word & 1, ip + 12);
-	if (!(e & XG_DIR_FAST))
-		return -1;
-	/* A ban comes before any rule, as on the general path; looked up
-	 * only for a frame the lane keeps, so no frame walks the trie twice. */
-	if (st->v4 && xg_banned4(ip + 12, data_end - data))
-		return xg_finish(0, XG_SLOT_BAN, ~0U, word & 1, data_end - data, 1, 0);
-	return xg_finish_fast(0, e, word & 1, data_end - data);
+	}
+	return xg_finish_fast(0, e, gen, len);
 }
 
 /* Every frame the fast lane leaves: parse, bans, stats, classify. */
@@ -356,8 +390,13 @@ static __always_inline int xg_general(struct xdp_md *ctx)
 
 	/* Classify: AND the five dimension vectors, the lowest bit wins. */
 	svec = xg_addr_vec(&pkt, gen, XG_DIM_SRC, pkt.src);
-	if (svec & XG_DIR_FAST)   /* an IPv4 source (never ND) that decides */
+	if (svec & XG_DIR_FAST) {   /* a source that decides */
+		/* An IPv6 entry says so only where no rule of the source's
+		 * vector matches ND (layout.srctab_codes): ND matches nothing. */
+		if (pkt.l4 == XG_L4_ND)
+			return xg_finish(&pkt, XG_SLOT_ND, rule, gen, len, 0, 0);
 		return xg_finish_fast(&pkt, svec, gen, len);
+	}
 	vs = xg_vec(gen, svec);
 	if (vs && vs->decides && pkt.l4 != XG_L4_ND) {
 		rule = vs->decides - 1;
@@ -455,7 +494,7 @@ decided:
 
 int xdpguard_prog(struct xdp_md *ctx)
 {
-	int rc = xg_fast4(ctx);
+	int rc = xg_fast(ctx);
 
 	if (rc >= 0)
 		return rc;

@@ -15,7 +15,7 @@
 #ifndef XDPGUARD_H
 #define XDPGUARD_H
 
-#define XG_LAYOUT_VERSION 4
+#define XG_LAYOUT_VERSION 5
 
 /* Rule actions (struct xg_rule.action, default action). */
 #define XG_ACT_ALLOW 0
@@ -64,22 +64,28 @@
 #define XG_VEC_FIRST_FREE 10
 
 /*
- * IPv4 source table (map dir4): a multibit trie of arrays with strides
- * 16-8-8, one region of XG_DIR_NODES nodes (a -D flag) per generation. A node
- * is 256 entries; nodes 0..255 of a region are the root (indexed by the
- * first address byte, then the second). An entry is one of:
+ * Source tables (map srctab): for each family, a multibit trie of arrays
+ * with strides 16-8-8-..., one region per generation: XG_DIR4_NODES nodes
+ * (a -D flag) for IPv4, then XG_DIR6_NODES for IPv6. Regions in the map:
+ * IPv4 gen 0, IPv4 gen 1, IPv6 gen 0, IPv6 gen 1. A node is 256 entries;
+ * nodes 0..255 of a region are the root (indexed by the first address
+ * byte, then the second). An IPv4 table resolves all 4 address bytes,
+ * an IPv6 table the first XG_DIR_V6_BYTES (a /64): a longer IPv6 prefix
+ * leaves its /64 slot to the trie. An entry is one of:
  *   XG_DIR_NODE | n   look the next address byte up in node n;
  *   XG_DIR_FAST | ... the source alone decides an allow or deny that does
  *                     not log (its vector's xg_vec.decides): the rule's
  *                     counter slot in bits 0-13, the rule in bits 14-28,
  *                     XG_DIR_DROP for a deny. No vector is read;
- *   XG_DIR_TRIE       the region ran out of nodes here: the classifier
- *                     trie decides;
+ *   XG_DIR_TRIE       the region ran out of nodes (or an IPv6 prefix is
+ *                     longer than the table): the classifier trie decides;
  *   anything else     a vector index.
- * At most three array loads, whatever the policy's size.
+ * At most 3 array loads for IPv4 and 7 for IPv6, whatever the policy's size.
  */
 #define XG_DIR_ROOT_NODES 256
-#define XG_DIR_MAX_NODES 65536     /* per generation: 64 MiB */
+#define XG_DIR_MAX_NODES 65536     /* per generation and family: 64 MiB */
+#define XG_DIR_V4_BYTES 4
+#define XG_DIR_V6_BYTES 8
 #define XG_DIR_NODE 2147483648
 #define XG_DIR_FAST 1073741824
 #define XG_DIR_DROP 536870912
@@ -144,8 +150,8 @@ struct xg_lpm6_key {
 	__u8 addr[16];
 };
 
-/* One node of the IPv4 source table: an entry per value of an address
- * byte (XG_DIR_* above). */
+/* One node of a source table: an entry per value of an address byte
+ * (XG_DIR_* above). */
 struct xg_dirnode {
 	__u32 e[256];
 };
@@ -262,7 +268,7 @@ struct xg_debug {
 	__u32 rule;        /* rule index in the generation, or ~0 */
 	__u32 verdict;     /* XG_V_* */
 	__u32 gen;
-	__u32 fast;        /* 1: decided in the fast lane (xg_fast4) */
+	__u32 fast;        /* 1: decided in the fast lane (xg_fast) */
 };
 
 #ifdef XG_NWORDS

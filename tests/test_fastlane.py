@@ -1,4 +1,4 @@
-"""The fast lane (xg_fast4 in bpf/xdpguard.c) under BPF_PROG_TEST_RUN.
+"""The fast lane (xg_fast in bpf/xdpguard.c) under BPF_PROG_TEST_RUN.
 
 A flood frame whose source alone decides an allow or deny skips the
 general parser. These tests pin down which frames take that lane (the test
@@ -10,6 +10,7 @@ verdicts over many more frames.
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 
 import pytest
 
@@ -33,12 +34,12 @@ default = "allow"
 
 [[rule]]
 name = "blocklist"
-src = ["198.51.100.0/24", "203.0.113.0/25", "2001:db8:bad::/48"]
+src = ["198.51.100.0/24", "203.0.113.0/25", "2001:db8:bad::/48", "2001:db8:bad:1::42/128"]
 action = "deny"
 
 [[rule]]
 name = "trusted"
-src = "192.0.2.0/28"
+src = ["192.0.2.0/28", "2001:db8:600d::/48"]
 action = "allow"
 
 [[rule]]
@@ -70,6 +71,9 @@ syn_rate = "100/s"
 
 BLOCKED, TRUSTED, LOGGED, LIMITED, WEB = "198.51.100.7", "192.0.2.3", "192.0.2.70", "203.0.113.200", "192.0.2.130"
 DST = "10.9.9.9"
+BLOCKED6, TRUSTED6, DST6 = "2001:db8:bad:7::1", "2001:db8:600d::3", "2001:db8:9::9"
+# Past the IPv6 table's depth (/64): the trie decides, on the general path.
+BLOCKED6_HOST = "2001:db8:bad:1::42"
 
 
 def udp(src, **kw):
@@ -78,6 +82,10 @@ def udp(src, **kw):
 
 def tcp(src, flags="syn", **kw):
     return build(src, DST, "tcp", dport=80, tcp_flags=flags, **kw)
+
+
+def udp6(src, **kw):
+    return build(src, DST6, "udp", sport=40000, dport=5000, **kw)
 
 
 def _with_byte(frame: bytes, at: int, value: int) -> bytes:
@@ -124,7 +132,18 @@ LANE = [
     ("blocklisted v4, 1,400 bytes of payload", udp(BLOCKED, payload=bytes(1400)), True),
     ("trusted v4 (allow decided by the source)", tcp(TRUSTED, flags="ack"), True),
     ("blocklisted, VLAN-tagged", udp(BLOCKED, vlans=(7,)), False),
-    ("blocklisted v6", build("2001:db8:bad::1", "2001:db8:9::9", "udp", dport=5000), False),
+    ("blocklisted v6 UDP", udp6(BLOCKED6), True),
+    ("blocklisted v6 TCP SYN", build(BLOCKED6, DST6, "tcp", dport=80), True),
+    ("blocklisted v6 GRE", build(BLOCKED6, DST6, "gre", payload=bytes(32)), True),
+    ("blocklisted v6 ICMPv6 (could be ND)", build(BLOCKED6, DST6, "icmpv6"), False),
+    ("blocklisted v6 with a hop-by-hop header", udp6(BLOCKED6, ipv6_exthdrs=[("hop",)]), False),
+    ("blocklisted v6, a fragment", udp6(BLOCKED6, fragment=(0, True)), False),
+    ("blocklisted v6, VLAN-tagged", udp6(BLOCKED6, vlans=(7,)), False),
+    ("blocklisted v6 TCP, header cut short", build(BLOCKED6, DST6, "tcp", dport=80)[:14 + 40 + 12], False),
+    ("blocklisted v6 UDP, header cut short", udp6(BLOCKED6)[:14 + 40 + 6], False),
+    ("blocklisted v6 /128, past the table", udp6(BLOCKED6_HOST), False),
+    ("trusted v6 (allow decided by the source)", build(TRUSTED6, DST6, "tcp", tcp_flags="ack"), True),
+    ("no rule v6: the default", udp6("2001:db8:1::1"), False),
     ("blocklisted v4 with IP options", None, False),
     ("blocklisted v4 TCP, header cut short", None, False),
     ("deny that logs", udp(LOGGED), False),
@@ -168,11 +187,13 @@ def test_lane_counts_like_the_general_path(rig):
 
 
 def _ban(rig, addr):
-    ban4 = rig.maps["ban4"]
-    key = ban4.Key()
-    key.prefixlen = 32
-    key.addr = (ctypes.c_uint8 * 4)(*map(int, addr.split(".")))
-    xgbans.insert(ban4, rig.maps["banstate"], 4, key, ban4.Leaf())   # a test rig has no pin lock
+    fam = ipaddress.ip_address(addr).version
+    m = rig.maps[f"ban{fam}"]
+    raw = ipaddress.ip_address(addr).packed
+    key = m.Key()
+    key.prefixlen = 8 * len(raw)
+    key.addr = (ctypes.c_uint8 * len(raw))(*raw)
+    xgbans.insert(m, rig.maps["banstate"], fam, key, m.Leaf())   # a test rig has no pin lock
     return key
 
 
@@ -204,9 +225,33 @@ def test_bans_in_the_lane(rig):
     assert _got(rig, rig.run(tcp(TRUSTED, flags="ack"))) == ("pass", "trusted")
 
 
+def test_ipv6_bans_in_the_lane(rig):
+    """The same for IPv6: while IPv6 bans exist the lane checks ban6; IPv4
+    frames do not (their family has no bans)."""
+    ban6, state = rig.maps["ban6"], rig.maps["banstate"]
+    key = _ban(rig, TRUSTED6)
+    try:
+        assert state.lookup(ctypes.c_uint32(0)).v4 == 0
+        frame = build(TRUSTED6, DST6, "tcp", tcp_flags="ack")
+        res = rig.run(frame, repeat=3)
+        assert (res["fast"], _got(rig, res)) == (True, ("drop", "ban"))
+        v = ban6.lookup(key)
+        assert (v.packets, v.bytes) == (3, 3 * len(frame))
+        res = rig.run(udp6(BLOCKED6))
+        assert (res["fast"], _got(rig, res)) == (True, ("drop", "blocklist"))
+        res = rig.run(tcp(TRUSTED, flags="ack"))
+        assert (res["fast"], _got(rig, res)) == (True, ("pass", "trusted"))
+    finally:
+        xgbans.delete(ban6, state, 6, key)
+    assert state.lookup(ctypes.c_uint32(0)).v6 == 0
+    res = rig.run(build(TRUSTED6, DST6, "tcp", tcp_flags="ack"))
+    assert (res["fast"], _got(rig, res)) == (True, ("pass", "trusted"))
+
+
 def test_logged_bans_leave_the_lane():
-    """Banned drops that log need the packet record: with log_bans and a
-    ban in the map, IPv4 frames take the general path."""
+    """Banned drops that log need the packet record: with log_bans and an
+    IPv4 ban in the map, IPv4 frames take the general path; IPv6 frames,
+    whose family has no bans, keep the lane."""
     require_kernel()
     from xdpguard.loader import TestRig
     text = POLICY.replace('default = "allow"', 'default = "allow"\nlog_bans = true', 1)
@@ -218,6 +263,7 @@ def test_logged_bans_leave_the_lane():
             res = r.run(tcp(TRUSTED, flags="ack"))
             assert (res["fast"], _got(r, res)) == (False, ("drop", "ban"))
             assert not r.run(udp(BLOCKED))["fast"]
+            assert r.run(udp6(BLOCKED6))["fast"]
         finally:
             xgbans.delete(r.maps["ban4"], r.maps["banstate"], 4, key)
     finally:
@@ -252,6 +298,8 @@ def test_lane_follows_the_active_generation(rig):
         res = rig.run(udp(BLOCKED))
         assert res["fast"]
         assert _got(rig, res) == ("pass", "blocklist-old")
+        res = rig.run(udp6(BLOCKED6))
+        assert (res["fast"], _got(rig, res)) == (True, ("pass", "blocklist-old"))
     finally:
         rig.load(old)
     res = rig.run(udp(BLOCKED))

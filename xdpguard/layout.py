@@ -47,7 +47,7 @@ C = _constants()
 # Maps that outlive a policy shape: reused when a new program is loaded.
 PERSISTENT_MAPS = ("counters", "rbuckets", "sbuckets", "ban4", "ban6", "banstate", "srcstat", "logbuckets")
 # Maps of the classifier, sized by the shape.
-POLICY_MAPS = ("active", "gens", "lpm4", "lpm6", "vecs", "ports", "rules", "dir4")
+POLICY_MAPS = ("active", "gens", "lpm4", "lpm6", "vecs", "ports", "rules", "srctab")
 
 
 def addr_bytes(family: int, value: int) -> bytes:
@@ -199,37 +199,54 @@ def gen_value(maps, tables):
     return g
 
 
-def _dir4_levels(tables) -> tuple[int, int]:
-    """(/16s holding a longer source prefix, /24s holding a prefix longer
-    than /24): the nodes below the root a full IPv4 source table has."""
+# ---------------------------------------------------------------- source tables
+#
+# Map srctab: per family and generation, a multibit trie of arrays that
+# resolves source addresses without the LPM trie (bpf/xdpguard.h).
+
+_BITS = {4: 32, 6: 128}
+# Address bits a table resolves: prefixes longer than this go to the trie.
+_TABLE_BITS = {4: 8 * C.XG_DIR_V4_BYTES, 6: 8 * C.XG_DIR_V6_BYTES}
+
+
+def _levels(tables, family: int) -> tuple[int, ...]:
+    """For d = 16, 24, ... below the table's depth: how many /d prefixes
+    hold a longer source prefix, i.e. the nodes below the root a full
+    source table of this family has, level by level."""
     def count():
-        l2, l3 = set(), set()
-        for dim, value, plen, _vec in tables.lpm[4]:
-            if dim == C.XG_DIM_SRC and plen > 16:
-                l2.add(value >> 16)
-                if plen > 24:
-                    l3.add(value >> 8)
-        return len(l2), len(l3)
-    return _derived(tables, "dir4_levels", count)
+        bits, depth = _BITS[family], _TABLE_BITS[family]
+        sets = [set() for _ in range(16, depth, 8)]
+        for dim, value, plen, _vec in tables.lpm[family]:
+            if dim == C.XG_DIM_SRC:
+                for i, d in enumerate(range(16, min(plen, depth), 8)):
+                    sets[i].add(value >> (bits - d))
+        return tuple(len(x) for x in sets)
+    return _derived(tables, f"levels{family}", count)
 
 
-def dir4_nodes_needed(tables) -> int:
-    """Nodes of the IPv4 source table that hold every source prefix
-    (root included): one per /16 holding a longer prefix, one per /24
-    holding a prefix longer than /24."""
-    return C.XG_DIR_ROOT_NODES + sum(_dir4_levels(tables))
+def srctab_nodes_needed(tables, family: int) -> int:
+    """Nodes of a family's source table that hold every source prefix it
+    can (root included): one per /16 holding a longer prefix, one per /24
+    holding a prefix longer than /24, and so on."""
+    return C.XG_DIR_ROOT_NODES + sum(_levels(tables, family))
 
 
-def dir4_codes(tables, slots: dict[str, int]) -> list[int]:
+def srctab_codes(tables, slots: dict[str, int], family: int) -> list[int]:
     """The source-table entry of each vector: XG_DIR_FAST with the rule,
     its slot and XG_DIR_DROP where the vector decides an allow or deny
     that does not log (the program then reads no vector), else the
-    vector's own index."""
+    vector's own index.
+
+    IPv6 has ND, which no universal rule matches: an IPv6 entry is
+    XG_DIR_FAST only where the vector holds no rule that matches ND, so
+    that an ND packet from that source matches nothing (XG_SLOT_ND, pass)
+    and the program needs no vector for it either."""
     universal = universal_rules(tables)
+    nd_rules = tables.vecs[C.XG_L4_ND] if family == 6 else 0
     codes = list(range(len(tables.vecs)))
     for i, v in enumerate(tables.vecs):
         d = decides(v, universal)
-        if not d:
+        if not d or v & nd_rules:
             continue
         r = tables.rules[d - 1]
         slot = slots[r.name]
@@ -240,89 +257,91 @@ def dir4_codes(tables, slots: dict[str, int]) -> list[int]:
     return codes
 
 
-def dir4(tables, nodes: int, slots: dict[str, int] | None = None):
-    """dir4_plan, computed once per tables, size and slots (without slots:
-    vector indexes only, enough to size a program)."""
+def srctab(tables, family: int, nodes: int, slots: dict[str, int] | None = None):
+    """srctab_plan, computed once per tables, family, size and slots
+    (without slots: vector indexes only, enough to size a program)."""
     key = (nodes, None if slots is None else tuple(sorted(slots.items())))
-    cached = tables._derived.get("dir4")
+    name = f"srctab{family}"
+    cached = tables._derived.get(name)
     if cached is None or cached[0] != key:
-        codes = None if slots is None else dir4_codes(tables, slots)
-        cached = tables._derived["dir4"] = (key, dir4_plan(tables, nodes, codes))
+        codes = None if slots is None else srctab_codes(tables, slots, family)
+        cached = tables._derived[name] = (key, srctab_plan(tables, family, nodes, codes))
     return cached[1]
 
 
-def dir4_trie4(tables, nodes: int, slots: dict[str, int] | None = None) -> list:
-    """The trie entries that go with the table: the same whatever the
-    entries' codes, so any plan of that size answers."""
-    cached = tables._derived.get("dir4")
+def srctab_trie(tables, family: int, nodes: int, slots: dict[str, int] | None = None) -> list:
+    """The trie entries that go with a family's table: the same whatever
+    the entries' codes, so any plan of that size answers."""
+    cached = tables._derived.get(f"srctab{family}")
     if cached is not None and cached[0][0] == nodes:
         return cached[1][1]
-    return dir4(tables, nodes, slots)[1]
+    return srctab(tables, family, nodes, slots)[1]
 
 
-def dir4_plan(tables, nodes: int, codes: list[int] | None = None):
-    """One generation of the IPv4 source table in `nodes` nodes, and the
-    IPv4 trie entries that must go with it.
+def srctab_plan(tables, family: int, nodes: int, codes: list[int] | None = None):
+    """One generation of a family's source table in `nodes` nodes, and the
+    trie entries of that family that must go with it.
 
-    Returns (table, trie4): table is the region's entries (array of u32,
-    nodes x 256, node 0 first): codes[vec] (dir4_codes) for each vector,
-    or the vector index without codes; trie4 the (dim, value, plen, vec)
-    entries for lpm4: every dst entry, and where the table ran out of
-    nodes (XG_DIR_TRIE) the slot's own prefix with the vector it would
-    have held, plus the source prefixes inside it. (Two vectors deciding
-    the same rule have the same code; the trie gets either, which decides
-    the same.)
+    Returns (table, trie): table is the region's entries (array of u32,
+    nodes x 256, node 0 first): codes[vec] (srctab_codes) for each vector,
+    or the vector index without codes; trie the (dim, value, plen, vec)
+    entries for the family's classifier trie: every dst entry, and where
+    the table ran out of nodes or depth (XG_DIR_TRIE) the slot's own prefix
+    with the vector it would have held, plus the source prefixes inside it.
+    (Two vectors deciding the same rule have the same code; the trie gets
+    either, which decides the same.)
 
     One pass in the compiler's order (by address, then length): prefixes
     nest or are disjoint, so a prefix comes after every prefix holding it,
     and painting each over what is there leaves the longest match in every
     entry. A node is made when a longer prefix first needs one, filled
-    with the value of the entry it replaces. /16 nodes are reserved first:
-    without one, a whole /16 would go to the trie; without a /24 node,
-    only the addresses of that /24.
+    with the value of the entry it replaces. Nodes of shallower levels are
+    reserved first: without a /16 node, a whole /16 would go to the trie;
+    without a /24 node, only the addresses of that /24.
     """
     from array import array
     NODE, TRIE, SRC = C.XG_DIR_NODE, C.XG_DIR_TRIE, C.XG_DIM_SRC
+    bits, depth = _BITS[family], _TABLE_BITS[family]
     table = array("I", bytes(1024 * nodes))
-    trie4 = []
+    trie = []
     fills: dict[int, array] = {}       # value -> a node of it (most nodes share a few)
     free = C.XG_DIR_ROOT_NODES
-    l3_left = nodes - C.XG_DIR_ROOT_NODES - _dir4_levels(tables)[0]   # may go below 0: no /24 nodes
+    owed = list(_levels(tables, family))   # nodes still to be made per level (16, 24, ...)
     trie_until = -1                    # last address under the newest XG_DIR_TRIE slot
     vec_of: dict[int, int] = {}        # code -> a vector with that code
-    for e in tables.lpm[4]:
+    for e in tables.lpm[family]:
         dim, value, plen, vec = e
         if dim != SRC or value <= trie_until:
-            trie4.append(e)
+            trie.append(e)
             continue
         if codes is not None:
             vec_of[codes[vec]] = vec
             vec = codes[vec]
         # slot: the entry of the /d holding the prefix (root entries are /16s).
-        slot, d = value >> 16, 16
+        slot, d = value >> (bits - 16), 16
         while plen > d:
             cur = table[slot]
             if not cur & NODE:
-                if free >= nodes or (d == 24 and l3_left <= 0):
-                    trie4.append((SRC, value >> (32 - d) << (32 - d), d, vec_of.get(cur, cur)))
-                    trie4.append(e)
+                level = (d - 16) >> 3
+                if d >= depth or free + sum(owed[:level]) >= nodes:
+                    trie.append((SRC, value >> (bits - d) << (bits - d), d, vec_of.get(cur, cur)))
+                    trie.append(e)
                     table[slot] = TRIE
-                    trie_until = value | ((1 << (32 - d)) - 1)
+                    trie_until = value | ((1 << (bits - d)) - 1)
                     break
                 n, free = free, free + 1
-                if d == 24:
-                    l3_left -= 1
+                owed[level] -= 1
                 fill = fills.get(cur)
                 if fill is None:
                     fill = fills[cur] = array("I", [cur]) * 256
                 table[256 * n:256 * n + 256] = fill
                 table[slot] = cur = NODE | n
             d += 8
-            slot = 256 * (cur & (NODE - 1)) + ((value >> (32 - d)) & 255)
+            slot = 256 * (cur & (NODE - 1)) + ((value >> (bits - d)) & 255)
         else:
             width = 1 << (d - plen)
             if width == 1:
                 table[slot] = vec
             else:
                 table[slot:slot + width] = array("I", [vec]) * width
-    return table, trie4
+    return table, trie

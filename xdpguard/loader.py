@@ -9,6 +9,7 @@ import errno
 import os
 import socket
 import time
+import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -37,7 +38,8 @@ class Shape:
     vec_per_gen: int
     lpm4_max: int
     lpm6_max: int
-    dir_nodes: int = 1024  # IPv4 source table nodes per generation (1 KiB each)
+    dir4_nodes: int = 1024  # source table nodes per generation (1 KiB each), IPv4
+    dir6_nodes: int = 1024  # and IPv6
 
     @property
     def rules_per_gen(self) -> int:
@@ -46,7 +48,10 @@ class Shape:
     def cflags(self) -> list[str]:
         return [f"-DXG_NWORDS={self.nwords}", f"-DXG_VEC_PER_GEN={self.vec_per_gen}",
                 f"-DXG_LPM4_MAX={self.lpm4_max}", f"-DXG_LPM6_MAX={self.lpm6_max}",
-                f"-DXG_DIR_NODES={self.dir_nodes}"]
+                f"-DXG_DIR4_NODES={self.dir4_nodes}", f"-DXG_DIR6_NODES={self.dir6_nodes}"]
+
+    def nodes(self, family: int) -> int:
+        return self.dir4_nodes if family == 4 else self.dir6_nodes
 
     @classmethod
     def for_tables(cls, t: Tables, slots: dict[str, int] | None = None) -> "Shape":
@@ -54,13 +59,13 @@ class Shape:
         entries depend on them), so that its plan is made once."""
         # Headroom, so that most later policies fit without a recompile, and
         # room for two generations in the tries.
-        nodes = min(C.XG_DIR_MAX_NODES, _pow2(2 * layout.dir4_nodes_needed(t)))
-        trie4 = layout.dir4_trie4(t, nodes, slots)
+        nodes = {f: min(C.XG_DIR_MAX_NODES, _pow2(2 * layout.srctab_nodes_needed(t, f))) for f in (4, 6)}
+        trie = {f: layout.srctab_trie(t, f, nodes[f], slots) for f in (4, 6)}
         return cls(nwords=min(64, _pow2(max(1, (t.nrules + 16 + 63) // 64))),
                    vec_per_gen=_pow2(max(256, 2 * len(t.vecs))),
-                   lpm4_max=_pow2(max(4096, 4 * len(trie4))),
-                   lpm6_max=_pow2(max(4096, 4 * len(t.lpm[6]))),
-                   dir_nodes=nodes)
+                   lpm4_max=_pow2(max(4096, 4 * len(trie[4]))),
+                   lpm6_max=_pow2(max(4096, 4 * len(trie[6]))),
+                   dir4_nodes=nodes[4], dir6_nodes=nodes[6])
 
     def map_names(self, test: bool = False) -> tuple[str, ...]:
         """The maps a program of this shape has (bpf/xdpguard.c)."""
@@ -68,15 +73,17 @@ class Shape:
 
     def fits(self, t: Tables, old_lpm4: int = 0, old_lpm6: int = 0,
              slots: dict[str, int] | None = None) -> bool:
-        if not (t.nrules <= self.rules_per_gen and len(t.vecs) <= self.vec_per_gen
-                and len(t.lpm[6]) + old_lpm6 <= self.lpm6_max):
+        if not (t.nrules <= self.rules_per_gen and len(t.vecs) <= self.vec_per_gen):
             return False
-        # A table at the largest size takes any policy (the trie takes the
-        # rest); a smaller one must hold all of it.
-        if self.dir_nodes < C.XG_DIR_MAX_NODES and layout.dir4_nodes_needed(t) > self.dir_nodes:
-            return False
-        trie4 = layout.dir4_trie4(t, self.dir_nodes, slots)
-        return len(trie4) + old_lpm4 <= self.lpm4_max
+        for fam, old, cap in ((4, old_lpm4, self.lpm4_max), (6, old_lpm6, self.lpm6_max)):
+            nodes = self.nodes(fam)
+            # A table at the largest size takes any policy (the trie takes
+            # the rest); a smaller one must hold all of it.
+            if nodes < C.XG_DIR_MAX_NODES and layout.srctab_nodes_needed(t, fam) > nodes:
+                return False
+            if len(layout.srctab_trie(t, fam, nodes, slots)) + old > cap:
+                return False
+        return True
 
 
 # ---------------------------------------------------------------- compile + load
@@ -141,12 +148,11 @@ def _lpm_update(m: pins.Map, keys: bytes, vals: bytes) -> None:
 
 
 def write_gen(maps: dict, tables: Tables, gen: int, shape: Shape, slots: dict[str, int]) -> int:
-    """Write one generation of the classifier (not yet active); returns
-    the IPv4 trie entries it took."""
-    table, trie4 = layout.dir4(tables, shape.dir_nodes, slots)
-    _write_dir4(maps["dir4"], table, gen, shape.dir_nodes)
+    """Write one generation of the classifier (not yet active)."""
     for fam in (4, 6):
-        keys, vals = layout.lpm_entries(maps, trie4 if fam == 4 else tables.lpm[6], gen, fam)
+        table, trie = layout.srctab(tables, fam, shape.nodes(fam), slots)
+        _write_srctab(maps["srctab"], table, fam, gen, shape)
+        keys, vals = layout.lpm_entries(maps, trie, gen, fam)
         try:
             _lpm_update(maps["lpm4" if fam == 4 else "lpm6"], keys, vals)
         except OSError as e:
@@ -160,17 +166,19 @@ def write_gen(maps: dict, tables: Tables, gen: int, shape: Shape, slots: dict[st
     keys, vals = layout.rule_entries(maps, tables, gen, shape.rules_per_gen, slots)
     maps["rules"].update_batch(keys, vals)
     maps["gens"].update(ctypes.c_uint32(gen), layout.gen_value(maps, tables))
-    return len(trie4)
 
 
-def _write_dir4(m: pins.Map, table, gen: int, nodes: int) -> None:
+def _write_srctab(m: pins.Map, table, family: int, gen: int, shape: Shape) -> None:
     import mmap
-    # A generation is `nodes` elements of 256 __u32 (1 KiB, a multiple of
-    # the array's 8-byte stride), node 0 first: the table's own bytes.
+    # Regions of the map: IPv4 gen 0, gen 1, IPv6 gen 0, gen 1 (xdpguard.h).
+    # A node is an element of 256 __u32 (1 KiB, a multiple of the array's
+    # 8-byte stride): the table's own bytes, node 0 first.
+    nodes = shape.nodes(family)
     assert ctypes.sizeof(m.Leaf) == 1024 and len(table) == 256 * nodes
-    gen_bytes = 1024 * nodes
-    with mmap.mmap(m.fd, 2 * gen_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as mm:
-        mm[gen * gen_bytes:(gen + 1) * gen_bytes] = memoryview(table).cast("B")
+    first = gen * nodes if family == 4 else 2 * shape.dir4_nodes + gen * nodes
+    total = 1024 * 2 * (shape.dir4_nodes + shape.dir6_nodes)
+    with mmap.mmap(m.fd, total, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as mm:
+        mm[1024 * first:1024 * (first + nodes)] = memoryview(table).cast("B")
 
 
 def read_active(maps) -> int:
@@ -280,8 +288,8 @@ def _record(policy: Policy, tables: Tables, netns, iface, ifindex, shape, slots,
         "rules": [{"name": r.name, "action": {0: "allow", 1: "deny", 2: "limit"}[r.action],
                    "slot": slots[r.name]} for r in tables.rules],
         "slots": slots,
-        # Trie entries of the generation (IPv4: what the source table left).
-        "lpm": {"4": len(layout.dir4_trie4(tables, shape.dir_nodes, slots)), "6": len(tables.lpm[6])},
+        # Trie entries of the generation (what the source tables left).
+        "lpm": {str(f): len(layout.srctab_trie(tables, f, shape.nodes(f), slots)) for f in (4, 6)},
         "types": types,
         "mitigation": {"enabled": policy.mitigation.enabled,
                        "prefix4": policy.mitigation.prefix4, "prefix6": policy.mitigation.prefix6,
@@ -379,8 +387,7 @@ def _load_and_attach(policy, tables, netns, iface, ifindex, directory, record, q
     t0 = time.monotonic()
     shape = Shape.for_tables(tables, slots)
     if record:
-        shape = Shape(max(shape.nwords, record["shape"]["nwords"]), shape.vec_per_gen,
-                      shape.lpm4_max, shape.lpm6_max, shape.dir_nodes)
+        shape = dataclasses.replace(shape, nwords=max(shape.nwords, record["shape"]["nwords"]))
     stage = pins.STAGE / str(os.getpid())
     pins.remove_dir(stage)
     stage.mkdir(parents=True)
