@@ -89,6 +89,7 @@ class Addresses:
     banned4: str
     admin_net: str
     pass6: str
+    deny6: str = "2001:db8:5::1"   # in FLOOD_DOC6: deny-doc6 in every policy
     xdpf_deny: list[str] = field(default_factory=list)   # 10 addresses for xdp-filter
 
 
@@ -275,6 +276,7 @@ def classes(a: Addresses, dst_mac: bytes | None = None) -> list[PacketClass]:
         PacketClass("v4 udp denied", b(a.deny4, d4, "udp", sport=40000, dport=53), 1, "deny-bl", a.deny4),
         PacketClass("v4 tcp syn pass", b(a.pass4, d4, "tcp", dport=443), 2, "allow-web", a.pass4),
         PacketClass("v6 udp pass", b(a.pass6, d6, "udp", sport=40000, dport=53), 2, "allow-dns", a.pass6),
+        PacketClass("v6 udp denied", b(a.deny6, d6, "udp", sport=40000, dport=53), 1, "deny-doc6", a.deny6),
         PacketClass("vlan v4 syn pass", b(a.pass4, d4, "tcp", dport=443, vlans=(100,)), 2, "allow-web", a.pass4),
         PacketClass("limit within", b(a.limok4, d4, "udp", sport=40000, dport=5001), 2, "lim-ok", a.limok4),
         PacketClass("limit over", b(a.limover4, d4, "udp", sport=40000, dport=5002), 1, "lim-over", a.limover4),

@@ -227,18 +227,11 @@ static __always_inline __u32 xg_srctab(__u32 base, __u8 *addr, const int nbytes)
 #define xg_srctab6(gen, addr) \
 	xg_srctab(2 * XG_DIR4_NODES + (gen) * XG_DIR6_NODES, (addr), XG_DIR_V6_BYTES)
 
-/* Class vector index of an address in a dimension: sources from the
- * source tables, destinations (and what a table leaves to it) from the trie. */
-static __always_inline __u32 xg_addr_vec(struct xg_pkt *pkt, __u32 gen, __u8 dim, __u8 *addr)
+/* Class vector index of an address in a dimension, from the trie. */
+static __always_inline __u32 xg_trie_vec(struct xg_pkt *pkt, __u32 gen, __u8 dim, __u8 *addr)
 {
 	struct xg_class *cl;
 
-	if (dim == XG_DIM_SRC) {
-		__u32 vec = pkt->family == 4 ? xg_srctab4(gen, addr) : xg_srctab6(gen, addr);
-
-		if (vec != XG_DIR_TRIE)
-			return vec;
-	}
 	if (pkt->family == 4) {
 		struct xg_lpm4_key k = { .prefixlen = 16 + 32, .gen = gen, .dim = dim };
 
@@ -251,6 +244,20 @@ static __always_inline __u32 xg_addr_vec(struct xg_pkt *pkt, __u32 gen, __u8 dim
 		cl = lpm6.lookup(&k);
 	}
 	return cl ? cl->vec : XG_VEC_PER_GEN;   /* out of range: empty vector */
+}
+
+/* The source-table entry of a source (a vector index or a verdict code,
+ * XG_DIR_FAST), or the class vector index of a destination or of a
+ * source the table leaves to the trie. */
+static __always_inline __u32 xg_addr_vec(struct xg_pkt *pkt, __u32 gen, __u8 dim, __u8 *addr)
+{
+	if (dim == XG_DIM_SRC) {
+		__u32 vec = pkt->family == 4 ? xg_srctab4(gen, addr) : xg_srctab6(gen, addr);
+
+		if (vec != XG_DIR_TRIE)
+			return vec;
+	}
+	return xg_trie_vec(pkt, gen, dim, addr);
 }
 
 static __always_inline __u32 xg_port_vec(__u32 gen, __u32 dim, __u16 port)
@@ -391,11 +398,11 @@ static __always_inline int xg_general(struct xdp_md *ctx)
 	/* Classify: AND the five dimension vectors, the lowest bit wins. */
 	svec = xg_addr_vec(&pkt, gen, XG_DIM_SRC, pkt.src);
 	if (svec & XG_DIR_FAST) {   /* a source that decides */
-		/* An IPv6 entry says so only where no rule of the source's
-		 * vector matches ND (layout.srctab_codes): ND matches nothing. */
-		if (pkt.l4 == XG_L4_ND)
-			return xg_finish(&pkt, XG_SLOT_ND, rule, gen, len, 0, 0);
-		return xg_finish_fast(&pkt, svec, gen, len);
+		if (pkt.l4 != XG_L4_ND)
+			return xg_finish_fast(&pkt, svec, gen, len);
+		/* No rule that decides alone matches ND (IPv6 only): ND needs
+		 * the vector, and the IPv6 trie holds every source prefix. */
+		svec = xg_trie_vec(&pkt, gen, XG_DIM_SRC, pkt.src);
 	}
 	vs = xg_vec(gen, svec);
 	if (vs && vs->decides && pkt.l4 != XG_L4_ND) {

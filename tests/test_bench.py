@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.kernel]
 
 REPO = Path(__file__).resolve().parent.parent
 SECTIONS = ("percpu", "flood", "limiter", "control")
-CLASSES = {"v4 udp denied", "v4 tcp syn pass", "v6 udp pass", "vlan v4 syn pass",
+CLASSES = {"v4 udp denied", "v4 tcp syn pass", "v6 udp pass", "v6 udp denied", "vlan v4 syn pass",
            "limit within", "limit over", "banned"}
 
 
@@ -138,3 +138,10 @@ def test_behind_refuses_bad_arguments():
     r = subprocess.run([sys.executable, str(REPO / "bench" / "behind.py"), "--moves", "10,0"],
                        capture_output=True, text=True, timeout=60, cwd=REPO)
     assert r.returncode == 2 and "must start with 0" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_run_refuses_an_unknown_flood_mode():
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--sections", "flood",
+                        "--flood-modes", "xdp-drop,warp-drive"],
+                       capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert r.returncode == 2 and "unknown flood mode 'warp-drive'" in r.stderr and "Traceback" not in r.stderr

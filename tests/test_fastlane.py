@@ -304,3 +304,31 @@ def test_lane_follows_the_active_generation(rig):
         rig.load(old)
     res = rig.run(udp(BLOCKED))
     assert (res["fast"], _got(rig, res)) == (True, ("drop", "blocklist"))
+
+
+def test_nd_from_a_source_that_decides():
+    """ND is matched by no rule that decides alone, so an ND packet from a
+    blocklisted IPv6 source (whose table entry is a verdict code) is
+    classified with its vector from the trie: a rule naming icmpv6
+    matches it; without one it passes as ND."""
+    require_kernel()
+    from xdpguard.loader import TestRig
+    text = POLICY + '\n[[rule]]\nname = "icmp-v6"\nproto = "icmpv6"\naction = "allow"\n'
+    nd = build(BLOCKED6, DST6, "icmpv6", icmp_type=136)
+    echo = build(BLOCKED6, DST6, "icmpv6")
+    r = TestRig(compile_policy(load("fastlane-nd.toml", text=text)))
+    try:
+        res = r.run(nd)
+        assert (res["fast"], _got(r, res)) == (False, ("pass", "icmp-v6"))
+        res = r.run(echo)
+        assert (res["fast"], _got(r, res)) == (False, ("drop", "blocklist"))
+        assert r.run(udp6(BLOCKED6))["fast"]
+    finally:
+        r.close()
+    res = None
+    r = TestRig(compile_policy(load("fastlane-nd2.toml", text=POLICY)))
+    try:
+        res = r.run(nd)
+        assert res["fast"] is False and res["retval"] == XDP_PASS and res["slot"] == C.XG_SLOT_ND
+    finally:
+        r.close()

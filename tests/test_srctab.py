@@ -87,10 +87,10 @@ def test_table_and_trie_agree_with_lookup(family, seed, spare):
     nodes = ROOT + min(spare, need - ROOT)        # from no node at all to every node
     table, trie = layout.srctab_plan(t, family, nodes)
     assert len(table) == 256 * nodes
-    if nodes == need:
-        # Only what lies past the table's depth (IPv6 beyond /64) is left.
-        depth = 8 * (C.XG_DIR_V4_BYTES if family == 4 else C.XG_DIR_V6_BYTES)
-        assert all(p >= depth for d, _v, p, _vec in trie if d == C.XG_DIM_SRC)
+    if family == 6:
+        assert trie == t.lpm[6]                  # every entry, whatever the table holds
+    elif nodes == need:
+        assert not [e for e in trie if e[0] == C.XG_DIM_SRC]
     for a in _addresses(rng, family, pfx, 300):
         want = lookup._lpm(t, family, C.XG_DIM_SRC, a)
         assert t.vecs[_walk(family, table, trie, a)] == want, (_text(family, a, BITS[family]), nodes)
@@ -108,7 +108,7 @@ def test_table_with_verdict_codes_agrees_with_lookup(family, seed, spare):
     slots, _ = loader.assign_slots(t, None)
     need = layout.srctab_nodes_needed(t, family)
     nodes = ROOT + min(spare, need - ROOT)
-    table, trie = layout.srctab_plan(t, family, nodes, layout.srctab_codes(t, slots, family))
+    table, trie = layout.srctab_plan(t, family, nodes, layout.srctab_codes(t, slots))
     plain_table, plain_trie = layout.srctab_plan(t, family, nodes)
     assert len(trie) == len(plain_trie)
     universal = layout.universal_rules(t)
@@ -155,7 +155,7 @@ action = "deny"
 """
     t = compiler.compile_policy(policy.load("codes.toml", text=text))
     slots = {"deny": 100, "allow": 101, "logged": 102, "limited": 103, "web": 104}
-    codes = layout.srctab_codes(t, slots, 4)
+    codes = layout.srctab_codes(t, slots)
     table, _ = layout.srctab_plan(t, 4, ROOT, codes)
     F, D, S = C.XG_DIR_FAST, C.XG_DIR_DROP, C.XG_DIR_RULE_SHIFT
     assert table[10 * 256] == F | D | (0 << S) | 100
@@ -167,13 +167,13 @@ action = "deny"
     # its entry is the deny's code.
     need6 = layout.srctab_nodes_needed(t, 6)
     assert need6 == ROOT + 2
-    table6, trie6 = layout.srctab_plan(t, 6, need6, layout.srctab_codes(t, slots, 6))
+    table6, trie6 = layout.srctab_plan(t, 6, need6, codes)
     e = table6[0x2001]
     assert e & C.XG_DIR_NODE
     e = table6[256 * (e & (C.XG_DIR_NODE - 1)) + 0x0d]
     assert e & C.XG_DIR_NODE
     assert table6[256 * (e & (C.XG_DIR_NODE - 1)) + 0xb8] == F | D | (0 << S) | 100
-    assert not [x for x in trie6 if x[0] == C.XG_DIM_SRC]
+    assert trie6 == t.lpm[6]                 # the IPv6 trie keeps every entry (ND needs them)
 
 
 def test_longer_prefixes_get_nodes_or_the_trie():
@@ -207,8 +207,8 @@ action = "allow"
 
 def test_ipv6_prefixes_past_the_table_go_to_the_trie():
     """An IPv6 table resolves the first 64 bits: a /128 inside a /48 makes
-    nodes down to its /56 and leaves its /64 slot to the trie, with the
-    /64's own vector, so the rest of the /48 never walks the trie."""
+    nodes down to its /56 and leaves its /64 slot to the trie (which holds
+    every IPv6 entry), so the rest of the /48 never walks the trie."""
     text = """
 [[rule]]
 name = "host"
@@ -223,8 +223,11 @@ action = "deny"
     assert layout.srctab_nodes_needed(t, 6) == ROOT + 6          # one node below each of /16 ... /56
     table, trie6 = layout.srctab_plan(t, 6, ROOT + 6)
     host = int(ipaddress.IPv6Address("2001:db8:1:2::5"))
-    slot64 = host >> 64 << 64
-    assert sorted((p, v) for d, v, p, _vec in trie6 if d == C.XG_DIM_SRC) == [(64, slot64), (128, host)]
+    n56 = table[256 * (table[0x2001] & (C.XG_DIR_NODE - 1)) + 0x0d]
+    for byte in (0xb8, 0x00, 0x01, 0x00):                  # down to the /56 node
+        n56 = table[256 * (n56 & (C.XG_DIR_NODE - 1)) + byte]
+    assert table[256 * (n56 & (C.XG_DIR_NODE - 1)) + 0x02] == C.XG_DIR_TRIE
+    assert trie6 == t.lpm[6]
     assert t.vecs[_walk(6, table, trie6, host)] & 1
     assert t.vecs[_walk(6, table, trie6, host + 1)] == t.vecs[_walk(6, table, trie6, host + (1 << 64))]
     assert t.vecs[_walk(6, table, trie6, host + (1 << 64))] & 2
@@ -270,32 +273,24 @@ def test_program_agrees_with_lookup_in_both_generations(monkeypatch, family):
         rig.close()
 
 
-def test_ipv6_codes_leave_nd_rules_to_the_vector():
-    """An IPv6 source whose vector holds a rule that matches ND keeps its
-    vector index (an ND packet needs it); one whose vector holds none gets
-    the verdict code, and an ND packet from it matches nothing."""
+def test_ipv6_entries_carry_codes_though_rules_match_nd():
+    """A rule naming icmpv6 (which matches ND) for every source does not
+    keep IPv6 sources from verdict codes: ND packets look the trie up."""
     text = """
 [[rule]]
 name = "block"
-src = ["2001:db8:1::/48", "2001:db8:2::/48", "10.0.0.0/8"]
+src = ["2001:db8:1::/48", "10.0.0.0/8"]
 action = "deny"
 [[rule]]
-name = "no-nd-from-1"
-src = "2001:db8:1::/48"
-proto = "icmpv6"
-action = "deny"
+name = "allow-icmp"
+proto = ["icmp", "icmpv6"]
+action = "allow"
 """
     t = compiler.compile_policy(policy.load("nd.toml", text=text))
-    slots = {"block": 100, "no-nd-from-1": 101}
+    slots = {"block": 100, "allow-icmp": 101}
+    codes = layout.srctab_codes(t, slots)
+    table, trie = layout.srctab_plan(t, 6, layout.srctab_nodes_needed(t, 6), codes)
     v1 = int(ipaddress.IPv6Address("2001:db8:1::1"))
-    v2 = int(ipaddress.IPv6Address("2001:db8:2::1"))
-    codes6 = layout.srctab_codes(t, slots, 6)
-    table, trie = layout.srctab_plan(t, 6, layout.srctab_nodes_needed(t, 6), codes6)
-    assert not _walk(6, table, trie, v1) & C.XG_DIR_FAST
-    assert _walk(6, table, trie, v2) == C.XG_DIR_FAST | C.XG_DIR_DROP | 100
-    # IPv4 has no ND: the same kind of vector gets its code there.
-    table4, _ = layout.srctab_plan(t, 4, ROOT, layout.srctab_codes(t, slots, 4))
-    assert table4[10 * 256] == C.XG_DIR_FAST | C.XG_DIR_DROP | 100
-    for a, want in ((v1, "no-nd-from-1"), (v2, None)):
-        d = lookup.decide(t, 6, a, int(ipaddress.IPv6Address("2001:db8:9::1")), C.XG_L4_ND, None, None)
-        assert d.rule == want
+    assert _walk(6, table, trie, v1) == C.XG_DIR_FAST | C.XG_DIR_DROP | 100
+    d = lookup.decide(t, 6, v1, int(ipaddress.IPv6Address("2001:db8:9::1")), C.XG_L4_ND, None, None)
+    assert d.rule == "allow-icmp"

@@ -231,22 +231,16 @@ def srctab_nodes_needed(tables, family: int) -> int:
     return C.XG_DIR_ROOT_NODES + sum(_levels(tables, family))
 
 
-def srctab_codes(tables, slots: dict[str, int], family: int) -> list[int]:
+def srctab_codes(tables, slots: dict[str, int]) -> list[int]:
     """The source-table entry of each vector: XG_DIR_FAST with the rule,
     its slot and XG_DIR_DROP where the vector decides an allow or deny
     that does not log (the program then reads no vector), else the
-    vector's own index.
-
-    IPv6 has ND, which no universal rule matches: an IPv6 entry is
-    XG_DIR_FAST only where the vector holds no rule that matches ND, so
-    that an ND packet from that source matches nothing (XG_SLOT_ND, pass)
-    and the program needs no vector for it either."""
+    vector's own index."""
     universal = universal_rules(tables)
-    nd_rules = tables.vecs[C.XG_L4_ND] if family == 6 else 0
     codes = list(range(len(tables.vecs)))
     for i, v in enumerate(tables.vecs):
         d = decides(v, universal)
-        if not d or v & nd_rules:
+        if not d:
             continue
         r = tables.rules[d - 1]
         slot = slots[r.name]
@@ -264,7 +258,8 @@ def srctab(tables, family: int, nodes: int, slots: dict[str, int] | None = None)
     name = f"srctab{family}"
     cached = tables._derived.get(name)
     if cached is None or cached[0] != key:
-        codes = None if slots is None else srctab_codes(tables, slots, family)
+        codes = None if slots is None else _derived(tables, ("codes", key[1]),
+                                                    lambda: srctab_codes(tables, slots))
         cached = tables._derived[name] = (key, srctab_plan(tables, family, nodes, codes))
     return cached[1]
 
@@ -285,11 +280,14 @@ def srctab_plan(tables, family: int, nodes: int, codes: list[int] | None = None)
     Returns (table, trie): table is the region's entries (array of u32,
     nodes x 256, node 0 first): codes[vec] (srctab_codes) for each vector,
     or the vector index without codes; trie the (dim, value, plen, vec)
-    entries for the family's classifier trie: every dst entry, and where
-    the table ran out of nodes or depth (XG_DIR_TRIE) the slot's own prefix
-    with the vector it would have held, plus the source prefixes inside it.
-    (Two vectors deciding the same rule have the same code; the trie gets
-    either, which decides the same.)
+    entries for the family's classifier trie. IPv4: every dst entry, and
+    where the table ran out of nodes (XG_DIR_TRIE) the slot's own prefix
+    with the vector it would have held, plus the source prefixes inside
+    it. (Two vectors deciding the same rule have the same code; the trie
+    gets either, which decides the same.) IPv6: every entry, so that the
+    trie alone gives any source's vector: an ND packet needs it where the
+    table holds a verdict code (no rule that decides alone matches ND),
+    and IPv6 policies are small next to IPv4 blocklists.
 
     One pass in the compiler's order (by address, then length): prefixes
     nest or are disjoint, so a prefix comes after every prefix holding it,
@@ -309,10 +307,11 @@ def srctab_plan(tables, family: int, nodes: int, codes: list[int] | None = None)
     owed = list(_levels(tables, family))   # nodes still to be made per level (16, 24, ...)
     trie_until = -1                    # last address under the newest XG_DIR_TRIE slot
     vec_of: dict[int, int] = {}        # code -> a vector with that code
+    keep_all = family == 6
     for e in tables.lpm[family]:
         dim, value, plen, vec = e
         if dim != SRC or value <= trie_until:
-            trie.append(e)
+            keep_all or trie.append(e)
             continue
         if codes is not None:
             vec_of[codes[vec]] = vec
@@ -324,8 +323,9 @@ def srctab_plan(tables, family: int, nodes: int, codes: list[int] | None = None)
             if not cur & NODE:
                 level = (d - 16) >> 3
                 if d >= depth or free + sum(owed[:level]) >= nodes:
-                    trie.append((SRC, value >> (bits - d) << (bits - d), d, vec_of.get(cur, cur)))
-                    trie.append(e)
+                    if not keep_all:
+                        trie.append((SRC, value >> (bits - d) << (bits - d), d, vec_of.get(cur, cur)))
+                        trie.append(e)
                     table[slot] = TRIE
                     trie_until = value | ((1 << (bits - d)) - 1)
                     break
@@ -344,4 +344,4 @@ def srctab_plan(tables, family: int, nodes: int, codes: list[int] | None = None)
                 table[slot] = vec
             else:
                 table[slot:slot + width] = array("I", [vec]) * width
-    return table, trie
+    return table, (list(tables.lpm[family]) if keep_all else trie)
