@@ -246,13 +246,17 @@ static __always_inline __u32 xg_trie_vec(struct xg_pkt *pkt, __u32 gen, __u8 dim
 	return cl ? cl->vec : XG_VEC_PER_GEN;   /* out of range: empty vector */
 }
 
-/* The source-table entry of a source (a vector index or a verdict code,
- * XG_DIR_FAST), or the class vector index of a destination or of a
- * source the table leaves to the trie. */
+/* The source-table entry of an IPv4 source (a vector index or a verdict
+ * code, XG_DIR_FAST), else the class vector index from the trie. IPv6
+ * sources on the general path take the trie, which holds every IPv6
+ * entry: a 7-level table walk here as well as in the fast lane would
+ * multiply the paths the verifier explores past its limit for large rule
+ * vectors, and an IPv6 frame the lane leaves (tagged, extension headers,
+ * ICMPv6, a source that does not decide alone) is no flood frame. */
 static __always_inline __u32 xg_addr_vec(struct xg_pkt *pkt, __u32 gen, __u8 dim, __u8 *addr)
 {
-	if (dim == XG_DIM_SRC) {
-		__u32 vec = pkt->family == 4 ? xg_srctab4(gen, addr) : xg_srctab6(gen, addr);
+	if (dim == XG_DIM_SRC && pkt->family == 4) {
+		__u32 vec = xg_srctab4(gen, addr);
 
 		if (vec != XG_DIR_TRIE)
 			return vec;
@@ -397,13 +401,8 @@ static __always_inline int xg_general(struct xdp_md *ctx)
 
 	/* Classify: AND the five dimension vectors, the lowest bit wins. */
 	svec = xg_addr_vec(&pkt, gen, XG_DIM_SRC, pkt.src);
-	if (svec & XG_DIR_FAST) {   /* a source that decides */
-		if (pkt.l4 != XG_L4_ND)
-			return xg_finish_fast(&pkt, svec, gen, len);
-		/* No rule that decides alone matches ND (IPv6 only): ND needs
-		 * the vector, and the IPv6 trie holds every source prefix. */
-		svec = xg_trie_vec(&pkt, gen, XG_DIM_SRC, pkt.src);
-	}
+	if (svec & XG_DIR_FAST)   /* an IPv4 source (never ND) that decides */
+		return xg_finish_fast(&pkt, svec, gen, len);
 	vs = xg_vec(gen, svec);
 	if (vs && vs->decides && pkt.l4 != XG_L4_ND) {
 		rule = vs->decides - 1;
