@@ -215,12 +215,8 @@ def _levels(tables, family: int) -> tuple[int, ...]:
     source table of this family has, level by level."""
     def count():
         bits, depth = _BITS[family], _TABLE_BITS[family]
-        sets = [set() for _ in range(16, depth, 8)]
-        for dim, value, plen, _vec in tables.lpm[family]:
-            if dim == C.XG_DIM_SRC:
-                for i, d in enumerate(range(16, min(plen, depth), 8)):
-                    sets[i].add(value >> (bits - d))
-        return tuple(len(x) for x in sets)
+        src = [(value, plen) for dim, value, plen, _vec in tables.lpm[family] if dim == C.XG_DIM_SRC]
+        return tuple(len({v >> (bits - d) for v, p in src if p > d}) for d in range(16, depth, 8))
     return _derived(tables, f"levels{family}", count)
 
 
@@ -304,7 +300,10 @@ def srctab_plan(tables, family: int, nodes: int, codes: list[int] | None = None)
     trie = []
     fills: dict[int, array] = {}       # value -> a node of it (most nodes share a few)
     free = C.XG_DIR_ROOT_NODES
-    owed = list(_levels(tables, family))   # nodes still to be made per level (16, 24, ...)
+    # room[L]: nodes that may still be made at levels L and deeper, with
+    # every node the levels above L need kept for them.
+    need = _levels(tables, family)
+    room = [nodes - free - sum(need[:lv]) for lv in range(len(need))]
     trie_until = -1                    # last address under the newest XG_DIR_TRIE slot
     vec_of: dict[int, int] = {}        # code -> a vector with that code
     keep_all = family == 6
@@ -322,7 +321,7 @@ def srctab_plan(tables, family: int, nodes: int, codes: list[int] | None = None)
             cur = table[slot]
             if not cur & NODE:
                 level = (d - 16) >> 3
-                if d >= depth or free + sum(owed[:level]) >= nodes:
+                if d >= depth or room[level] <= 0:
                     if not keep_all:
                         trie.append((SRC, value >> (bits - d) << (bits - d), d, vec_of.get(cur, cur)))
                         trie.append(e)
@@ -330,7 +329,8 @@ def srctab_plan(tables, family: int, nodes: int, codes: list[int] | None = None)
                     trie_until = value | ((1 << (bits - d)) - 1)
                     break
                 n, free = free, free + 1
-                owed[level] -= 1
+                for lv in range(level + 1):
+                    room[lv] -= 1
                 fill = fills.get(cur)
                 if fill is None:
                     fill = fills[cur] = array("I", [cur]) * 256
