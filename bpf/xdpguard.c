@@ -68,6 +68,8 @@ BPF_RINGBUF_OUTPUT(droplog, XG_DROPLOG_BYTES / 4096);
 /* Never used by the program: it carries struct xg_logev to user space as a
  * bcc leaf type, so `xdpguard log` reads events without a second layout. */
 BPF_ARRAY(logfmt, struct xg_logev, 1);
+/* The packet record of the general path (xg_general explains why). */
+BPF_PERCPU_ARRAY(pktbuf, struct xg_pkt, 1);
 
 #ifdef XG_TEST
 BPF_ARRAY(debug, struct xg_debug, 1);
@@ -246,17 +248,13 @@ static __always_inline __u32 xg_trie_vec(struct xg_pkt *pkt, __u32 gen, __u8 dim
 	return cl ? cl->vec : XG_VEC_PER_GEN;   /* out of range: empty vector */
 }
 
-/* The source-table entry of an IPv4 source (a vector index or a verdict
- * code, XG_DIR_FAST), else the class vector index from the trie. IPv6
- * sources on the general path take the trie, which holds every IPv6
- * entry: a 7-level table walk here as well as in the fast lane would
- * multiply the paths the verifier explores past its limit for large rule
- * vectors, and an IPv6 frame the lane leaves (tagged, extension headers,
- * ICMPv6, a source that does not decide alone) is no flood frame. */
+/* The source-table entry of a source (a vector index or a verdict code,
+ * XG_DIR_FAST), or the class vector index of a destination or of a
+ * source the table leaves to the trie. */
 static __always_inline __u32 xg_addr_vec(struct xg_pkt *pkt, __u32 gen, __u8 dim, __u8 *addr)
 {
-	if (dim == XG_DIM_SRC && pkt->family == 4) {
-		__u32 vec = xg_srctab4(gen, addr);
+	if (dim == XG_DIM_SRC) {
+		__u32 vec = pkt->family == 4 ? xg_srctab4(gen, addr) : xg_srctab6(gen, addr);
 
 		if (vec != XG_DIR_TRIE)
 			return vec;
@@ -365,7 +363,7 @@ static __always_inline int xg_fast(struct xdp_md *ctx)
 /* Every frame the fast lane leaves: parse, bans, stats, classify. */
 static __always_inline int xg_general(struct xdp_md *ctx)
 {
-	struct xg_pkt pkt = {};
+	struct xg_pkt *pkt;
 	__u64 len = ctx->data_end - ctx->data;
 	__u32 zero = 0, gen, rule = ~0U, idx, i;
 	struct xg_vec *vl, *vs, *vd, *vsp, *vdp;
@@ -373,7 +371,20 @@ static __always_inline int xg_general(struct xdp_md *ctx)
 	__u32 *genp, word, flags, svec;
 	int rc;
 
-	rc = xg_parse(ctx, &pkt);
+	/* The packet record lives in a per-CPU map, not on the stack: the
+	 * verifier tracks constants on the stack (each parse path sets its own
+	 * family, l4 class and ports flag), and every later branch on one of
+	 * them kept the paths apart, so it explored the classifier once per
+	 * parse path: 690,000 instructions at 16 rule words, past its limit
+	 * of 1,000,000 at 32. From map memory the fields read back as unknown
+	 * values and the paths merge: 72,000 at 16 words, 131,000 at 64. An
+	 * XDP program runs to its end on one CPU, with softirqs off, so no
+	 * other packet shares the record meanwhile. */
+	pkt = pktbuf.lookup(&zero);
+	if (!pkt)
+		return XDP_PASS;
+	__builtin_memset(pkt, 0, sizeof(*pkt));
+	rc = xg_parse(ctx, pkt);
 	if (rc == XG_PARSE_NONIP)
 		return XDP_PASS;
 
@@ -389,35 +400,40 @@ static __always_inline int xg_general(struct xdp_md *ctx)
 	gen = word & 1;
 	flags = word >> XG_ACTIVE_FLAGS_SHIFT;
 	if (rc == XG_PARSE_MALFORMED)
-		return xg_finish(&pkt, XG_SLOT_MALFORMED, rule, gen, len, 1, 0);
-	if (xg_banned(&pkt, len))
-		return xg_finish(&pkt, XG_SLOT_BAN, rule, gen, len, 1, flags & XG_GEN_LOG_BANS);
+		return xg_finish(pkt, XG_SLOT_MALFORMED, rule, gen, len, 1, 0);
+	if (xg_banned(pkt, len))
+		return xg_finish(pkt, XG_SLOT_BAN, rule, gen, len, 1, flags & XG_GEN_LOG_BANS);
 	if (flags & XG_GEN_MITIGATE) {
 		struct xg_gen *g = gens.lookup(&gen);
 
 		if (g)
-			xg_srcstat(&pkt, g, len);
+			xg_srcstat(pkt, g, len);
 	}
 
 	/* Classify: AND the five dimension vectors, the lowest bit wins. */
-	svec = xg_addr_vec(&pkt, gen, XG_DIM_SRC, pkt.src);
-	if (svec & XG_DIR_FAST)   /* an IPv4 source (never ND) that decides */
-		return xg_finish_fast(&pkt, svec, gen, len);
+	svec = xg_addr_vec(pkt, gen, XG_DIM_SRC, pkt->src);
+	if (svec & XG_DIR_FAST) {   /* a source that decides */
+		if (pkt->l4 != XG_L4_ND)
+			return xg_finish_fast(pkt, svec, gen, len);
+		/* No rule that decides alone matches ND (IPv6 only): ND needs
+		 * the vector, and the IPv6 trie holds every source prefix. */
+		svec = xg_trie_vec(pkt, gen, XG_DIM_SRC, pkt->src);
+	}
 	vs = xg_vec(gen, svec);
-	if (vs && vs->decides && pkt.l4 != XG_L4_ND) {
+	if (vs && vs->decides && pkt->l4 != XG_L4_ND) {
 		rule = vs->decides - 1;
 		if (vs->daction != XG_ACT_LIMIT)
-			return xg_finish(&pkt, vs->dslot, rule, gen, len,
+			return xg_finish(pkt, vs->dslot, rule, gen, len,
 					 vs->daction != XG_ACT_ALLOW, vs->dlog);
 		goto decided;
 	}
-	vl = xg_vec(gen, pkt.l4);
+	vl = xg_vec(gen, pkt->l4);
 	vd = vs;   /* no rule names dst: AND with itself */
 	if (flags & XG_GEN_HAS_DST)
-		vd = xg_vec(gen, xg_addr_vec(&pkt, gen, XG_DIM_DST, pkt.dst));
-	if (pkt.has_ports) {
-		vsp = xg_vec(gen, xg_port_vec(gen, XG_PORT_SPORT, pkt.sport));
-		vdp = xg_vec(gen, xg_port_vec(gen, XG_PORT_DPORT, pkt.dport));
+		vd = xg_vec(gen, xg_addr_vec(pkt, gen, XG_DIM_DST, pkt->dst));
+	if (pkt->has_ports) {
+		vsp = xg_vec(gen, xg_port_vec(gen, XG_PORT_SPORT, pkt->sport));
+		vdp = xg_vec(gen, xg_port_vec(gen, XG_PORT_DPORT, pkt->dport));
 	} else {
 		vsp = xg_vec(gen, XG_VEC_NOPORT_SPORT);
 		vdp = xg_vec(gen, XG_VEC_NOPORT_DPORT);
@@ -448,14 +464,14 @@ static __always_inline int xg_general(struct xdp_md *ctx)
 	}
 
 	if (rule == ~0U) {
-		if (pkt.l4 == XG_L4_ND)
-			return xg_finish(&pkt, XG_SLOT_ND, rule, gen, len, 0, 0);
+		if (pkt->l4 == XG_L4_ND)
+			return xg_finish(pkt, XG_SLOT_ND, rule, gen, len, 0, 0);
 		{
 			struct xg_gen *g = gens.lookup(&gen);
 
 			if (!g)
 				return XDP_DROP;
-			return xg_finish(&pkt, XG_SLOT_DEFAULT, rule, gen, len,
+			return xg_finish(pkt, XG_SLOT_DEFAULT, rule, gen, len,
 					 g->default_action != XG_ACT_ALLOW, flags & XG_GEN_LOG_DEFAULT);
 		}
 	}
@@ -466,9 +482,9 @@ decided:
 	if (!r)
 		return XDP_DROP;
 	if (r->action == XG_ACT_ALLOW)
-		return xg_finish(&pkt, r->slot, rule, gen, len, 0, 0);
+		return xg_finish(pkt, r->slot, rule, gen, len, 0, 0);
 	if (r->action != XG_ACT_LIMIT)
-		return xg_finish(&pkt, r->slot, rule, gen, len, 1, r->log);
+		return xg_finish(pkt, r->slot, rule, gen, len, 1, r->log);
 
 	{
 		__u64 units = r->unit == XG_UNIT_BYTES ? len : 1;
@@ -479,10 +495,10 @@ decided:
 		if (r->per == XG_PER_RULE) {
 			b = rbuckets.lookup(&slot);
 		} else {
-			struct xg_sbucket_key k = { .slot = slot, .family = pkt.family };
+			struct xg_sbucket_key k = { .slot = slot, .family = pkt->family };
 
-			__builtin_memcpy(k.addr, pkt.src, 16);
-			xg_mask(k.addr, pkt.family == 4 ? r->prefix4 : r->prefix6);
+			__builtin_memcpy(k.addr, pkt->src, 16);
+			xg_mask(k.addr, pkt->family == 4 ? r->prefix4 : r->prefix6);
 			b = sbuckets.lookup(&k);
 			if (!b) {
 				struct xg_bucket fresh = {};
@@ -493,8 +509,8 @@ decided:
 		}
 		/* No bucket (map full and racing): drop, never fail open. */
 		if (!b || !xg_gcra(b, now, units, r->cost_fp, r->burst_ns))
-			return xg_finish(&pkt, slot, rule, gen, len, 1, r->log);
-		return xg_finish(&pkt, slot, rule, gen, len, 0, 0);
+			return xg_finish(pkt, slot, rule, gen, len, 1, r->log);
+		return xg_finish(pkt, slot, rule, gen, len, 0, 0);
 	}
 }
 

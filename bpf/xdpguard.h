@@ -40,10 +40,7 @@
 #define XG_SLOT_MALFORMED 2  /* truncated or malformed IP frame: dropped */
 #define XG_SLOT_ND 3         /* IPv6 ND/RA passed because no rule names icmpv6 */
 #define XG_SLOT_FIRST_RULE 8
-/* Rules per policy: 1,008 give 16-word rule vectors (the loader adds 16
- * rules of headroom), the widest the verifier explores within its limit of
- * 1,000,000 instructions (about 690,000 here; 32 words go past it). */
-#define XG_MAX_RULES_LIMIT 1008
+#define XG_MAX_RULES_LIMIT 4096  /* rules per policy */
 #define XG_MAX_SLOTS 8200        /* 2 generations of rules + fixed slots */
 
 /*

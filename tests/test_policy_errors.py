@@ -459,12 +459,13 @@ def test_random_values_raise_only_policy_error(fuzz_dir, head, sets, rules, miti
     find_unreachable(policy)
 
 
+
 def test_most_rules_fit_the_widest_vector_that_verifies():
-    """A policy at the rule limit compiles to 16-word vectors, the width
-    test_dataplane.test_program_verifies_with_1000_rules loads."""
+    """A policy at the rule limit compiles to 64-word vectors, the width
+    test_dataplane.test_program_verifies_at_the_rule_limit loads."""
     from xdpguard import compiler, loader
     from xdpguard.layout import C
     text = "".join(f'[[rule]]\nname = "r{i}"\nsrc = "10.{i // 256}.{i % 256}.0/24"\naction = "deny"\n'
                    for i in range(C.XG_MAX_RULES_LIMIT))
     t = compiler.compile_policy(load("max.toml", text=text))
-    assert loader.Shape.for_tables(t).nwords == 16
+    assert loader.Shape.for_tables(t).nwords == 64
