@@ -47,7 +47,7 @@ from xdpguard.policy import load as load_policy
 STAGES = [
     # (n, name, insert "after" / "before" the one match of a regex, return value)
     (1, "parse", "after", r"\tif \(rc == XG_PARSE_NONIP\)\n\t\treturn XDP_PASS;\n", "XDP_DROP"),
-    (2, "+ active, gens, bans", "after", r"\tif \(xg_banned\(&pkt, len\)\)\n[^\n]*\n", "XDP_DROP"),
+    (2, "+ active, gens, bans", "after", r"\tif \(xg_banned\(pkt, len\)\)\n[^\n]*\n", "XDP_DROP"),
     (3, "+ source lookup", "after",
      r"\tvs = xg_vec\(gen, svec\);\n",
      "vs ? XDP_DROP : XDP_PASS"),

@@ -9,8 +9,7 @@ import errno
 import os
 import socket
 import time
-import dataclasses
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from xdpguard import bpfsys, layout, pins
@@ -147,7 +146,7 @@ def _lpm_update(m: pins.Map, keys: bytes, vals: bytes) -> None:
             bpfsys.map_update(m.fd, keys[i * ks:(i + 1) * ks], vals[i * vs:(i + 1) * vs])
 
 
-def write_gen(maps: dict, tables: Tables, gen: int, shape: Shape, slots: dict[str, int]) -> int:
+def write_gen(maps: dict, tables: Tables, gen: int, shape: Shape, slots: dict[str, int]) -> None:
     """Write one generation of the classifier (not yet active)."""
     for fam in (4, 6):
         table, trie = layout.srctab(tables, fam, shape.nodes(fam), slots)
@@ -387,7 +386,7 @@ def _load_and_attach(policy, tables, netns, iface, ifindex, directory, record, q
     t0 = time.monotonic()
     shape = Shape.for_tables(tables, slots)
     if record:
-        shape = dataclasses.replace(shape, nwords=max(shape.nwords, record["shape"]["nwords"]))
+        shape = replace(shape, nwords=max(shape.nwords, record["shape"]["nwords"]))
     stage = pins.STAGE / str(os.getpid())
     pins.remove_dir(stage)
     stage.mkdir(parents=True)
