@@ -145,3 +145,11 @@ def test_run_refuses_an_unknown_flood_mode():
                         "--flood-modes", "xdp-drop,warp-drive"],
                        capture_output=True, text=True, timeout=60, cwd=REPO)
     assert r.returncode == 2 and "unknown flood mode 'warp-drive'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_analysis_finds_every_stage_in_the_program():
+    """bench/analysis.py cuts bpf/xdpguard.c at fixed lines; a stage whose
+    line moved is silently "n/a" in a full run, so a change to the program
+    must keep every cut point."""
+    from bench.analysis import FULL, GENERAL, STAGES, stage_source
+    assert stage_source()[1] == [n for n, *_ in STAGES] + [GENERAL, FULL]
