@@ -310,13 +310,21 @@ def memlock_of_fd(fd: int) -> int | None:
 
 
 def prog_maps_memlock(prog_fd: int) -> dict[str, int]:
-    """memlock bytes of every map a program uses, by map name."""
+    """memlock bytes of every map a program uses, by map name; an array of
+    maps (the classifier tries) counts the maps in its slots too."""
     out = {}
     for mid in bpfsys.prog_info(prog_fd)["map_ids"]:
         fd = bpfsys.map_get_fd_by_id(mid)
         try:
             info = bpfsys.map_info(fd)
-            out[info["name"]] = memlock_of_fd(fd) or 0
+            total = memlock_of_fd(fd) or 0
+            if info["type"] == bpfsys.BPF_MAP_TYPE_ARRAY_OF_MAPS:
+                for i in range(info["max_entries"]):
+                    inner = bpfsys.inner_map_fd(fd, i)
+                    if inner is not None:
+                        with bpfsys.closing_fd(inner):
+                            total += memlock_of_fd(inner) or 0
+            out[info["name"]] = total
         finally:
             os.close(fd)
     return out

@@ -4,7 +4,9 @@
   + verify + fill + attach + pin), wall time of the process;
 * re-apply of a changed policy of the same shape (in place: new generation,
   one flip, no reload), for b, 100k and 1M prefixes;
-* first apply of 100k and 1M prefixes (a new shape: replaces the program);
+* apply of 100k prefixes after b, then of 1M after 100k: in place when
+  the running program's shape takes the policy, else a new program (the
+  "how" column says which);
 * `xdpguard stats --json`: median of 10 processes;
 * map memory per policy size: memlock of every map of the program (fdinfo);
 * compile of 100k prefixes + 1000 rules in pure Python (policy load and
@@ -187,10 +189,10 @@ def run(ctx) -> dict:
     rows = []
     for key, label in (("first_apply", "first apply, b (6k prefixes, 100 rules)"),
                        ("reapply_b", "re-apply changed b"),
-                       ("apply_100k", "apply 100k prefixes + 1000 rules (new shape)"),
+                       ("apply_100k", "apply 100k prefixes + 1000 rules, after b"),
                        ("reapply_100k", "re-apply 100k, rules changed"),
                        ("reapply_100k_set", "re-apply 100k, 1 % of the set changed"),
-                       ("apply_1m", "apply 1M prefixes + 1000 rules (new shape)"),
+                       ("apply_1m", "apply 1M prefixes + 1000 rules, after 100k"),
                        ("reapply_1m", "re-apply changed 1M")):
         r = res.get(key)
         if r:

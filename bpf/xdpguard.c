@@ -6,7 +6,6 @@
  *   XG_NWORDS        64-bit words of a rule vector, a power of two
  *                    (rules per generation = 64 x this)
  *   XG_VEC_PER_GEN   vector table rows per generation
- *   XG_LPM4_MAX, XG_LPM6_MAX   classifier trie capacities (both generations)
  *   XG_DIR4_NODES, XG_DIR6_NODES   nodes per generation of the IPv4 and
  *                    IPv6 source tables
  *   XG_STAGE         pid of the loader: maps are pinned (or reused) under
@@ -47,8 +46,14 @@ _Static_assert(XG_VEC_PER_GEN <= XG_DIR_TRIE, "vector indexes stay below XG_DIR_
 /* Policy: two generations, switched by `active` (docs/design.md). */
 XG_MAP("array", __u32, __u32, active, 1, 0);
 XG_MAP("array", __u32, struct xg_gen, gens, 2, 0);
-XG_MAP("lpm_trie", struct xg_lpm4_key, struct xg_class, lpm4, XG_LPM4_MAX, BPF_F_NO_PREALLOC);
-XG_MAP("lpm_trie", struct xg_lpm6_key, struct xg_class, lpm6, XG_LPM6_MAX, BPF_F_NO_PREALLOC);
+/* Classifier tries: an array of two (one per generation) per family. A
+ * re-apply puts a new trie, sized for its policy, in the inactive slot
+ * (xdpguard/loader.py) instead of deleting the old generation's entries
+ * one by one. The *_inner maps are only the tries' template: never used. */
+XG_MAP("lpm_trie", struct xg_lpm4_key, struct xg_class, lpm4_inner, 1, BPF_F_NO_PREALLOC);
+XG_MAP("lpm_trie", struct xg_lpm6_key, struct xg_class, lpm6_inner, 1, BPF_F_NO_PREALLOC);
+BPF_ARRAY_OF_MAPS(lpm4, "lpm4_inner", 2);
+BPF_ARRAY_OF_MAPS(lpm6, "lpm6_inner", 2);
 XG_MAP("array", __u32, struct xg_vec, vecs, 2 * XG_VEC_PER_GEN, 0);
 XG_MAP("array", __u32, struct xg_class, ports, 2 * 2 * XG_NPORTS, 0);
 XG_MAP("array", __u32, struct xg_rule, rules, 2 * XG_RULES_PER_GEN, 0);
@@ -232,18 +237,23 @@ static __always_inline __u32 xg_srctab(__u32 base, __u8 *addr, const int nbytes)
 /* Class vector index of an address in a dimension, from the trie. */
 static __always_inline __u32 xg_trie_vec(struct xg_pkt *pkt, __u32 gen, __u8 dim, __u8 *addr)
 {
-	struct xg_class *cl;
+	struct xg_class *cl = NULL;
+	void *trie;
 
 	if (pkt->family == 4) {
-		struct xg_lpm4_key k = { .prefixlen = 16 + 32, .gen = gen, .dim = dim };
+		struct xg_lpm4_key k = { .prefixlen = 8 + 32, .dim = dim };
 
 		__builtin_memcpy(k.addr, addr, 4);
-		cl = lpm4.lookup(&k);
+		trie = lpm4.lookup(&gen);
+		if (trie)
+			cl = bpf_map_lookup_elem(trie, &k);
 	} else {
-		struct xg_lpm6_key k = { .prefixlen = 16 + 128, .gen = gen, .dim = dim };
+		struct xg_lpm6_key k = { .prefixlen = 8 + 128, .dim = dim };
 
 		__builtin_memcpy(k.addr, addr, 16);
-		cl = lpm6.lookup(&k);
+		trie = lpm6.lookup(&gen);
+		if (trie)
+			cl = bpf_map_lookup_elem(trie, &k);
 	}
 	return cl ? cl->vec : XG_VEC_PER_GEN;   /* out of range: empty vector */
 }

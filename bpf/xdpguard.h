@@ -15,7 +15,7 @@
 #ifndef XDPGUARD_H
 #define XDPGUARD_H
 
-#define XG_LAYOUT_VERSION 5
+#define XG_LAYOUT_VERSION 6
 
 /* Rule actions (struct xg_rule.action, default action). */
 #define XG_ACT_ALLOW 0
@@ -135,17 +135,16 @@
 
 /* ---- structs (bcc turns these into table.Key / table.Leaf) ---- */
 
-/* LPM key for the IPv4 classifier trie: prefixlen covers gen+dim+addr. */
+/* Key of an IPv4 classifier trie (one trie per generation): prefixlen
+ * covers dim+addr. */
 struct xg_lpm4_key {
 	__u32 prefixlen;
-	__u8 gen;
 	__u8 dim;
 	__u8 addr[4];
 };
 
 struct xg_lpm6_key {
 	__u32 prefixlen;
-	__u8 gen;
 	__u8 dim;
 	__u8 addr[16];
 };

@@ -51,7 +51,7 @@ pytestmark = pytest.mark.kernel
 REPO = Path(__file__).resolve().parent.parent
 XDP_DROP, XDP_PASS = 1, 2
 NO_SLOT = 0xFFFFFFFF
-BIG_SHAPE = dict(nwords=2, vec_per_gen=1024, lpm4_max=8192, lpm6_max=8192)
+BIG_SHAPE = dict(nwords=2, vec_per_gen=1024)
 
 
 # ---------------------------------------------------------------- helpers
@@ -1151,7 +1151,7 @@ def test_program_verifies_at_the_rule_limit(test_build):
     in a per-CPU map keeps them merged; bpf/xdpguard.c xg_general)."""
     require_kernel()
     from xdpguard import loader
-    shape = loader.Shape(nwords=64, vec_per_gen=16384, lpm4_max=65536, lpm6_max=4096,
+    shape = loader.Shape(nwords=64, vec_per_gen=16384,
                          dir4_nodes=4096, dir6_nodes=512)
     b, fn = loader.compile_program(shape, test=test_build)
     try:

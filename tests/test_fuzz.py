@@ -211,7 +211,7 @@ class Fuzzer:
         self.tables = {}
         for name, text in (("deny", DENY_POLICY), ("allow", ALLOW_POLICY)):
             self.tables[name] = compile_policy(load(f"fuzz-{name}.toml", text=text))
-        self.rig = TestRig(self.tables["deny"], Shape(nwords=1, vec_per_gen=256, lpm4_max=4096, lpm6_max=4096))
+        self.rig = TestRig(self.tables["deny"], Shape(nwords=1, vec_per_gen=256))
         self.fd = self.rig.fn.fd
         dbg = self.rig.maps["debug"]
         self.dbg_fd, self.dbg_size = dbg.fd, ctypes.sizeof(dbg.Leaf)

@@ -16,7 +16,7 @@ def test_decode_type_matches_bcc():
     from bcc import BPF
     from xdpguard import loader, pins
     from xdpguard.layout import PERSISTENT_MAPS, POLICY_MAPS
-    shape = loader.Shape(nwords=2, vec_per_gen=256, lpm4_max=1024, lpm6_max=1024)
+    shape = loader.Shape(nwords=2, vec_per_gen=256)
     b, _fn = loader.compile_program(shape, test=True)
     try:
         names = POLICY_MAPS + PERSISTENT_MAPS + ("logfmt",)

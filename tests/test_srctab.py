@@ -253,7 +253,7 @@ def test_program_agrees_with_lookup_in_both_generations(monkeypatch, family):
     for t in (t1, t2):
         assert layout.srctab_nodes_needed(t, family) > cap
         assert [e for e in layout.srctab(t, family, cap)[1] if e[0] == C.XG_DIM_SRC]
-    shape = loader.Shape(nwords=2, vec_per_gen=8192, lpm4_max=16384, lpm6_max=16384,
+    shape = loader.Shape(nwords=2, vec_per_gen=8192,
                          dir4_nodes=cap, dir6_nodes=cap)
     dst = "10.9.9.9" if family == 4 else "2001:db8:ffff::9"
     rig = loader.TestRig(t1, shape)

@@ -92,21 +92,11 @@ def protected_networks(record: dict) -> list[tuple[ipaddress._BaseNetwork, str]]
 
 def own_addresses(netns: str | None) -> list[tuple[str, str]]:
     """Addresses of the namespace's interfaces and its default gateways."""
-    from pyroute2 import IPRoute
+    from xdpguard import rtnl
     from xdpguard.netns import in_netns
-    out = []
     with in_netns(netns):
-        with IPRoute() as ipr:
-            for a in ipr.get_addr():
-                addr = a.get_attr("IFA_ADDRESS")
-                if addr:
-                    out.append((addr, "an address of this host"))
-            for fam in (2, 10):
-                for r in ipr.get_default_routes(family=fam):
-                    gw = r.get_attr("RTA_GATEWAY")
-                    if gw:
-                        out.append((gw, "a default gateway of this host"))
-    return out
+        return ([(a, "an address of this host") for a in rtnl.addresses()]
+                + [(g, "a default gateway of this host") for g in rtnl.default_gateways()])
 
 
 def check_bannable(net, record: dict) -> None:

@@ -23,6 +23,7 @@ import errno as _errno
 import os
 import socket
 import struct
+import sys
 import threading
 from contextlib import contextmanager
 from ctypes import (
@@ -78,6 +79,7 @@ BPF_MAP_TYPE_PERCPU_ARRAY = 6
 BPF_MAP_TYPE_LRU_HASH = 9
 BPF_MAP_TYPE_LRU_PERCPU_HASH = 10
 BPF_MAP_TYPE_LPM_TRIE = 11
+BPF_MAP_TYPE_ARRAY_OF_MAPS = 12
 BPF_F_NO_PREALLOC = 1  # required for LPM tries
 BPF_F_RDONLY_PROG = 1 << 7
 
@@ -624,6 +626,13 @@ def map_create(
         f"bpf_map_create(type {map_type}, {name!r}, key {key_size}, value {value_size}, "
         f"max {max_entries}, flags {flags:#x})",
     )
+
+
+def inner_map_fd(outer_fd: int, index: int) -> int | None:
+    """An fd of the map in slot `index` of an array of maps, or None when
+    the slot is empty. The caller closes it."""
+    raw = map_lookup(outer_fd, index.to_bytes(4, sys.byteorder), 4)
+    return map_get_fd_by_id(int.from_bytes(raw, sys.byteorder)) if raw else None
 
 
 def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:

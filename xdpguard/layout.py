@@ -47,7 +47,10 @@ C = _constants()
 # Maps that outlive a policy shape: reused when a new program is loaded.
 PERSISTENT_MAPS = ("counters", "rbuckets", "sbuckets", "ban4", "ban6", "banstate", "srcstat", "logbuckets")
 # Maps of the classifier, sized by the shape.
-POLICY_MAPS = ("active", "gens", "lpm4", "lpm6", "vecs", "ports", "rules", "srctab")
+# lpm4 / lpm6 are arrays of per-generation tries; lpm*_inner, their
+# template, gives the tries' key and value types.
+POLICY_MAPS = ("active", "gens", "lpm4", "lpm6", "lpm4_inner", "lpm6_inner", "vecs", "ports", "rules",
+               "srctab")
 
 
 def addr_bytes(family: int, value: int) -> bytes:
@@ -82,15 +85,15 @@ def struct_of(ctype) -> struct.Struct:
     return st
 
 
-def lpm_entries(maps, entries, gen: int, family: int) -> tuple[bytes, bytes]:
-    """Packed keys and values of the classifier trie of one family and
-    generation, from (dim, value, plen, vec) entries."""
-    m = maps["lpm4" if family == 4 else "lpm6"]
-    kst, vst = struct_of(m.Key), struct_of(m.Leaf)
-    # Field order of struct xg_lpm*_key: prefixlen, gen, dim, addr.
-    assert [f[0] for f in m.Key._fields_ if not f[0].startswith("__pad")] == ["prefixlen", "gen", "dim", "addr"]
+def lpm_entries(tmpl, entries, family: int) -> tuple[bytes, bytes]:
+    """Packed keys and values of a classifier trie of one family (tmpl:
+    map lpm4_inner or lpm6_inner, for the types), from (dim, value, plen,
+    vec) entries."""
+    kst, vst = struct_of(tmpl.Key), struct_of(tmpl.Leaf)
+    # Field order of struct xg_lpm*_key: prefixlen, dim, addr.
+    assert [f[0] for f in tmpl.Key._fields_ if not f[0].startswith("__pad")] == ["prefixlen", "dim", "addr"]
     nbytes = 4 if family == 4 else 16
-    keys = b"".join([kst.pack(16 + plen, gen, dim, value.to_bytes(nbytes, "big"))
+    keys = b"".join([kst.pack(8 + plen, dim, value.to_bytes(nbytes, "big"))
                      for dim, value, plen, _vec in entries])
     vals = b"".join([vst.pack(vec) for _d, _v, _p, vec in entries])
     return keys, vals

@@ -21,9 +21,6 @@ from xdpguard.policy import Policy
 
 PROG_NAME = "xdpguard_prog"
 MODES = {"native": bpfsys.XDP_FLAGS_DRV_MODE, "generic": bpfsys.XDP_FLAGS_SKB_MODE}
-# Time for packets already inside the program to finish with the old
-# generation before its entries are deleted (XDP runs in microseconds).
-GRACE_S = 0.01
 
 
 def _pow2(n: int) -> int:
@@ -35,8 +32,6 @@ class Shape:
     """The integers compiled into the program (-D flags): capacities only."""
     nwords: int
     vec_per_gen: int
-    lpm4_max: int
-    lpm6_max: int
     dir4_nodes: int = 1024  # source table nodes per generation (1 KiB each), IPv4
     dir6_nodes: int = 1024  # and IPv6
 
@@ -46,7 +41,6 @@ class Shape:
 
     def cflags(self) -> list[str]:
         return [f"-DXG_NWORDS={self.nwords}", f"-DXG_VEC_PER_GEN={self.vec_per_gen}",
-                f"-DXG_LPM4_MAX={self.lpm4_max}", f"-DXG_LPM6_MAX={self.lpm6_max}",
                 f"-DXG_DIR4_NODES={self.dir4_nodes}", f"-DXG_DIR6_NODES={self.dir6_nodes}"]
 
     def nodes(self, family: int) -> int:
@@ -58,29 +52,26 @@ class Shape:
         entries depend on them), so that its plan is made once."""
         # Headroom, so that most later policies fit without a recompile, and
         # room for two generations in the tries.
+        # The classifier tries are no part of the shape: each generation
+        # gets a new one of its own size (write_gen).
         nodes = {f: min(C.XG_DIR_MAX_NODES, _pow2(2 * layout.srctab_nodes_needed(t, f))) for f in (4, 6)}
-        trie = {f: layout.srctab_trie(t, f, nodes[f], slots) for f in (4, 6)}
         return cls(nwords=min(64, _pow2(max(1, (t.nrules + 16 + 63) // 64))),
                    vec_per_gen=_pow2(max(256, 2 * len(t.vecs))),
-                   lpm4_max=_pow2(max(4096, 4 * len(trie[4]))),
-                   lpm6_max=_pow2(max(4096, 4 * len(trie[6]))),
                    dir4_nodes=nodes[4], dir6_nodes=nodes[6])
 
     def map_names(self, test: bool = False) -> tuple[str, ...]:
         """The maps a program of this shape has (bpf/xdpguard.c)."""
         return POLICY_MAPS + PERSISTENT_MAPS + (("debug",) if test else ())
 
-    def fits(self, t: Tables, old_lpm4: int = 0, old_lpm6: int = 0,
-             slots: dict[str, int] | None = None) -> bool:
+    def fits(self, t: Tables) -> bool:
+        """Whether a policy can be written into a program of this shape."""
         if not (t.nrules <= self.rules_per_gen and len(t.vecs) <= self.vec_per_gen):
             return False
-        for fam, old, cap in ((4, old_lpm4, self.lpm4_max), (6, old_lpm6, self.lpm6_max)):
+        for fam in (4, 6):
             nodes = self.nodes(fam)
             # A table at the largest size takes any policy (the trie takes
             # the rest); a smaller one must hold all of it.
             if nodes < C.XG_DIR_MAX_NODES and layout.srctab_nodes_needed(t, fam) > nodes:
-                return False
-            if len(layout.srctab_trie(t, fam, nodes, slots)) + old > cap:
                 return False
         return True
 
@@ -131,19 +122,37 @@ def bcc_types(b, names) -> dict:
 _ENOTSUPP = 524   # the kernel's internal "not supported", seen by user space
 
 
-def _lpm_update(m: pins.Map, keys: bytes, vals: bytes) -> None:
-    ks, vs = ctypes.sizeof(m.Key), ctypes.sizeof(m.Leaf)
+def _lpm_update(fd: int, ks: int, vs: int, keys: bytes, vals: bytes) -> None:
     n = len(keys) // ks
     if not n:
         return
     # LPM tries have no batch operations on some kernels: fall back.
     try:
-        bpfsys.map_update_batch(m.fd, keys, vals, n)
+        bpfsys.map_update_batch(fd, keys, vals, n)
     except OSError as e:
         if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, _ENOTSUPP):
             raise
         for i in range(n):
-            bpfsys.map_update(m.fd, keys[i * ks:(i + 1) * ks], vals[i * vs:(i + 1) * vs])
+            bpfsys.map_update(fd, keys[i * ks:(i + 1) * ks], vals[i * vs:(i + 1) * vs])
+
+
+def _put_trie(maps: dict, family: int, gen: int, entries: list) -> None:
+    """A new classifier trie of one family for one generation, filled and
+    put in its slot of the per-generation array (map lpm4 / lpm6). The
+    trie it replaces (the generation before the running one) is freed by
+    the kernel: nothing is deleted entry by entry."""
+    tmpl = maps[f"lpm{family}_inner"]
+    ks, vs = ctypes.sizeof(tmpl.Key), ctypes.sizeof(tmpl.Leaf)
+    keys, vals = layout.lpm_entries(tmpl, entries, family)
+    # Flags must be the template's; the size may differ (LPM tries are not
+    # inlined into the program like arrays).
+    fd = bpfsys.map_create(bpfsys.BPF_MAP_TYPE_LPM_TRIE, f"xg_lpm{family}_g{gen}", ks, vs,
+                           max(1, len(entries)), bpfsys.BPF_F_NO_PREALLOC)
+    try:
+        _lpm_update(fd, ks, vs, keys, vals)
+        bpfsys.map_update(maps[f"lpm{family}"].fd, bytes(ctypes.c_uint32(gen)), bytes(ctypes.c_uint32(fd)))
+    finally:
+        os.close(fd)
 
 
 def write_gen(maps: dict, tables: Tables, gen: int, shape: Shape, slots: dict[str, int]) -> None:
@@ -151,13 +160,7 @@ def write_gen(maps: dict, tables: Tables, gen: int, shape: Shape, slots: dict[st
     for fam in (4, 6):
         table, trie = layout.srctab(tables, fam, shape.nodes(fam), slots)
         _write_srctab(maps["srctab"], table, fam, gen, shape)
-        keys, vals = layout.lpm_entries(maps, trie, gen, fam)
-        try:
-            _lpm_update(maps["lpm4" if fam == 4 else "lpm6"], keys, vals)
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.E2BIG):
-                raise LoadError(f"IPv{fam} classifier trie is full") from None
-            raise
+        _put_trie(maps, fam, gen, trie)
     keys, vals = layout.vec_entries(maps, tables, gen, shape.vec_per_gen, slots)
     maps["vecs"].update_batch(keys, vals)
     keys, vals = layout.port_entries(tables, gen)
@@ -192,36 +195,6 @@ def set_active(maps, gen: int) -> None:
     flags = maps["gens"].lookup(ctypes.c_uint32(gen)).flags
     word = gen | flags << C.XG_ACTIVE_FLAGS_SHIFT
     maps["active"].update(ctypes.c_uint32(0), ctypes.c_uint32(word))
-
-
-def _gen_keys(m: pins.Map, gen: int) -> list[bytes]:
-    """Trie keys of one generation (byte 4 of a key is its generation)."""
-    ks, vs = ctypes.sizeof(m.Key), ctypes.sizeof(m.Leaf)
-    try:
-        items = bpfsys.map_items_batch(m.fd, ks, vs, chunk=65536)
-        return [k for k, _v in items if k[4] == gen]
-    except OSError as e:
-        if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, _ENOTSUPP):
-            raise
-        return [k for k in bpfsys.map_keys(m.fd, ks) if k[4] == gen]
-
-
-def clear_gen(maps, gen: int) -> None:
-    """Delete the trie entries of a generation no longer active."""
-    for name in ("lpm4", "lpm6"):
-        m = maps[name]
-        doomed = _gen_keys(m, gen)
-        try:
-            m.delete_batch(b"".join(doomed)) if doomed else None
-        except OSError as e:
-            if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, _ENOTSUPP):
-                raise
-            for k in doomed:
-                bpfsys.map_delete(m.fd, k)
-
-
-def count_gen(maps, gen: int) -> tuple[int, int]:
-    return len(_gen_keys(maps["lpm4"], gen)), len(_gen_keys(maps["lpm6"], gen))
 
 
 def assign_slots(tables: Tables, previous: dict[str, int] | None) -> tuple[dict[str, int], list[int]]:
@@ -333,7 +306,7 @@ def apply(policy: Policy, tables: Tables, iface: str, netns: str | None = None,
         slots, fresh = assign_slots(tables, record["slots"] if record else None)
         if ours:
             shape = Shape(**record["shape"])
-            if shape.fits(tables, record["lpm"]["4"], record["lpm"]["6"], slots):
+            if shape.fits(tables):
                 return _reapply_in_place(policy, tables, directory, record, slots, fresh, log)
         return _load_and_attach(policy, tables, netns, iface, ifindex, directory, record,
                                 q, ours, slots, fresh, mode, log)
@@ -358,8 +331,8 @@ def _reapply_in_place(policy, tables, directory, record, slots, fresh, log) -> d
         old = read_active(maps)
         new = 1 - old
         # The inactive generation holds the policy before the running one
-        # (kept for rollback until now) or leftovers of an interrupted apply.
-        clear_gen(maps, new)
+        # (kept for rollback until now) or leftovers of an interrupted
+        # apply: write_gen replaces all of it.
         zero_slots(maps, fresh)
         write_gen(maps, tables, new, shape, slots)
         set_active(maps, new)
@@ -400,7 +373,9 @@ def _load_and_attach(policy, tables, netns, iface, ifindex, directory, record, q
         b, fn = compile_program(shape, stage=os.getpid())
         names = shape.map_names()
         maps = bcc_maps(b, names)
-        for extra in ("droplog", "logfmt"):
+        # Not pinned by bcc: the ring buffer, its format map, and the
+        # arrays of tries (bcc pins no array of maps).
+        for extra in ("droplog", "logfmt", "lpm4", "lpm6"):
             bpfsys.obj_pin(b[extra.encode()].map_fd, str(stage / extra))
         zero_slots(maps, fresh)
         write_gen(maps, tables, 0, shape, slots)
@@ -555,10 +530,8 @@ class TestRig:
         new = 1 - self.gen if self.slots else 0
         self.slots, fresh = assign_slots(tables, self.slots)
         zero_slots(self.maps, fresh)
-        clear_gen(self.maps, new)
         write_gen(self.maps, tables, new, self.shape, self.slots)
         set_active(self.maps, new)
-        clear_gen(self.maps, 1 - new)
         self.gen = new
         self.tables = tables
         self.by_slot = {s: n for n, s in self.slots.items()}

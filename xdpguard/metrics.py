@@ -50,8 +50,17 @@ class _Collector:
             if not path.exists():
                 continue
             with bpfsys.closing_fd(bpfsys.obj_get(str(path))) as fd:
-                info_m = bpfsys.map_info(fd)
-                n = sum(1 for _ in bpfsys.map_keys(fd, info_m["key_size"]))
+                if name.startswith("lpm"):
+                    # The active generation's trie, not the array of tries.
+                    fd_t = bpfsys.inner_map_fd(fd, stats.active_gen(self.directory))
+                    if fd_t is None:
+                        continue
+                    with bpfsys.closing_fd(fd_t):
+                        info_m = bpfsys.map_info(fd_t)
+                        n = sum(1 for _ in bpfsys.map_keys(fd_t, info_m["key_size"]))
+                else:
+                    info_m = bpfsys.map_info(fd)
+                    n = sum(1 for _ in bpfsys.map_keys(fd, info_m["key_size"]))
             fill.add_metric(where + [name], n)
             cap.add_metric(where + [name], info_m["max_entries"])
         yield fill

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 from pathlib import Path
 
 from xdpguard import bpfsys, pins
@@ -58,6 +59,12 @@ def read_stats(directory: Path, record: dict | None = None) -> dict:
     }
 
 
+def active_gen(directory: Path) -> int:
+    """The generation the program reads (map `active`)."""
+    with bpfsys.closing_fd(bpfsys.obj_get(str(directory / "active"))) as fd:
+        return int.from_bytes(bpfsys.map_lookup(fd, bytes(4), 4), sys.byteorder) & 1
+
+
 def read_status(directory: Path, record: dict) -> dict:
     """Where and what xdpguard runs on one interface, with map fill."""
     from xdpguard.netns import in_netns
@@ -69,13 +76,23 @@ def read_status(directory: Path, record: dict) -> dict:
     except Exception:
         attached = False
     maps = {}
+    gen = active_gen(directory)
     for name in sorted(record["types"]):
         path = directory / name
-        if not path.exists():
+        # lpm*_inner: the tries' template, never holding an entry.
+        if not path.exists() or name.endswith("_inner"):
             continue
         fd = bpfsys.obj_get(str(path))
         try:
             info = bpfsys.map_info(fd)
+            if info["type"] == bpfsys.BPF_MAP_TYPE_ARRAY_OF_MAPS:
+                # An array of tries: report the active generation's.
+                inner = bpfsys.inner_map_fd(fd, gen)
+                if inner is None:
+                    continue
+                os.close(fd)
+                fd = inner
+                info = bpfsys.map_info(fd)
             if info["type"] in (2, 6):   # arrays: always full; report capacity only
                 entries = None
             else:
