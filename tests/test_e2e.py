@@ -14,9 +14,9 @@ import time
 import pytest
 
 try:
-    from tests.lab import CLIENT4, EXTRA4, SERVER4, SERVER6, CLIENT6, PIN_ROOT, Lab
+    from tests.lab import CLIENT4, EXTRA4, EXTRA6, SERVER4, SERVER6, CLIENT6, PIN_ROOT, Lab
 except ImportError:      # pytest put tests/ itself on sys.path
-    from lab import CLIENT4, EXTRA4, SERVER4, SERVER6, CLIENT6, PIN_ROOT, Lab
+    from lab import CLIENT4, EXTRA4, EXTRA6, SERVER4, SERVER6, CLIENT6, PIN_ROOT, Lab
 
 pytestmark = pytest.mark.e2e
 
@@ -198,6 +198,54 @@ def test_reapply_under_traffic_loses_nothing(xg):
     # Counters are kept by rule name across in-place re-apply and reload.
     assert c["stream"]["packets"] == sent["sent"] and c["stream"]["dropped_packets"] == 0
     assert c["ping"]["packets"] == 300
+
+
+def _trie_ids(lab) -> dict[int, int]:
+    """Map id of the IPv6 classifier trie in each generation's slot."""
+    from xdpguard import bpfsys
+    out = {}
+    with bpfsys.closing_fd(bpfsys.obj_get(str(PIN_ROOT / lab.server_ns / lab.server_if / "lpm6"))) as fd:
+        for gen in (0, 1):
+            inner = bpfsys.inner_map_fd(fd, gen)
+            if inner is not None:
+                with bpfsys.closing_fd(inner):
+                    out[gen] = bpfsys.map_info(inner)["id"]
+    return out
+
+
+def test_reapply_swaps_whole_tries(xg):
+    """A re-apply puts new tries, of the policy's own size, in the inactive
+    generation: 3,000 more trie entries go in place (the tries are no part
+    of the program's shape), a trie is never reused, and rollback flips
+    back to the previous trie whole."""
+    lab = xg
+    banned = EXTRA6[0]
+    hosts = [f"fd00:200::{0x1000 + j:x}" for j in range(3000)] + [banned]
+    small = lab.write_policy("tries-small", policy("tries-small", rule("deny-doc", "deny", src="2001:db8::/32")))
+    big = lab.write_policy("tries-big", policy(
+        "tries-big", rule("deny-many", "deny", src=hosts)))   # /128s: past the source table, in the trie
+    first = lab.apply(small)
+    assert ping(lab, banned, SERVER6, count=3) == (3, 3)
+    ids0 = _trie_ids(lab)
+    assert list(ids0) == [0]
+
+    assert lab.apply(big)["prog_id"] == first["prog_id"], "a bigger trie forced a reload"
+    assert ping(lab, banned, SERVER6, count=3) == (3, 0)
+    assert ping(lab, CLIENT6, SERVER6, count=3) == (3, 3)
+    ids1 = _trie_ids(lab)
+    assert ids1[0] == ids0[0] and 1 in ids1            # the running policy's trie stays for rollback
+    lpm6 = lab.status()[0]["maps"]["lpm6"]
+    assert lpm6["entries"] >= 3001 and lpm6["capacity"] >= lpm6["entries"]
+
+    assert lab.apply(small)["prog_id"] == first["prog_id"]
+    ids2 = _trie_ids(lab)
+    assert ids2[1] == ids1[1] and ids2[0] not in (ids0[0], ids1[1]), "a trie was written over, not replaced"
+    assert ping(lab, banned, SERVER6, count=3) == (3, 3)
+
+    lab.xdpguard("rollback", *lab._where("server"))
+    assert _trie_ids(lab) == ids2
+    assert ping(lab, banned, SERVER6, count=3) == (3, 0)
+    assert lab.status()[0]["maps"]["lpm6"]["entries"] == lpm6["entries"]
 
 
 # ---------------------------------------------------------------- detach
