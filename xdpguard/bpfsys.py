@@ -750,11 +750,12 @@ def map_lookup_batch(
     )
 
 
-def map_items_batch(
+def map_dump_batch(
     fd: int, key_size: int, value_size: int, chunk: int = 256
-) -> list[tuple[bytes, bytes]]:
-    """All (key, value) pairs with lookup_batch, growing chunk on ENOSPC."""
-    items: list[tuple[bytes, bytes]] = []
+) -> tuple[bytes, bytes, int]:
+    """Every key and value with lookup_batch, growing chunk on ENOSPC:
+    (keys, values, n), each buffer the n entries back to back."""
+    keys_out, values_out, total = [], [], 0
     token = None
     while True:
         try:
@@ -764,12 +765,20 @@ def map_items_batch(
                 chunk *= 2
                 continue
             raise
-        items.extend(
-            (keys[i * key_size : (i + 1) * key_size], values[i * value_size : (i + 1) * value_size])
-            for i in range(n)
-        )
+        keys_out.append(keys)
+        values_out.append(values)
+        total += n
         if token is None:
-            return items
+            return b"".join(keys_out), b"".join(values_out), total
+
+
+def map_items_batch(
+    fd: int, key_size: int, value_size: int, chunk: int = 256
+) -> list[tuple[bytes, bytes]]:
+    """All (key, value) pairs with lookup_batch, growing chunk on ENOSPC."""
+    keys, values, n = map_dump_batch(fd, key_size, value_size, chunk)
+    return [(keys[i * key_size : (i + 1) * key_size], values[i * value_size : (i + 1) * value_size])
+            for i in range(n)]
 
 
 # ---- per-CPU values --------------------------------------------------------

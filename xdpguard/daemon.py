@@ -15,6 +15,7 @@ import ctypes
 import ipaddress
 import json
 import signal
+import socket
 import sys
 import threading
 import time
@@ -32,16 +33,23 @@ METRICS = (("syn_rate", C.XG_BAN_SYN_RATE), ("conn_rate", C.XG_BAN_CONN_RATE),
 # ---------------------------------------------------------------- sampling
 
 def _src_prefix(family: int, raw: bytes, plen: int) -> str:
-    addr = ipaddress.ip_address(raw[:4] if family == 4 else raw[:16])
+    if family == 4:
+        # Once per new source, so up to 10,000 a second in a spoofed
+        # flood: inet_ntop is 30 times cheaper than ipaddress, and its
+        # IPv4 text is the same.
+        v = int.from_bytes(raw[:4], "big") >> (32 - plen) << (32 - plen) if plen else 0
+        return f"{socket.inet_ntop(socket.AF_INET, v.to_bytes(4, 'big'))}/{plen}"
+    addr = ipaddress.ip_address(raw[:16])
     return str(ipaddress.ip_network((addr, plen), strict=False))
 
 
 class Sampler:
     """Per-source rates from the XDP `srcstat` map and the probes."""
 
-    def __init__(self, directory: Path, record: dict, probes=None):
+    def __init__(self, directory: Path | None, record: dict, probes=None, srcstat=None):
+        """srcstat: the map itself (a test rig's) instead of the pin."""
         self.record = record
-        self.srcstat = pins.open_map(directory, "srcstat", record)
+        self.srcstat = srcstat or pins.open_map(directory, "srcstat", record)
         self.probes = probes
         self.p4 = record["mitigation"]["prefix4"]
         self.p6 = record["mitigation"]["prefix6"]
@@ -59,23 +67,26 @@ class Sampler:
         ks, vs = ctypes.sizeof(m.Key), ctypes.sizeof(m.Leaf)
         pvs = bpfsys.percpu_value_size(vs)
         try:
-            items = bpfsys.map_items_batch(m.fd, ks, pvs, chunk=4096)
+            keys, values, n = bpfsys.map_dump_batch(m.fd, ks, pvs, chunk=4096)
         except OSError:
             items = [(k, bpfsys.map_lookup(m.fd, k, pvs)) for k in bpfsys.map_keys(m.fd, ks)]
-        # struct xg_srcstat is all u64 counters: sum a flat u64 view per key,
-        # field i of CPU c at index c * nfields + i (10,000 sources a second).
-        names = [f[0] for f in m.Leaf._fields_]
+            items = [(k, v) for k, v in items if v is not None]
+            keys, values, n = b"".join(k for k, _ in items), b"".join(v for _, v in items), len(items)
+        # struct xg_srcstat is all u64 counters. The values are n x ncpu
+        # copies of nf u64 back to back: field i of CPU c of entry j is at
+        # (j * ncpu + c) * nf + i. Sums by column slices, not per entry in
+        # Python (10,000 sources a second).
         nf = vs // 8
-        ip, ib, isy = (getattr(m.Leaf, n).offset // 8 for n in ("packets", "bytes", "syns"))
-        assert nf * 8 == vs and len(names) == nf
-        stride = ((vs + 7) & ~7) // 8
-        out = {}
-        for k, v in items:
-            if v is None:
-                continue
-            q = memoryview(v).cast("Q")
-            out[k] = (sum(q[ip::stride]), sum(q[ib::stride]), sum(q[isy::stride]))
-        return out
+        assert nf * 8 == vs and len(m.Leaf._fields_) == nf
+        ncpu = pvs // vs
+        q = memoryview(values).cast("Q")
+
+        def column(i: int):
+            per_cpu = [q[c * nf + i::ncpu * nf] for c in range(ncpu)]
+            return per_cpu[0].tolist() if ncpu == 1 else map(sum, zip(*per_cpu))
+
+        cols = [column(getattr(m.Leaf, f).offset // 8) for f in ("packets", "bytes", "syns")]
+        return dict(zip([keys[j * ks:(j + 1) * ks] for j in range(n)], zip(*cols)))
 
     def _prefix(self, k: bytes) -> str:
         p = self._names.get(k)
@@ -98,14 +109,25 @@ class Sampler:
         sources: dict[str, dict] = {}
         dests: dict[str, dict] = {}
         if dt is not None:
+            # The loop below runs once per tracked source (10,000 a second):
+            # one dict per source, made whole, no call per source.
+            prev, zero, names, inv = self.prev_xdp, (0, 0, 0), self._names, 1.0 / dt
             for k, (pk, by, sy) in xdp.items():
-                p = self.prev_xdp.get(k, (0, 0, 0))
+                p = prev.get(k, zero)
                 if pk < p[0]:
-                    p = (0, 0, 0)     # evicted and re-created: count from zero
-                s = sources.setdefault(self._prefix(k), _zero())
-                s["pps"] += (pk - p[0]) / dt
-                s["bps"] += (by - p[1]) / dt
-                s["xdp_syn_rate"] += (sy - p[2]) / dt
+                    p = zero          # evicted and re-created: count from zero
+                name = names.get(k) or self._prefix(k)
+                pps, bps, syn = (pk - p[0]) * inv, (by - p[1]) * inv, (sy - p[2]) * inv
+                s = sources.get(name)
+                if s is None:
+                    # syn_rate: the XDP view until the probes' is known.
+                    sources[name] = {"pps": pps, "bps": bps, "xdp_syn_rate": syn, "probe_syn_rate": 0.0,
+                                     "syn_rate": syn, "conn_rate": 0.0, "synack_retrans": 0.0, "resets": 0.0}
+                else:                 # several addresses in one prefix
+                    s["pps"] += pps
+                    s["bps"] += bps
+                    s["xdp_syn_rate"] += syn
+                    s["syn_rate"] += syn
             if probe is not None and self.prev_probe is not None:
                 r = self.probes.rates(self.prev_probe, probe, dt)
                 for key, c in r["sources"].items():
@@ -114,13 +136,12 @@ class Sampler:
                     s["conn_rate"] += c["handshakes"]
                     s["synack_retrans"] += c["synack_retrans"]
                     s["resets"] += c["resets"]
+                    # SYNs at XDP include those a listener never sees
+                    # (dropped, banned, to closed ports): the larger view wins.
+                    s["syn_rate"] = max(s["xdp_syn_rate"], s["probe_syn_rate"])
                 for key, c in r["dests"].items():
                     dests[key] = {"syn_rate": c["syns"], "conn_rate": c["handshakes"],
                                   "synack_retrans": c["synack_retrans"], "resets": c["resets"]}
-            for s in sources.values():
-                # SYNs at XDP include those a listener never sees (dropped,
-                # banned, to closed ports): the larger view wins.
-                s["syn_rate"] = max(s["xdp_syn_rate"], s["probe_syn_rate"])
             self._clear_idle(xdp)
         self.prev_xdp, self.prev_probe, self.prev_t = xdp, probe, now
         if self.probes is not None and probe is not None:
@@ -214,10 +235,11 @@ class Mitigator:
     def evaluate(self, now: float, dt: float, sources: dict[str, dict], active: set[str]) -> list[Decision]:
         out = []
         seen = set()
+        thresholds = self.thresholds()
         for prefix, rates in sources.items():
             if prefix in active:
                 continue
-            for name, code, thr in self.thresholds():
+            for name, code, thr in thresholds:
                 if rates.get(name, 0.0) <= thr:
                     continue
                 key = (prefix, name)
