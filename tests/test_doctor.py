@@ -70,9 +70,9 @@ def test_doctor_json_here():
         if c["status"] == "fail":
             assert c["fix"]
     for name in ("bpf_syscall", "bpf_jit", "btf", "bpffs", "kernel_headers", "bcc",
-                 "map_lpm_trie", "map_lru_hash", "kprobes", "tracepoints", "memlock"):
+                 "map_lpm_trie", "map_lru_hash", "map_of_tries", "kprobes", "tracepoints", "memlock"):
         assert name in checks, name
-    for name in ("bpf_syscall", "bpffs", "kernel_headers", "bcc", "map_lpm_trie", "map_lru_hash"):
+    for name in ("bpf_syscall", "bpffs", "kernel_headers", "bcc", "map_lpm_trie", "map_lru_hash", "map_of_tries"):
         assert checks[name]["status"] == "ok", checks[name]
     # No interface given: no interface is touched or reported.
     assert "xdp_native" not in checks and "xdp_foreign" not in checks

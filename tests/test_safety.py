@@ -166,3 +166,37 @@ def test_refuses_foreign_xdp_program(lab):
         assert "another XDP program is attached" in cp.stderr and "--force" in cp.stderr
     finally:
         lab.run("server", ["xdp-filter", "unload", lab.server_if])
+
+
+def test_failed_reapply_keeps_the_running_policy_and_refuses_rollback(lab, monkeypatch):
+    """A re-apply that fails while writing the inactive generation (here:
+    no memory for a trie) changes nothing that runs; that generation was
+    the rollback target and is half written, so rollback refuses."""
+    import errno
+
+    from xdpguard import loader
+    from xdpguard.compiler import compile_policy
+    from xdpguard.policy import load
+    lab.detach(check=False)
+    pol = {n: lab.write_policy(n, ALLOW_PING.format(name=f"pol-{n}", client=CLIENT4, extra=f"{n}-only"))
+           for n in ("a", "b", "c")}
+    lab.apply(pol["a"])
+    lab.apply(pol["b"])                       # in place: a stays in the other generation
+
+    def no_memory(*_args, **_kw):
+        raise OSError(errno.ENOMEM, "no memory for a trie")
+    monkeypatch.setattr(loader, "_put_trie", no_memory)
+    c = load(str(pol["c"]))
+    with pytest.raises(OSError):
+        loader.apply(c, compile_policy(c), lab.server_if, netns=lab.server_ns, log=lambda m: None)
+    monkeypatch.undo()
+
+    assert lab.status()[0]["policy"] == "pol-b"
+    assert _loss(lab.run("client", ["ping", "-q", "-c", "3", "-i", "0.05", "-W", "1", SERVER4]).stdout) == 0
+    cp = lab.xdpguard("rollback", "--iface", lab.server_if, "--netns", lab.server_ns, check=False)
+    assert cp.returncode == 2 and "no previous policy" in cp.stderr, cp.stdout + cp.stderr
+    lab.apply(pol["c"])
+    assert lab.status()[0]["policy"] == "pol-c"
+    lab.xdpguard("rollback", "--iface", lab.server_if, "--netns", lab.server_ns)
+    assert lab.status()[0]["policy"] == "pol-b"
+    lab.detach()

@@ -614,10 +614,12 @@ def xdp_query(ifindex: int) -> dict:
 
 
 def map_create(
-    map_type: int, name: str, key_size: int, value_size: int, max_entries: int, flags: int = 0
+    map_type: int, name: str, key_size: int, value_size: int, max_entries: int, flags: int = 0,
+    inner_map_fd: int = 0,
 ) -> int:
-    """Create a map; returns its fd. name: up to 15 of [A-Za-z0-9_.]."""
-    opts = _MapCreateOpts(sz=sizeof(_MapCreateOpts), map_flags=flags)
+    """Create a map; returns its fd. name: up to 15 of [A-Za-z0-9_.].
+    inner_map_fd: the template of a map of maps' inner maps."""
+    opts = _MapCreateOpts(sz=sizeof(_MapCreateOpts), map_flags=flags, inner_map_fd=inner_map_fd)
     ret = _lib().bpf_map_create(
         map_type, name.encode(), key_size, value_size, max_entries, byref(opts)
     )

@@ -229,7 +229,30 @@ def check_maps(ctx: Context) -> list[Check]:
             continue
         os.close(fd)
         out.append(Check(name, OK, f"{what} maps can be created"))
+    out.append(_check_trie_array())
     return out
+
+
+def _check_trie_array() -> Check:
+    """An array of LPM tries, with a trie of another size put in: how the
+    classifier keeps one trie per generation (loader._put_trie)."""
+    from xdpguard import bpfsys
+    fds = []
+    try:
+        fds.append(bpfsys.map_create(bpfsys.BPF_MAP_TYPE_LPM_TRIE, "xg_doctor_tmpl", 8, 4, 1,
+                                     bpfsys.BPF_F_NO_PREALLOC))
+        fds.append(bpfsys.map_create(bpfsys.BPF_MAP_TYPE_ARRAY_OF_MAPS, "xg_doctor_aom", 4, 4, 2,
+                                     inner_map_fd=fds[0]))
+        fds.append(bpfsys.map_create(bpfsys.BPF_MAP_TYPE_LPM_TRIE, "xg_doctor_lpm2", 8, 4, 64,
+                                     bpfsys.BPF_F_NO_PREALLOC))
+        bpfsys.map_update(fds[1], bytes(4), fds[2].to_bytes(4, sys.byteorder))
+    except OSError as e:
+        return Check("map_of_tries", FAIL, f"cannot make an array of LPM tries: {_err(e)}",
+                     "a kernel with maps of maps (4.12+) that lets inner tries differ in size (5.10+)")
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return Check("map_of_tries", OK, "arrays of LPM tries (one classifier trie per generation) work")
 
 
 # ---------------------------------------------------------------- probes

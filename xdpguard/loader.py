@@ -50,8 +50,7 @@ class Shape:
     def for_tables(cls, t: Tables, slots: dict[str, int] | None = None) -> "Shape":
         """slots: those the policy will be written with (the source table's
         entries depend on them), so that its plan is made once."""
-        # Headroom, so that most later policies fit without a recompile, and
-        # room for two generations in the tries.
+        # Headroom, so that most later policies fit without a recompile.
         # The classifier tries are no part of the shape: each generation
         # gets a new one of its own size (write_gen).
         nodes = {f: min(C.XG_DIR_MAX_NODES, _pow2(2 * layout.srctab_nodes_needed(t, f))) for f in (4, 6)}
@@ -333,8 +332,15 @@ def _reapply_in_place(policy, tables, directory, record, slots, fresh, log) -> d
         # The inactive generation holds the policy before the running one
         # (kept for rollback until now) or leftovers of an interrupted
         # apply: write_gen replaces all of it.
-        zero_slots(maps, fresh)
-        write_gen(maps, tables, new, shape, slots)
+        try:
+            zero_slots(maps, fresh)
+            write_gen(maps, tables, new, shape, slots)
+        except BaseException:
+            # The running policy is untouched, but its rollback target is
+            # half overwritten: rollback must refuse, not flip to it.
+            if (record.get("previous") or {}).get("kind") == "gen":
+                pins.update_record(directory, {k: v for k, v in record.items() if k != "previous"})
+            raise
         set_active(maps, new)
         rec = _record(policy, tables, record["netns"], record["iface"], record["ifindex"], shape,
                       slots, record["types"], record["mode"], record["prog_id"])
