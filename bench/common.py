@@ -294,6 +294,17 @@ def cpu_times() -> list[tuple[int, int]]:
     return out
 
 
+def steal_times() -> list[tuple[int, int]]:
+    """Per CPU (steal, total) jiffies from /proc/stat: time the hypervisor
+    ran something else on this VM's virtual CPU."""
+    out = []
+    for ln in Path("/proc/stat").read_text().splitlines():
+        if ln.startswith("cpu") and ln[3:4].isdigit():
+            v = [int(x) for x in ln.split()[1:]]
+            out.append((v[7] if len(v) > 7 else 0, sum(v[:8])))
+    return out
+
+
 def cpu_busy(before, after) -> list[float]:
     """Busy share (0..1) per CPU between two cpu_times() samples."""
     out = []

@@ -21,7 +21,7 @@ import json
 import time
 
 from bench.common import (NCPU, Lab, cpu_busy, cpu_times, ensure_sigusr1, ethtool_stats, log, nsrun,
-                          pinned_thread, run_bounded, schedstat, set_threaded_napi, snmp)
+                          pinned_thread, run_bounded, schedstat, set_threaded_napi, snmp, steal_times)
 from xdpguard import bpfsys, packet
 from xdpguard.netns import in_netns
 
@@ -237,7 +237,9 @@ def measure(lab: Lab, sender: Sender, family: int, pool: int, count: int, second
         xs = [schedstat(f"/proc/{p}/schedstat") for p in napi]
         return sum(x[0] for x in xs), sum(x[1] for x in xs)
     v0, s0, d0, c0, n0 = veth_counts(lab), stack_counts(lab), dropped_fn(), cpu_times(), napi_sched()
+    st0 = steal_times()
     res = sender.send(lab, family, pool, count, seconds, rate=rate)
+    st1 = steal_times()
     time.sleep(settle)   # let the receiver drain its ring
     c1, n1, v1, s1, d1 = cpu_times(), napi_sched(), veth_counts(lab), stack_counts(lab), dropped_fn()
     dv, ds = delta(v1, v0), delta(s1, s0)
@@ -256,6 +258,9 @@ def measure(lab: Lab, sender: Sender, family: int, pool: int, count: int, second
         "unaccounted": sent - received - dv["xmit_err"],
         "veth": dv, "stack": {k: v for k, v in ds.items() if v},
         "cpu_busy": [round(b, 3) for b in busy],
+        # Share of each CPU the hypervisor gave to others while the flood ran.
+        "cpu_steal": [round((a1 - a0) / (t1 - t0), 3) if t1 > t0 else 0.0
+                      for (a0, t0), (a1, t1) in zip(st0, st1)],
         "sender_bound": dv["xmit_err"] == 0,
         "napi_threads": len(napi),
         # The receiver's own CPU time (its NAPI thread does all of the

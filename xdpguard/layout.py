@@ -308,7 +308,8 @@ def srctab_plan(tables, family: int, nodes: int, codes: list[int] | None = None)
     need = _levels(tables, family)
     room = [nodes - free - sum(need[:lv]) for lv in range(len(need))]
     trie_until = -1                    # last address under the newest XG_DIR_TRIE slot
-    vec_of: dict[int, int] = {}        # code -> a vector with that code
+    # code -> a vector with that code (the trie needs vectors, not codes).
+    vec_of = {} if codes is None else {c: v for v, c in enumerate(codes)}
     keep_all = family == 6
     for e in tables.lpm[family]:
         dim, value, plen, vec = e
@@ -316,7 +317,6 @@ def srctab_plan(tables, family: int, nodes: int, codes: list[int] | None = None)
             keep_all or trie.append(e)
             continue
         if codes is not None:
-            vec_of[codes[vec]] = vec
             vec = codes[vec]
         # slot: the entry of the /d holding the prefix (root entries are /16s).
         slot, d = value >> (bits - 16), 16
