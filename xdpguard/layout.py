@@ -298,6 +298,7 @@ def srctab_plan(tables, family: int, nodes: int, codes: list[int] | None = None)
     """
     from array import array
     NODE, TRIE, SRC = C.XG_DIR_NODE, C.XG_DIR_TRIE, C.XG_DIM_SRC
+    MASK = NODE - 1
     bits, depth = _BITS[family], _TABLE_BITS[family]
     table = array("I", bytes(1024 * nodes))
     trie = []
@@ -332,15 +333,16 @@ def srctab_plan(tables, family: int, nodes: int, codes: list[int] | None = None)
                     trie_until = value | ((1 << (bits - d)) - 1)
                     break
                 n, free = free, free + 1
-                for lv in range(level + 1):
+                room[0] -= 1
+                for lv in range(1, level + 1):
                     room[lv] -= 1
                 fill = fills.get(cur)
                 if fill is None:
                     fill = fills[cur] = array("I", [cur]) * 256
-                table[256 * n:256 * n + 256] = fill
+                table[n << 8:(n + 1) << 8] = fill
                 table[slot] = cur = NODE | n
             d += 8
-            slot = 256 * (cur & (NODE - 1)) + ((value >> (bits - d)) & 255)
+            slot = (cur & MASK) << 8 | (value >> (bits - d)) & 255
         else:
             width = 1 << (d - plen)
             if width == 1:
