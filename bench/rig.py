@@ -39,8 +39,8 @@ class BenchRig(loader.TestRig):
         self.compile_s = time.monotonic() - t0
         self.maps = loader.bcc_maps(self.b, self.shape.map_names(test=test))
         t0 = time.monotonic()
-        # First fill: generation 0 of empty maps, nothing to clear (TestRig.load
-        # would walk every key of the tries with get_next_key to clear gen 1).
+        # First fill: generation 0 of empty maps (what TestRig.load does,
+        # with this rig's own program).
         self.slots, fresh = loader.assign_slots(tables, None)
         loader.zero_slots(self.maps, fresh)
         loader.write_gen(self.maps, tables, 0, self.shape, self.slots)
