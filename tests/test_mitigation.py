@@ -259,3 +259,25 @@ def test_ban_refuses_own_and_allowlisted(lab, tmp_path):
     allowed = lab.xdpguard("ban", ALLOWED_FLOODER, "--iface", lab.server_if, "--netns", lab.server_ns, check=False)
     assert allowed.returncode == 2 and "allowlisted" in allowed.stderr
     assert "Traceback" not in own.stderr + allowed.stderr
+
+
+def test_top_shows_the_flooder(lab):
+    """`top --once --json` during a SYN flood (no watch running): the
+    flooder leads by packets and by SYNs, at about the rate it sends."""
+    lab.detach(check=False)
+    lab.apply(_policy(lab, "top"))
+    flood = _syn_flood(lab, SYN_FLOODER, pps=500, seconds=6)
+    try:
+        time.sleep(1.0)
+        cp = lab.xdpguard("top", "--iface", lab.server_if, "--netns", lab.server_ns,
+                          "--once", "--json", "--interval", "2")
+    finally:
+        lab.stop(flood)
+        lab.detach(check=False)
+    view = json.loads(cp.stdout)
+    assert view["mitigation"] is True
+    lead = view["top_pps"][0]
+    assert lead["source"] == f"{SYN_FLOODER}/32", view["top_pps"]
+    assert 300 <= lead["pps"] <= 700, lead
+    assert view["top_syn_rate"][0]["source"] == f"{SYN_FLOODER}/32"
+    assert any(r["rule"] == "web" and r["pps"] > 0 for r in view["rules"])
