@@ -47,9 +47,8 @@ class Shape:
         return self.dir4_nodes if family == 4 else self.dir6_nodes
 
     @classmethod
-    def for_tables(cls, t: Tables, slots: dict[str, int] | None = None) -> "Shape":
-        """slots: those the policy will be written with (the source table's
-        entries depend on them), so that its plan is made once."""
+    def for_tables(cls, t: Tables) -> "Shape":
+        """The shape a program for these tables gets, with headroom."""
         # Headroom, so that most later policies fit without a recompile.
         # The classifier tries are no part of the shape: each generation
         # gets a new one of its own size (write_gen).
@@ -277,7 +276,7 @@ def apply(policy: Policy, tables: Tables, iface: str, netns: str | None = None,
     ifindex = ifindex_of(iface, netns)
     if dry_run:
         slots, _ = assign_slots(tables, None)
-        shape = Shape.for_tables(tables, slots)
+        shape = Shape.for_tables(tables)
         b, fn = compile_program(shape)
         maps = bcc_maps(b, shape.map_names())
         write_gen(maps, tables, 0, shape, slots)
@@ -363,7 +362,7 @@ def prev_dir(directory: Path) -> Path:
 def _load_and_attach(policy, tables, netns, iface, ifindex, directory, record, q, ours,
                      slots, fresh, mode, log) -> dict:
     t0 = time.monotonic()
-    shape = Shape.for_tables(tables, slots)
+    shape = Shape.for_tables(tables)
     if record:
         shape = replace(shape, nwords=max(shape.nwords, record["shape"]["nwords"]))
     stage = pins.STAGE / str(os.getpid())

@@ -19,7 +19,7 @@ class _Collector:
         self.watch = watch
 
     def collect(self):
-        from xdpguard import bpfsys, stats
+        from xdpguard import stats
         labels = ["netns", "iface", "rule", "action"]
         where = [self.record["netns"], self.record["iface"]]
         snap = stats.read_stats(self.directory, self.record)
@@ -45,24 +45,13 @@ class _Collector:
         fill = GaugeMetricFamily("xdpguard_map_entries", "entries in hash and trie maps",
                                  labels=["netns", "iface", "map"])
         cap = GaugeMetricFamily("xdpguard_map_capacity", "capacity of maps", labels=["netns", "iface", "map"])
+        gen = stats.active_gen(self.directory)
         for name in ("ban4", "ban6", "sbuckets", "srcstat", "lpm4", "lpm6"):
-            path = self.directory / name
-            if not path.exists():
+            got = stats.map_fill(self.directory / name, gen)   # lpm*: the running trie
+            if got is None:
                 continue
-            with bpfsys.closing_fd(bpfsys.obj_get(str(path))) as fd:
-                if name.startswith("lpm"):
-                    # The active generation's trie, not the array of tries.
-                    fd_t = bpfsys.inner_map_fd(fd, stats.active_gen(self.directory))
-                    if fd_t is None:
-                        continue
-                    with bpfsys.closing_fd(fd_t):
-                        info_m = bpfsys.map_info(fd_t)
-                        n = sum(1 for _ in bpfsys.map_keys(fd_t, info_m["key_size"]))
-                else:
-                    info_m = bpfsys.map_info(fd)
-                    n = sum(1 for _ in bpfsys.map_keys(fd, info_m["key_size"]))
-            fill.add_metric(where + [name], n)
-            cap.add_metric(where + [name], info_m["max_entries"])
+            fill.add_metric(where + [name], got[0])
+            cap.add_metric(where + [name], got[1])
         yield fill
         yield cap
 

@@ -65,6 +65,29 @@ def active_gen(directory: Path) -> int:
         return int.from_bytes(bpfsys.map_lookup(fd, bytes(4), 4), sys.byteorder) & 1
 
 
+def map_fill(path: Path, gen: int) -> tuple[int | None, int] | None:
+    """(entries, capacity) of a pinned map; entries None for arrays
+    (always full). An array of tries reports generation gen's trie. None
+    when the pin or the trie is missing."""
+    if not path.exists():
+        return None
+    fd = bpfsys.obj_get(str(path))
+    try:
+        info = bpfsys.map_info(fd)
+        if info["type"] == bpfsys.BPF_MAP_TYPE_ARRAY_OF_MAPS:
+            inner = bpfsys.inner_map_fd(fd, gen)
+            if inner is None:
+                return None
+            os.close(fd)
+            fd = inner
+            info = bpfsys.map_info(fd)
+        if info["type"] in (2, 6):   # arrays
+            return None, info["max_entries"]
+        return sum(1 for _ in bpfsys.map_keys(fd, info["key_size"])), info["max_entries"]
+    finally:
+        os.close(fd)
+
+
 def read_status(directory: Path, record: dict) -> dict:
     """Where and what xdpguard runs on one interface, with map fill."""
     from xdpguard.netns import in_netns
@@ -78,28 +101,12 @@ def read_status(directory: Path, record: dict) -> dict:
     maps = {}
     gen = active_gen(directory)
     for name in sorted(record["types"]):
-        path = directory / name
         # lpm*_inner: the tries' template, never holding an entry.
-        if not path.exists() or name.endswith("_inner"):
+        if name.endswith("_inner"):
             continue
-        fd = bpfsys.obj_get(str(path))
-        try:
-            info = bpfsys.map_info(fd)
-            if info["type"] == bpfsys.BPF_MAP_TYPE_ARRAY_OF_MAPS:
-                # An array of tries: report the active generation's.
-                inner = bpfsys.inner_map_fd(fd, gen)
-                if inner is None:
-                    continue
-                os.close(fd)
-                fd = inner
-                info = bpfsys.map_info(fd)
-            if info["type"] in (2, 6):   # arrays: always full; report capacity only
-                entries = None
-            else:
-                entries = sum(1 for _ in bpfsys.map_keys(fd, info["key_size"]))
-        finally:
-            os.close(fd)
-        maps[name] = {"entries": entries, "capacity": info["max_entries"]}
+        fill = map_fill(directory / name, gen)
+        if fill is not None:
+            maps[name] = {"entries": fill[0], "capacity": fill[1]}
     return {
         "netns": record["netns"],
         "iface": record["iface"],
