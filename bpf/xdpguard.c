@@ -49,7 +49,8 @@ XG_MAP("array", __u32, struct xg_gen, gens, 2, 0);
 /* Classifier tries: an array of two (one per generation) per family. A
  * re-apply puts a new trie, sized for its policy, in the inactive slot
  * (xdpguard/loader.py) instead of deleting the old generation's entries
- * one by one. The *_inner maps are only the tries' template: never used. */
+ * one by one. The *_inner maps are the tries' template (and, for user
+ * space, their key and value types): never looked up themselves. */
 XG_MAP("lpm_trie", struct xg_lpm4_key, struct xg_class, lpm4_inner, 1, BPF_F_NO_PREALLOC);
 XG_MAP("lpm_trie", struct xg_lpm6_key, struct xg_class, lpm6_inner, 1, BPF_F_NO_PREALLOC);
 BPF_ARRAY_OF_MAPS(lpm4, "lpm4_inner", 2);

@@ -41,7 +41,8 @@ def _attrs(buf: bytes, off: int, end: int):
 
 
 def _dump(msg_type: int, body: bytes):
-    """(family byte of the body, header bytes, attributes) per message."""
+    """(buffer, offset of the message body, end of the message) for each
+    message of one dump request."""
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
                        socket.NETLINK_ROUTE) as s:
         s.bind((0, 0))
