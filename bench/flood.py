@@ -225,9 +225,14 @@ def _group(ctx, sender, modes, fams, pools, count, seconds, reps, result) -> Non
         for mode, (lab, rx) in rxs.items():
             measure(lab, sender, fams[0], 1, 500_000, 0.2, rx)
         for rep in range(reps):
+            # Each round starts with another mode: a mode that always ran
+            # first (after the sender switched family or pool) or last
+            # would carry whatever that position costs.
+            order = list(rxs.items())
+            order = order[rep % len(order):] + order[:rep % len(order)] if order else order
             for fam in fams:
                 for pool in pools:
-                    for mode, (lab, rx) in rxs.items():
+                    for mode, (lab, rx) in order:
                         what = f"{mode} v{fam} {pool:,} sources"
                         try:
                             rx.prepare(fam, pool)
@@ -384,7 +389,7 @@ def run(ctx) -> dict:
     rows = [[c if not isinstance(c, float) else f"{c:.2f}" for c in row] for row in rows]
     rows = [["-" if c is None else c for c in row] for row in rows]
     note = [f"Mpps: median of {reps} run(s) (limiters: {limit_reps}) of <= {count:,} frames, <= {seconds} s, "
-            "modes interleaved;",
+            "modes interleaved (order rotated each round);",
             "sender CPU 0, receiver NAPI thread CPU 1; lost and unacc. summed over the runs",
             "received = frames b's NAPI took off the ring; lost = ring full (veth xdp_xmit_errors);",
             "unaccounted = sent - received - lost; cpu = busy % of CPU 0 / CPU 1 from /proc/stat;",

@@ -15,7 +15,7 @@
 #ifndef XDPGUARD_H
 #define XDPGUARD_H
 
-#define XG_LAYOUT_VERSION 6
+#define XG_LAYOUT_VERSION 7
 
 /* Rule actions (struct xg_rule.action, default action). */
 #define XG_ACT_ALLOW 0
@@ -120,8 +120,14 @@
 #define XG_SRCSTAT_MAX 65536
 #define XG_DROPLOG_BYTES 262144
 
-/* The `active` word: bit 0 the generation, from this bit on its flags. */
+/* The `active` word (64 bits, written in one store): bit 0 the
+ * generation, from XG_ACTIVE_FLAGS_SHIFT its flags, from
+ * XG_ACTIVE_EPOCH_SHIFT a count of the writes (never 0 once a policy is
+ * active), so that a word names one fill of its generation's maps: the
+ * fast lane's last-source memory (struct xg_lastsrc) trusts an entry only
+ * under the word it was made under. */
 #define XG_ACTIVE_FLAGS_SHIFT 8
+#define XG_ACTIVE_EPOCH_SHIFT 32
 
 /* struct xg_gen.flags (also in the `active` word) */
 #define XG_GEN_HAS_DST 1     /* some rule names dst: look up the dst tries */
@@ -259,6 +265,25 @@ struct xg_srcstat {
 	__u64 packets;
 	__u64 bytes;
 	__u64 syns;
+};
+
+/* The fast lane's memory of the last source it looked up, per CPU and
+ * family (map lastsrc): a flood from one source, or a burst of frames
+ * from one, skips the source table's walk, whose loads wait on the
+ * frame's first (missing) read. Valid only while the active word is the
+ * one it was made under: a re-apply writes the table of the generation
+ * it is about to switch to, and every switch counts in the word's epoch. */
+struct xg_last {
+	__u64 word;        /* the active word (with its epoch); 0: empty */
+	__u8 addr[16];     /* IPv4: the first 4 bytes; 8-byte aligned, so
+			    * compared in two loads */
+	__u32 e;           /* the source table's entry for addr */
+	__u32 pad;
+};
+
+struct xg_lastsrc {
+	struct xg_last v4;
+	struct xg_last v6;
 };
 
 /* Which rule decided, for BPF_PROG_TEST_RUN (test builds only). */

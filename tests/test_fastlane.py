@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import ctypes
 import ipaddress
+import os
+from contextlib import contextmanager
 
 import pytest
 
@@ -330,5 +332,85 @@ def test_nd_from_a_source_that_decides():
     try:
         res = r.run(nd)
         assert res["fast"] is False and res["retval"] == XDP_PASS and res["slot"] == C.XG_SLOT_ND
+    finally:
+        r.close()
+
+
+@contextmanager
+def _one_cpu():
+    """Keep this thread (and so BPF_PROG_TEST_RUN) on one CPU: the lane's
+    last-source memory is per CPU."""
+    old = os.sched_getaffinity(0)
+    cpu = min(old)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield cpu
+    finally:
+        os.sched_setaffinity(0, old)
+
+
+def _last(r, cpu: int, family: int):
+    t = r.b[b"lastsrc"]
+    v = t[t.Key(0)][cpu]
+    return v.v4 if family == 4 else v.v6
+
+
+def _word(r) -> int:
+    return int(r.maps["active"].lookup(ctypes.c_uint32(0)).value)
+
+
+def test_lane_remembers_the_last_source(rig):
+    """Each CPU remembers the lane's last source per family, under the
+    active word; the next frame from it gets the verdict and counters the
+    table gives. A source the table leaves to the general path is
+    remembered as such and still goes there."""
+    with _one_cpu() as cpu:
+        for src, frame in ((BLOCKED, udp(BLOCKED)), (BLOCKED6, udp6(BLOCKED6))):
+            fam = ipaddress.ip_address(src).version
+            assert rig.run(frame)["fast"]
+            last = _last(rig, cpu, fam)
+            packed = ipaddress.ip_address(src).packed
+            assert bytes(last.addr)[:len(packed)] == packed
+            assert last.word == _word(rig) and last.e & C.XG_DIR_FAST and last.e & C.XG_DIR_DROP
+            before = rig.counter(rig.slots["blocklist"])
+            res = rig.run(frame, repeat=100)
+            assert (res["fast"], _got(rig, res)) == (True, ("drop", "blocklist"))
+            after = rig.counter(rig.slots["blocklist"])
+            assert after["packets"] - before["packets"] == 100
+            assert after["dropped_bytes"] - before["dropped_bytes"] == 100 * len(frame)
+        for _ in range(2):
+            res = rig.run(udp(WEB))
+            assert (res["fast"], _got(rig, res)) == (False, _expect(rig.tables, udp(WEB)))
+        assert not _last(rig, cpu, 4).e & C.XG_DIR_FAST
+
+
+def test_lane_memory_never_outlives_its_fill():
+    """A re-apply writes the table of the generation it switches to. A
+    source remembered under generation 0, then two re-applies that end on
+    generation 0 again, with the same flags and a new verdict for that
+    source: the lane looks the source up afresh, because the active
+    word's epoch moved on."""
+    require_kernel()
+    from xdpguard.loader import TestRig
+    allowed = POLICY.replace('name = "blocklist"', 'name = "blocklist-old"', 1)
+    allowed = allowed.replace('action = "deny"\n\n[[rule]]\nname = "trusted"',
+                              'action = "allow"\n\n[[rule]]\nname = "trusted"', 1)
+    r = TestRig(compile_policy(load("fastlane.toml", text=POLICY)))
+    try:
+        with _one_cpu() as cpu:
+            for frame, fam in ((udp(BLOCKED), 4), (udp6(BLOCKED6), 6)):
+                res = r.run(frame)
+                assert (res["fast"], _got(r, res)) == (True, ("drop", "blocklist"))
+            remembered = _last(r, cpu, 4).word
+            r.load(compile_policy(load("fastlane.toml", text=POLICY)))
+            r.load(compile_policy(load("fastlane-allowed.toml", text=allowed)))
+            word = _word(r)
+            assert r.gen == 0 and word & 0xFFFFFFFF == remembered & 0xFFFFFFFF
+            assert word >> C.XG_ACTIVE_EPOCH_SHIFT == (remembered >> C.XG_ACTIVE_EPOCH_SHIFT) + 2
+            # Nothing ran since: the memory still holds the old fill's entry.
+            assert _last(r, cpu, 4).word == remembered == _last(r, cpu, 6).word
+            for frame in (udp(BLOCKED), udp6(BLOCKED6)):
+                res = r.run(frame)
+                assert (res["fast"], _got(r, res)) == (True, ("pass", "blocklist-old"))
     finally:
         r.close()

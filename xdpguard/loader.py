@@ -181,18 +181,27 @@ def _write_srctab(m: pins.Map, table, family: int, gen: int, shape: Shape) -> No
         mm[1024 * first:1024 * (first + nodes)] = memoryview(table).cast("B")
 
 
-def read_active(maps) -> int:
+def _active_word(maps) -> int:
     v = maps["active"].lookup(ctypes.c_uint32(0))
-    return int(v.value if hasattr(v, "value") else v) & 1
+    return int(v.value if hasattr(v, "value") else v)
+
+
+def read_active(maps) -> int:
+    return _active_word(maps) & 1
 
 
 def set_active(maps, gen: int) -> None:
-    """Switch to a written generation. One 4-byte array write, so every
+    """Switch to a written generation. One 8-byte array write, so every
     packet sees either generation whole; it carries the generation's flags
-    (bpf/xdpguard.h: the active word), copied from its gens record."""
+    (bpf/xdpguard.h: the active word), copied from its gens record, and
+    the next epoch: a word is never written twice, so the fast lane's
+    last-source memory never outlives the fill it was read from. Callers
+    hold the pin lock (or own the maps), so the epoch has one writer."""
     flags = maps["gens"].lookup(ctypes.c_uint32(gen)).flags
-    word = gen | flags << C.XG_ACTIVE_FLAGS_SHIFT
-    maps["active"].update(ctypes.c_uint32(0), ctypes.c_uint32(word))
+    epoch = (_active_word(maps) >> C.XG_ACTIVE_EPOCH_SHIFT) + 1
+    epoch &= (1 << (64 - C.XG_ACTIVE_EPOCH_SHIFT)) - 1
+    word = gen | flags << C.XG_ACTIVE_FLAGS_SHIFT | max(epoch, 1) << C.XG_ACTIVE_EPOCH_SHIFT
+    maps["active"].update(ctypes.c_uint32(0), ctypes.c_uint64(word))
 
 
 def assign_slots(tables: Tables, previous: dict[str, int] | None) -> tuple[dict[str, int], list[int]]:
