@@ -263,6 +263,7 @@ def run(ctx) -> dict:
     # the steadier their median. Limiters keep 1 s runs: their buckets
     # need time to reach the steady state.
     count, seconds, reps = (5_000_000, 0.5, 1) if quick else (40_000_000, 0.6, 9)
+    reps = getattr(ctx, "flood_rounds", None) or reps
     limit_seconds, limit_reps = (0.5, 1) if quick else (1.0, 3)
     result: dict = {"families": list(fams), "pools": list(pools), "modes": list(modes),
                     "count": count, "seconds": seconds, "repetitions": reps, "limit_seconds": limit_seconds,

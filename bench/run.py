@@ -5,6 +5,7 @@
     .venv/bin/python bench/run.py --quick    # < 2 minutes (make bench-quick)
     .venv/bin/python bench/run.py --sections percpu,control --json-out /tmp/x.json
     .venv/bin/python bench/run.py --sections flood --flood-modes xdp-drop,xdpguard-native
+    .venv/bin/python bench/run.py --sections flood --flood-modes xdp-drop,xdp-read-drop,xdpguard-native --flood-rounds 21
 
 Sections: percpu (BPF_PROG_TEST_RUN cost per packet), flood (live-frame
 floods through a veth pair), limiter (accuracy of rate limits), control
@@ -39,10 +40,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 class Context:
-    def __init__(self, quick: bool, workdir: Path, flood_modes: tuple[str, ...] | None = None):
+    def __init__(self, quick: bool, workdir: Path, flood_modes: tuple[str, ...] | None = None,
+                 flood_rounds: int | None = None):
         from bench import policies
         self.quick = quick
         self.flood_modes = flood_modes
+        self.flood_rounds = flood_rounds
         self.workdir = workdir
         self.material = policies.material()
         self.sizes: dict = {}
@@ -142,6 +145,9 @@ def main(argv=None) -> int:
     ap.add_argument("--flood-modes", default=None,
                     help="comma-separated receiver modes of the flood section (default: all; "
                          "bench/flood.py lists them)")
+    ap.add_argument("--flood-rounds", type=int, default=None, metavar="N",
+                    help="rounds of the flood section's drop modes (default 9, --quick 1): more "
+                         "rounds steady the medians on a host whose speed drifts")
     args = ap.parse_args(argv)
 
     if os.geteuid() != 0:
@@ -165,6 +171,10 @@ def main(argv=None) -> int:
                   f"(expected {', '.join(MODES_FULL)})", file=sys.stderr)
             return 2
 
+    if args.flood_rounds is not None and not 1 <= args.flood_rounds <= 99:
+        print("bench: --flood-rounds must be 1 to 99", file=sys.stderr)
+        return 2
+
     common.install_signal_handlers()
     t_start = time.monotonic()
     res: dict = {
@@ -178,7 +188,7 @@ def main(argv=None) -> int:
     ctx = None
     rc = 0
     try:
-        ctx = Context(args.quick, workdir, flood_modes)
+        ctx = Context(args.quick, workdir, flood_modes, args.flood_rounds)
         res["meta"]["test_addresses"] = vars(ctx.material.addrs)
         for s in sections:
             t0 = time.monotonic()
