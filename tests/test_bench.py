@@ -147,6 +147,33 @@ def test_run_refuses_an_unknown_flood_mode():
     assert r.returncode == 2 and "unknown flood mode 'warp-drive'" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_run_refuses_a_bad_round_count():
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--sections", "flood",
+                        "--flood-rounds", "0"],
+                       capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert r.returncode == 2 and "--flood-rounds must be 1 to 99" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_flood_rounds_sets_the_rounds(tmp_path, blocklists_dir):
+    """--flood-rounds 3: three runs of every mode, family and pool, each
+    round starting with another mode."""
+    out = tmp_path / "rounds.json"
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--sections", "flood",
+                        "--flood-modes", "xdp-drop,xdp-read-drop", "--flood-rounds", "3", "--json-out", str(out)],
+                       capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    fl = json.loads(out.read_text())["flood"]
+    assert fl["repetitions"] == 3
+    runs = fl["runs"]
+    for fam in fl["families"]:
+        for pool in fl["pools"]:
+            for mode in ("xdp-drop", "xdp-read-drop"):
+                got = sorted(x["rep"] for x in runs if (x["mode"], x["family"], x["pool"]) == (mode, fam, pool))
+                assert got == [0, 1, 2], (mode, fam, pool, got)
+    first = [next(x["mode"] for x in runs if x["rep"] == rep) for rep in range(3)]
+    assert first == ["xdp-drop", "xdp-read-drop", "xdp-drop"]
+
+
 def test_analysis_finds_every_stage_in_the_program():
     """bench/analysis.py cuts bpf/xdpguard.c at fixed lines; a stage whose
     line moved is silently "n/a" in a full run, so a change to the program
