@@ -79,11 +79,11 @@ def lab(tmp_path_factory):
 class Watcher:
     """`xdpguard watch --json` in the background, its lines collected."""
 
-    def __init__(self, lab: Lab, policy, state_dir, interval="0.5s"):
+    def __init__(self, lab: Lab, policy, state_dir, interval="0.5s", extra=()):
         env = dict(os.environ, XDPGUARD_STATE_DIR=str(state_dir))
         self.p = subprocess.Popen(
             [*lab.xg, "watch", str(policy), "--iface", lab.server_if, "--netns", lab.server_ns,
-             "--interval", interval, "--json"],
+             "--interval", interval, "--json", *extra],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
         self.lines: list[dict] = []
         self.err: list[str] = []
@@ -282,3 +282,62 @@ def test_top_shows_the_flooder(lab):
     assert 300 <= lead["syn_rate"] <= 700 and lead["pps"] >= lead["syn_rate"], lead
     assert view["top_syn_rate"][0]["source"] == f"{SYN_FLOODER}/32"
     assert any(r["rule"] == "web" and r["pps"] > 0 for r in view["rules"])
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _scrape(port: int) -> dict:
+    """{(name, frozenset(labels)): value} of every sample the exporter serves."""
+    import urllib.request
+    from prometheus_client.parser import text_string_to_metric_families
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return {(smp.name, frozenset(smp.labels.items())): smp.value
+            for fam in text_string_to_metric_families(text) for smp in fam.samples}
+
+
+def test_metrics_exporter(lab, tmp_path):
+    """`watch --metrics`: per-rule counters, bans made and in force, packets
+    the bans dropped, the probe set, map fill and capacity (the running
+    trie for lpm4), read from the pinned maps at scrape time."""
+    from xdpguard.layout import C
+    lab.detach(check=False)
+    port = _free_port()
+    w = Watcher(lab, _policy(lab, "m-metrics"), tmp_path, extra=("--metrics", f"127.0.0.1:{port}"))
+    src = EXTRA4[5]
+    try:
+        where = {("netns", lab.server_ns), ("iface", lab.server_if)}
+        m = _scrape(port)
+        assert m[("xdpguard_bans_active", frozenset(where))] == 0
+        assert m[("xdpguard_bans_total", frozenset(where))] == 0
+        probes = [k for k in m if k[0] == "xdpguard_probes_info"]
+        assert len(probes) == 1 and dict(probes[0][1])["mode"] in ("kprobe", "tracepoint")
+        ban4 = frozenset(where | {("map", "ban4")})
+        assert m[("xdpguard_map_capacity", ban4)] == C.XG_BAN_MAX
+        assert m[("xdpguard_map_entries", ban4)] == 0
+        assert ("xdpguard_map_capacity", frozenset(where | {("map", "lpm4")})) in m
+        p = _syn_flood(lab, src, 500, 5)
+        hit = w.wait_for(lambda: w.bans(f"{src}/32"), 9)
+        time.sleep(0.5)     # frames after the ban: dropped by it
+        lab.stop(p)
+        assert hit, f"flooder not banned; watch said {w.lines} {w.err}"
+        m = _scrape(port)
+        assert m[("xdpguard_bans_active", frozenset(where))] == 1
+        assert m[("xdpguard_bans_total", frozenset(where))] == 1
+        assert m[("xdpguard_map_entries", ban4)] == 1
+        assert m[("xdpguard_banned_packets_total", frozenset(where))] > 0
+        web = frozenset(where | {("rule", "web"), ("action", "allow")})
+        assert m[("xdpguard_rule_packets_total", web)] > 0
+        assert m[("xdpguard_rule_dropped_packets_total", web)] == 0
+        # The values are the pinned maps' own: the same as `stats` prints.
+        st = json.loads(lab.xdpguard("stats", "--iface", lab.server_if, "--netns", lab.server_ns,
+                                     "--json").stdout)
+        assert st["bans"]["packets"] >= m[("xdpguard_banned_packets_total", frozenset(where))]
+    finally:
+        w.stop()
+        lab.xdpguard("unban", f"{src}/32", "--iface", lab.server_if, "--netns", lab.server_ns, check=False)
