@@ -341,3 +341,21 @@ def test_metrics_exporter(lab, tmp_path):
     finally:
         w.stop()
         lab.xdpguard("unban", f"{src}/32", "--iface", lab.server_if, "--netns", lab.server_ns, check=False)
+
+
+def test_metrics_port_taken(lab, tmp_path):
+    """A --metrics address already in use: exit status 2 and a message
+    naming it, before watch says it is watching."""
+    import socket
+    lab.detach(check=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        where = f"127.0.0.1:{s.getsockname()[1]}"
+        cp = subprocess.run([*lab.xg, "watch", str(_policy(lab, "m-port")), "--iface", lab.server_if,
+                             "--netns", lab.server_ns, "--metrics", where],
+                            capture_output=True, text=True, timeout=120, cwd=REPO,
+                            env=dict(os.environ, XDPGUARD_STATE_DIR=str(tmp_path)))
+    assert cp.returncode == 2, cp.stderr
+    assert f"--metrics {where}: Address already in use" in cp.stderr
+    assert "Traceback" not in cp.stderr and "watching" not in cp.stderr

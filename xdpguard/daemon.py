@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from xdpguard import bans, bpfsys, pins
+from xdpguard.errors import UsageError
 from xdpguard.layout import C
 from xdpguard.policy import Policy
 
@@ -312,11 +313,23 @@ class Watch:
         self.probe_mode = probes.mode if probes else "none"
         record["probes"] = self.probe_mode
         pins.update_record(directory, record)
-        self.note(f"watching {record['netns']}/{self.iface} every {self.interval:g}s; "
-                  f"probes: {self.probe_mode}; {len(state['offenders'])} known offenders")
         sampler = Sampler(directory, record, probes)
         banmaps = bans.BanMaps(directory, record)
-        server = self._metrics(metrics, directory, record, banmaps) if metrics else None
+        server = None
+        if metrics:
+            # Serving before "watching" is said: whoever waits for that line
+            # (a supervisor, a test) can scrape at once.
+            try:
+                server = self._metrics(metrics, directory, record, banmaps)
+            except OSError as e:
+                banmaps.close()
+                sampler.close()
+                if probes:
+                    probes.close()
+                raise UsageError(f"--metrics {metrics}: {e.strerror or e}") from None
+        self.note(f"watching {record['netns']}/{self.iface} every {self.interval:g}s; "
+                  f"probes: {self.probe_mode}; {len(state['offenders'])} known offenders"
+                  + (f"; metrics on http://{metrics}/metrics" if server else ""))
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: self.stop.set())
         try:
