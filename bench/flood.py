@@ -229,7 +229,8 @@ def _group(ctx, sender, modes, fams, pools, count, seconds, reps, result) -> Non
             # first (after the sender switched family or pool) or last
             # would carry whatever that position costs.
             order = list(rxs.items())
-            order = order[rep % len(order):] + order[:rep % len(order)] if order else order
+            k = rep % max(len(order), 1)
+            order = order[k:] + order[:k]
             for fam in fams:
                 for pool in pools:
                     for mode, (lab, rx) in order:

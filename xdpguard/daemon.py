@@ -316,23 +316,19 @@ class Watch:
         sampler = Sampler(directory, record, probes)
         banmaps = bans.BanMaps(directory, record)
         server = None
-        if metrics:
-            # Serving before "watching" is said: whoever waits for that line
-            # (a supervisor, a test) can scrape at once.
-            try:
-                server = self._metrics(metrics, directory, record, banmaps)
-            except OSError as e:
-                banmaps.close()
-                sampler.close()
-                if probes:
-                    probes.close()
-                raise UsageError(f"--metrics {metrics}: {e.strerror or e}") from None
-        self.note(f"watching {record['netns']}/{self.iface} every {self.interval:g}s; "
-                  f"probes: {self.probe_mode}; {len(state['offenders'])} known offenders"
-                  + (f"; metrics on http://{metrics}/metrics" if server else ""))
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: self.stop.set())
         try:
+            if metrics:
+                # Serving before "watching" is said: whoever waits for that
+                # line (a supervisor, a test) can scrape at once.
+                try:
+                    server = self._metrics(metrics, directory, record, banmaps)
+                except OSError as e:
+                    raise UsageError(f"--metrics {metrics}: {e.strerror or e}") from None
+            self.note(f"watching {record['netns']}/{self.iface} every {self.interval:g}s; "
+                      f"probes: {self.probe_mode}; {len(state['offenders'])} known offenders"
+                      + (f"; metrics on http://{metrics}/metrics" if server else ""))
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda *_: self.stop.set())
             sampler.sample()
             while not self.stop.wait(self.interval):
                 self.tick(mit, sampler, banmaps, state_path)

@@ -62,7 +62,8 @@ def read_stats(directory: Path, record: dict | None = None) -> dict:
 def active_gen(directory: Path) -> int:
     """The generation the program reads (map `active`)."""
     with bpfsys.closing_fd(bpfsys.obj_get(str(directory / "active"))) as fd:
-        return int.from_bytes(bpfsys.map_lookup(fd, bytes(4), 8), sys.byteorder) & 1
+        size = bpfsys.map_info(fd)["value_size"]      # the C's, never restated here
+        return int.from_bytes(bpfsys.map_lookup(fd, bytes(4), size), sys.byteorder) & 1
 
 
 def map_fill(path: Path, gen: int) -> tuple[int | None, int] | None:
