@@ -260,6 +260,7 @@ _PROTOTYPES = {
     "bpf_xdp_query": (c_int, [c_int, c_int, c_void_p]),
     "bpf_prog_get_fd_by_id": (c_int, [c_uint32]),
     "bpf_map_get_fd_by_id": (c_int, [c_uint32]),
+    "bpf_btf_get_fd_by_id": (c_int, [c_uint32]),
     "bpf_obj_get_info_by_fd": (c_int, [c_int, c_void_p, POINTER(c_uint32)]),
     "bpf_map_lookup_elem": (c_int, [c_int, c_void_p, c_void_p]),
     "bpf_map_update_elem": (c_int, [c_int, c_void_p, c_void_p, c_uint64]),
@@ -615,11 +616,14 @@ def xdp_query(ifindex: int) -> dict:
 
 def map_create(
     map_type: int, name: str, key_size: int, value_size: int, max_entries: int, flags: int = 0,
-    inner_map_fd: int = 0,
+    inner_map_fd: int = 0, btf: tuple[int, int, int] | None = None,
 ) -> int:
     """Create a map; returns its fd. name: up to 15 of [A-Za-z0-9_.].
-    inner_map_fd: the template of a map of maps' inner maps."""
+    inner_map_fd: the template of a map of maps' inner maps; btf: (btf fd,
+    key type id, value type id) to describe key and value."""
     opts = _MapCreateOpts(sz=sizeof(_MapCreateOpts), map_flags=flags, inner_map_fd=inner_map_fd)
+    if btf is not None:
+        opts.btf_fd, opts.btf_key_type_id, opts.btf_value_type_id = btf
     ret = _lib().bpf_map_create(
         map_type, name.encode(), key_size, value_size, max_entries, byref(opts)
     )
@@ -628,6 +632,26 @@ def map_create(
         f"bpf_map_create(type {map_type}, {name!r}, key {key_size}, value {value_size}, "
         f"max {max_entries}, flags {flags:#x})",
     )
+
+
+def map_create_like(template_fd: int, name: str, max_entries: int) -> int:
+    """A new map shaped as an inner-map template: same type, key, value,
+    flags and BTF, its own size. Inner maps must carry the template's BTF:
+    kernels before 6.2 compare the spin-lock and timer offsets that BTF
+    sets (-ENOENT with BTF, -EINVAL without), so a trie without BTF is
+    refused (EINVAL) in a template bcc made with BTF."""
+    info = _MapInfo()
+    _info(template_fd, info, f"map_info(fd {template_fd})")
+    btf_fd = None
+    try:
+        if info.btf_id:
+            btf_fd = _check(_lib().bpf_btf_get_fd_by_id(info.btf_id),
+                            f"bpf_btf_get_fd_by_id({info.btf_id})")
+        btf = (btf_fd, info.btf_key_type_id, info.btf_value_type_id) if btf_fd else None
+        return map_create(info.type, name, info.key_size, info.value_size, max_entries,
+                          info.map_flags, btf=btf)
+    finally:
+        close_fd(btf_fd)
 
 
 def inner_map_fd(outer_fd: int, index: int) -> int | None:

@@ -142,10 +142,9 @@ def _put_trie(maps: dict, family: int, gen: int, entries: list) -> None:
     tmpl = maps[f"lpm{family}_inner"]
     ks, vs = ctypes.sizeof(tmpl.Key), ctypes.sizeof(tmpl.Leaf)
     keys, vals = layout.lpm_entries(tmpl, entries, family)
-    # Flags must be the template's; the size may differ (LPM tries are not
-    # inlined into the program like arrays).
-    fd = bpfsys.map_create(bpfsys.BPF_MAP_TYPE_LPM_TRIE, f"xg_lpm{family}_g{gen}", ks, vs,
-                           max(1, len(entries)), bpfsys.BPF_F_NO_PREALLOC)
+    # Type, flags and BTF must be the template's; the size may differ (LPM
+    # tries are not inlined into the program like arrays).
+    fd = bpfsys.map_create_like(tmpl.fd, f"xg_lpm{family}_g{gen}", max(1, len(entries)))
     try:
         _lpm_update(fd, ks, vs, keys, vals)
         bpfsys.map_update(maps[f"lpm{family}"].fd, bytes(ctypes.c_uint32(gen)), bytes(ctypes.c_uint32(fd)))
