@@ -159,7 +159,10 @@ def _frame(desc, frame):
     if desc.endswith("with IP options"):
         from scapy.layers.inet import IP, UDP, IPOption_NOP
         from scapy.layers.l2 import Ether
-        return bytes(Ether() / IP(src=BLOCKED, dst=DST, options=[IPOption_NOP()] * 4) / UDP(dport=5000))
+        # Both MACs explicit: without them scapy resolves one through the
+        # default route, touching the machine's own interface.
+        eth = Ether(src=packet._MAC_SRC.hex(":"), dst=packet._MAC_DST.hex(":"))
+        return bytes(eth / IP(src=BLOCKED, dst=DST, options=[IPOption_NOP()] * 4) / UDP(dport=5000))
     if desc.endswith("header cut short"):
         return tcp(BLOCKED)[:14 + 20 + 12]
     return frame
