@@ -1,10 +1,19 @@
 """Shared fixtures. Kernel tests need root, bcc and bpffs: they skip on a
 developer machine without them, and FAIL in CI (CI=true), where a skipped
-kernel test would hide a broken data plane."""
+kernel test would hide a broken data plane. One exception: a kernel that
+explicitly refuses an optional feature skips its tests, in CI too
+(skip_refused).
+
+The session fails if the machine's own interfaces changed while it ran
+(host_ifaces, pytest_sessionfinish)."""
 from __future__ import annotations
 
+import errno
+import json
 import os
+import re
 import shutil
+import subprocess
 import tempfile
 
 import pytest
@@ -16,8 +25,127 @@ _STATE = tempfile.mkdtemp(prefix="xdpguard-test-state-")
 os.environ.setdefault("XDPGUARD_STATE_DIR", _STATE)
 
 
+# ---- the machine's own interfaces stay as they were -----------------------
+#
+# Every test works in namespaces it makes. The session records the flags and
+# promiscuity of the interfaces of its own network namespace (the machine's,
+# veths aside: those are the tests' own) and fails if they differ at the
+# end, or if the kernel logged a promiscuous-mode switch of one meanwhile
+# (a switch and its undo leave no other trace).
+
+_PROMISC_LOG = re.compile(r"(\S+?):? (entered|left) promiscuous mode")
+
+
+def host_ifaces() -> dict[str, dict]:
+    """flags (sysfs) and promiscuity of every interface of this namespace
+    that is not a veth."""
+    r = subprocess.run(["ip", "-d", "-j", "link", "show"], capture_output=True, text=True, timeout=30)
+    out = {}
+    for link in json.loads(r.stdout or "[]"):
+        if (link.get("linkinfo") or {}).get("info_kind") == "veth":
+            continue
+        name = link["ifname"]
+        try:
+            with open(f"/sys/class/net/{name}/flags") as f:
+                flags = int(f.read(), 16)
+        except OSError:
+            continue        # gone while we looked
+        out[name] = {"flags": flags, "promiscuity": link.get("promiscuity")}
+    return out
+
+
+def iface_changes(before: dict[str, dict], after: dict[str, dict]) -> list[str]:
+    """What differs between two host_ifaces() snapshots, one line each."""
+    out = []
+    for name in sorted(before.keys() | after.keys()):
+        b, a = before.get(name), after.get(name)
+        if a is None:
+            out.append(f"{name}: gone")
+        elif b is None:
+            out.append(f"{name}: appeared")
+        else:
+            out += [f"{name}: {k} {b[k]:#x} -> {a[k]:#x}" if k == "flags" else f"{name}: {k} {b[k]} -> {a[k]}"
+                    for k in sorted(b) if b[k] != a.get(k)]
+    return out
+
+
+def promisc_switches(messages: list[str], names) -> list[str]:
+    """Kernel log messages that switch one of `names` into or out of
+    promiscuous mode ("<driver> <bus> eth0: entered promiscuous mode",
+    older "device eth0 entered promiscuous mode")."""
+    names = set(names)
+    return [m for m in messages if (x := _PROMISC_LOG.search(m)) and x.group(1) in names]
+
+
+def _kmsg_open() -> int | None:
+    """/dev/kmsg positioned after the last record (None if unreadable)."""
+    try:
+        fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return None
+    os.lseek(fd, 0, os.SEEK_END)
+    return fd
+
+
+def _kmsg_read(fd: int) -> list[str]:
+    """The messages logged since _kmsg_open (one read is one record)."""
+    out = []
+    while True:
+        try:
+            rec = os.read(fd, 8192)
+        except BlockingIOError:
+            return out
+        except BrokenPipeError:
+            continue        # records overwritten before we read them: go on
+        if not rec:
+            return out
+        out.append(rec.decode(errors="replace").split(";", 1)[-1].split("\n", 1)[0])
+
+
+_machine: dict = {}
+
+
+def pytest_sessionstart(session):
+    try:
+        _machine["ifaces"] = host_ifaces()
+    except (OSError, ValueError, subprocess.SubprocessError) as e:
+        _machine["unchecked"] = f"cannot list interfaces: {e}"
+    _machine["kmsg"] = _kmsg_open()
+
+
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_STATE, ignore_errors=True)
+    before, fd = _machine.get("ifaces"), _machine.pop("kmsg", None)
+    if before is None:
+        return
+    problems = iface_changes(before, host_ifaces())
+    if fd is not None:
+        try:
+            problems += [f"kernel log: {m}" for m in promisc_switches(_kmsg_read(fd), before)]
+        finally:
+            os.close(fd)
+    if problems:
+        _machine["problems"] = problems
+        if session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _machine.get("problems"):
+        terminalreporter.section("the machine's own interfaces changed during the session", red=True)
+        for p in _machine["problems"]:
+            terminalreporter.line(p, red=True)
+    elif _machine.get("unchecked"):
+        terminalreporter.line(f"interfaces not checked: {_machine['unchecked']}", yellow=True)
+
+
+def skip_refused(feature: str, err: int | None) -> None:
+    """Skip because the kernel refused an optional feature with errno `err`
+    (no-op when err is None). The one skip also taken under CI: the
+    kernel's explicit answer, which no setup of the machine changes, and a
+    skip that names it, not a hidden failure."""
+    if err is not None:
+        pytest.skip(f"kernel refuses {feature}: {errno.errorcode.get(err, err)}")
 
 
 def _kernel_unavailable() -> str | None:
