@@ -23,6 +23,7 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root for BPF"),
 ]
 
+from conftest import skip_refused  # noqa: E402
 from xdpguard import bpfsys as bs  # noqa: E402
 from xdpguard import netns as xns  # noqa: E402
 
@@ -260,7 +261,28 @@ def test_ctx_in_sets_ingress_ifindex(bpf, vethns):
         assert e.value.errno == errno.EINVAL
 
 
-def test_live_frames_xdp_tx(bpf, vethns):
+@pytest.fixture
+def live_frames():
+    """Live-frame test runs, or a skip naming the kernel's refusal."""
+    skip_refused("BPF_F_TEST_XDP_LIVE_FRAMES", bs.live_frames_refused())
+
+
+def test_live_frames_refused_returns_the_errno(monkeypatch):
+    """The probe reports the errno a refusing kernel answers with (the test
+    run is made to fail as such a kernel's does) and None when it runs."""
+    probe = bs.live_frames_refused.__wrapped__   # uncached
+    assert probe() == bs.live_frames_refused()
+    real = bs.prog_test_run
+
+    def refused(fd, data, **kw):
+        if kw.get("flags", 0) & bs.BPF_F_TEST_XDP_LIVE_FRAMES:
+            raise OSError(errno.EPERM, "bpf_prog_test_run(... flags 2) failed: Operation not permitted")
+        return real(fd, data, **kw)
+    monkeypatch.setattr(bs, "prog_test_run", refused)
+    assert probe() == errno.EPERM
+
+
+def test_live_frames_xdp_tx(bpf, vethns, live_frames):
     """XDP_TX with live frames really transmits on veth a; b's program sees them."""
     counter = bpf.b["counter"]
     counter[counter.Key(0)] = counter.Leaf(0)
@@ -287,7 +309,7 @@ def test_live_frames_xdp_tx(bpf, vethns):
     assert n // 2 <= seen <= n
 
 
-def test_live_frames_refuse_data_out(bpf, vethns):
+def test_live_frames_refuse_data_out(bpf, vethns, live_frames):
     with xns.in_netns(vethns.name):
         _guard(vethns, vethns.ia, vethns.a)
         with pytest.raises(OSError) as e:

@@ -256,6 +256,7 @@ _PROTOTYPES = {
     "bpf_obj_get": (c_int, [c_char_p]),
     "bpf_obj_pin": (c_int, [c_int, c_char_p]),
     "bpf_prog_test_run_opts": (c_int, [c_int, c_void_p]),
+    "bpf_prog_load": (c_int, [c_int, c_char_p, c_char_p, c_void_p, c_size_t, c_void_p]),
     "bpf_xdp_attach": (c_int, [c_int, c_int, c_uint32, c_void_p]),
     "bpf_xdp_query": (c_int, [c_int, c_int, c_void_p]),
     "bpf_prog_get_fd_by_id": (c_int, [c_uint32]),
@@ -536,6 +537,32 @@ def prog_test_run(
     _check(ret, what)
     out = outbuf.raw[: opts.data_size_out] if outbuf is not None else b""
     return opts.retval, opts.duration, out
+
+
+# r0 = XDP_DROP; exit (BPF_ALU64|BPF_MOV|BPF_K, BPF_JMP|BPF_EXIT).
+_DROP_INSNS = struct.pack("<BBhiBBhi", 0xB7, 0, 0, XDP_DROP, 0x95, 0, 0, 0)
+
+
+@lru_cache(maxsize=None)
+def live_frames_refused() -> int | None:
+    """None when the kernel runs BPF_F_TEST_XDP_LIVE_FRAMES test runs, else
+    the errno it refuses them with (some builds: EPERM).
+
+    Tried, never inferred from the kernel version. The probe program drops
+    its one frame, so no device of any namespace sees it. Raises OSError
+    when the probe program itself cannot be loaded (no conclusion then).
+    """
+    insns = ctypes.create_string_buffer(_DROP_INSNS, len(_DROP_INSNS))
+    fd = _check(_lib().bpf_prog_load(BPF_PROG_TYPE_XDP, b"xg_live_probe", b"GPL", insns,
+                                     len(_DROP_INSNS) // 8, None), "bpf_prog_load(live-frames probe)")
+    try:
+        # 60 bytes: the shortest Ethernet frame; never leaves the program.
+        prog_test_run(fd, bytes(60), flags=BPF_F_TEST_XDP_LIVE_FRAMES)
+    except OSError as e:
+        return e.errno
+    finally:
+        os.close(fd)
+    return None
 
 
 # ---- XDP attach / query ----------------------------------------------------
