@@ -44,6 +44,11 @@ import tempfile
 import time
 from pathlib import Path
 
+try:
+    from tests.timing import scaled
+except ImportError:      # imported as `lab`, with tests/ on sys.path
+    from timing import scaled
+
 REPO = Path(__file__).resolve().parent.parent
 
 SERVER4 = "10.200.0.1"
@@ -77,9 +82,10 @@ def _fmt(cp: subprocess.CompletedProcess) -> str:
     return f"$ {cmd}\n(exit {cp.returncode})\nstdout: {cp.stdout}\nstderr: {cp.stderr}"
 
 
-def _host(cmd, timeout=30, check=True, input=None) -> subprocess.CompletedProcess:
+def _host(cmd, timeout=None, check=True, input=None) -> subprocess.CompletedProcess:
     """Run a command in the root namespace (only `ip netns ...` and xdpguard)."""
-    cp = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, input=input)
+    cp = subprocess.run(cmd, capture_output=True, text=True, input=input,
+                        timeout=scaled(30) if timeout is None else timeout)
     if check and cp.returncode != 0:
         raise LabError(_fmt(cp))
     return cp
@@ -157,30 +163,57 @@ while n < a["max_packets"] and not stop:
 print(json.dumps({"sent": n, "duration": last - first, "first": first, "last": last}), flush=True)
 """
 
-# UDP sink: counts datagrams and distinct sequence numbers until SIGTERM.
+# UDP sink: counts datagrams and distinct sequence numbers until SIGTERM,
+# then reads what is still queued. "drops" is what its socket dropped
+# because its buffer was full (a sink on a slow machine falls behind): the
+# last column of /proc/net/udp[6] for its inode. The data path delivered
+# those, so a test of the data path must not count them as its losses.
 _UDP_SINK = r"""
-import json, signal, socket, struct, sys
+import json, os, signal, socket, struct, sys
 addr, port = sys.argv[1], int(sys.argv[2])
 stop = []
 signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
-s = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_DGRAM)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
+s = socket.socket(fam, socket.SOCK_DGRAM)
+try:
+    # As root, past net.core.rmem_max: that cap is per namespace only on
+    # recent kernels (on 6.1 it is the host's, not the tests' to raise).
+    s.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_RCVBUFFORCE", 33), 1 << 22)
+except OSError:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
 s.bind((addr, port))
 s.settimeout(0.05)
 print("ready", flush=True)
 seen, total = set(), 0
-while not stop:
-    try:
-        data = s.recv(65536)
-    except (socket.timeout, InterruptedError):
-        continue
+def take(data):
+    global total
     total += 1
     if len(data) >= 4:
         seen.add(struct.unpack("!I", data[:4])[0])
+while not stop:
+    try:
+        take(s.recv(65536))
+    except (socket.timeout, InterruptedError):
+        continue
+s.setblocking(False)
+while True:
+    try:
+        take(s.recv(65536))
+    except InterruptedError:
+        continue
+    except OSError:
+        break
+drops = None
+inode = str(os.fstat(s.fileno()).st_ino)
+with open("/proc/net/udp6" if fam == socket.AF_INET6 else "/proc/net/udp") as f:
+    for ln in f.read().splitlines()[1:]:
+        col = ln.split()
+        if col[9] == inode:
+            drops = int(col[-1])
 top = max(seen) if seen else -1
 missing = sorted(set(range(top + 1)) - seen)
 print(json.dumps({"received": total, "unique": len(seen), "max_seq": top,
-                  "missing": missing[:50], "nmissing": len(missing)}), flush=True)
+                  "missing": missing[:50], "nmissing": len(missing), "drops": drops}), flush=True)
 """
 
 _NGINX_CONF = """\
@@ -221,8 +254,9 @@ class Proc:
         except ProcessLookupError:
             pass
 
-    def stop(self, timeout: float = 3.0) -> tuple[str, str]:
+    def stop(self, timeout: float | None = None) -> tuple[str, str]:
         """SIGTERM (then SIGKILL); returns what it wrote (if piped)."""
+        timeout = scaled(3) if timeout is None else timeout
         if self.alive():
             self.signal(signal.SIGTERM)
         try:
@@ -242,7 +276,7 @@ class Nginx:
         if self.proc.alive():
             self.proc.signal(signal.SIGQUIT)
             try:
-                self.proc.popen.wait(timeout=3)
+                self.proc.popen.wait(timeout=scaled(3))
             except subprocess.TimeoutExpired:
                 pass
         self.proc.stop()
@@ -318,11 +352,11 @@ class Lab:
     def _batch(self, side: str, lines: list[str]) -> None:
         self.run(side, ["ip", "-batch", "-"], input="\n".join(lines) + "\n", check=True)
 
-    def _wait_ready(self, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
+    def _wait_ready(self, timeout: float | None = None) -> None:
+        deadline = time.monotonic() + (scaled(10) if timeout is None else timeout)
         while True:
-            r4 = self.run("client", ["ping", "-n", "-q", "-c", "1", "-W", "1", SERVER4], timeout=5)
-            r6 = self.run("client", ["ping", "-6", "-n", "-q", "-c", "1", "-W", "1", SERVER6], timeout=5)
+            r4 = self.run("client", ["ping", "-n", "-q", "-c", "1", "-W", "1", SERVER4], timeout=scaled(5))
+            r6 = self.run("client", ["ping", "-6", "-n", "-q", "-c", "1", "-W", "1", SERVER6], timeout=scaled(5))
             if r4.returncode == 0 and r6.returncode == 0:
                 return
             if time.monotonic() > deadline:
@@ -339,7 +373,7 @@ class Lab:
                     errors.append(f"xdpguard detach failed:\n{_fmt(cp)}")
         for p in reversed(self.procs):
             try:
-                p.stop(timeout=2)
+                p.stop(timeout=scaled(2))
             except Exception as e:   # noqa: BLE001 - keep tearing down
                 errors.append(f"stopping {p.what}: {e}")
         self.procs.clear()
@@ -389,10 +423,11 @@ class Lab:
             cmd = ["sh", "-c", cmd]
         return ["nsenter", f"--net=/run/netns/{self.ns(ns)}", "--", *map(str, cmd)]
 
-    def run(self, ns: str, cmd, timeout: float = 30, check: bool = False,
+    def run(self, ns: str, cmd, timeout: float | None = None, check: bool = False,
             input: str | None = None) -> subprocess.CompletedProcess:
         """Run cmd (list, or a string for sh -c) in namespace 'server'/'client'/NAME."""
         args = self._nsenter(ns, cmd)
+        timeout = scaled(30) if timeout is None else timeout
         try:
             cp = subprocess.run(args, capture_output=True, text=True, timeout=timeout, input=input)
         except subprocess.TimeoutExpired as e:
@@ -425,11 +460,11 @@ class Lab:
             self.procs.remove(proc)
         return out
 
-    def wait_listen(self, ns: str, port: int, proto: str = "tcp", timeout: float = 10.0) -> None:
+    def wait_listen(self, ns: str, port: int, proto: str = "tcp", timeout: float | None = None) -> None:
         flag = "-ltnH" if proto == "tcp" else "-lunH"
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + (scaled(10) if timeout is None else timeout)
         while time.monotonic() < deadline:
-            out = self.run(ns, ["ss", flag, f"sport = :{port}"], timeout=5).stdout
+            out = self.run(ns, ["ss", flag, f"sport = :{port}"], timeout=scaled(5)).stdout
             if out.strip():
                 return
             time.sleep(0.05)
@@ -451,7 +486,7 @@ class Lab:
         conf.write_text(_NGINX_CONF.format(dir=d, servers="\n".join(servers)))
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
         self.run(ns, [nginx, "-t", "-q", "-p", str(d), "-c", str(conf), "-e", str(d / "error.log")],
-                 check=True, timeout=10)
+                 check=True, timeout=scaled(10))
         proc = self.popen(ns, [nginx, "-p", str(d), "-c", str(conf), "-e", str(d / "error.log")],
                           what="nginx", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for _a, p in listen:
@@ -481,12 +516,13 @@ class Lab:
         cmd = [sys.executable, "-u", "-c", _UDP_SEND, json.dumps(args)]
         if background:
             return self.popen(ns, cmd, what=f"udp sender -> {dst}:{port}")
-        cp = self.run(ns, cmd, timeout=seconds + 10, check=True)
+        cp = self.run(ns, cmd, timeout=seconds + scaled(10), check=True)
         return json.loads(cp.stdout.strip().splitlines()[-1])
 
     def udp_sink(self, ns: str = "server", port: int = 9100, addr: str = SERVER4) -> Proc:
         """A UDP receiver counting sequence numbers; stop_json() returns
-        {"received", "unique", "max_seq", "missing", "nmissing"}."""
+        {"received", "unique", "max_seq", "missing", "nmissing", "drops"}
+        (drops: what its full socket buffer dropped)."""
         p = self.popen(ns, [sys.executable, "-u", "-c", _UDP_SINK, addr, str(port)],
                        what=f"udp sink {addr}:{port}")
         if p.popen.stdout.readline().strip() != "ready":
@@ -504,10 +540,12 @@ class Lab:
 
     # ------------------------------------------------------------ xdpguard
 
-    def xdpguard(self, *args, check: bool = True, timeout: float = 180) -> subprocess.CompletedProcess:
+    def xdpguard(self, *args, check: bool = True, timeout: float | None = None) -> subprocess.CompletedProcess:
         """Run the CLI in the root namespace (pass --netns yourself, or use
         apply/detach/stats/status below, which add --iface/--netns)."""
         cmd = [*self.xg, *map(str, args)]
+        # A first bcc compile under emulation takes minutes.
+        timeout = scaled(180, cap=900) if timeout is None else timeout
         # Own session: a Ctrl-C of the test run does not hit it, and an
         # interrupt here lets it finish (a killed apply can leave pins).
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -520,7 +558,7 @@ class Lab:
             raise LabError(_fmt(subprocess.CompletedProcess(cmd, -9, out, err)) + f"\n(timed out after {timeout}s)")
         except BaseException:
             try:
-                p.communicate(timeout=60)
+                p.communicate(timeout=scaled(60))
             except BaseException:
                 p.kill()
                 p.wait()
