@@ -15,8 +15,10 @@ import pytest
 
 try:
     from tests.lab import CLIENT4, EXTRA4, EXTRA6, SERVER4, SERVER6, CLIENT6, PIN_ROOT, Lab
+    from tests.timing import scaled, slowdown, wait_until
 except ImportError:      # pytest put tests/ itself on sys.path
     from lab import CLIENT4, EXTRA4, EXTRA6, SERVER4, SERVER6, CLIENT6, PIN_ROOT, Lab
+    from timing import scaled, slowdown, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -34,12 +36,22 @@ def policy(name, *rules, default="allow") -> str:
     return HEAD.format(name=name, default=default) + "".join(rules)
 
 
-def ping(lab, src, dst=SERVER4, count=5, interval=0.01, wait=1, timeout=30):
+def ping(lab, src, dst=SERVER4, count=5, interval=0.01, wait=1, timeout=None):
     """(transmitted, received) of ping from src in the client namespace."""
     fam = ["-6"] if ":" in dst else []
     cp = lab.run("client", ["ping", *fam, "-n", "-q", "-c", str(count), "-i", str(interval),
                             "-W", str(wait), "-I", src, dst], timeout=timeout)
     return _ping_summary(cp.stdout)
+
+
+def counters_reaching(lab, want: dict[str, int]) -> dict:
+    """The counters once each rule of `want` has seen that many packets (the
+    last ones sent may still be on their way), else as they are at the
+    deadline."""
+    def reached():
+        c = lab.counters()
+        return c if all(c[k]["packets"] >= n for k, n in want.items()) else None
+    return wait_until(reached, scaled(5), interval=0.1) or lab.counters()
 
 
 def _ping_summary(text):
@@ -128,9 +140,8 @@ def test_limit_admits_the_rate(xg):
     for t in threads:
         t.start()
     for t in threads:
-        t.join(30)
-    time.sleep(0.2)
-    c = lab.counters()
+        t.join(scaled(30))
+    c = counters_reaching(lab, {k: out[k]["sent"] for k in runs})
     report = []
     for name, rate, burst in (("per-src", 200, 20), ("per-rule", 300, 30)):
         sent, dur = out[name]["sent"], out[name]["duration"]
@@ -166,23 +177,32 @@ def test_reapply_under_traffic_loses_nothing(xg):
     first = lab.apply(lab.write_policy("reapply-0", policy("reapply-start", *base)))
 
     sink = lab.udp_sink("server", port=9100)
-    stream = lab.udp_send("client", [CLIENT4], SERVER4, 9100, pps=1000, seconds=60,
+    # Both flows must outlast the re-applies, which take as long as the
+    # machine makes them; the stream is stopped once they are done.
+    stream = lab.udp_send("client", [CLIENT4], SERVER4, 9100, pps=1000, seconds=scaled(60, cap=600),
                           background=True)
-    pinger = lab.popen("client", ["ping", "-n", "-q", "-i", "0.01", "-c", "300", "-I", CLIENT4, SERVER4],
+    npings = int(min(300 * slowdown(), 3000))
+    pinger = lab.popen("client", ["ping", "-n", "-q", "-i", "0.01", "-c", str(npings), "-I", CLIENT4, SERVER4],
                        what="ping")
-    time.sleep(0.3)
+
+    def flowing():
+        c = lab.counters()
+        return c["stream"]["packets"] > 0 and c["ping"]["packets"] > 0
+    assert wait_until(flowing, scaled(10), interval=0.1), "the stream and ping did not start"
     ids = []
     t0 = time.monotonic()
     for p in small:                   # in place: same program, new generation
         ids.append(lab.apply(p)["prog_id"])
     t_inplace = time.monotonic() - t0
-    ping_out, _ = pinger.popen.communicate(timeout=20)
+    ping_out, _ = pinger.popen.communicate(timeout=scaled(20) + npings * 0.01)
     t0 = time.monotonic()
     ids.append(lab.apply(big)["prog_id"])   # reload with XDP_FLAGS_REPLACE
     t_reload = time.monotonic() - t0
-    time.sleep(0.3)
+    # The reloaded program carries the stream for a while.
+    after = lab.counters()["stream"]["packets"]
+    assert wait_until(lambda: lab.counters()["stream"]["packets"] >= after + 300, scaled(10), interval=0.1)
     sent = lab.stop_json(stream)
-    time.sleep(0.2)
+    counters_reaching(lab, {"stream": sent["sent"]})
     got = lab.stop_json(sink)
 
     assert ids[:3] == [first["prog_id"]] * 3, f"in-place re-apply changed the program: {ids}"
@@ -190,14 +210,17 @@ def test_reapply_under_traffic_loses_nothing(xg):
     tx, rx = _ping_summary(ping_out)
     lost_udp = sent["sent"] - got["unique"]
     print(f"\nre-apply: 3 in place in {t_inplace:.2f}s, reload in {t_reload:.2f}s; "
-          f"udp sent {sent['sent']} received {got['unique']} lost {lost_udp} "
-          f"(missing seqs {got['missing']}); ping {tx} sent {rx} received")
-    assert (tx, rx) == (300, 300), f"ping lost {tx - rx} during in-place re-apply"
-    assert lost_udp == 0 and got["nmissing"] == 0, f"udp stream lost {lost_udp}: {got['missing']}"
+          f"udp sent {sent['sent']} received {got['unique']} lost {lost_udp}, of which the sink's "
+          f"socket dropped {got['drops']} (missing seqs {got['missing']}); ping {tx} sent {rx} received")
+    assert (tx, rx) == (npings, npings), f"ping lost {tx - rx} during in-place re-apply"
+    # A sink that falls behind (a slow machine) overflows its own socket:
+    # those packets were delivered, and are the only ones allowed missing.
+    assert got["drops"] is not None, "the sink did not find its socket in /proc/net/udp"
+    assert lost_udp == got["drops"], f"udp stream lost {lost_udp - got['drops']} beyond socket drops: {got['missing']}"
     c = lab.counters()
     # Counters are kept by rule name across in-place re-apply and reload.
     assert c["stream"]["packets"] == sent["sent"] and c["stream"]["dropped_packets"] == 0
-    assert c["ping"]["packets"] == 300
+    assert c["ping"]["packets"] == npings
 
 
 def _trie_ids(lab) -> dict[int, int]:
@@ -288,11 +311,14 @@ def test_modes(xg, mode, shown):
 
 # ---------------------------------------------------------------- real TCP service
 
-def _curl(lab, url, host=None, max_time=2):
+def _curl(lab, url, host=None, max_time=None):
+    """curl from the client. A request that is to time out (exit 28) names
+    its max_time; the others get one stretched for this machine."""
+    max_time = scaled(2) if max_time is None else max_time
     cmd = ["curl", "-sS", "-g", "--max-time", str(max_time), url]
     if host:
         cmd[1:1] = ["-H", f"Host: {host}"]
-    return lab.run("client", cmd, timeout=max_time + 10)
+    return lab.run("client", cmd, timeout=max_time + scaled(10))
 
 
 def test_nginx_allow_then_deny(xg):
@@ -309,14 +335,14 @@ def test_nginx_allow_then_deny(xg):
             assert cp.returncode == 0 and cp.stdout == f"vhost {host}\n", cp
         cp = _curl(lab, f"http://[{SERVER6}]/", "b.lab")
         assert cp.returncode == 0 and cp.stdout == "vhost b.lab\n", cp
-        assert _curl(lab, f"http://{SERVER4}:8080/").returncode == 28   # default deny
+        assert _curl(lab, f"http://{SERVER4}:8080/", max_time=2).returncode == 28   # default deny
         c = lab.counters()
         assert c["web"]["packets"] >= 2 * 5 and c["web"]["dropped_packets"] == 0
         assert c["web6"]["packets"] >= 5
 
         lab.apply(lab.write_policy("web-deny", policy(
             "web-deny", rule("no-web", "deny", proto="tcp", dport=80))))
-        cp = _curl(lab, f"http://{SERVER4}/", "a.lab")
+        cp = _curl(lab, f"http://{SERVER4}/", "a.lab", max_time=2)
         assert cp.returncode == 28, f"expected a curl timeout (28): {cp}"
         cp = _curl(lab, f"http://{SERVER4}:8080/")
         assert cp.returncode == 0 and cp.stdout.startswith("hello"), cp
