@@ -25,6 +25,7 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root for BPF"),
 ]
 
+from tests.timing import scaled, wait_until  # noqa: E402
 from xdpguard.probes import collector, detect  # noqa: E402
 from xdpguard.probes import ProbeError, ProbeSet, load_only  # noqa: E402
 
@@ -38,9 +39,10 @@ N_REFUSED = 3
 
 SERVER = r"""
 import select, socket, sys, time
-# argv: (family addr port v6only)...; accept and close until stdin closes
+# argv: lifetime (family addr port v6only)...; accept and close until stdin
+# closes, for at most lifetime seconds
 ls = []
-for i in range(1, len(sys.argv), 4):
+for i in range(2, len(sys.argv), 4):
     fam = socket.AF_INET6 if sys.argv[i] == "6" else socket.AF_INET
     s = socket.socket(fam, socket.SOCK_STREAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -51,7 +53,7 @@ for i in range(1, len(sys.argv), 4):
     s.setblocking(False)
     ls.append(s)
 print("ready", flush=True)
-deadline = time.monotonic() + 60
+deadline = time.monotonic() + float(sys.argv[1])
 while time.monotonic() < deadline:
     r, _, _ = select.select(ls + [sys.stdin], [], [], 0.2)
     for s in r:
@@ -106,7 +108,7 @@ s.sendto(ip + tcp, (dst, 0))
 
 
 def _run(*args, **kw):
-    return subprocess.run(args, check=True, capture_output=True, text=True, timeout=30, **kw)
+    return subprocess.run(args, check=True, capture_output=True, text=True, timeout=scaled(30), **kw)
 
 
 def _in_ns(ns, *args, **kw):
@@ -155,14 +157,14 @@ def nspair():
         for p in h.procs:
             if p.poll() is None:
                 p.kill()
-            p.wait(timeout=10)
+            p.wait(timeout=scaled(10))
         for ns in created:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=scaled(30))
 
 
 def start_server(h, *listeners):
     """listeners: (family, addr, port, v6only)."""
-    argv = []
+    argv = [str(scaled(60, cap=600))]
     for fam, addr, port, v6only in listeners:
         argv += [str(fam), addr, str(port), str(int(v6only))]
     p = subprocess.Popen(["nsenter", "--net=/run/netns/%s" % h.srv, PY, "-c", SERVER, *argv],
@@ -175,7 +177,7 @@ def start_server(h, *listeners):
 
 def stop_server(p):
     p.stdin.close()
-    p.wait(timeout=10)
+    p.wait(timeout=scaled(10))
 
 
 def run_client(h, host, port, n, closed, m):
@@ -184,16 +186,24 @@ def run_client(h, host, port, n, closed, m):
 
 
 def wait_for(ps, cond, seconds=5.0):
-    """Poll snapshots until cond(snapshot) holds (bounded), return the last."""
-    deadline = time.monotonic() + seconds
-    while True:
-        snap = ps.snapshot()
-        if cond(snap) or time.monotonic() > deadline:
-            return snap
-        time.sleep(0.1)
+    """Poll snapshots until cond(snapshot) holds (for `seconds` on the
+    development VM, longer on a slower machine), return the last."""
+    last = []
+
+    def met():
+        last[:] = [ps.snapshot()]
+        return cond(last[0])
+    wait_until(met, scaled(seconds), interval=0.1)
+    return last[0]
 
 
 ZERO = {c: 0 for c in collector.COUNTERS}
+
+
+def rst_support(ps) -> tuple[int, int]:
+    """The least RSTs sent and received the refused connections must show:
+    N_REFUSED each, or 0 for a counter this kernel's set cannot feed."""
+    return tuple(N_REFUSED if ps.supported[c] else 0 for c in ("rst_sent", "rst_recv"))
 
 
 def entry(snap, section, key):
@@ -223,12 +233,16 @@ def _config_kprobes():
 
 @pytest.mark.parametrize("mode", ["kprobe", "tracepoint"])
 def test_load_only_verifies(mode):
-    names = load_only(mode)
-    expected = []
+    """Every program the collector builds on this kernel loads. Which ones
+    those are is the collector's decision (on 6.1 it leaves out
+    tcp:tcp_send_reset, whose format has no addresses there)."""
+    _, skipped = collector.build_cflags(mode)
+    built = collector.compiled_programs(mode, skipped)
+    assert load_only(mode) == [p.name for p in built]
+    kept = {p.name for p in built}
     for p in collector.programs(mode):
-        if p.name not in expected:
-            expected.append(p.name)
-    assert names == expected
+        if p.name not in kept:
+            assert not p.required and p.target in skipped, (p, skipped)
 
 
 def test_load_only_other_prefixes():
@@ -332,23 +346,26 @@ def test_e2e_ipv4(probes, nspair):
     assert res == {"ok": N_CONN, "refused": N_REFUSED}
     src, dst, dclosed = h.cli4 + "/32", "%s:%d" % (h.srv4, port), "%s:%d" % (h.srv4, closed)
 
+    sent, recv = rst_support(probes)
     snap = wait_for(probes, lambda s: entry(s, "sources", src)["handshakes"] >= N_CONN
-                    and entry(s, "dests", dclosed)["rst_sent"] >= N_REFUSED)
+                    and entry(s, "dests", dclosed)["rst_sent"] >= sent)
     s, d = entry(snap, "sources", src), entry(snap, "dests", dst)
     assert s["handshakes"] == N_CONN, s
     assert d["handshakes"] == N_CONN, d
     if probes.supported["syns"]:
         assert s["syns"] == N_CONN, s  # SYNs to the closed port reach no listener
         assert d["syns"] == N_CONN, d
-    # the server's RSTs for the closed port, to the client
-    assert s["rst_sent"] == N_REFUSED, s
-    assert s["resets"] >= N_REFUSED
-    assert entry(snap, "dests", dclosed)["rst_sent"] == N_REFUSED
-    assert entry(snap, "dests", dclosed)["syns"] == 0
-    # and the client's sockets received them: the server is their peer
-    assert entry(snap, "sources", h.srv4 + "/32")["rst_recv"] == N_REFUSED
-    # (No assertion on resets at the open port: a client that closes before
-    # reading the reply makes the kernel send an RST, which is timing.)
+    # The server's RSTs for the closed port, to the client, and the client's
+    # sockets received them (the server is their peer). At least one per
+    # refused connection, not exactly: in emulated guests the client saw
+    # one or two more, and which teardown earns an RST is timing.
+    closed = entry(snap, "dests", dclosed)
+    assert s["rst_sent"] >= sent and closed["rst_sent"] >= sent, (s, closed)
+    assert entry(snap, "sources", h.srv4 + "/32")["rst_recv"] >= recv
+    assert s["resets"] >= sent
+    if not probes.supported["rst_sent"]:
+        assert s["rst_sent"] == 0 and closed["rst_sent"] == 0
+    assert closed["syns"] == 0 and closed["handshakes"] == 0, closed
     assert d["synack_retrans"] == 0
 
     # A forged SYN from an address that never answers: the SYN reaches the
@@ -359,6 +376,7 @@ def test_e2e_ipv4(probes, nspair):
                     seconds=8)
     sp = entry(snap, "sources", spoof)
     assert sp["synack_retrans"] >= 1, sp
+    # It never answered: nothing of the client's RSTs is counted on it.
     assert sp["handshakes"] == 0 and sp["resets"] == 0
     if probes.supported["syns"]:
         assert sp["syns"] == 1
@@ -379,15 +397,18 @@ def test_e2e_ipv6_and_dual_stack(probes, nspair):
     dst6 = "[%s]:%d" % (h.srv6, p6)
     dclosed6 = "[%s]:%d" % (h.srv6, closed6)
     ddual = "%s:%d" % (h.srv4, pdual)
+    sent, recv = rst_support(probes)
     snap = wait_for(probes, lambda s: entry(s, "sources", src6)["handshakes"] >= N_CONN
                     and entry(s, "dests", ddual)["handshakes"] >= 5
-                    and entry(s, "dests", dclosed6)["rst_sent"] >= N_REFUSED)
+                    and entry(s, "dests", dclosed6)["rst_sent"] >= sent)
     s6 = entry(snap, "sources", src6)
     assert s6["handshakes"] == N_CONN, s6
-    # the server's own /64 is the peer of the client's sockets: they received RSTs
-    assert s6["rst_sent"] == N_REFUSED and s6["rst_recv"] == N_REFUSED, s6
+    # The server's own /64 is the peer of the client's sockets: they received
+    # RSTs (at least one per refusal, see test_e2e_ipv4).
+    assert s6["rst_sent"] >= sent and s6["rst_recv"] >= recv, s6
     assert entry(snap, "dests", dst6)["handshakes"] == N_CONN
-    assert entry(snap, "dests", dclosed6)["rst_sent"] == N_REFUSED
+    closed6 = entry(snap, "dests", dclosed6)
+    assert closed6["rst_sent"] >= sent and closed6["syns"] == 0 and closed6["handshakes"] == 0, closed6
     assert entry(snap, "sources", h.cli4 + "/32")["handshakes"] == 5
     assert entry(snap, "dests", ddual)["handshakes"] == 5
     assert not any(k.startswith("::ffff:") or k.startswith("[::ffff:")
@@ -421,12 +442,14 @@ def test_e2e_prefix_grouping_and_clear_idle(nspair):
         ps.clear_idle()
         before = ps.snapshot()
         removed = 0
-        for _ in range(20):  # bounded
+
+        def cleared():
+            nonlocal removed
             time.sleep(0.2)
             cur = ps.snapshot()
             removed += ps.clear_idle(cur)
-            if net24 not in cur["sources"] and dst not in cur["dests"]:
-                break
+            return net24 not in cur["sources"] and dst not in cur["dests"]
+        wait_until(cleared, scaled(4), interval=0)
         assert removed >= 1
         assert net24 in before["sources"]
         after = ps.snapshot()

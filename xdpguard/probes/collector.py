@@ -199,6 +199,18 @@ def _prog_type(kind: str):
             "raw_tracepoint": BPF.RAW_TRACEPOINT}[kind]
 
 
+def compiled_programs(mode: str, skipped: dict[str, str]) -> list[Prog]:
+    """The programs of a set that build_cflags() leaves in, given its
+    ``skipped``: a tracepoint program it compiles out is not in the object;
+    each C function once (one may serve several targets)."""
+    out: list[Prog] = []
+    for p in programs(mode):
+        if any(q.name == p.name for q in out) or (p.kind == "tracepoint" and p.target in skipped):
+            continue
+        out.append(p)
+    return out
+
+
 def load_only(mode: str, prefix4: int = 32, prefix6: int = 64) -> list[str]:
     """Compile the set of ``mode`` and load every program into the kernel
     (which runs the verifier) without attaching anything. Returns the names
@@ -207,9 +219,7 @@ def load_only(mode: str, prefix4: int = 32, prefix6: int = 64) -> list[str]:
     b = _compile(mode, cflags)
     try:
         names = []
-        for p in programs(mode):
-            if p.name in names or (p.kind == "tracepoint" and p.target in skipped):
-                continue
+        for p in compiled_programs(mode, skipped):
             try:
                 b.load_func(p.name.encode(), _prog_type(p.kind))
             except Exception as e:
