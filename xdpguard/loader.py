@@ -76,17 +76,24 @@ class Shape:
 
 # ---------------------------------------------------------------- compile + load
 
-def compile_program(shape: Shape, stage: int | None = None, test: bool = False):
-    """Compile bpf/xdpguard.c with bcc and load the XDP program (verifier)."""
-    from bcc import BPF
-    bpfdir = layout.bpf_dir()
-    cflags = [f"-I{bpfdir}", "-w"] + shape.cflags()
+def program_cflags(shape: Shape, stage: int | None = None, test: bool = False) -> list[str]:
+    """bcc's compiler flags for bpf/xdpguard.c (see its header comment)."""
+    cflags = [f"-I{layout.bpf_dir()}", "-w"] + shape.cflags()
     if stage is not None:
         cflags.append(f"-DXG_STAGE={int(stage)}")
     if test:
         cflags.append("-DXG_TEST=1")
+    return cflags
+
+
+def compile_program(shape: Shape, stage: int | None = None, test: bool = False):
+    """Compile bpf/xdpguard.c with bcc and load the XDP program (verifier).
+    `xdpguard doctor` compiles through here too, so that its verdict is
+    apply's."""
+    from bcc import BPF
+    cflags = program_cflags(shape, stage, test)
     try:
-        b = BPF(src_file=str(bpfdir / "xdpguard.c").encode(), cflags=cflags)
+        b = BPF(src_file=str(layout.bpf_dir() / "xdpguard.c").encode(), cflags=cflags)
         fn = b.load_func(PROG_NAME.encode(), BPF.XDP)
     except Exception as e:   # bcc raises bare Exception for compile and verifier errors
         raise LoadError(f"loading the XDP program failed: {e}") from None
