@@ -117,3 +117,30 @@ def ifindex(iface: str, netns: str | None = None) -> int:
         except OSError:
             where = "the host namespace" if is_host(netns) else f"network namespace {netns!r}"
             raise NetnsError(f"no interface {iface!r} in {where}") from None
+
+
+def call_in_new_netns(fn):
+    """fn() in a new network namespace (nothing in it but a down lo), run
+    in a thread of its own so that the namespace goes when fn returns:
+    for work that must not reach this host's interfaces, such as live XDP
+    test frames. Returns fn's result or raises its exception."""
+    import ctypes
+    import threading
+    out: dict = {}
+
+    def run():
+        try:
+            # unshare(2) moves only this thread, as setns(2) does.
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.unshare(CLONE_NEWNET) != 0:
+                raise NetnsError(f"cannot make a network namespace: {os.strerror(ctypes.get_errno())}")
+            out["value"] = fn()
+        except BaseException as e:
+            out["error"] = e
+
+    t = threading.Thread(target=run, name="xdpguard-newns")
+    t.start()
+    t.join()
+    if "error" in out:
+        raise out["error"]
+    return out.get("value")
