@@ -2,8 +2,11 @@
 
 Bans live in the pinned LPM tries `ban4` / `ban6` (bpf/xdpguard.h: struct
 xg_ban). Expiry is CLOCK_BOOTTIME nanoseconds, which the XDP program reads
-with bpf_ktime_get_boot_ns(); 0 never expires. Reason texts and who banned
-(manual or a metric) are kept beside, in the state directory.
+with bpf_ktime_get_boot_ns(); 0 never expires. Pins live in memory, so
+every ban also has a record (`BanRecord`) in bans.json in the state
+directory, with its expiry in wall-clock time: `restore` puts the unexpired
+ones back into ban maps that a reboot or a detach left empty. The records
+are written only by `BanMaps` (under `pins.locked()`, like the maps).
 
 The one-element map `banstate` (struct xg_banstate) tells the program
 which trie may hold bans, so that it skips the trie while none do. Every
@@ -19,6 +22,7 @@ import json
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from xdpguard import bpfsys, pins
@@ -42,6 +46,11 @@ def boot_ns() -> int:
 
 def state_dir(netns: str, iface: str) -> Path:
     return STATE_ROOT / (netns or "host") / iface
+
+
+def watch_state_path(netns: str, iface: str) -> Path:
+    """watch.json: offender history, written by `watch` alone (daemon.py)."""
+    return state_dir(netns, iface) / "watch.json"
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -143,6 +152,94 @@ def parse_target(text: str):
         raise BanError(f"'{text}' is not an address or CIDR") from None
 
 
+@dataclass(frozen=True)
+class BanRecord:
+    """One ban in bans.json (keyed by prefix): what `bans` shows beside the
+    map entry and what restoring the ban needs after a reboot."""
+    reason: str                  # the text `bans` shows
+    code: int                    # XG_BAN_*: manual, or the metric that banned
+    since: float                 # wall clock
+    expires: float | None        # wall clock; None: never
+    expiry_known: bool = True    # False: written before records kept expiry
+
+    def as_json(self) -> dict:
+        return {"reason": self.reason, "code": self.code, "since": self.since, "expires": self.expires}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "BanRecord":
+        reason = str(d.get("reason", "manual"))
+        # Records of older versions hold reason and since only; a metric
+        # ban's text starts with its metric.
+        code = d.get("code", REASON_CODES.get(reason.split(" ", 1)[0], C.XG_BAN_MANUAL))
+        expires = d.get("expires")
+        if expires is not None:
+            expires = float(expires)
+        return cls(reason, int(code), float(d.get("since", 0.0)), expires, "expires" in d)
+
+
+@dataclass
+class Restored:
+    """What `restore` did: the bans put back, and those left out, why."""
+    restored: list[str]
+    expired: list[str]
+    refused: dict[str, str]      # prefix -> why (protected now, max_bans, map full)
+    unknown: list[str]           # no recorded expiry
+
+    def considered(self) -> int:
+        return len(self.restored) + len(self.expired) + len(self.refused) + len(self.unknown)
+
+    def line(self, iface: str, path: Path) -> str:
+        out = f"{iface}: restored {len(self.restored)} ban{'s' * (len(self.restored) != 1)} from {path}"
+        dropped = []
+        if self.expired:
+            dropped.append(f"{len(self.expired)} expired")
+        if self.unknown:
+            dropped.append(f"{len(self.unknown)} without a recorded expiry (made by an older xdpguard)")
+        refused = list(self.refused.items())
+        dropped += [f"{p} ({why})" for p, why in refused[:3]]
+        if len(refused) > 3:
+            dropped.append(f"{len(refused) - 3} more refused")
+        return out + (f"; dropped {', '.join(dropped)}" if dropped else "")
+
+
+def plan_restore(records: dict[str, BanRecord], automatic_until: dict[str, float], now: float,
+                 protected, max_bans: int) -> tuple[list[tuple[str, BanRecord]], Restored]:
+    """Which recorded bans go back in, in this order, and what is dropped.
+
+    automatic_until: watch.json's end of each automatic ban, for records
+    of older versions that lack an expiry. Manual bans all go back (`ban`
+    has no limit); automatic ones while the total stays under max_bans, as
+    `watch` bans. Prefixes the applied policy protects never do."""
+    done = Restored([], [], {}, [])
+    live = []
+    for prefix, r in records.items():
+        if not r.expiry_known:
+            if prefix not in automatic_until:
+                done.unknown.append(prefix)
+                continue
+            r = BanRecord(r.reason, r.code, r.since, automatic_until[prefix])
+        if r.expires is not None and r.expires <= now:
+            done.expired.append(prefix)
+        else:
+            live.append((prefix, r))
+    # Manual first, then the longest left: what max_bans leaves out is
+    # what would have ended first.
+    live.sort(key=lambda t: (t[1].code != C.XG_BAN_MANUAL,
+                             -(t[1].expires if t[1].expires is not None else float("inf"))))
+    order = []
+    for prefix, r in live:
+        net = ipaddress.ip_network(prefix)
+        why = next((f"covers {p}, {why}" for p, why in protected
+                    if p.version == net.version and p.overlaps(net)), None)
+        if why:
+            done.refused[prefix] = why
+        elif r.code != C.XG_BAN_MANUAL and len(order) >= max_bans:
+            done.refused[prefix] = f"max_bans ({max_bans}) reached"
+        else:
+            order.append((prefix, r))
+    return order, done
+
+
 class BanMaps:
     """The two ban tries of one interface."""
 
@@ -164,40 +261,97 @@ class BanMaps:
     def __exit__(self, *exc):
         self.close()
 
-    def add(self, net, ttl_s: float | None, reason: int = C.XG_BAN_MANUAL, text: str = "") -> None:
-        """Ban a prefix (renewing keeps its counters); hold pins.locked()."""
+    def records(self) -> dict[str, BanRecord]:
+        """bans.json, prefix -> record (entries that do not parse are left out)."""
+        out = {}
+        raw = read_json(self.notes_path, {})
+        for prefix, d in (raw if isinstance(raw, dict) else {}).items():
+            try:
+                ipaddress.ip_network(prefix)
+                out[prefix] = BanRecord.from_json(d)
+            except (TypeError, ValueError, AttributeError):
+                continue
+        return out
+
+    def _save(self, records: dict[str, BanRecord]) -> None:
+        """The one writer of bans.json; callers hold pins.locked()."""
+        write_json_atomic(self.notes_path, {p: r.as_json() for p, r in records.items()})
+
+    def _entry(self, net, expires_ns: int, reason: int):
         m = self.maps[net.version]
         v = m.Leaf()
-        v.expires_ns = 0 if not ttl_s else boot_ns() + int(ttl_s * 1e9)
+        v.expires_ns = expires_ns
         v.reason = reason
-        old = m.lookup(_key(m, net))
+        return m, _key(m, net), v
+
+    def add(self, net, ttl_s: float | None, reason: int = C.XG_BAN_MANUAL, text: str = "") -> None:
+        """Ban a prefix (renewing keeps its counters); hold pins.locked()."""
+        now = time.time()
+        m, k, v = self._entry(net, 0 if not ttl_s else boot_ns() + int(ttl_s * 1e9), reason)
+        old = m.lookup(k)
         if old is not None:      # keep the drop counters of a renewed ban
             v.packets, v.bytes = old.packets, old.bytes
-        insert(m, self.state, net.version, _key(m, net), v)
-        notes = read_json(self.notes_path, {})
-        notes[str(net)] = {"reason": text or REASONS.get(reason, "manual"), "since": time.time()}
-        write_json_atomic(self.notes_path, notes)
+        insert(m, self.state, net.version, k, v)
+        records = self.records()
+        records[str(net)] = BanRecord(text or REASONS.get(reason, "manual"), reason, now,
+                                      None if not ttl_s else now + ttl_s)
+        self._save(records)
 
     def remove(self, net) -> bool:
         """Lift a ban; hold pins.locked()."""
         m = self.maps[net.version]
         gone = delete(m, self.state, net.version, _key(m, net))
-        notes = read_json(self.notes_path, {})
-        if notes.pop(str(net), None) is not None:
-            write_json_atomic(self.notes_path, notes)
+        records = self.records()
+        if records.pop(str(net), None) is not None:
+            self._save(records)
         return gone
+
+    def empty(self) -> bool:
+        return all(bpfsys.map_get_next_key(m.fd, None, ctypes.sizeof(m.Key)) is None
+                   for m in self.maps.values())
+
+    def restore(self, max_bans: int, automatic_until: dict[str, float] | None = None) -> Restored | None:
+        """Put the recorded bans that have not expired back into empty ban
+        maps (after a reboot or a detach), with the time they have left;
+        bans.json keeps only those. None when the maps hold bans already:
+        they are then what is in force. Hold pins.locked()."""
+        if not self.empty():
+            return None
+        records = self.records()
+        now, boot = time.time(), boot_ns()
+        order, done = plan_restore(records, automatic_until or {}, now, protected_networks(self.record),
+                                   max_bans)
+        kept: dict[str, BanRecord] = {}
+        for prefix, r in order:
+            net = ipaddress.ip_network(prefix)
+            # At least 1 ns left: 0 would mean never.
+            left = 0 if r.expires is None else boot + max(1, int((r.expires - now) * 1e9))
+            m, k, v = self._entry(net, left, r.code)
+            try:
+                insert(m, self.state, net.version, k, v)
+            except OSError as e:
+                done.refused[prefix] = f"ban{net.version} map: {e.strerror or e}"
+                continue
+            kept[prefix] = r
+            done.restored.append(prefix)
+        for fam, m in self.maps.items():
+            if bpfsys.map_get_next_key(m.fd, None, ctypes.sizeof(m.Key)) is None:
+                _set_flag(self.state, fam, False)   # raised for an insert that failed
+        if kept != records:
+            self._save(kept)
+        return done
 
     def entries(self) -> list[dict]:
         now = boot_ns()
-        notes = read_json(self.notes_path, {})
+        records = self.records()
         out = []
         for fam, m in self.maps.items():
             for k, v in m.items():
                 raw = bytes(k.addr)[: 4 if fam == 4 else 16]
                 net = ipaddress.ip_network((ipaddress.ip_address(raw), k.prefixlen))
                 remaining = None if v.expires_ns == 0 else (v.expires_ns - now) / 1e9
-                note = notes.get(str(net), {})
-                out.append({"prefix": str(net), "reason": note.get("reason", REASONS.get(v.reason, "?")),
+                rec = records.get(str(net))
+                out.append({"prefix": str(net), "reason": rec.reason if rec else REASONS.get(v.reason, "?"),
                             "source": "manual" if v.reason == C.XG_BAN_MANUAL else "metric",
                             "metric": REASONS.get(v.reason), "remaining_s": remaining,
                             "expired": remaining is not None and remaining <= 0,
@@ -212,3 +366,18 @@ class BanMaps:
                 self.remove(ipaddress.ip_network(e["prefix"]))
                 gone.append(e["prefix"])
         return gone
+
+
+def restore(directory: Path, record: dict, max_bans: int, log) -> Restored | None:
+    """BanMaps.restore on one interface, logging one line when bans.json
+    had any record. Records of older versions take an automatic ban's end
+    from watch.json (read only: `watch` writes it). Hold pins.locked()."""
+    watch = read_json(watch_state_path(record["netns"], record["iface"]), {})
+    bans = watch.get("bans") if isinstance(watch, dict) else None
+    until = {p: float(b["until"]) for p, b in (bans if isinstance(bans, dict) else {}).items()
+             if isinstance(b, dict) and isinstance(b.get("until"), (int, float))}
+    with BanMaps(directory, record) as bm:
+        done = bm.restore(max_bans, until)
+        if done is not None and done.considered():
+            log(done.line(record["iface"], bm.notes_path))
+    return done

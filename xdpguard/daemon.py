@@ -7,7 +7,8 @@ whose rate stays over a threshold for `window` into the pinned ban map
 (the XDP program then drops it first thing), and lifts expired bans.
 Offender history lives in /var/lib/xdpguard/<netns>/<iface>/watch.json,
 written atomically, so a restart or a SIGKILL loses nothing: the bans
-themselves are in the pinned map.
+themselves are in the pinned map, and recorded in bans.json (bans.py),
+from which they come back when a reboot or a detach empties the pins.
 """
 from __future__ import annotations
 
@@ -301,10 +302,17 @@ class Watch:
             loader.apply(self.policy, compile_policy(self.policy), self.iface, netns=self.netns,
                          log=self.note)
             record = pins.read_record(directory)
+        # An apply that did not restore (an older xdpguard's, or one run
+        # without this state directory) left the ban maps empty.
+        with pins.locked():
+            bans.restore(directory, record, self.policy.mitigation.max_bans, self.note)
         if not self.policy.mitigation.enabled:
             self.note("[mitigation] enabled = false: watching, never banning")
-        state_path = bans.state_dir(record["netns"], record["iface"]) / "watch.json"
-        state = bans.read_json(state_path, {"offenders": {}, "bans": {}})
+        state_path = bans.watch_state_path(record["netns"], record["iface"])
+        state = bans.read_json(state_path, {})
+        state = state if isinstance(state, dict) else {}
+        state.setdefault("offenders", {})
+        state.setdefault("bans", {})
         protected = bans.protected_networks(record)
         for p in self.policy.mitigation.allow:
             protected.append((ipaddress.ip_network(str(p)), "allowlisted"))
@@ -317,6 +325,7 @@ class Watch:
         banmaps = bans.BanMaps(directory, record)
         server = None
         try:
+            self._forget_lifted(mit.state, banmaps, state_path)
             if metrics:
                 # Serving before "watching" is said: whoever waits for that
                 # line (a supervisor, a test) can scrape at once.
@@ -354,7 +363,7 @@ class Watch:
         dt, sources, _dests = sampler.sample()
         if dt <= 0 or not self.policy.mitigation.enabled:
             if changed:
-                bans.write_json_atomic(state_path, mit.state)
+                self._save_state(state_path, mit.state)
             return
         active = {e["prefix"] for e in banmaps.entries()}
         now = time.monotonic()
@@ -372,7 +381,25 @@ class Watch:
                 changed = True
             self.log(d)
         if changed:
-            bans.write_json_atomic(state_path, mit.state)
+            self._save_state(state_path, mit.state)
+
+    @staticmethod
+    def _save_state(path: Path, state: dict) -> None:
+        """The one writer of watch.json."""
+        with pins.locked():
+            bans.write_json_atomic(path, state)
+
+    def _forget_lifted(self, state: dict, banmaps, path: Path) -> None:
+        """Drop the automatic bans no longer in force (expired, lifted, or
+        not restored) from watch.json; offences stay."""
+        now = time.time()
+        in_force = {e["prefix"] for e in banmaps.entries() if not e["expired"]}
+        keep = {p: b for p, b in state["bans"].items()
+                if p in in_force and isinstance(b, dict) and isinstance(b.get("until"), (int, float))
+                and b["until"] > now}
+        if keep != state["bans"]:
+            state["bans"] = keep
+            self._save_state(path, state)
 
     def _metrics(self, where: str, directory: Path, record: dict, banmaps):
         from xdpguard.metrics import serve

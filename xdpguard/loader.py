@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from xdpguard import bpfsys, layout, pins
+from xdpguard import bans, bpfsys, layout, pins
 from xdpguard.compiler import Tables
 from xdpguard.errors import LoadError, UsageError  # noqa: F401 (re-exported)
 from xdpguard.layout import C, PERSISTENT_MAPS, POLICY_MAPS
@@ -321,8 +321,15 @@ def apply(policy: Policy, tables: Tables, iface: str, netns: str | None = None,
             shape = Shape(**record["shape"])
             if shape.fits(tables):
                 return _reapply_in_place(policy, tables, directory, record, slots, fresh, log)
-        return _load_and_attach(policy, tables, netns, iface, ifindex, directory, record,
-                                q, ours, slots, fresh, mode, log)
+        rec = _load_and_attach(policy, tables, netns, iface, ifindex, directory, record,
+                               q, ours, slots, fresh, mode, log)
+        # Pins die with a reboot and with a detach; the state directory
+        # keeps the bans, which go back into ban maps that came new.
+        try:
+            bans.restore(directory, rec, policy.mitigation.max_bans, log)
+        except OSError as e:
+            log(f"warning: {iface}: bans not restored: {e}")
+        return rec
 
 
 def _open_maps(directory: Path, record: dict, names) -> dict[str, pins.Map]:
