@@ -1,60 +1,126 @@
 #!/usr/bin/env bash
-# One-time (idempotent) set-up of a Debian 12 machine for xdpguard, as root:
-# apt packages, a kernel-headers link for bcc, bpffs, tracefs, and the venv.
+# One-time (idempotent) set-up of a Debian 12 or 13 machine for xdpguard, as
+# root: apt packages, kernel headers bcc can compile, bpffs, tracefs, the venv.
+#
+#   scripts/setup.sh                      this machine, its running kernel
+#   scripts/setup.sh --kernel RELEASE     an image being prepared (a chroot,
+#                                         where uname -r is the build host's):
+#                                         headers for RELEASE, no mounts
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+KREL=$(uname -r)
+IMAGE=0
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --kernel) KREL=${2:?--kernel needs a kernel release}; IMAGE=1; shift 2 ;;
+        *) echo "setup.sh: unknown argument $1 (usage: setup.sh [--kernel RELEASE])" >&2; exit 2 ;;
+    esac
+done
+
 PKGS=(python3-bpfcc bpfcc-tools bpftool xdp-tools libbpf1 linux-headers-amd64
       python3-venv python3-pip iproute2 iputils-ping nftables iptables hping3
-      nginx-light curl wrk iperf3 netsniff-ng util-linux procps)
+      nginx-light curl wrk iperf3 netsniff-ng util-linux procps make git)
 
 if [ "$(id -u)" != 0 ]; then
     echo "setup.sh: run as root (BPF and network namespaces need it)" >&2
     exit 1
 fi
 
+installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 missing=()
-for p in "${PKGS[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
+for p in "${PKGS[@]}"; do installed "$p" || missing+=("$p"); done
+# The kernel's own headers, where the distribution has them (a kernel of
+# its own, like the development VM's, has none: the fallback below).
+own=linux-headers-$KREL
+if ! installed "$own" && apt-cache show "$own" >/dev/null 2>&1; then missing+=("$own"); fi
 if [ ${#missing[@]} -gt 0 ]; then
     echo "setup: installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q >/dev/null
-    apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+    # Asked again after the update: an old package list may not know them.
+    if ! installed "$own" && apt-cache show "$own" >/dev/null 2>&1; then missing+=("$own"); fi
+    apt-get install -y -q --no-install-recommends $(printf '%s\n' "${missing[@]}" | sort -u) >/dev/null
 fi
 # nginx is used by tests on private namespaces only; never leave it on the host.
 systemctl disable --now nginx >/dev/null 2>&1 || true
-
-# bcc needs kernel headers. When the running kernel ships none, use Debian's
-# newest packaged headers (the -amd64 tree as build, -common as source).
-kdir=/lib/modules/$(uname -r)
-if [ ! -e "$kdir/build/include/linux/kconfig.h" ] && [ ! -e "$kdir/build/include/generated/autoconf.h" ]; then
-    hb=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n1)
-    hc=$(ls -d /usr/src/linux-headers-*-common 2>/dev/null | sort -V | tail -n1)
-    if [ -z "$hb" ] || [ -z "$hc" ]; then
-        echo "setup: no kernel headers found under /usr/src" >&2
-        exit 1
-    fi
-    mkdir -p "$kdir"
-    ln -sfn "$hb" "$kdir/build"
-    ln -sfn "$hc" "$kdir/source"
-    echo "setup: linked $kdir/build -> $hb"
-fi
-
-mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
-if [ ! -d /sys/kernel/tracing/events ]; then
-    mountpoint -q /sys/kernel/tracing || mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null || true
-fi
 
 # The venv sees Debian's bcc (python3-bpfcc) through system site packages.
 if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import bcc' 2>/dev/null; then
     rm -rf .venv
     /usr/bin/python3 -m venv --system-site-packages .venv
 fi
+# Keyed on the file's content, not its time: a fresh copy of an unchanged
+# tree (a VM guest without network) must not reinstall.
 stamp=.venv/.xdpguard-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
-    touch "$stamp"
+    echo "$want" > "$stamp"
 fi
-.venv/bin/python -c 'import bcc, pyroute2, netaddr, xdpguard' 
+.venv/bin/python -c 'import bcc, pyroute2, netaddr, xdpguard'
+
+# Kernel headers for bcc: /lib/modules/RELEASE/build (and source). The
+# candidates in order: the kernel's own, then Debian's packaged headers,
+# newest first. bcc must compile the real program against them: bcc 0.26
+# cannot parse 6.12's linux/bpf.h (struct bpf_wq), so Debian 12 with its
+# 6.12 kernel gets the 6.1 headers; the probes take struct offsets from
+# the running kernel's BTF, so older headers are safe. The choice is the
+# link itself, and `xdpguard doctor` reports it.
+kdir=/lib/modules/$KREL
+candidates=()
+[ -e "/usr/src/linux-headers-$KREL/include" ] && candidates+=("/usr/src/linux-headers-$KREL")
+for d in $(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -rV); do
+    [ "$d" = "/usr/src/linux-headers-$KREL" ] || candidates+=("$d")
+done
+[ ${#candidates[@]} -gt 0 ] || { echo "setup: no kernel headers found under /usr/src" >&2; exit 1; }
+link_headers() {
+    local hb=$1 hc
+    # Debian's -amd64 tree includes the -common tree's Makefile: the source.
+    hc=$(sed -n 's|^include \(/\S*\)/Makefile$|\1|p' "$hb/Makefile" 2>/dev/null | head -n1)
+    mkdir -p "$kdir"
+    ln -sfn "$hb" "$kdir/build"
+    if [ -d "$hc" ]; then ln -sfn "$hc" "$kdir/source"; else rm -f "$kdir/source"; fi
+}
+compiles() {
+    # The real program at its smallest shape, loaded as apply loads it.
+    .venv/bin/python -c 'from xdpguard import loader
+loader.compile_program(loader.Shape(nwords=1, vec_per_gen=256, dir4_nodes=16, dir6_nodes=16))' \
+        >/tmp/xdpguard-setup-compile.log 2>&1
+}
+current=$(readlink -f "$kdir/build" 2>/dev/null || true)
+# A choice verified once (headers, bcc) is not compiled again on every make.
+verified=$kdir/.xdpguard-headers
+mark="$current $(dpkg-query -W -f='${Version}' python3-bpfcc 2>/dev/null)"
+if [ "$IMAGE" = 1 ]; then
+    # Nothing can be compiled for a kernel that is not running: take the
+    # kernel's own headers; setup on the booted image verifies the choice.
+    link_headers "${candidates[0]}"
+    echo "setup: headers for $KREL: ${candidates[0]} (verified when setup runs on that kernel)"
+elif [ -n "$current" ] && [ -e "$current/include" ] && [ "$(cat "$verified" 2>/dev/null)" = "$mark" ]; then
+    :
+elif [ -n "$current" ] && [ -e "$current/include" ] && compiles; then
+    echo "$mark" > "$verified"
+    echo "setup: headers for $KREL: $current"
+else
+    chosen=""
+    for hb in "${candidates[@]}"; do
+        link_headers "$hb"
+        if compiles; then chosen=$hb; break; fi
+        echo "setup: bcc cannot compile xdpguard against $hb ($(grep -m1 -o 'error: .*' /tmp/xdpguard-setup-compile.log || echo 'see /tmp/xdpguard-setup-compile.log'))"
+    done
+    if [ -z "$chosen" ]; then
+        echo "setup: no installed kernel headers let bcc compile bpf/xdpguard.c; tried ${candidates[*]}" >&2
+        echo "setup: install Debian's linux-headers-amd64 (or headers of an older kernel) and run setup again" >&2
+        exit 1
+    fi
+    echo "$chosen $(dpkg-query -W -f='${Version}' python3-bpfcc 2>/dev/null)" > "$verified"
+    echo "setup: headers for $KREL: $chosen"
+fi
+[ "$IMAGE" = 1 ] && exit 0
+
+mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
+if [ ! -d /sys/kernel/tracing/events ]; then
+    mountpoint -q /sys/kernel/tracing || mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null || true
+fi
+
