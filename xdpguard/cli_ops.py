@@ -7,10 +7,15 @@ when the command runs, so that ``xdpguard --help`` stays fast.
 """
 from __future__ import annotations
 
-DOCTOR_EPILOG = """checks: bpf(2), JIT, BTF, bpffs, kernel headers, bcc, LPM trie and LRU maps,
-kprobes / tracepoints, RLIMIT_MEMLOCK; with --iface also native XDP support
-(attaches a trivial XDP_PASS program in native mode, only if nothing is
-attached, and detaches it) and a foreign XDP program on the interface.
+DOCTOR_EPILOG = """checks, each through the code apply runs: bpf(2), JIT, BTF, bpffs, the kernel
+headers bcc uses, bcc compiling and the kernel loading bpf/xdpguard.c, its map
+types, a sample policy written into it (tries of their own size in the arrays
+of tries), its verdicts (BPF_PROG_TEST_RUN), a generic attach and atomic swap
+in a network namespace of its own, kprobes / tracepoints, RLIMIT_MEMLOCK; then
+a table of the kernel features xdpguard uses (--json: "features"). With
+--iface also native XDP support (attaches a trivial XDP_PASS program in native
+mode, only if nothing is attached, and detaches it) and a foreign XDP program
+on the interface.
 
 exit status: 0 everything needed is present (warnings allowed), 1 otherwise,
 2 invalid usage (bad name, no such interface)

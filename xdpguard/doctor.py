@@ -1,12 +1,20 @@
 """`xdpguard doctor`: can this machine run xdpguard, and what fixes it.
 
-Every check looks at what the running kernel actually does (creates the
-map, loads the program, looks for the PMU), never at its version number.
-Each check has a status:
+Every check does what xdpguard itself does, through the same code, and
+looks at what the running kernel actually does (creates the map, loads the
+program, runs it), never at its version number: bcc compiles the real
+program (bpf/xdpguard.c, loader.compile_program), the kernel loads it, a
+sample policy is written into it as `apply` writes one (loader.write_gen,
+with the classifier tries of loader._put_trie), BPF_PROG_TEST_RUN checks
+its verdicts, and it is attached in generic mode to the loopback of a
+network namespace made for the test. Each check has a status:
 
     ok    present and usable
     warn  works, with a limitation worth knowing (or not testable here)
     fail  something xdpguard needs is missing: exit status 1
+
+Beside the checks, a table of the kernel features xdpguard uses: whether
+this kernel has each, what it is used for, what xdpguard does without it.
 
 Interfaces are touched only when named with --iface: the native-XDP check
 loads a trivial XDP_PASS program ("xdpguard_doctor") and attaches it in
@@ -18,39 +26,73 @@ interrupt traffic for a moment: do not run it on a busy uplink casually.
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import platform
+import re
 import resource
 import socket
 import subprocess
 import sys
 import tempfile
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
+
+from xdpguard.probes import collector, detect
+from xdpguard.probes.collector import KPROBE_PROGS, TRACEPOINT_PROGS
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 
 BPFFS = "/sys/fs/bpf"
 JIT_SYSCTL = "/proc/sys/net/core/bpf_jit_enable"
 VMLINUX_BTF = "/sys/kernel/btf/vmlinux"
-TRACEFS_DIRS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
-KPROBE_PMU = "/sys/bus/event_source/devices/kprobe"
-TRACEPOINT_PMU = "/sys/bus/event_source/devices/tracepoint"
+# Where scripts/setup.sh records the headers it verified bcc compiles with.
+SETUP_RECORD = ".xdpguard-headers"
 
 # Name of the trivial program, so that a left-over attachment (the doctor
 # killed between attach and detach) is recognisable: 15 characters max.
 TEST_PROG = "xdpguard_doctor"
 TEST_PROG_SRC = "int %s(struct xdp_md *ctx) { return XDP_PASS; }\n" % TEST_PROG
 
-HEADERS_FIX = (
-    "apt-get install -y linux-headers-amd64 && "
-    "ln -sfn $(ls -d /usr/src/linux-headers-*-amd64 | sort -V | tail -n1) /lib/modules/$(uname -r)/build && "
-    "ln -sfn $(ls -d /usr/src/linux-headers-*-common | sort -V | tail -n1) /lib/modules/$(uname -r)/source"
-    "   (what scripts/setup.sh does)"
-)
 BCC_FIX = ("apt-get install -y python3-bpfcc; use a venv made with "
            "'python3 -m venv --system-site-packages .venv' so that it sees Debian's bcc")
+
+# Written into the real program as apply writes a policy. Its classifier
+# tries hold several entries in both families, more than their templates'
+# one: the per-generation tries of a real policy differ in size from the
+# template too. Documentation and private addresses only.
+SAMPLE_POLICY = """
+[policy]
+name = "xdpguard-doctor"
+default = "allow"
+
+[[rule]]
+name = "deny-src4"
+src = ["192.0.2.0/24", "198.51.100.128/25"]
+action = "deny"
+
+[[rule]]
+name = "deny-dst4"
+dst = ["203.0.113.0/24", "198.18.0.0/15"]
+proto = "udp"
+action = "deny"
+
+[[rule]]
+name = "deny-src6"
+src = ["2001:db8:1::/48", "2001:db8:2::/48", "2001:db8:3:4::/64"]
+action = "deny"
+"""
+# (source, destination, what the sample policy makes of a UDP frame)
+XDP_DROP, XDP_PASS = 1, 2
+SAMPLE_VERDICTS = (
+    ("192.0.2.1", "198.51.100.1", XDP_DROP),
+    ("198.51.100.200", "192.0.2.1", XDP_DROP),
+    ("198.51.100.1", "192.0.2.1", XDP_PASS),
+    ("10.0.0.1", "203.0.113.5", XDP_DROP),
+    ("2001:db8:1::1", "2001:db8:ff::1", XDP_DROP),
+    ("2001:db8:ff::1", "2001:db8:1::1", XDP_PASS),
+)
 
 
 @dataclass
@@ -61,14 +103,73 @@ class Check:
     fix: str | None = None
 
 
+@dataclass(frozen=True)
+class Feature:
+    """A kernel feature xdpguard uses; the checks find whether it is here."""
+    name: str
+    used_for: str
+    without: str
+
+
+_NO_LOAD = "the XDP program does not load: xdpguard cannot run"
+_COUNTER = {"syns": "SYNs reaching listeners", "handshakes": "completed handshakes",
+            "synack_retrans": "SYN-ACK retransmissions", "rst_sent": "resets sent",
+            "rst_recv": "resets received"}
+
+
+def _tp_feature(p: collector.Prog) -> str:
+    return f"{'raw_' if p.kind == 'raw_tracepoint' else ''}tracepoint {p.target}"
+
+
+FEATURES: tuple[Feature, ...] = (
+    Feature("bpf_syscall", "every map and program", "nothing: xdpguard cannot run"),
+    Feature("bpf_jit", "the XDP program as machine code", "the interpreter runs it, several times slower"),
+    Feature("btf_vmlinux", "struct offsets of the TCP probes (watch, top)",
+            "offsets from the kernel headers: wrong counts if they are another kernel's"),
+    Feature("bpffs", "pins: program and maps outlive the command", "apply cannot pin: xdpguard cannot run"),
+    Feature("lpm_trie", "classifier tries, ban maps", _NO_LOAD),
+    Feature("array_of_tries", "one classifier trie per generation, sized for its policy",
+            "apply fails (its tries differ in size from the template)"),
+    Feature("percpu_array", "per-rule counters, fast lane memory", _NO_LOAD),
+    Feature("lru_hash", "per-source rate-limit buckets", _NO_LOAD),
+    Feature("lru_percpu_hash", "per-source statistics (top, watch), TCP probe counts", _NO_LOAD),
+    Feature("mmapable_array", "the source table (srctab), written through mmap", _NO_LOAD),
+    Feature("ringbuf", "sampled drops (xdpguard log)", _NO_LOAD),
+    Feature("map_batch", "writing a generation's arrays", "apply fails"),
+    Feature("xdp_replace", "atomic program swap (reload, rollback)", "apply over a running program fails"),
+    Feature("prog_test_run", "xdpguard test, the benchmark", "xdpguard test cannot run; filtering is not affected"),
+    Feature("xdp_live_frames", "the benchmark's flood generator",
+            "the benchmark floods through AF_PACKET instead; xdpguard is not affected"),
+    Feature("native_xdp", "apply --mode native (auto tries it first)",
+            "generic mode: works, slower (after the skb is made)"),
+    Feature("kprobes", "the TCP probes' kprobe set (preferred)", "the tracepoint set is used"),
+    *(Feature(_tp_feature(p),
+              f"{_COUNTER[p.counter]} (tracepoint set)",
+              "no tracepoint set: without kprobes, no TCP statistics, no automatic bans" if p.required
+              else f"the tracepoint set counts no {_COUNTER[p.counter]}")
+      for p in TRACEPOINT_PROGS),
+    Feature("memcg_accounting", "BPF memory charged to the memory cgroup",
+            "RLIMIT_MEMLOCK must cover the maps (ulimit -l)"),
+)
+_FEATURE_NAMES = frozenset(f.name for f in FEATURES)
+
+
 @dataclass
 class Context:
     """What one check leaves for a later one."""
     iface: str | None = None
     netns: str | None = None
     bpf_ok: bool = False
-    bcc_module: object = None           # a loaded bcc.BPF with the test program
-    test_prog_fd: int | None = None
+    found: dict = field(default_factory=dict)    # feature name -> (available, detail)
+    modules: list = field(default_factory=list)  # bcc.BPF objects to clean up
+    sample: tuple | None = None                  # (tables, shape) of SAMPLE_POLICY
+    maps: dict | None = None                     # the real program's maps
+    prog_fd: int | None = None                   # the real program
+    filled: bool = False                         # the sample policy is in it
+
+    def feature(self, name: str, available: bool | None, detail: str = "") -> None:
+        assert name in _FEATURE_NAMES, name
+        self.found[name] = (available, detail)
 
 
 # ---------------------------------------------------------------- helpers
@@ -111,6 +212,21 @@ def _netns_prefix(netns: str | None, tool: str) -> str:
     return f"nsenter --net=/run/netns/{netns} "
 
 
+def _sample(ctx: Context) -> tuple:
+    """The sample policy's tables and the shape apply would give them."""
+    if ctx.sample is None:
+        from xdpguard import loader, policy
+        from xdpguard.compiler import compile_policy
+        tables = compile_policy(policy.load("xdpguard-doctor.toml", text=SAMPLE_POLICY))
+        ctx.sample = (tables, loader.Shape.for_tables(tables))
+    return ctx.sample
+
+
+def _bcc_version() -> str:
+    import bcc
+    return getattr(bcc, "__version__", "?")
+
+
 # ---------------------------------------------------------------- BPF basics
 
 def check_bpf_syscall(ctx: Context) -> list[Check]:
@@ -126,32 +242,46 @@ def check_bpf_syscall(ctx: Context) -> list[Check]:
             fix = "apt-get install -y libbpf1"
         else:
             fix = None
+        ctx.feature("bpf_syscall", False, _err(e))
         return [Check("bpf_syscall", FAIL, f"cannot create a BPF map: {_err(e)}", fix)]
     os.close(fd)
     ctx.bpf_ok = True
+    ctx.feature("bpf_syscall", True)
     return [Check("bpf_syscall", OK, "bpf(2) works: created and freed a map")]
 
 
 def check_jit(ctx: Context) -> list[Check]:
     v = _read(JIT_SYSCTL)
     if v is None:
+        ctx.feature("bpf_jit", False, f"no {JIT_SYSCTL}")
         return [Check("bpf_jit", WARN,
                       f"{JIT_SYSCTL} missing: no BPF JIT in this kernel, programs are interpreted (much slower)",
                       "a kernel built with CONFIG_BPF_JIT=y")]
     if v == "0":
+        ctx.feature("bpf_jit", False, "disabled")
         return [Check("bpf_jit", WARN, "BPF JIT disabled: XDP programs run in the interpreter (much slower)",
                       "sysctl -w net.core.bpf_jit_enable=1")]
     what = "enabled" if v == "1" else f"enabled (mode {v}: with debug output)"
+    ctx.feature("bpf_jit", True, what)
     return [Check("bpf_jit", OK, f"JIT {what}")]
 
 
 def check_btf(ctx: Context) -> list[Check]:
-    if os.path.exists(VMLINUX_BTF):
-        return [Check("btf", OK, f"{VMLINUX_BTF} present (the TCP probes take struct offsets from it)")]
-    return [Check("btf", WARN,
-                  f"{VMLINUX_BTF} missing: the TCP probes (kernel statistics, automatic bans) cannot "
-                  "start; access control and rate limits are not affected",
-                  "a kernel built with CONFIG_DEBUG_INFO_BTF=y")]
+    from xdpguard.probes import btf
+    fallback = ("the TCP probes (watch, top) take struct offsets from the kernel headers instead, "
+                "right only if they are the running kernel's; access control and rate limits are not affected")
+    if not os.path.exists(VMLINUX_BTF):
+        ctx.feature("btf_vmlinux", False, f"no {VMLINUX_BTF}")
+        return [Check("btf", WARN, f"{VMLINUX_BTF} missing: {fallback}",
+                      "a kernel built with CONFIG_DEBUG_INFO_BTF=y")]
+    try:
+        n = len(btf.probe_offset_cflags())     # what the probe collector compiles with
+    except (OSError, btf.BTFError) as e:
+        ctx.feature("btf_vmlinux", False, _err(e))
+        return [Check("btf", WARN, f"{VMLINUX_BTF} unusable ({_err(e)}): the TCP probes cannot start; "
+                      "access control and rate limits are not affected", None)]
+    ctx.feature("btf_vmlinux", True, f"{n} struct offsets")
+    return [Check("btf", OK, f"{VMLINUX_BTF}: the TCP probes take {n} struct offsets from it")]
 
 
 def _fs_supported(fstype: str) -> bool:
@@ -162,10 +292,13 @@ def _fs_supported(fstype: str) -> bool:
 def check_bpffs(ctx: Context) -> list[Check]:
     fix = f"mount -t bpf bpf {BPFFS}"
     if os.path.ismount(BPFFS):
+        ctx.feature("bpffs", True, f"mounted at {BPFFS}")
         return [Check("bpffs", OK, f"bpffs mounted at {BPFFS} (pins live in {BPFFS}/xdpguard)")]
     if not _fs_supported("bpf"):
+        ctx.feature("bpffs", False, "no bpf filesystem")
         return [Check("bpffs", FAIL, "this kernel has no bpf filesystem: applied policies cannot be pinned",
                       "a kernel built with CONFIG_BPF_SYSCALL=y")]
+    ctx.feature("bpffs", True, "not mounted")
     return [Check("bpffs", WARN,
                   f"bpffs is not mounted at {BPFFS}; 'xdpguard apply' mounts it itself, but mount it at "
                   "boot so that other tools see the pins", fix)]
@@ -173,149 +306,320 @@ def check_bpffs(ctx: Context) -> list[Check]:
 
 # ---------------------------------------------------------------- compiler side
 
-def check_headers(ctx: Context) -> list[Check]:
+def headers_used() -> dict:
+    """Which kernel headers bcc compiles with: /lib/modules/$(uname -r)/build,
+    the directory it resolves to (None if missing) and the kernel release
+    those headers are of (None if unknown)."""
     rel = platform.release()
     build = f"/lib/modules/{rel}/build"
-    if not os.path.exists(build):
-        what = "a dangling link" if os.path.islink(build) else "missing"
-        return [Check("kernel_headers", FAIL, f"{build} is {what}: bcc cannot compile", HEADERS_FIX)]
-    if not os.path.isdir(os.path.join(build, "include")):
-        return [Check("kernel_headers", FAIL, f"{build} has no include/: bcc cannot compile", HEADERS_FIX)]
-    target = os.path.realpath(build)
-    detail = f"{build} -> {target}"
-    base = os.path.basename(target)
-    if base.startswith("linux-headers-") and rel not in base:
-        detail += (f" (headers of another kernel than {rel}: fine for bcc's XDP program; "
-                   "the probes take struct offsets from BTF)")
-    return [Check("kernel_headers", OK, detail)]
+    target = os.path.realpath(build) if os.path.exists(build) else None
+    version = None
+    if target:
+        m = re.search(r'UTS_RELEASE\s+"([^"]+)"',
+                      _read(os.path.join(target, "include/generated/utsrelease.h")) or "")
+        version = m.group(1) if m else _read(os.path.join(target, "include/config/kernel.release"))
+    record = (_read(os.path.join(f"/lib/modules/{rel}", SETUP_RECORD)) or "").split()
+    return {"release": rel, "build": build, "target": target, "version": version,
+            "verified": bool(target) and record[:1] == [target]}
+
+
+def _headers_text(h: dict) -> str:
+    if not h["target"]:
+        return f"{h['build']} ({'a dangling link' if os.path.islink(h['build']) else 'missing'})"
+    return f"{h['target']} (headers of {h['version'] or 'an unknown kernel version'})"
+
+
+def _setup_fix() -> str:
+    from xdpguard import layout
+    script = layout.bpf_dir().parent / "scripts" / "setup.sh"
+    where = str(script) if script.is_file() else "scripts/setup.sh of the xdpguard source tree"
+    return (f"{where} (as root) points /lib/modules/$(uname -r)/build at the first installed headers "
+            "that bcc compiles bpf/xdpguard.c with (the kernel's own, then Debian's "
+            "linux-headers-*-amd64, newest first); if none does: apt-get install linux-headers-amd64 "
+            "(or the headers of an older kernel), then run it again")
+
+
+def check_headers(ctx: Context) -> list[Check]:
+    h = headers_used()
+    if not h["target"] or not os.path.isdir(os.path.join(h["target"], "include")):
+        what = _headers_text(h) if not h["target"] else f"{h['target']} (no include/)"
+        return [Check("headers", FAIL, f"{h['build']} -> {what}: bcc has no kernel headers to compile with",
+                      _setup_fix())]
+    detail = f"{h['build']} -> {_headers_text(h)}"
+    if h["verified"]:
+        detail += ", chosen by scripts/setup.sh"
+    if h["version"] and h["version"] != h["release"]:
+        detail += (f"; not the running kernel's ({h['release']}): bcc needs headers it can compile, "
+                   "the TCP probes take struct offsets from BTF")
+    return [Check("headers", OK, detail)]
+
+
+def _compile_errors(text: str) -> str:
+    errs = [ln.strip() for ln in text.splitlines() if "error:" in ln]
+    out = "; ".join(errs[:2]) + (f" (and {len(errs) - 2} more)" if len(errs) > 2 else "")
+    return out[:500]
 
 
 def check_bcc(ctx: Context) -> list[Check]:
+    """bcc compiles the real program as apply does, and the kernel loads it."""
     try:
         import bcc  # noqa: F401
     except ImportError as e:
         venv = sys.prefix != getattr(sys, "base_prefix", sys.prefix)
         where = f" from {sys.executable}" + (" (a venv: made with --system-site-packages?)" if venv else "")
         return [Check("bcc", FAIL, f"cannot import bcc{where}: {_err(e)}", BCC_FIX)]
-    from bcc import BPF
-    ver = getattr(bcc, "__version__", "?")
+    from xdpguard import layout, loader
+    ver = _bcc_version()
+    src = layout.bpf_dir() / "xdpguard.c"
+    tables, shape = _sample(ctx)
     msgs: list[str] = []
     try:
         with _stderr_to(msgs):
-            b = BPF(text=TEST_PROG_SRC.encode())
-            fn = b.load_func(TEST_PROG.encode(), BPF.XDP)
-    except Exception as e:   # bcc raises bare Exception for compile and verifier errors
-        out = " ".join(ln.strip() for ln in "".join(msgs).splitlines() if "error" in ln)[:300]
-        return [Check("bcc", FAIL, f"bcc {ver} imports but cannot compile and load an XDP program: "
-                      f"{_err(e)}{': ' + out if out else ''}",
-                      "check kernel_headers; then: apt-get install --reinstall python3-bpfcc libbpfcc")]
-    ctx.bcc_module, ctx.test_prog_fd = b, fn.fd
-    return [Check("bcc", OK, f"bcc {ver}: compiled and loaded a trivial XDP program")]
+            b, fn = loader.compile_program(shape)
+    except Exception as e:   # LoadError; bcc raises bare Exception for compile and verifier errors
+        text = "".join(msgs)
+        if "compile" in str(e).lower():
+            h = headers_used()
+            return [Check("bcc", FAIL, f"bcc {ver} cannot compile {src} with the kernel headers in "
+                          f"{_headers_text(h)}: {_compile_errors(text) or _err(e)}", _setup_fix())]
+        log = " | ".join(ln.strip() for ln in text.strip().splitlines()[-4:])[:500]
+        return [Check("bcc", FAIL, f"bcc {ver} compiled {src}, but the kernel refused to load it: "
+                      f"{_err(e)}{': ' + log if log else ''}",
+                      "see the kernel features below for what this kernel lacks")]
+    ctx.modules.append(b)
+    ctx.prog_fd = fn.fd
+    ctx.maps = loader.bcc_maps(b, shape.map_names())
+    return [Check("bcc", OK, f"bcc {ver} compiled {src} (headers: {headers_used()['version'] or '?'}) "
+                  "and the kernel loaded it")]
+
+
+# ---------------------------------------------------------------- maps
+
+def _probe_map(mtype: int, ks: int, vs: int, entries: int, flags: int = 0, then=None) -> str | None:
+    """None when this kernel creates the map (and `then(fd)` works), else why not."""
+    from xdpguard import bpfsys
+    try:
+        with bpfsys.closing_fd(bpfsys.map_create(mtype, "xg_doctor", ks, vs, entries, flags)) as fd:
+            if then is not None:
+                then(fd)
+    except OSError as e:
+        return _err(e)
+    return None
+
+
+def _mmap_write(fd: int) -> None:
+    with mmap.mmap(fd, 2 * 1024, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as mm:
+        mm[1024:1028] = b"\1\2\3\4"
+
+
+def _batch_write(fd: int) -> None:
+    from xdpguard import bpfsys
+    keys = b"".join(i.to_bytes(4, sys.byteorder) for i in range(4))
+    bpfsys.map_update_batch(fd, keys, bytes(4 * 8), 4)
 
 
 def check_maps(ctx: Context) -> list[Check]:
-    from xdpguard import bpfsys
-    out = []
-    specs = (("map_lpm_trie", bpfsys.BPF_MAP_TYPE_LPM_TRIE, "xg_doctor_lpm", 8, 4, bpfsys.BPF_F_NO_PREALLOC,
-              "LPM trie (address classifier)"),
-             ("map_lru_hash", bpfsys.BPF_MAP_TYPE_LRU_HASH, "xg_doctor_lru", 8, 8, 0,
-              "LRU hash (per-source buckets, bans)"))
-    for name, mtype, mname, ks, vs, flags, what in specs:
-        try:
-            fd = bpfsys.map_create(mtype, mname, ks, vs, 16, flags)
-        except OSError as e:
-            out.append(Check(name, FAIL, f"cannot create a {what} map: {_err(e)}",
-                             "a kernel with CONFIG_BPF_SYSCALL=y (LPM tries since 4.11, LRU hashes since 4.10)"))
-            continue
-        os.close(fd)
-        out.append(Check(name, OK, f"{what} maps can be created"))
-    out.append(_check_trie_array())
-    return out
+    """Each map type and flag of bpf/xdpguard.c, created the way it declares them."""
+    from xdpguard import bpfsys as bs
+    page = os.sysconf("SC_PAGE_SIZE")
+    probes = {
+        "lpm_trie": (bs.BPF_MAP_TYPE_LPM_TRIE, 8, 4, 16, bs.BPF_F_NO_PREALLOC),
+        "percpu_array": (bs.BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, 4),
+        "lru_hash": (bs.BPF_MAP_TYPE_LRU_HASH, 8, 8, 16),
+        "lru_percpu_hash": (bs.BPF_MAP_TYPE_LRU_PERCPU_HASH, 8, 8, 16),
+        "mmapable_array": (bs.BPF_MAP_TYPE_ARRAY, 4, 1024, 2, bs.BPF_F_MMAPABLE, _mmap_write),
+        "ringbuf": (bs.BPF_MAP_TYPE_RINGBUF, 0, 0, page),
+        "map_batch": (bs.BPF_MAP_TYPE_ARRAY, 4, 8, 4, 0, _batch_write),
+    }
+    missing = []
+    for name, args in probes.items():
+        why = _probe_map(*args)
+        ctx.feature(name, why is None, why or "")
+        if why:
+            missing.append(f"{name} ({why})")
+    if missing:
+        return [Check("map_types", FAIL, f"this kernel lacks map types or flags the program uses: "
+                      f"{', '.join(missing)}",
+                      "a newer kernel (mmap-able arrays 5.5+, batch operations 5.6+, ring buffers 5.8+)")]
+    return [Check("map_types", OK, f"every map type and flag the program uses can be created "
+                  f"({', '.join(probes)})")]
 
 
-def _check_trie_array() -> Check:
-    """An array of LPM tries, with a trie of another size put in: how the
-    classifier keeps one trie per generation (loader._put_trie)."""
-    from xdpguard import bpfsys
-    fds = []
+def check_tries(ctx: Context) -> list[Check]:
+    """Per-generation classifier tries of their own size put in the loaded
+    program's arrays of tries by the loader's own function."""
+    from xdpguard import bpfsys, layout, loader
+    if ctx.maps is None:
+        ctx.feature("array_of_tries", None, "not tested: the program did not load")
+        return [Check("map_of_tries", WARN, "not tested: the program did not load (see bcc)")]
+    tables, shape = _sample(ctx)
+    sizes = {}
     try:
-        fds.append(bpfsys.map_create(bpfsys.BPF_MAP_TYPE_LPM_TRIE, "xg_doctor_tmpl", 8, 4, 1,
-                                     bpfsys.BPF_F_NO_PREALLOC))
-        fds.append(bpfsys.map_create(bpfsys.BPF_MAP_TYPE_ARRAY_OF_MAPS, "xg_doctor_aom", 4, 4, 2,
-                                     inner_map_fd=fds[0]))
-        fds.append(bpfsys.map_create(bpfsys.BPF_MAP_TYPE_LPM_TRIE, "xg_doctor_lpm2", 8, 4, 64,
-                                     bpfsys.BPF_F_NO_PREALLOC))
-        bpfsys.map_update(fds[1], bytes(4), fds[2].to_bytes(4, sys.byteorder))
+        for fam in (4, 6):
+            entries = layout.srctab_trie(tables, fam, shape.nodes(fam))
+            for gen in (0, 1):
+                loader._put_trie(ctx.maps, fam, gen, entries)
+                fd = bpfsys.inner_map_fd(ctx.maps[f"lpm{fam}"].fd, gen)
+                if fd is None:
+                    raise OSError(errno.ENOENT, f"lpm{fam}[{gen}] is empty after the update")
+                with bpfsys.closing_fd(fd):
+                    sizes[fam] = bpfsys.map_info(fd)["max_entries"]
     except OSError as e:
-        return Check("map_of_tries", FAIL, f"cannot make an array of LPM tries: {_err(e)}",
-                     "a kernel with maps of maps (4.12+) that lets inner tries differ in size (5.10+)")
-    finally:
-        for fd in fds:
-            os.close(fd)
-    return Check("map_of_tries", OK, "arrays of LPM tries (one classifier trie per generation) work")
+        ctx.feature("array_of_tries", False, _err(e))
+        return [Check("map_of_tries", FAIL, f"the loader cannot put a classifier trie in the program's "
+                      f"array of tries: {_err(e)}",
+                      "a kernel whose arrays of maps take inner tries of another size than the "
+                      "template, with the template's BTF")]
+    tmpl = ctx.maps["lpm4_inner"].max_entries
+    what = f"tries of {sizes[4]} (IPv4) and {sizes[6]} (IPv6) entries, template {tmpl}"
+    ctx.feature("array_of_tries", True, what)
+    return [Check("map_of_tries", OK, f"the loader put per-generation classifier tries in the program's "
+                  f"arrays of tries ({what})")]
+
+
+def check_policy_write(ctx: Context) -> list[Check]:
+    """The sample policy written into both generations, switched to each:
+    apply's first fill, then an in-place re-apply."""
+    from xdpguard import loader
+    if ctx.maps is None:
+        return [Check("policy_write", WARN, "not tested: the program did not load (see bcc)")]
+    tables, shape = _sample(ctx)
+    try:
+        slots, fresh = loader.assign_slots(tables, None)
+        loader.zero_slots(ctx.maps, fresh)
+        for gen in (0, 1):
+            loader.write_gen(ctx.maps, tables, gen, shape, slots)
+            loader.set_active(ctx.maps, gen)
+    except OSError as e:
+        return [Check("policy_write", FAIL, f"writing a policy into the program failed: {_err(e)}",
+                      "see the kernel features below for what this kernel lacks")]
+    ctx.filled = True
+    return [Check("policy_write", OK, f"a policy of {tables.nrules} rules was written into both "
+                  "generations of the program and switched to, as apply and re-apply do")]
+
+
+# ---------------------------------------------------------------- running the program
+
+def _live_frames(ctx: Context) -> None:
+    from xdpguard import bpfsys
+    try:
+        err = bpfsys.live_frames_refused()
+    except OSError as e:
+        ctx.feature("xdp_live_frames", None, f"not tested: {_err(e)}")
+        return
+    ctx.feature("xdp_live_frames", err is None, "" if err is None else f"refused: {errno.errorcode.get(err, err)}")
+
+
+def check_test_run(ctx: Context) -> list[Check]:
+    """The loaded program's verdicts on the sample policy (BPF_PROG_TEST_RUN,
+    as `xdpguard test` runs it); and whether live frames run."""
+    from xdpguard import bpfsys, packet
+    _live_frames(ctx)
+    if not ctx.filled:
+        ctx.feature("prog_test_run", None, "not tested: no program with a policy")
+        return [Check("test_run", WARN, "not tested: no program with a policy (see above)")]
+    wrong = []
+    try:
+        for src, dst, want in SAMPLE_VERDICTS:
+            got, _, _ = bpfsys.prog_test_run(ctx.prog_fd, packet.build(src, dst, "udp", dport=53),
+                                             data_out_size=0)
+            if got != want:
+                wrong.append(f"{src} -> {dst}: {got} instead of {want}")
+    except OSError as e:
+        ctx.feature("prog_test_run", False, _err(e))
+        return [Check("test_run", WARN, f"BPF_PROG_TEST_RUN refused ({_err(e)}): 'xdpguard test' cannot "
+                      "run, and the program's verdicts could not be checked here", None)]
+    ctx.feature("prog_test_run", True)
+    if wrong:
+        return [Check("test_run", FAIL, "the program misjudges the sample policy's frames on this kernel "
+                      f"(XDP verdicts): {'; '.join(wrong)}",
+                      "report it with this output: filtering would be wrong here")]
+    return [Check("test_run", OK, f"the program dropped and passed {len(SAMPLE_VERDICTS)} frames as the "
+                  "policy says (BPF_PROG_TEST_RUN: 'xdpguard test' works)")]
+
+
+def check_xdp_generic(ctx: Context) -> list[Check]:
+    """Attach the loaded program in generic mode and swap it atomically, as
+    apply and a reload do, on the loopback of a namespace made for it."""
+    from xdpguard import bpfsys, netns
+    if not ctx.filled:
+        ctx.feature("xdp_replace", None, "not tested: no program with a policy")
+        return [Check("xdp_generic", WARN, "not tested: no program with a policy (see above)")]
+    lo = 1   # the loopback is the first device of a new namespace
+    step = ["attach"]
+
+    def attach_swap_detach():
+        # No clean-up on failure: the namespace, and what is attached in
+        # it, goes when the call returns.
+        bpfsys.xdp_attach(lo, ctx.prog_fd, bpfsys.XDP_FLAGS_SKB_MODE | bpfsys.XDP_FLAGS_UPDATE_IF_NOEXIST)
+        step[0] = "swap"
+        bpfsys.xdp_attach(lo, ctx.prog_fd, bpfsys.XDP_FLAGS_SKB_MODE, old_prog_fd=ctx.prog_fd)
+        step[0] = "detach"
+        bpfsys.xdp_detach(lo, bpfsys.XDP_FLAGS_SKB_MODE, old_prog_fd=ctx.prog_fd)
+
+    try:
+        netns.call_in_new_netns(attach_swap_detach)
+    except (OSError, netns.NetnsError) as e:
+        if step[0] == "swap":
+            ctx.feature("xdp_replace", False, _err(e))
+            return [Check("xdp_generic", FAIL, f"the program attaches, but cannot be swapped atomically "
+                          f"(XDP_FLAGS_REPLACE): {_err(e)}; a reload and rollback would fail",
+                          "a kernel with XDP_FLAGS_REPLACE (5.7+)")]
+        ctx.feature("xdp_replace", True if step[0] == "detach" else None,
+                    "" if step[0] == "detach" else "not tested: attach failed")
+        return [Check("xdp_generic", FAIL, f"the program cannot be {step[0]}ed in generic mode "
+                      f"(in a network namespace made for the test): {_err(e)}",
+                      "the kernel's reason is in the detail: 'xdpguard apply' would fail the same way")]
+    ctx.feature("xdp_replace", True)
+    return [Check("xdp_generic", OK, "the program attached in generic mode and swapped atomically "
+                  "(on the loopback of a network namespace made for the test)")]
 
 
 # ---------------------------------------------------------------- probes
 
-def _detect():
-    """xdpguard.probes.detect when it imports, else the minimal fallback below."""
-    try:
-        from xdpguard.probes import detect
-        return detect.kprobes_available, detect.tracepoints_available, getattr(detect, "missing_tracepoints", None)
-    except ImportError:
-        return _kprobes_available, _tracepoints_available, None
-
-
-def _tracefs() -> str | None:
-    for d in TRACEFS_DIRS:
-        if os.path.isdir(os.path.join(d, "events")):
-            return d
-    return None
-
-
-def _kprobes_available() -> bool:
-    if os.path.isdir(KPROBE_PMU):
-        return True
-    return any(os.path.exists(os.path.join(d, "kprobe_events")) for d in TRACEFS_DIRS)
-
-
-def _tracepoints_available(mount: bool = True) -> bool:
-    if not os.path.isdir(TRACEPOINT_PMU):
-        return False
-    if _tracefs() is None and mount and os.path.isdir(TRACEFS_DIRS[0]):
-        subprocess.run(["mount", "-t", "tracefs", "tracefs", TRACEFS_DIRS[0]], capture_output=True)
-    d = _tracefs()
-    return d is not None and os.path.exists(os.path.join(d, "events/sock/inet_sock_set_state/format"))
-
-
 def check_probes(ctx: Context) -> list[Check]:
-    kp_fn, tp_fn, missing_fn = _detect()
-    kp = bool(kp_fn())
-    tp = bool(tp_fn())            # mounts tracefs when needed
+    kp = detect.kprobes_available()
+    tp = detect.tracepoints_available()          # mounts tracefs when needed
+    tfs = detect.tracefs_dir()
     out = []
     if kp:
-        out.append(Check("kprobes", OK, "kprobes available: the kprobe set of TCP probes is used"))
+        targets = sorted({p.target for p in KPROBE_PROGS})
+        found = detect.function_ranges(targets)
+        absent = [t for t in targets if t not in found]
+        ctx.feature("kprobes", True, f"functions not found: {', '.join(absent)}" if absent else "")
+        extra = f" (functions not in /proc/kallsyms: {', '.join(absent)})" if absent else ""
+        out.append(Check("kprobes", OK, f"kprobes available: the kprobe set of TCP probes is used{extra}"))
     else:
-        why = (f"no {KPROBE_PMU} and no kprobe_events in tracefs (kernel built without CONFIG_KPROBES "
-               "or CONFIG_KPROBE_EVENTS)")
-        if tp:
-            out.append(Check("kprobes", WARN, f"kprobes unavailable: {why}; the tracepoint set is used instead",
-                             "none needed (optional: a kernel with CONFIG_KPROBES=y)"))
-        else:
-            out.append(Check("kprobes", WARN, f"kprobes unavailable: {why}",
-                             "a kernel with CONFIG_KPROBES=y, or see tracepoints"))
-    tfs = _tracefs()
+        why = (f"no {detect.KPROBE_PMU} and no kprobe_events in tracefs (kernel built without "
+               "CONFIG_KPROBES or CONFIG_KPROBE_EVENTS)")
+        ctx.feature("kprobes", False, why)
+        alt = "the tracepoint set is used instead" if tp else "and no tracepoints either (below)"
+        out.append(Check("kprobes", WARN, f"kprobes unavailable: {why}; {alt}",
+                         "none needed (optional: a kernel with CONFIG_KPROBES=y)" if tp
+                         else "a kernel with CONFIG_KPROBES=y, or see tracepoints"))
+    pmu = os.path.isdir(detect.TRACEPOINT_PMU)
+    # What the collector itself would leave out of the tracepoint set here.
+    skipped, unusable = {}, None if pmu else f"no {detect.TRACEPOINT_PMU}"
+    if pmu:
+        try:
+            _, skipped = collector.build_cflags("tracepoint")
+        except collector.ProbeError as e:
+            unusable = str(e)
+    raw = detect.raw_tracepoints_available()
+    missing = []
+    for p in TRACEPOINT_PROGS:
+        key = "consume_skb" if p.kind == "raw_tracepoint" else p.target
+        why = unusable or skipped.get(key) or ("" if raw or p.kind != "raw_tracepoint" else "no raw tracepoints")
+        ctx.feature(_tp_feature(p), not why, why)
+        if why:
+            missing.append(p.target)
     if tp:
-        extra = ""
-        if missing_fn is not None:
-            missing = missing_fn()
-            if missing:
-                extra = f" (optional events missing: {', '.join(missing)})"
         used = "not used: kprobes are preferred" if kp else "used for the TCP probes"
+        extra = f" (optional events missing: {', '.join(missing)})" if missing else ""
         out.append(Check("tracepoints", OK, f"sock:inet_sock_set_state available in {tfs}, {used}{extra}"))
     else:
-        if not os.path.isdir(TRACEPOINT_PMU):
-            why, fix = f"no {TRACEPOINT_PMU}", "a kernel with CONFIG_TRACEPOINTS=y and CONFIG_PERF_EVENTS=y"
+        if not pmu:
+            why, fix = f"no {detect.TRACEPOINT_PMU}", "a kernel with CONFIG_TRACEPOINTS=y and CONFIG_PERF_EVENTS=y"
         elif tfs is None:
             why, fix = "tracefs is not mounted and could not be mounted", "mount -t tracefs tracefs /sys/kernel/tracing"
         else:
@@ -379,8 +683,10 @@ def check_memlock(ctx: Context) -> list[Check]:
     soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
     lim = f"RLIMIT_MEMLOCK {_fmt_limit(soft)} (hard {_fmt_limit(hard)})"
     if not ctx.bpf_ok:
+        ctx.feature("memcg_accounting", None, "not tested: bpf(2) unusable")
         return [Check("memlock", WARN, f"{lim}; not tested (bpf(2) unusable)")]
     memcg = _memcg_accounting()
+    ctx.feature("memcg_accounting", memcg, "" if memcg is not None else "could not tell")
     if memcg:
         return [Check("memlock", OK,
                       f"{lim}: irrelevant here, this kernel charges BPF memory to the memory cgroup "
@@ -409,39 +715,56 @@ def _ifindex(ctx: Context) -> int:
         return socket.if_nametoindex(ctx.iface)
 
 
+def _test_prog(ctx: Context) -> int:
+    """fd of the trivial XDP_PASS program (raises on failure)."""
+    from bcc import BPF
+    msgs: list[str] = []
+    with _stderr_to(msgs):
+        b = BPF(text=TEST_PROG_SRC.encode())
+    ctx.modules.append(b)
+    return b.load_func(TEST_PROG.encode(), BPF.XDP).fd
 
 
 def check_xdp_native(ctx: Context) -> list[Check]:
-    """Attach the trivial program in native mode, only if nothing is attached."""
+    """Attach a trivial program in native mode, only if nothing is attached."""
     from xdpguard import bpfsys
     from xdpguard.netns import in_netns
     iface = ctx.iface
     name = "xdp_native"
-    if ctx.test_prog_fd is None:
-        return [Check(name, FAIL, f"{iface}: not tested: no test program (see bcc)", None)]
+    try:
+        prog_fd = _test_prog(ctx)
+    except Exception as e:   # bcc raises bare Exception
+        ctx.feature("native_xdp", None, "not tested: no test program")
+        return [Check(name, FAIL, f"{iface}: not tested: bcc cannot load a trivial XDP program: {_err(e)}",
+                      "see bcc")]
     ip = _netns_prefix(ctx.netns, "ip")
     with in_netns(ctx.netns):
         ifindex = socket.if_nametoindex(iface)
         q = bpfsys.xdp_query(ifindex)
         if q["drv_prog_id"]:
+            ctx.feature("native_xdp", True, f"{iface}: a program is attached in native mode")
             return [Check(name, OK, f"{iface}: a program is attached in native mode: the driver supports it")]
         if q["prog_id"]:
+            ctx.feature("native_xdp", None, f"{iface}: not tested: a {q['attach_mode']} program is attached")
             return [Check(name, WARN, f"{iface}: not tested: a program is attached in {q['attach_mode']} "
                           "mode (native and generic XDP cannot coexist on an interface)", None)]
         try:
-            bpfsys.xdp_attach(ifindex, ctx.test_prog_fd,
-                              bpfsys.XDP_FLAGS_DRV_MODE | bpfsys.XDP_FLAGS_UPDATE_IF_NOEXIST)
+            bpfsys.xdp_attach(ifindex, prog_fd, bpfsys.XDP_FLAGS_DRV_MODE | bpfsys.XDP_FLAGS_UPDATE_IF_NOEXIST)
         except OSError as e:
+            if e.errno in (errno.EEXIST, errno.EBUSY):
+                ctx.feature("native_xdp", None, f"{iface}: not tested")
+                return [Check(name, WARN, f"{iface}: not tested: a program was attached meanwhile", None)]
+            ctx.feature("native_xdp", False, f"{iface}: {_err(e)}")
             if e.errno in (errno.EOPNOTSUPP, bpfsys.ENOTSUPP):
                 return [Check(name, WARN, f"{iface}: the driver has no native XDP: 'apply' falls back to "
                               "generic mode (works, but after the skb is allocated: much slower)",
                               "a NIC driver with native XDP, or accept generic mode (apply --mode generic)")]
-            if e.errno in (errno.EEXIST, errno.EBUSY):
-                return [Check(name, WARN, f"{iface}: not tested: a program was attached meanwhile", None)]
             return [Check(name, WARN, f"{iface}: native attach refused: {_err(e)}",
-                          "see the kernel message above; apply --mode generic works without driver support")]
+                          "see the kernel's reason in the detail; apply --mode generic works without "
+                          "driver support")]
+        ctx.feature("native_xdp", True, iface)
         try:
-            bpfsys.xdp_detach(ifindex, bpfsys.XDP_FLAGS_DRV_MODE, old_prog_fd=ctx.test_prog_fd)
+            bpfsys.xdp_detach(ifindex, bpfsys.XDP_FLAGS_DRV_MODE, old_prog_fd=prog_fd)
         except OSError as e:
             return [Check(name, FAIL, f"{iface}: native XDP works, but the test program could not be "
                           f"detached again: {_err(e)}", f"ip {ip}link set dev {iface} xdpdrv off")]
@@ -469,7 +792,6 @@ def check_foreign(ctx: Context) -> list[Check]:
         pol = (record.get("policy") or {}).get("name", "?")
         return [Check(name, OK, f"{iface}: xdpguard's program is attached (id {pid}, {q['attach_mode']} "
                       f"mode, policy '{pol}')")]
-    from xdpguard import bpfsys
     pname = bpfsys.prog_name(pid)
     detail = (f"{iface}: a foreign XDP program is attached (id {pid}, '{pname}', {q['attach_mode']} mode); "
               "'xdpguard apply' refuses to replace it without --force")
@@ -493,9 +815,13 @@ CHECKS: list[tuple[str, Callable[[Context], list[Check]]]] = [
     ("bpf_jit", check_jit),
     ("btf", check_btf),
     ("bpffs", check_bpffs),
-    ("kernel_headers", check_headers),
+    ("headers", check_headers),
     ("bcc", check_bcc),
-    ("maps", check_maps),
+    ("map_types", check_maps),
+    ("map_of_tries", check_tries),
+    ("policy_write", check_policy_write),
+    ("test_run", check_test_run),
+    ("xdp_generic", check_xdp_generic),
     ("probes", check_probes),
     ("memlock", check_memlock),
 ]
@@ -505,8 +831,9 @@ IFACE_CHECKS = [
 ]
 
 
-def run_checks(iface: str | None = None, netns: str | None = None) -> list[Check]:
-    """All checks; the interface ones only with an interface."""
+def run(iface: str | None = None, netns: str | None = None) -> tuple[list[Check], list[dict]]:
+    """All checks (the interface ones only with an interface), and the
+    kernel features they found, in FEATURES order."""
     ctx = Context(iface=iface, netns=None if netns in (None, "host") else netns)
     out: list[Check] = []
     todo = CHECKS + (IFACE_CHECKS if iface else [])
@@ -517,13 +844,20 @@ def run_checks(iface: str | None = None, netns: str | None = None) -> list[Check
             except Exception as e:   # a broken check must not hide the others
                 out.append(Check(name, FAIL, f"check failed: {type(e).__name__}: {_err(e)}"))
     finally:
-        if ctx.bcc_module is not None:
-            ctx.bcc_module.cleanup()
-    return out
+        for b in ctx.modules:
+            b.cleanup()
+    feats = []
+    for f in FEATURES:
+        available, detail = ctx.found.get(
+            f.name, (None, "not tested: needs --iface" if f.name == "native_xdp" else "not tested"))
+        feats.append({"name": f.name, "available": available, "used_for": f.used_for,
+                      "without": f.without, "detail": detail})
+    return out, feats
 
 
-def report(checks: list[Check]) -> dict:
-    return {"checks": [asdict(c) for c in checks], "ok": all(c.status != FAIL for c in checks)}
+def report(checks: list[Check], features: list[dict]) -> dict:
+    return {"checks": [asdict(c) for c in checks], "features": features,
+            "ok": all(c.status != FAIL for c in checks)}
 
 
 def cmd_doctor(args) -> int:
@@ -551,13 +885,17 @@ def cmd_doctor(args) -> int:
             where = f" in network namespace '{netns}'" if netns and netns != "host" else ""
             print(f"error: no interface '{iface}'{where}", file=sys.stderr)
             return 2
-    checks = run_checks(iface, netns)
-    rep = report(checks)
+    checks, features = run(iface, netns)
+    rep = report(checks, features)
     if args.json:
         emit_json(rep)
     else:
         rows = [[c.name, c.status.upper() if c.status != OK else c.status, c.detail] for c in checks]
         print(table(["check", "status", "detail"], rows, right=set()))
+        here = {True: "yes", False: "NO", None: "?"}
+        rows = [[f["name"], here[f["available"]], f["used_for"], f["without"]] for f in features]
+        print("\nkernel features (?: not tested here)\n"
+              + table(["feature", "here", "used for", "without it"], rows, right=set()))
         fixes = [c for c in checks if c.status != OK and c.fix]
         if fixes:
             print("\nto fix:")
