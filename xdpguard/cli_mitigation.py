@@ -143,7 +143,9 @@ def cmd_top(args) -> int:
             dt, sources, dests = sampler.sample()
             cur = stats.read_stats(d, rec)
             now = time.monotonic()
-            view = _top_view(rec, sources, dests, local, prev_stats, cur, now - prev_t, d)
+            with bans.BanMaps(d, rec) as bm:
+                banned = [e for e in bm.entries() if not e["expired"]]
+            view = _top_view(rec, sources, dests, local, prev_stats, cur, now - prev_t, banned)
             prev_stats, prev_t = cur, now
             if args.json:
                 emit_json(view)
@@ -162,8 +164,11 @@ def cmd_top(args) -> int:
             probes.close()
 
 
-def _top_view(rec, sources, dests, local, prev, cur, dt, directory) -> dict:
-    from xdpguard import bans
+def _top_view(rec, sources, dests, local, prev, cur, dt, banned) -> dict:
+    """One frame of `top`. Sources without packets in the interval are
+    left out of the lists (a flood that ended before the interval began
+    leaves them empty), and so are banned ones: the program drops them
+    before it counts them; they are under `bans`."""
     n = 10
     srcs = [{"source": k, **{f: round(v, 1) for f, v in r.items() if f in ("pps", "bps", "syn_rate", "conn_rate", "resets")}}
             for k, r in sources.items()]
@@ -181,12 +186,10 @@ def _top_view(rec, sources, dests, local, prev, cur, dt, directory) -> dict:
               "pps": round((r["packets"] - pmap.get(r["rule"], r)["packets"]) / dt, 1),
               "drop_pps": round((r["dropped_packets"] - pmap.get(r["rule"], r)["dropped_packets"]) / dt, 1)}
              for r in cur["rules"]]
-    with bans.BanMaps(directory, rec) as bm:
-        active = [e for e in bm.entries() if not e["expired"]]
     return {"schema_version": 1, "netns": rec["netns"], "iface": rec["iface"], "interval": round(dt, 2),
             "mitigation": rec["mitigation"]["enabled"],
             "top_pps": top("pps"), "top_syn_rate": top("syn_rate"), "top_conn_rate": top("conn_rate"),
-            "top_dests": dst, "bans": active[:n], "bans_active": len(active), "rules": rules}
+            "top_dests": dst, "bans": banned[:n], "bans_active": len(banned), "rules": rules}
 
 
 def _print_top(v: dict) -> None:
