@@ -12,6 +12,7 @@ import pytest
 
 from tests.conftest import require_tool
 from tests.lab import CLIENT4, EXTRA4, REPO, SERVER4, Lab
+from tests.timing import scaled, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -54,12 +55,12 @@ def test_confirm_timeout_restores_previous_without_loss(lab):
     b = lab.write_policy("b", ALLOW_PING.format(name="pol-b", client=CLIENT4, extra="b-only"))
     lab.apply(a)
     flow = _ping_flow(lab, count=400)
-    time.sleep(0.5)
+    assert wait_until(lambda: lab.counters()["ping"]["packets"] > 0, scaled(10), interval=0.1), "no ping flow"
     cp = lab.xdpguard("apply", b, "--iface", lab.server_if, "--netns", lab.server_ns,
                       "--confirm", "1.5", check=False)
     assert cp.returncode == 3, cp.stdout + cp.stderr
     assert "not confirmed" in cp.stdout
-    out, _ = flow.popen.communicate(timeout=30)     # the flow runs to its end
+    out, _ = flow.popen.communicate(timeout=scaled(30))     # the flow runs to its end
     assert _loss(out) == 0, out
     assert lab.stats()["policy"] == "pol-a"
     names = [r["rule"] for r in lab.stats()["rules"]]
@@ -73,16 +74,19 @@ def test_confirm_in_time_keeps_new_policy(lab):
     a = lab.write_policy("a2", ALLOW_PING.format(name="pol-a", client=CLIENT4, extra="a-only"))
     b = lab.write_policy("b2", ALLOW_PING.format(name="pol-b", client=CLIENT4, extra="b-only"))
     lab.apply(a)
+    # Time to see the new policy and confirm it: a few CLI runs, each slow
+    # on a slow machine. Confirming ends the wait.
+    window = scaled(20, cap=300)
     p = subprocess.Popen([*lab.xg, "apply", str(b), "--iface", lab.server_if, "--netns", lab.server_ns,
-                          "--confirm", "20"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+                          "--confirm", f"{window:.0f}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         cwd=REPO)
+
+    def pending():
         st = [s for s in lab.status() if s["iface"] == lab.server_if]
-        if st and st[0]["policy"] == "pol-b" and st[0]["confirm_deadline"]:
-            break
-        time.sleep(0.2)
+        return st and st[0]["policy"] == "pol-b" and st[0]["confirm_deadline"]
+    assert wait_until(pending, window, interval=0.2), "the new policy did not come up awaiting confirmation"
     lab.xdpguard("confirm", "--iface", lab.server_if, "--netns", lab.server_ns)
-    out, err = p.communicate(timeout=30)
+    out, err = p.communicate(timeout=scaled(30))
     assert p.returncode == 0, out + err
     assert lab.stats()["policy"] == "pol-b"
     # rollback goes back one level, keeping counters, and works both ways
@@ -143,7 +147,7 @@ log = true
     lab.apply(pol)
     lab.xdpguard("log", "--iface", lab.server_if, "--netns", lab.server_ns)   # drain
     t0 = time.monotonic()
-    lab.run("client", ["ping", "-q", "-c", "200", "-i", "0.005", "-W", "1", SERVER4], timeout=20)
+    lab.run("client", ["ping", "-q", "-c", "200", "-i", "0.005", "-W", "1", SERVER4], timeout=scaled(20))
     elapsed = time.monotonic() - t0
     cp = lab.xdpguard("log", "--iface", lab.server_if, "--netns", lab.server_ns, "--json")
     docs = [json.loads(l) for l in cp.stdout.splitlines()]
