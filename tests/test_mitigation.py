@@ -332,6 +332,8 @@ def test_top_shows_the_flooder(lab):
         lab.detach(check=False)
     view = views[-1]
     assert found, f"top did not show the flooder in {len(views)} runs: {view}"
+    print(f"\ntop after {len(views)} run(s): {view['top_pps'][0]}; rules {view['rules']}; "
+          f"SYNs counted over the whole run: {offered:.0f}/s")
     assert view["mitigation"] is True
     lead = view["top_pps"][0]
     assert lead["source"] == flooder, view["top_pps"]
