@@ -376,7 +376,7 @@ def test_e2e_ipv4(probes, nspair):
                     seconds=8)
     sp = entry(snap, "sources", spoof)
     assert sp["synack_retrans"] >= 1, sp
-    # It never answered: nothing of the client's RSTs is counted on it.
+    # It never answered, and no RST went to or came from it.
     assert sp["handshakes"] == 0 and sp["resets"] == 0
     if probes.supported["syns"]:
         assert sp["syns"] == 1
