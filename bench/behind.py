@@ -94,7 +94,8 @@ class Variant:
 
 def run(rounds: int, seconds: float, moves: list[int]) -> dict:
     sender = traffic.Sender()
-    out: dict = {"rounds": rounds, "seconds": seconds, "variants": {}}
+    out: dict = {"rounds": rounds, "seconds": seconds, "generator": sender.generator,
+                 "generator_why": sender.why, "variants": {}}
     with ExitStack() as stack:
         stack.callback(sender.close)
         sender.prog(4, 1)
@@ -147,12 +148,17 @@ def main(argv=None) -> int:
     if not 1 <= args.rounds <= 50 or not 0.1 <= args.seconds <= 5:
         print("behind: --rounds 1-50, --seconds 0.1-5", file=sys.stderr)
         return 2
+    try:
+        traffic.pick_generator()
+    except (ValueError, OSError) as e:
+        print(f"behind: {e}", file=sys.stderr)
+        return 2
     common.install_signal_handlers()
     res = run(args.rounds, args.seconds, moves)
     rows = [[name, f"{v['median']:.2f}", f"{v['vs_read_drop']:.2f}x"] for name, v in res["variants"].items()]
     print_table("work behind the frame's first read (receiver Mpps/core)", ["variant", "Mpps/core", "vs read-drop"],
                 rows, f"median of {args.rounds} interleaved rounds of {args.seconds} s; vs read-drop: "
-                      "median of the per-round ratios")
+                      f"median of the per-round ratios\ngenerator: {res['generator']} ({res['generator_why']})")
     if args.json_out:
         args.json_out.write_text(json.dumps(res, indent=1))
     return 0

@@ -266,6 +266,24 @@ def set_gro(ns: str, ifname: str, on: bool) -> None:
             e.close()
 
 
+def set_tso(ns: str, ifname: str, on: bool) -> None:
+    """Every TCP segmentation offload (tx-tcp*-segmentation) of an interface
+    that can change (veth fixes them off while its peer has an XDP program)."""
+    from pyroute2.ethtool.ioctl import IoctlEthtool
+    with in_netns(ns):
+        e = IoctlEthtool(ifname)
+        try:
+            f = e.get_features()
+            names = [n for n in f.keys() if n.startswith("tx-tcp") and n.endswith("-segmentation")
+                     and f.is_available(n) and f[n] != on]
+            for name in names:
+                f[name] = on
+            if names:
+                e.set_features(f)
+        finally:
+            e.close()
+
+
 def snmp(ns: str) -> dict[str, int]:
     """/proc/net/snmp (+ snmp6) of a namespace: 'Ip.InReceives' -> n."""
     out: dict[str, int] = {}

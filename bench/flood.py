@@ -1,7 +1,8 @@
-"""Section 2: floods through the NIC-like path (live XDP frames over veth).
+"""Section 2: floods through the NIC-like path (frames over veth).
 
-One sender (CPU 0, BPF_PROG_TEST_RUN live frames, XDP_TX out of veth a)
-against one receiver (veth b, threaded NAPI pinned to CPU 1) in a
+One sender (CPU 0, BPF_PROG_TEST_RUN live frames, XDP_TX out of veth a;
+or a packet socket on a where the kernel refuses live frames: see
+bench/traffic.py; every run records its generator) against one receiver (veth b, threaded NAPI pinned to CPU 1) in a
 separate namespace, for each receiver mode:
 
     pass                XDP_PASS program: everything to the stack (UDP port 9, no socket)
@@ -272,6 +273,7 @@ def run(ctx) -> dict:
                     "setup": {"sender_cpu": 0, "receiver_cpu": 1, "batch_size": 64,
                               "limit": {"rate": LIMIT_RATE, "burst": LIMIT_BURST, "size": LIMIT_SIZE}}}
     sender = traffic.Sender()
+    result["generator"], result["generator_why"] = sender.generator, sender.why
     try:
         for fam in fams:            # compile the senders up front
             for pool in pools:
@@ -299,7 +301,7 @@ def run(ctx) -> dict:
                 rs = [r for r in result["runs"] if (r["mode"], r["family"], r["pool"]) == (mode, fam, pool)]
                 if not rs:
                     continue
-                m = {"mode": mode, "family": fam, "pool": pool, "n": len(rs)}
+                m = {"mode": mode, "family": fam, "pool": pool, "n": len(rs), "generator": rs[0]["generator"]}
                 for k in keys:
                     m[k] = median([r[k] for r in rs])
                 for k in ("sent", "received", "dropped", "passed", "lost_ring_full", "unaccounted"):
@@ -387,19 +389,20 @@ def run(ctx) -> dict:
                      r["drop_mpps"], r["pass_mpps"], f"{r['lost_ring_full']:,}", f"{r['unaccounted']:,}",
                      f"{r['cpu_busy'][0] * 100:.0f}/{r['cpu_busy'][1] * 100:.0f}" if len(r["cpu_busy"]) > 1 else "-",
                      "-" if r["rx_cpu_share"] is None else f"{r['rx_cpu_share'] * 100:.0f}",
-                     r["core_mpps"]])
+                     r["core_mpps"], r["generator"]])
     rows = [[c if not isinstance(c, float) else f"{c:.2f}" for c in row] for row in rows]
     rows = [["-" if c is None else c for c in row] for row in rows]
     note = [f"Mpps: median of {reps} run(s) (limiters: {limit_reps}) of <= {count:,} frames, <= {seconds} s, "
             "modes interleaved (order rotated each round);",
             "sender CPU 0, receiver NAPI thread CPU 1; lost and unacc. summed over the runs",
-            "received = frames b's NAPI took off the ring; lost = ring full (veth xdp_xmit_errors);",
+            f"generator: {sender.generator} ({sender.why});",
+            f"received = frames b's NAPI took off the ring; lost = ring full ({traffic.LOST_FROM[sender.generator]});",
             "unaccounted = sent - received - lost; cpu = busy % of CPU 0 / CPU 1 from /proc/stat;",
             "rx% = CPU time of the receiver's NAPI thread / wall time; Mpps/core = received per second",
             "of that CPU time: the receiver's capacity on a whole core (targets use it)"]
     for k, v in result["skipped"].items():
         note.append(f"skipped {k}: {v}")
-    print_table("flood: live XDP frames over veth", ["mode", "fam", "sources", "offered", "received", "dropped",
-                                                      "passed", "lost", "unacc.", "cpu%", "rx%", "Mpps/core"],
+    print_table("flood: frames over veth", ["mode", "fam", "sources", "offered", "received", "dropped",
+                                             "passed", "lost", "unacc.", "cpu%", "rx%", "Mpps/core", "generator"],
                 rows, "\n".join(note))
     return result

@@ -194,12 +194,12 @@ def _flood_one(lab, sender, system, per, sources, rate_per, burst, warm, window)
     # Counters are read while the flood runs, after a warm-up that spends
     # the initial bursts and creates the per-source state.
     snap, monitor = _window(warm, window, lambda: (system.counts(), sender.sent(4, sources)))
-    sender.send(lab, 4, sources, 1 << 40, warm + window, rate=offered, monitor=monitor)
+    res = sender.send(lab, 4, sources, 1 << 40, warm + window, rate=offered, monitor=monitor)
     dt = snap["t1"] - snap["t0"]
     (a0, d0), s0 = snap["c0"]
     (a1, d1), s1 = snap["c1"]
     admitted, dropped, sent = a1 - a0, d1 - d0, s1 - s0
-    return {"method": "flood", "system": system.name, "per": per, "sources": sources,
+    return {"method": "flood", "generator": res["generator"], "system": system.name, "per": per, "sources": sources,
             "rate": configured, "rate_per": rate_per, "burst": burst,
             "offered_pps": sent / dt, "overload": sent / dt / configured, "seconds": dt, "sent": sent,
             "admitted": admitted, "dropped": dropped, "admitted_pps": admitted / dt,
@@ -237,7 +237,8 @@ def run(ctx) -> dict:
     rows = []
     for r in result["testrun"] + result["flood"]:
         rows.append([r["system"], r["method"], r["per"], f"{r['sources']:,}", f"{r['rate']:,.0f}",
-                     f"{r['offered_pps']:,.0f}", f"{r['admitted_pps']:,.0f}", f"{r['error'] * 100:+.2f}%"])
+                     f"{r['offered_pps']:,.0f}", f"{r['admitted_pps']:,.0f}", f"{r['error'] * 100:+.2f}%",
+                     r.get("generator", "-")])
     xg = [r for r in result["testrun"] + result["flood"] if r["system"] == "xdpguard"]
     worst = max(xg, key=lambda r: abs(r["error"])) if xg else None
     result["worst_error"] = abs(worst["error"]) if worst else None
@@ -248,7 +249,7 @@ def run(ctx) -> dict:
         w = max(nf, key=lambda r: abs(r["error"]))
         result["nft_worst_error"] = abs(w["error"])
     print_table("limiter accuracy at 10x overload (rates in packets/s, aggregate over sources)",
-                ["system", "method", "per", "sources", "configured", "offered", "admitted", "error"], rows,
+                ["system", "method", "per", "sources", "configured", "offered", "admitted", "error", "generator"], rows,
                 "error = admitted rate / configured - 1, counters read twice while the flood runs, after\n"
                 "a warm-up; bursts are 20 ms of the rate (2 packets per source at 20/s); flood: IPv4")
     return result

@@ -1,29 +1,54 @@
-"""Live-frame floods through a bench veth pair, and the receivers under test.
+"""Floods through a bench veth pair, and the receivers under test.
 
-Sender: a bcc XDP program returning XDP_TX, run with BPF_PROG_TEST_RUN and
-BPF_F_TEST_XDP_LIVE_FRAMES (batch 64) on the sender veth ``a``: every run
-really transmits, into ``b``'s receive ring. The program rewrites the
-source address from a per-CPU counter (``-DXGB_POOL``): source i of a pool
-of P is ``(n * 2654435761) mod P`` for packet n, a permutation, so every
-window of P packets uses every source once. IPv4: 10.0.0.0 + i; IPv6:
+Two generators; both send from the sender namespace out of veth ``a``
+into ``b``'s receive ring, and both give frame n the source of the pool
+the other would (the same per-CPU counter and permutation in one program):
+
+* ``live-frames`` (preferred): a bcc XDP program returning XDP_TX, run with
+  BPF_PROG_TEST_RUN and BPF_F_TEST_XDP_LIVE_FRAMES (batch 64) on ``a``:
+  every run really transmits. A frame handed to a full ring (256 frames)
+  is counted by veth as ``tx_queue_0_xdp_xmit_errors``.
+* ``af_packet``, for kernels that refuse live frames
+  (bpfsys.live_frames_refused) or when XDPGUARD_BENCH_GENERATOR=af_packet:
+  sendmmsg of one template frame on a packet socket bound to ``a``; the
+  same rewrite runs as a tc program on ``a``'s egress. A frame veth finds
+  no room for is refused to the socket (ENOBUFS). The receiver gets skbs,
+  which its XDP program sees only after a copy into an XDP buffer, and
+  one Python thread sends them: its numbers are not comparable with
+  live-frames runs.
+
+The rewrite (``-DXGB_POOL``): source i of a pool of P is
+``(n * 2654435761) mod P`` for packet n, a permutation, so every window of
+P packets uses every source once. IPv4: 10.0.0.0 + i; IPv6:
 2001:db8:<i as bytes 4..7>::1 (one /64 per source). Checksums are updated
 incrementally (RFC 1624), so the receiving stack accepts the frames.
 
 Receiver: ``b``'s NAPI runs threaded, pinned to the other CPU than the
-sender: like a NIC queue served by its own core. A frame the sender hands
-to a full ring (256 frames) is counted by veth as
-``tx_queue_0_xdp_xmit_errors``: the "lost, ring full" of the accounting.
+sender: like a NIC queue served by its own core. "lost, ring full" of the
+accounting is the frames veth had no room for.
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import ipaddress
 import json
+import os
+import socket
 import time
+from contextlib import ExitStack
 
-from bench.common import (NCPU, Lab, cpu_busy, cpu_times, ensure_sigusr1, ethtool_stats, log, nsrun,
-                          pinned_thread, run_bounded, schedstat, set_threaded_napi, snmp, steal_times)
+from bench.common import (NCPU, Lab, cpu_busy, cpu_times, ensure_sigusr1, ethtool_stats, link_stats, log, nsrun,
+                          pinned_thread, run_bounded, schedstat, set_threaded_napi, set_tso, snmp, steal_times)
 from xdpguard import bpfsys, packet
 from xdpguard.netns import in_netns
+
+LIVE_FRAMES, AF_PACKET = "live-frames", "af_packet"
+GENERATORS = (LIVE_FRAMES, AF_PACKET)
+# Forces a generator (the fallback can then be run on any kernel).
+GENERATOR_ENV = "XDPGUARD_BENCH_GENERATOR"
+# Where each generator's "lost, ring full" comes from (table notes).
+LOST_FROM = {LIVE_FRAMES: "veth's xdp_xmit_errors", AF_PACKET: "frames veth refused to the packet socket"}
 
 SENDER_SRC = r"""
 #include <uapi/linux/bpf.h>
@@ -31,8 +56,9 @@ SENDER_SRC = r"""
 #include <linux/ip.h>
 #include <linux/ipv6.h>
 #include <linux/udp.h>
+#include <linux/pkt_cls.h>
 
-BPF_PERCPU_ARRAY(xgb_n, u64, 1);   /* frames transmitted (XDP_TX) */
+BPF_PERCPU_ARRAY(xgb_n, u64, 1);   /* frames handed to the device */
 BPF_ARRAY(xgb_pace, u64, 2);       /* [0] ns between frames (0: as fast as possible), [1] next due */
 
 /* RFC 1624: HC' = ~(~HC + ~m + m') on one 16-bit word. */
@@ -46,6 +72,43 @@ static __always_inline void xgb_csum(__u16 *sum, __u16 old, __u16 new)
     *sum = (__u16)~s;
 }
 
+/* Frame *c gets its source of the pool; counts it. -1: frame too short. */
+static __always_inline int xgb_rewrite(void *data, void *end, u64 *c)
+{
+    u32 idx = 0, v, old;
+
+#if XGB_POOL > 1
+    idx = (u32)((*c * 2654435761ULL) % XGB_POOL);
+#endif
+    *c += 1;
+#if XGB_FAMILY == 4
+    struct iphdr *ip = data + 14;
+    struct udphdr *udp = data + 14 + 20;
+    if ((void *)(udp + 1) > end)
+        return -1;
+    v = __builtin_bswap32(0x0a000000U + idx);
+    old = ip->saddr;
+    ip->saddr = v;
+    xgb_csum(&ip->check, old & 0xffff, v & 0xffff);
+    xgb_csum(&ip->check, old >> 16, v >> 16);
+#else
+    struct ipv6hdr *ip6 = data + 14;
+    struct udphdr *udp = data + 14 + 40;
+    if ((void *)(udp + 1) > end)
+        return -1;
+    v = __builtin_bswap32(idx);
+    old = ip6->saddr.in6_u.u6_addr32[1];
+    ip6->saddr.in6_u.u6_addr32[1] = v;
+#endif
+    if (udp->check) {
+        xgb_csum(&udp->check, old & 0xffff, v & 0xffff);
+        xgb_csum(&udp->check, old >> 16, v >> 16);
+        if (!udp->check)
+            udp->check = 0xffff;
+    }
+    return 0;
+}
+
 int xgb_send(struct xdp_md *ctx)
 {
     void *data = (void *)(long)ctx->data;
@@ -53,7 +116,6 @@ int xgb_send(struct xdp_md *ctx)
     u32 k0 = 0, k1 = 1;
     u64 *c = xgb_n.lookup(&k0);
     u64 *iv = xgb_pace.lookup(&k0);
-    u32 idx = 0, v, old;
 
     if (!c || !iv)
         return XDP_ABORTED;
@@ -72,36 +134,21 @@ int xgb_send(struct xdp_md *ctx)
             nx = now;
         *next = nx;
     }
-#if XGB_POOL > 1
-    idx = (u32)((*c * 2654435761ULL) % XGB_POOL);
-#endif
-    *c += 1;
-#if XGB_FAMILY == 4
-    struct iphdr *ip = data + 14;
-    struct udphdr *udp = data + 14 + 20;
-    if ((void *)(udp + 1) > end)
-        return XDP_ABORTED;
-    v = __builtin_bswap32(0x0a000000U + idx);
-    old = ip->saddr;
-    ip->saddr = v;
-    xgb_csum(&ip->check, old & 0xffff, v & 0xffff);
-    xgb_csum(&ip->check, old >> 16, v >> 16);
-#else
-    struct ipv6hdr *ip6 = data + 14;
-    struct udphdr *udp = data + 14 + 40;
-    if ((void *)(udp + 1) > end)
-        return XDP_ABORTED;
-    v = __builtin_bswap32(idx);
-    old = ip6->saddr.in6_u.u6_addr32[1];
-    ip6->saddr.in6_u.u6_addr32[1] = v;
-#endif
-    if (udp->check) {
-        xgb_csum(&udp->check, old & 0xffff, v & 0xffff);
-        xgb_csum(&udp->check, old >> 16, v >> 16);
-        if (!udp->check)
-            udp->check = 0xffff;
-    }
-    return XDP_TX;
+    return xgb_rewrite(data, end, c) ? XDP_ABORTED : XDP_TX;
+}
+
+/* The af_packet generator's frames, on the sender veth's egress (paced by
+ * the sender itself). */
+int xgb_tc(struct __sk_buff *skb)
+{
+    void *data = (void *)(long)skb->data;
+    void *end = (void *)(long)skb->data_end;
+    u32 k0 = 0;
+    u64 *c = xgb_n.lookup(&k0);
+
+    if (!c || xgb_rewrite(data, end, c))
+        return TC_ACT_SHOT;
+    return TC_ACT_OK;
 }
 """
 
@@ -129,17 +176,108 @@ def template(lab: Lab, family: int) -> bytes:
     return mac_b + mac_a + f[12:]
 
 
+def pick_generator() -> tuple[str, str]:
+    """The flood generator of this run, and why: GENERATOR_ENV if set, else
+    live frames unless the kernel refuses them (tried, not guessed)."""
+    forced = os.environ.get(GENERATOR_ENV)
+    if forced:
+        if forced not in GENERATORS:
+            raise ValueError(f"{GENERATOR_ENV}={forced!r}: expected one of {', '.join(GENERATORS)}")
+        return forced, f"{GENERATOR_ENV}={forced}"
+    err = bpfsys.live_frames_refused()
+    if err is None:
+        return LIVE_FRAMES, "the kernel runs live-frame test runs"
+    return AF_PACKET, f"the kernel refuses BPF_F_TEST_XDP_LIVE_FRAMES: {errno.errorcode.get(err, err)}"
+
+
+# ---------------------------------------------------------------- af_packet generator
+
+class _Iovec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+class _Msghdr(ctypes.Structure):
+    _fields_ = [("name", ctypes.c_void_p), ("namelen", ctypes.c_uint32), ("iov", ctypes.c_void_p),
+                ("iovlen", ctypes.c_size_t), ("control", ctypes.c_void_p), ("controllen", ctypes.c_size_t),
+                ("flags", ctypes.c_int)]
+
+
+class _Mmsghdr(ctypes.Structure):
+    _fields_ = [("hdr", _Msghdr), ("len", ctypes.c_uint)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.sendmmsg.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int]
+_libc.sendmmsg.restype = ctypes.c_int
+
+# Frames per sendmmsg: unpaced, enough to make the Python loop's share
+# small; paced, small enough to keep the bursts short.
+AFP_BATCH, AFP_PACED_BATCH = 256, 32
+# Room for every frame veth may hold: a full socket send buffer would block
+# the sender instead of the ring refusing frames (ENOBUFS, "lost").
+AFP_SNDBUF = 4 << 20
+SO_SNDBUFFORCE = 32         # asm-generic/socket.h; the socket module lacks it
+TC_EGRESS = "ffff:fff3"     # clsact's egress hook
+
+
+def _afp_loop(sock: socket.socket, frame: bytes, count: int, seconds: float, rate: float | None) -> dict:
+    """sendmmsg `frame` until `count` frames were offered or for `seconds`.
+    Returns the frames veth refused (ring full)."""
+    batch = AFP_PACED_BATCH if rate else AFP_BATCH
+    buf = ctypes.create_string_buffer(frame, len(frame))
+    iov = _Iovec(ctypes.addressof(buf), len(frame))
+    msgs = (_Mmsghdr * batch)()
+    for m in msgs:
+        m.hdr.iov, m.hdr.iovlen = ctypes.addressof(iov), 1
+    fd, base = sock.fileno(), ctypes.addressof(msgs)
+    offered = refused = 0
+    t0 = time.perf_counter()
+    deadline = t0 + seconds
+    while offered < count:
+        now = time.perf_counter()
+        if now >= deadline:
+            break
+        if rate:
+            due = t0 + offered / rate
+            if now < due:
+                time.sleep(min(due - now, deadline - now))
+                continue
+        want = min(batch, count - offered)
+        n = _libc.sendmmsg(fd, base, want, 0)
+        if n == want:
+            offered += n
+            continue
+        if n > 0:
+            # Frame n failed and sendmmsg drops its error: ENOBUFS, the one
+            # error a frame meets there once it has been taken.
+            offered += n
+            err = errno.ENOBUFS
+        else:
+            err = ctypes.get_errno()
+        if err == errno.ENOBUFS:        # veth's ring is full: this frame is dropped
+            offered += 1
+            refused += 1
+        elif err == errno.EINTR:        # run_bounded's SIGUSR1: time is up
+            break
+        else:
+            raise OSError(err, f"sendmmsg on {sock.getsockname()[0]}: {os.strerror(err)}")
+    return {"refused": refused}
+
+
 class Sender:
     """Compiled sender programs, one per (family, pool), kept for the section.
 
-    One BPF_PROG_TEST_RUN call per flood: each call builds and tears down a
-    page pool (an RCU grace period, tens of ms on a busy VM), so many small
-    calls would leave the receiver idle between them. The call is bounded
-    by `repeat` (packets) and by time (common.run_bounded: SIGUSR1, EINTR).
+    live-frames: one BPF_PROG_TEST_RUN call per flood (each call builds and
+    tears down a page pool, an RCU grace period, tens of ms on a busy VM,
+    so many small calls would leave the receiver idle between them),
+    bounded by `repeat` (packets) and by time (common.run_bounded: SIGUSR1,
+    EINTR). af_packet: a loop of sendmmsg calls bounded by both.
     """
 
     def __init__(self):
         self._progs: dict = {}
+        self.generator, self.why = pick_generator()
+        log(f"flood generator: {self.generator} ({self.why})")
         ensure_sigusr1()
 
     def prog(self, family: int, pool: int):
@@ -147,7 +285,10 @@ class Sender:
         if key not in self._progs:
             from bcc import BPF
             b = BPF(text=SENDER_SRC, cflags=["-w", f"-DXGB_FAMILY={family}", f"-DXGB_POOL={pool}ULL"])
-            fn = b.load_func(b"xgb_send", BPF.XDP)
+            if self.generator == LIVE_FRAMES:
+                fn = b.load_func(b"xgb_send", BPF.XDP)
+            else:
+                fn = b.load_func(b"xgb_tc", BPF.SCHED_CLS)
             self._progs[key] = (b, fn)
         return self._progs[key]
 
@@ -157,7 +298,7 @@ class Sender:
         self._progs.clear()
 
     def sent(self, family: int, pool: int) -> int:
-        """Frames transmitted so far by that sender program."""
+        """Frames handed to the device so far by that sender program."""
         b, _ = self.prog(family, pool)
         t = b[b"xgb_n"]
         return sum(int(v) for v in t[t.Key(0)])
@@ -165,36 +306,97 @@ class Sender:
     def send(self, lab: Lab, family: int, pool: int, count: int, seconds: float,
              rate: float | None = None, cpu: int = 0, monitor=None) -> dict:
         """Transmit up to `count` frames for at most `seconds` (rate: frames/s,
-        paced inside the program; else as fast as the CPU goes). monitor()
-        runs meanwhile in the calling thread. Returns the frames transmitted
-        and the time the test run ran."""
+        paced; else as fast as the CPU goes). monitor() runs meanwhile in
+        the calling thread. Returns the frames transmitted, the time the
+        sender ran, and (af_packet) the frames veth refused."""
         b, fn = self.prog(family, pool)
-        pace = b[b"xgb_pace"]
-        pace[pace.Key(0)] = pace.Leaf(int(round(1e9 / rate)) if rate else 0)
-        pace[pace.Key(1)] = pace.Leaf(0)
         frame = template(lab, family)
-        # Paced runs drop most program runs in the sender: repeat counts
-        # runs, so only the clock bounds them.
-        repeat = MAX_REPEAT if rate else min(count, MAX_REPEAT)
-
         sched: dict = {}
+        extra: dict = {}
+
+        if self.generator == LIVE_FRAMES:
+            pace = b[b"xgb_pace"]
+            pace[pace.Key(0)] = pace.Leaf(int(round(1e9 / rate)) if rate else 0)
+            pace[pace.Key(1)] = pace.Leaf(0)
+            # Paced runs drop most program runs in the sender: repeat counts
+            # runs, so only the clock bounds them.
+            repeat = MAX_REPEAT if rate else min(count, MAX_REPEAT)
+
+            def work():
+                bpfsys.prog_test_run(fn.fd, frame, repeat=repeat, data_out_size=0,
+                                     ctx_in=bpfsys.xdp_md_ctx(lab.ia),
+                                     flags=bpfsys.BPF_F_TEST_XDP_LIVE_FRAMES, batch_size=64)
+        else:
+            def work():
+                extra.update(_afp_loop(sock, frame, count, seconds, rate))
 
         def call():
             with in_netns(lab.s), pinned_thread(cpu):
                 lab.guard(lab.s, lab.ia, lab.a)
                 sched["0"] = schedstat("/proc/thread-self/schedstat")
                 try:
-                    bpfsys.prog_test_run(fn.fd, frame, repeat=repeat, data_out_size=0,
-                                         ctx_in=bpfsys.xdp_md_ctx(lab.ia),
-                                         flags=bpfsys.BPF_F_TEST_XDP_LIVE_FRAMES, batch_size=64)
+                    work()
                 finally:
                     sched["1"] = schedstat("/proc/thread-self/schedstat")
 
         sent0 = self.sent(family, pool)
-        r = run_bounded(call, seconds + 0.05, monitor=monitor)
+        with ExitStack() as stack:
+            if self.generator == AF_PACKET:
+                self._prepare_afp(lab)
+                sock = stack.enter_context(self._afp_socket(lab))
+                self._tc_attach(lab, fn)
+                stack.callback(self._tc_detach, lab)
+            r = run_bounded(call, seconds + 0.05, monitor=monitor)
         (c0, w0), (c1, w1) = sched.get("0", (0, 0)), sched.get("1", (0, 0))
         return {"sent": self.sent(family, pool) - sent0, "seconds": r["t1"] - r["t0"],
-                "interrupted": r["interrupted"], "cpu_s": (c1 - c0) / 1e9, "wait_s": (w1 - w0) / 1e9}
+                "interrupted": r["interrupted"], "cpu_s": (c1 - c0) / 1e9, "wait_s": (w1 - w0) / 1e9,
+                "generator": self.generator, **extra}
+
+    # ---- af_packet helpers
+
+    @staticmethod
+    def _prepare_afp(lab: Lab) -> None:
+        # With TCP segmentation offloads on, veth hands a packet socket's
+        # frames to the sending CPU's backlog, past b's NAPI (its XDP
+        # program, its counters, its pinned thread). Every flood: veth
+        # turns them back on when b's XDP program goes.
+        set_tso(lab.s, lab.a, False)
+
+    @staticmethod
+    def _afp_socket(lab: Lab) -> socket.socket:
+        """A packet socket bound to `a` (protocol 0: it receives nothing)."""
+        with in_netns(lab.s):
+            lab.guard(lab.s, lab.ia, lab.a)
+            sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, AFP_SNDBUF)
+                sock.bind((lab.a, 0))
+            except BaseException:
+                sock.close()
+                raise
+        return sock
+
+    @staticmethod
+    def _tc_attach(lab: Lab, fn) -> None:
+        from pyroute2 import IPRoute
+        with in_netns(lab.s):
+            lab.guard(lab.s, lab.ia, lab.a)
+            with IPRoute() as ipr:
+                ipr.tc("add", "clsact", lab.ia)
+                try:
+                    ipr.tc("add-filter", "bpf", lab.ia, ":1", fd=fn.fd, name=fn.name.decode(),
+                           parent=TC_EGRESS, classid=1, direct_action=True)
+                except BaseException:
+                    ipr.tc("del", "clsact", lab.ia)
+                    raise
+
+    @staticmethod
+    def _tc_detach(lab: Lab) -> None:
+        from pyroute2 import IPRoute
+        with in_netns(lab.s):
+            lab.guard(lab.s, lab.ia, lab.a)
+            with IPRoute() as ipr:
+                ipr.tc("del", "clsact", lab.ia)      # takes the filter with it
 
 
 # ---------------------------------------------------------------- receiver-side counters
@@ -203,6 +405,7 @@ def veth_counts(lab: Lab) -> dict:
     a = ethtool_stats(lab.s, lab.a)
     b = ethtool_stats(lab.r, lab.b)
     return {
+        "tx_dropped": link_stats(lab.s, lab.a)["tx_dropped"],
         "xmit": a.get("tx_queue_0_xdp_xmit", 0),
         "xmit_err": a.get("tx_queue_0_xdp_xmit_errors", 0),
         "rx_frames": sum(v for k, v in b.items() if k.endswith("_xdp_packets")),
@@ -246,6 +449,7 @@ def measure(lab: Lab, sender: Sender, family: int, pool: int, count: int, second
     rx_cpu, rx_wait = (n1[0] - n0[0]) / 1e9, (n1[1] - n0[1]) / 1e9
     sent, dt = res["sent"], res["seconds"]
     received = dv["rx_frames"]
+    lost = res["refused"] if "refused" in res else dv["xmit_err"]
     dropped = d1 - d0
     busy = cpu_busy(c0, c1)
     out = {
@@ -254,14 +458,15 @@ def measure(lab: Lab, sender: Sender, family: int, pool: int, count: int, second
         "received": received, "receive_mpps": received / dt / 1e6,
         "dropped": dropped, "drop_mpps": dropped / dt / 1e6,
         "passed": received - dropped, "pass_mpps": (received - dropped) / dt / 1e6,
-        "lost_ring_full": dv["xmit_err"],
-        "unaccounted": sent - received - dv["xmit_err"],
+        "lost_ring_full": lost,
+        "unaccounted": sent - received - lost,
         "veth": dv, "stack": {k: v for k, v in ds.items() if v},
         "cpu_busy": [round(b, 3) for b in busy],
         # Share of each CPU the hypervisor gave to others while the flood ran.
         "cpu_steal": [round((a1 - a0) / (t1 - t0), 3) if t1 > t0 else 0.0
                       for (a0, t0), (a1, t1) in zip(st0, st1)],
-        "sender_bound": dv["xmit_err"] == 0,
+        "sender_bound": lost == 0,
+        "generator": res["generator"],
         "napi_threads": len(napi),
         # The receiver's own CPU time (its NAPI thread does all of the
         # receive work, XDP and stack): frames per receiver-CPU-second is

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.traffic import AF_PACKET, GENERATOR_ENV, LIVE_FRAMES
+
 pytestmark = [pytest.mark.kernel]
 
 REPO = Path(__file__).resolve().parent.parent
@@ -31,12 +33,38 @@ def _numbers(obj):
         yield obj
 
 
+def _env(generator: str | None) -> dict:
+    """The environment of a bench run: the generator forced, or chosen by
+    the bench (GENERATOR_ENV unset)."""
+    env = {k: v for k, v in os.environ.items() if k != GENERATOR_ENV}
+    if generator:
+        env[GENERATOR_ENV] = generator
+    return env
+
+
+@pytest.fixture(scope="module")
+def expected_generator():
+    """The generator the bench picks on this kernel by itself."""
+    from xdpguard import bpfsys
+    return LIVE_FRAMES if bpfsys.live_frames_refused() is None else AF_PACKET
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory, blocklists_dir):
     out = tmp_path_factory.mktemp("bench") / "quick.json"
     r = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--json-out", str(out)],
-                       capture_output=True, text=True, timeout=600, cwd=REPO)
+                       capture_output=True, text=True, timeout=600, cwd=REPO, env=_env(None))
     return r, out
+
+
+def _check_flood_runs(fl: dict, generator: str) -> None:
+    assert fl["runs"] and fl["generator"] == generator
+    for r in fl["runs"]:
+        assert r["generator"] == generator
+        assert r["sent"] > 0
+        # Every frame sent is received or lost with a reason.
+        assert r["sent"] == r["received"] + r["lost_ring_full"] + r["unaccounted"]
+        assert r["received"] == r["dropped"] + r["passed"]
 
 
 def test_quick_run_succeeds(quick_run):
@@ -47,10 +75,11 @@ def test_quick_run_succeeds(quick_run):
     assert "targets" in r.stdout
 
 
-def test_json_sections(quick_run):
+def test_json_sections(quick_run, expected_generator):
     _, out = quick_run
     res = json.loads(out.read_text())
     assert res["meta"]["quick"] is True
+    assert res["meta"]["generator"] == expected_generator
     assert res["errors"] == {}
     for s in SECTIONS:
         assert s in res and "error" not in res[s], s
@@ -73,15 +102,41 @@ def test_percpu_shape(quick_run):
     assert {"c_vs_a", "d_vs_a"} <= set(res["ratios"])
 
 
-def test_flood_accounting(quick_run):
-    res = json.loads(quick_run[1].read_text())["flood"]
-    assert res["runs"]
-    for r in res["runs"]:
-        assert r["sent"] > 0
-        # Every frame sent is received or lost with a reason.
-        assert r["sent"] == r["received"] + r["lost_ring_full"] + r["unaccounted"]
-        assert r["received"] == r["dropped"] + r["passed"]
+def test_flood_accounting(quick_run, expected_generator):
+    r, out = quick_run
+    res = json.loads(out.read_text())["flood"]
+    _check_flood_runs(res, expected_generator)
     assert {"xdpguard_vs_nft", "xdpguard_vs_xdp_drop", "spoof_vs_single"} <= set(res["targets"])
+    assert f"generator: {expected_generator}" in r.stdout
+
+
+def test_quick_run_with_the_fallback_generator(tmp_path, blocklists_dir):
+    """The sections that flood, with the AF_PACKET generator forced (what a
+    kernel refusing live frames gets): same accounting, and every run and
+    table says which generator sent its frames."""
+    out = tmp_path / "afp.json"
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--sections", "flood,limiter",
+                        "--json-out", str(out)],
+                       capture_output=True, text=True, timeout=600, cwd=REPO, env=_env(AF_PACKET))
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["errors"] == {}
+    assert res["meta"]["generator"] == AF_PACKET
+    assert res["meta"]["generator_why"] == f"{GENERATOR_ENV}={AF_PACKET}"
+    _check_flood_runs(res["flood"], AF_PACKET)
+    assert not res["flood"]["skipped"], res["flood"]["skipped"]
+    assert res["limiter"]["flood"] and all(x["generator"] == AF_PACKET for x in res["limiter"]["flood"])
+    assert f"generator: {AF_PACKET}" in r.stdout
+    # The table's last column: every row's generator.
+    table = r.stdout.split("== flood: frames over veth", 1)[1].splitlines()
+    rows = table[3:3 + len(res["flood"]["summary"])]
+    assert rows and all(row.split()[-1] == AF_PACKET for row in rows), table
+
+
+def test_run_refuses_an_unknown_generator():
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--sections", "flood"],
+                       capture_output=True, text=True, timeout=60, cwd=REPO, env=_env("warp-drive"))
+    assert r.returncode == 2 and f"{GENERATOR_ENV}='warp-drive'" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_limiter_and_control_shape(quick_run):
@@ -118,16 +173,20 @@ def test_nothing_left_behind(quick_run):
         assert not {d.name for d in root.iterdir()} & set(created)
 
 
-def test_behind_experiment_runs(tmp_path):
+@pytest.mark.parametrize("generator", [None, AF_PACKET], ids=["chosen", AF_PACKET])
+def test_behind_experiment_runs(tmp_path, generator, expected_generator):
     """bench/behind.py (the cost of work behind a frame's first read): one
-    short round of two variants, well-formed JSON, a table on stdout."""
+    short round of two variants, well-formed JSON, a table on stdout; with
+    the generator the bench picks and with the fallback forced."""
     out = tmp_path / "behind.json"
     r = subprocess.run([sys.executable, str(REPO / "bench" / "behind.py"), "--rounds", "1", "--seconds", "0.2",
                         "--moves", "0,20", "--json-out", str(out)],
-                       capture_output=True, text=True, timeout=300, cwd=REPO)
+                       capture_output=True, text=True, timeout=300, cwd=REPO, env=_env(generator))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "work behind the frame's first read" in r.stdout
     res = json.loads(out.read_text())
+    assert res["generator"] == (generator or expected_generator)
+    assert f"generator: {res['generator']}" in r.stdout
     assert set(res["variants"]) == {"read-drop", "+ 20 moves", "+ 4 lookups"}
     for v in res["variants"].values():
         assert len(v["mpps_core"]) == 1 and v["median"] > 0
