@@ -56,6 +56,13 @@ static __always_inline __u32 xg_ctz64(__u64 x)
 {
 	__u64 v = (x & -x) - 1;
 
+	/*
+	 * Opaque to the optimiser: LLVM 17+ folds popcount((x & -x) - 1) into
+	 * cttz and lowers that through a de Bruijn table in .rodata, which
+	 * bcc does not relocate (bcc 0.31 on Debian 13: "R4 invalid mem
+	 * access 'scalar'" at the table load).
+	 */
+	asm volatile("" : "+r"(v));
 	v = v - ((v >> 1) & 0x5555555555555555ULL);
 	v = (v & 0x3333333333333333ULL) + ((v >> 2) & 0x3333333333333333ULL);
 	v = (v + (v >> 4)) & 0x0f0f0f0f0f0f0f0fULL;

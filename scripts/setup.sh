@@ -107,7 +107,8 @@ else
     for hb in "${candidates[@]}"; do
         link_headers "$hb"
         if compiles; then chosen=$hb; break; fi
-        echo "setup: bcc cannot compile xdpguard against $hb ($(grep -m1 -o 'error: .*' /tmp/xdpguard-setup-compile.log || echo 'see /tmp/xdpguard-setup-compile.log'))"
+        echo "setup: bcc cannot compile and load xdpguard with $hb:"
+        grep -m3 -E 'error:|invalid|Error' /tmp/xdpguard-setup-compile.log | sed 's/^/setup:   /' || true
     done
     if [ -z "$chosen" ]; then
         echo "setup: no installed kernel headers let bcc compile bpf/xdpguard.c; tried ${candidates[*]}" >&2

@@ -105,7 +105,7 @@ if [ "$kernel" = default ]; then
 else
     kpkg=$(in_root apt-cache pkgnames linux-image- | while read -r p; do
         # shellcheck disable=SC2053  # the pattern is a glob on purpose
-        [[ $p == linux-image-$kernel-amd64 ]] && echo "$p"; done | sort -V | tail -n1)
+        if [[ $p == linux-image-$kernel-amd64 ]]; then echo "$p"; fi; done | sort -V | tail -n1)
     [ -n "$kpkg" ] || { echo "image.sh: no package linux-image-$kernel-amd64 in $suite" >&2; exit 1; }
 fi
 log "installing $kpkg"
