@@ -52,7 +52,7 @@ SMOKE = SETUP + [
 ]
 LIFECYCLE = "bash vm/systemd-lifecycle.sh"
 TEST = SETUP + [
-    {"name": "suite", "run": "make test", "timeout": 5400},
+    {"name": "suite", "run": "make test", "timeout": 10800},
     {"name": "systemd", "run": f"{LIFECYCLE} before", "timeout": 1200},
     {"name": "reboot", "reboot": True},
     {"name": "systemd-after-reboot", "run": f"{LIFECYCLE} after", "timeout": 1200},
