@@ -64,6 +64,7 @@ XG_MAP("array", __u32, struct xg_dirnode, srctab, 2 * (XG_DIR4_NODES + XG_DIR6_N
 /* State that outlives a policy: fixed sizes, reused across reloads. */
 XG_MAP("percpu_array", __u32, struct xg_counter, counters, XG_MAX_SLOTS, 0);
 XG_MAP("array", __u32, struct xg_bucket, rbuckets, XG_MAX_SLOTS, 0);
+XG_MAP("array", __u32, struct xg_bucket, nbuckets, XG_MAX_SLOTS, 0);
 XG_MAP("lru_hash", struct xg_sbucket_key, struct xg_bucket, sbuckets, XG_SBUCKET_MAX, 0);
 XG_MAP("lpm_trie", struct xg_ban4_key, struct xg_ban, ban4, XG_BAN_MAX, BPF_F_NO_PREALLOC);
 XG_MAP("lpm_trie", struct xg_ban6_key, struct xg_ban, ban6, XG_BAN_MAX, BPF_F_NO_PREALLOC);
@@ -411,6 +412,52 @@ static __always_inline int xg_fast(struct xdp_md *ctx)
 	return xg_finish_fast(0, e, gen, len);
 }
 
+/* A limit rule's verdict: its bucket (per rule, or per source group
+ * with the new-source budget before any insert), then rate_total. */
+static __always_inline int xg_limit(struct xg_pkt *pkt, struct xg_rule *r, __u32 rule,
+				    __u32 gen, __u64 len)
+{
+	__u64 units = r->unit == XG_UNIT_BYTES ? len : 1;
+	__u64 now = bpf_ktime_get_ns();
+	struct xg_bucket *b;
+	__u32 slot = r->slot;
+
+	if (r->per == XG_PER_RULE) {
+		b = rbuckets.lookup(&slot);
+	} else {
+		struct xg_sbucket_key k = { .slot = slot, .family = pkt->family };
+
+		__builtin_memcpy(k.addr, pkt->src, 16);
+		xg_mask(k.addr, pkt->family == 4 ? r->prefix4 : r->prefix6);
+		b = sbuckets.lookup(&k);
+		if (!b) {
+			struct xg_bucket fresh = {};
+			struct xg_bucket *nb = nbuckets.lookup(&slot);
+
+			/* A source the rule has not seen (or whose bucket the
+			 * LRU evicted) costs one token of the budget; without
+			 * it, nothing is inserted. */
+			if (!nb || !xg_gcra(nb, now, 1, r->new_cost_fp, r->new_burst_ns))
+				return xg_finish(pkt, XG_SLOT_NEWSRC, rule, gen, len, 1, r->log);
+			/* NOEXIST: a bucket another CPU just inserted stays. */
+			sbuckets.insert(&k, &fresh);
+			b = sbuckets.lookup(&k);
+		}
+	}
+	/* No bucket (map full and racing): drop, never fail open. */
+	if (!b || !xg_gcra(b, now, units, r->cost_fp, r->burst_ns))
+		return xg_finish(pkt, slot, rule, gen, len, 1, r->log);
+	if (r->total_cost_fp) {
+		/* Second line: what the sources' own buckets admitted, capped
+		 * in aggregate. Checked after the source's bucket, so sources
+		 * over their own rate spend none of the aggregate. */
+		b = rbuckets.lookup(&slot);
+		if (!b || !xg_gcra(b, now, units, r->total_cost_fp, r->total_burst_ns))
+			return xg_finish(pkt, slot, rule, gen, len, 1, r->log);
+	}
+	return xg_finish(pkt, slot, rule, gen, len, 0, 0);
+}
+
 /* Every frame the fast lane leaves: parse, bans, stats, classify. */
 static __always_inline int xg_general(struct xdp_md *ctx)
 {
@@ -538,35 +585,8 @@ decided:
 		return xg_finish(pkt, r->slot, rule, gen, len, 0, 0);
 	if (r->action != XG_ACT_LIMIT)
 		return xg_finish(pkt, r->slot, rule, gen, len, 1, r->log);
-
-	{
-		__u64 units = r->unit == XG_UNIT_BYTES ? len : 1;
-		__u64 now = bpf_ktime_get_ns();
-		struct xg_bucket *b;
-		__u32 slot = r->slot;
-
-		if (r->per == XG_PER_RULE) {
-			b = rbuckets.lookup(&slot);
-		} else {
-			struct xg_sbucket_key k = { .slot = slot, .family = pkt->family };
-
-			__builtin_memcpy(k.addr, pkt->src, 16);
-			xg_mask(k.addr, pkt->family == 4 ? r->prefix4 : r->prefix6);
-			b = sbuckets.lookup(&k);
-			if (!b) {
-				struct xg_bucket fresh = {};
-
-				sbuckets.update(&k, &fresh);
-				b = sbuckets.lookup(&k);
-			}
-		}
-		/* No bucket (map full and racing): drop, never fail open. */
-		if (!b || !xg_gcra(b, now, units, r->cost_fp, r->burst_ns))
-			return xg_finish(pkt, slot, rule, gen, len, 1, r->log);
-		return xg_finish(pkt, slot, rule, gen, len, 0, 0);
-	}
+	return xg_limit(pkt, r, rule, gen, len);
 }
-
 int xdpguard_prog(struct xdp_md *ctx)
 {
 	int rc = xg_fast(ctx);

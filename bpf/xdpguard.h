@@ -15,7 +15,7 @@
 #ifndef XDPGUARD_H
 #define XDPGUARD_H
 
-#define XG_LAYOUT_VERSION 7
+#define XG_LAYOUT_VERSION 8
 
 /* Rule actions (struct xg_rule.action, default action). */
 #define XG_ACT_ALLOW 0
@@ -39,6 +39,9 @@
 #define XG_SLOT_BAN 1        /* source is in the ban map */
 #define XG_SLOT_MALFORMED 2  /* truncated or malformed IP frame: dropped */
 #define XG_SLOT_ND 3         /* IPv6 ND/RA passed because no rule names icmpv6 */
+#define XG_SLOT_NEWSRC 4     /* per-source limit: a source without a bucket
+			      * found its rule's new-source budget empty:
+			      * dropped, no bucket inserted */
 #define XG_SLOT_FIRST_RULE 8
 #define XG_MAX_RULES_LIMIT 4096  /* rules per policy */
 #define XG_MAX_SLOTS 8200        /* 2 generations of rules + fixed slots */
@@ -205,6 +208,17 @@ struct xg_rule {
 	__u8 pad[2];
 	__u64 cost_fp;     /* ns per unit << 16 (GCRA emission interval) */
 	__u64 burst_ns;    /* burst x cost: how far ahead the bucket may run */
+	/* XG_PER_SOURCE only. The new-source budget (map nbuckets, at the
+	 * rule's slot): a source without a bucket takes one token (one
+	 * source) before its bucket is inserted, so forged sources cannot
+	 * churn the bucket map. ns per source << 16, and its burst. */
+	__u64 new_cost_fp;
+	__u64 new_burst_ns;
+	/* rate_total: an aggregate cap over all the rule's sources (map
+	 * rbuckets at the rule's slot, which a per-source rule has no other
+	 * use for), in the rule's unit. 0: none. */
+	__u64 total_cost_fp;
+	__u64 total_burst_ns;
 };
 
 /* Per-generation settings. */

@@ -106,13 +106,14 @@ def observed(rig, res: dict):
         assert slot == rig.slots[name], f"rule {name} decided but slot {slot} != {rig.slots[name]}"
         return verdict, name
     return verdict, {C.XG_SLOT_DEFAULT: None, C.XG_SLOT_MALFORMED: "malformed",
-                     C.XG_SLOT_ND: "nd", C.XG_SLOT_BAN: "ban"}[slot]
+                     C.XG_SLOT_ND: "nd", C.XG_SLOT_BAN: "ban", C.XG_SLOT_NEWSRC: "new-source"}[slot]
 
 
 def reset_buckets(rig) -> None:
     zero = bytes(ctypes.sizeof(rig.maps["rbuckets"].Leaf))
     for slot in rig.slots.values():
-        bpfsys.map_update(rig.maps["rbuckets"].fd, bytes(ctypes.c_uint32(slot)), zero)
+        for name in ("rbuckets", "nbuckets"):     # nbuckets: the new-source budgets
+            bpfsys.map_update(rig.maps[name].fd, bytes(ctypes.c_uint32(slot)), zero)
     sb = rig.maps["sbuckets"]
     for k in list(bpfsys.map_keys(sb.fd, ctypes.sizeof(sb.Key))):
         bpfsys.map_delete(sb.fd, k)

@@ -106,6 +106,17 @@ RULE2 = "rule 'web' (rule 2)"
     ('proto = "tcp"\ndport = 80\naction = "deny"\nrate = "1/s"\n', ["rate", "limit"]),
     ('proto = "tcp"\ndport = 80\naction = "allow"\nburst = 5\n', ["burst", "limit"]),
     ('proto = "tcp"\naction = "allow"\nlog = "yes"\n', ["log"]),
+    # new-source admission and rate_total (per-source limits only)
+    ('proto = "tcp"\ndport = 80\naction = "limit"\nrate = "1/s"\nnew_sources = "2Mbit/s"\n', ["new_sources", "2k/s"]),
+    ('proto = "tcp"\ndport = 80\naction = "limit"\nrate = "1/s"\nnew_sources = "0/s"\n', ["new_sources", "above zero"]),
+    ('proto = "tcp"\ndport = 80\naction = "limit"\nrate = "1/s"\nnew_sources_burst = 5\n', ["new_sources_burst", "needs new_sources"]),
+    ('proto = "tcp"\ndport = 80\naction = "limit"\nrate = "1/s"\nnew_sources = "1/s"\nnew_sources_burst = 0\n', ["new_sources_burst", "0"]),
+    ('proto = "tcp"\ndport = 80\naction = "limit"\nrate = "1/s"\nper = "rule"\nnew_sources = "1/s"\n', ["new_sources", "per = \"source\""]),
+    ('proto = "tcp"\ndport = 80\naction = "limit"\nrate = "1/s"\nper = "rule"\nrate_total = "1/s"\n', ["rate_total", "per = \"source\""]),
+    ('proto = "tcp"\ndport = 80\naction = "limit"\nrate = "1/s"\nrate_total = "1Mbit/s"\n', ["rate_total", "2k/s"]),
+    ('proto = "tcp"\ndport = 80\naction = "limit"\nrate = "1Mbit/s"\nrate_total = "1k/s"\n', ["rate_total", "byte rate"]),
+    ('proto = "tcp"\ndport = 80\naction = "limit"\nrate = "1/s"\nburst_total = 5\n', ["burst_total", "needs rate_total"]),
+    ('proto = "tcp"\ndport = 80\naction = "deny"\nnew_sources = "1/s"\n', ["new_sources", "limit"]),
     # unknown set
     ('src = ["@office"]\naction = "allow"\n', ["src", "'@office'"]),
     ('dst = "@nowhere"\naction = "allow"\n', ["dst", "'@nowhere'"]),

@@ -307,19 +307,17 @@ def cmd_status(args) -> int:
 def _stats_rows(snap, prev=None, dt=None):
     rows = []
     prev_by = {r["rule"]: r for r in prev["rules"]} if prev else {}
-    for r in snap["rules"] + [{"rule": "(bans)", "action": "deny", "packets": snap["bans"]["packets"],
-                               "bytes": snap["bans"]["bytes"], "dropped_packets": snap["bans"]["packets"],
-                               "dropped_bytes": snap["bans"]["bytes"]},
-                              {"rule": "(malformed)", "action": "deny", "packets": snap["malformed"]["packets"],
-                               "bytes": snap["malformed"]["bytes"], "dropped_packets": snap["malformed"]["packets"],
-                               "dropped_bytes": snap["malformed"]["bytes"]}]:
+    # Fixed slots that only drop: (row name, key of the stats snapshot).
+    drops = (("(bans)", "bans"), ("(malformed)", "malformed"), ("(new-source overflow)", "new_source_overflow"))
+    for r in snap["rules"] + [{"rule": name, "action": "deny", "packets": snap[key]["packets"],
+                               "bytes": snap[key]["bytes"], "dropped_packets": snap[key]["packets"],
+                               "dropped_bytes": snap[key]["bytes"]} for name, key in drops]:
         row = [r["rule"], r["action"], r["packets"], r["bytes"], r["dropped_packets"], r["dropped_bytes"]]
         if prev is not None:
             p = prev_by.get(r["rule"]) or {}
-            if r["rule"] == "(bans)":
-                p = {"packets": prev["bans"]["packets"], "dropped_packets": prev["bans"]["packets"]}
-            if r["rule"] == "(malformed)":
-                p = {"packets": prev["malformed"]["packets"], "dropped_packets": prev["malformed"]["packets"]}
+            for name, key in drops:
+                if r["rule"] == name:
+                    p = {"packets": prev[key]["packets"], "dropped_packets": prev[key]["packets"]}
             row += [round((r["packets"] - p.get("packets", 0)) / dt), round((r["dropped_packets"] - p.get("dropped_packets", 0)) / dt)]
         rows.append(row)
     return rows

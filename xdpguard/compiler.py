@@ -44,6 +44,10 @@ class RuleRecord:
     cost_fp: int
     burst_ns: int
     log: bool
+    new_cost_fp: int = 0       # per-source limits: the new-source budget
+    new_burst_ns: int = 0
+    total_cost_fp: int = 0     # rate_total; 0: none
+    total_burst_ns: int = 0
 
 
 @dataclass
@@ -207,18 +211,28 @@ def _port_table(rules: list[Rule], attr: str, vectors: _Vectors) -> array:
     return table
 
 
+def gcra(rate, burst: int) -> tuple[int, int]:
+    """(cost_fp, burst_ns) of a rate and its burst: struct xg_rule's GCRA
+    parameters, ns per unit << 16 and how far ahead a bucket may run."""
+    per_second = rate.per_second
+    return max(1, round(1e9 * 65536 / per_second)), round(burst * 1e9 / per_second)
+
+
 def _record(rule: Rule) -> RuleRecord:
     cost_fp = burst_ns = 0
     unit = C.XG_UNIT_PACKETS
+    extra = {}
     if rule.rate is not None:
-        rate = rule.rate.per_second
-        cost_fp = max(1, round(1e9 * 65536 / rate))
-        burst_ns = round(rule.burst * 1e9 / rate)
+        cost_fp, burst_ns = gcra(rule.rate, rule.burst)
         unit = C.XG_UNIT_BYTES if rule.rate.unit == "bytes" else C.XG_UNIT_PACKETS
+    if rule.new_sources is not None:
+        extra["new_cost_fp"], extra["new_burst_ns"] = gcra(rule.new_sources, rule.new_sources_burst)
+    if rule.rate_total is not None:
+        extra["total_cost_fp"], extra["total_burst_ns"] = gcra(rule.rate_total, rule.burst_total)
     return RuleRecord(name=rule.name, index=rule.index, action=_ACTION[rule.action],
                       per=C.XG_PER_RULE if rule.per == "rule" else C.XG_PER_SOURCE,
                       unit=unit, prefix4=rule.prefix4, prefix6=rule.prefix6,
-                      cost_fp=cost_fp, burst_ns=burst_ns, log=rule.log)
+                      cost_fp=cost_fp, burst_ns=burst_ns, log=rule.log, **extra)
 
 
 def compile_policy(policy: Policy) -> Tables:

@@ -16,7 +16,8 @@ from xdpguard import bpfsys, pins
 from xdpguard.layout import C
 
 _PROTO = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}
-_SPECIAL = {C.XG_SLOT_DEFAULT: "default", C.XG_SLOT_BAN: "ban", C.XG_SLOT_MALFORMED: "malformed"}
+_SPECIAL = {C.XG_SLOT_DEFAULT: "default", C.XG_SLOT_BAN: "ban", C.XG_SLOT_MALFORMED: "malformed",
+            C.XG_SLOT_NEWSRC: "new-source overflow"}
 
 
 class DropLog:
@@ -65,7 +66,7 @@ class DropLog:
         counters = pins.open_map(self.directory, "counters", self.record)
         try:
             total = 0
-            slots = [r["slot"] for r in self.record["rules"]] + [C.XG_SLOT_DEFAULT, C.XG_SLOT_BAN]
+            slots = [r["slot"] for r in self.record["rules"]] + [C.XG_SLOT_DEFAULT, C.XG_SLOT_BAN, C.XG_SLOT_NEWSRC]
             for s in slots:
                 vals = counters.lookup(ctypes.c_uint32(s)) or []
                 total += sum(v.log_suppressed for v in vals)

@@ -45,7 +45,7 @@ C = _constants()
 # are bcc's (``Map.Key`` / ``Map.Leaf``), never declared here.
 
 # Maps that outlive a policy shape: reused when a new program is loaded.
-PERSISTENT_MAPS = ("counters", "rbuckets", "sbuckets", "ban4", "ban6", "banstate", "srcstat", "logbuckets")
+PERSISTENT_MAPS = ("counters", "rbuckets", "nbuckets", "sbuckets", "ban4", "ban6", "banstate", "srcstat", "logbuckets")
 # Maps of the classifier, sized by the shape.
 # lpm4 / lpm6 are arrays of per-generation tries; lpm*_inner, their
 # template, gives the tries' key and value types.
@@ -185,6 +185,10 @@ def rule_entries(maps, tables, gen: int, rules_per_gen: int, slots: dict[str, in
         v.log = int(r.log)
         v.cost_fp = r.cost_fp
         v.burst_ns = r.burst_ns
+        v.new_cost_fp = r.new_cost_fp
+        v.new_burst_ns = r.new_burst_ns
+        v.total_cost_fp = r.total_cost_fp
+        v.total_burst_ns = r.total_burst_ns
     return keys, vals
 
 

@@ -244,7 +244,8 @@ def zero_slots(maps, slots: list[int]) -> None:
     bz = bytes(ctypes.sizeof(maps["rbuckets"].Leaf))
     for s in slots:
         bpfsys.map_update(maps["counters"].fd, bytes(ctypes.c_uint32(s)), cz)
-        bpfsys.map_update(maps["rbuckets"].fd, bytes(ctypes.c_uint32(s)), bz)
+        for name in ("rbuckets", "nbuckets"):
+            bpfsys.map_update(maps[name].fd, bytes(ctypes.c_uint32(s)), bz)
 
 
 # ---------------------------------------------------------------- apply / detach
@@ -346,7 +347,7 @@ def _previous(record: dict, kind: str, **extra) -> dict:
 def _reapply_in_place(policy, tables, directory, record, slots, fresh, log) -> dict:
     t0 = time.monotonic()
     shape = Shape(**record["shape"])
-    maps = _open_maps(directory, record, POLICY_MAPS + ("counters", "rbuckets"))
+    maps = _open_maps(directory, record, POLICY_MAPS + ("counters", "rbuckets", "nbuckets"))
     try:
         old = read_active(maps)
         new = 1 - old

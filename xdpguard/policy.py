@@ -25,7 +25,16 @@ ACTIONS = ("allow", "deny", "limit")
 
 _POLICY_KEYS = ("name", "default", "protect", "log_rate", "log_default", "log_bans")
 _RULE_KEYS = ("name", "src", "dst", "proto", "sport", "dport", "tcp_flags", "action",
-              "rate", "burst", "per", "prefix4", "prefix6", "log", "comment")
+              "rate", "burst", "per", "prefix4", "prefix6", "new_sources", "new_sources_burst",
+              "rate_total", "burst_total", "log", "comment")
+# Keys of a per-source limit only.
+_PER_SOURCE_KEYS = ("new_sources", "new_sources_burst", "rate_total", "burst_total")
+# A per-source rule admits, by default, this many new sources per second
+# for each unit of its per-source rate in packets (README: new sources).
+NEW_SOURCES_PER_RATE = 10
+NEW_SOURCES_LEAST = 10.0
+# A byte rate counts full-size frames when the default is derived.
+FULL_FRAME = 1514
 _MITIGATION_KEYS = ("enabled", "syn_rate", "conn_rate", "pps", "bps", "window", "ban",
                     "ban_max", "allow", "max_bans", "prefix4", "prefix6", "dry_run")
 _TOP_KEYS = ("policy", "sets", "rule", "mitigation")
@@ -89,6 +98,10 @@ class Rule:
     per: str = "source"
     prefix4: int = 32
     prefix6: int = 64
+    new_sources: Rate | None = None       # per-source limits: new sources/s ...
+    new_sources_burst: int | None = None  # ... and its burst (sources)
+    rate_total: Rate | None = None        # per-source limits: aggregate cap ...
+    burst_total: int | None = None        # ... and its burst (rate's unit)
     log: bool = False
 
     @property
@@ -460,32 +473,27 @@ def _read_rule(rd: _Reader, i: int, raw, sets, names: dict) -> Rule:
     rule = Rule(name=name, index=i, action=action, src=src, dst=dst, protos=protos,
                 sport=sport, dport=dport, syn_only=syn_only)
 
-    limit_keys = [k for k in ("rate", "burst", "per", "prefix4", "prefix6") if k in raw]
+    limit_keys = [k for k in ("rate", "burst", "per", "prefix4", "prefix6") + _PER_SOURCE_KEYS if k in raw]
     if action != "limit":
         if limit_keys:
             rd.fail(where, f"{limit_keys[0]} is only for action = \"limit\"")
     else:
         if "rate" not in raw:
             rd.fail(where, "action \"limit\" needs rate (e.g. rate = \"200/s\" or \"10Mbit/s\")")
-        try:
-            rule.rate = parse_rate(raw["rate"])
-        except ValueError as e:
-            rd.fail(where, f"rate {e}")
-        if "burst" in raw:
-            rule.burst = _int_in(rd, where, "burst", raw["burst"], 1, 1 << 40)
-        else:
-            rule.burst = max(1, int(round(rule.rate.per_second)))
-        if rule.burst / rule.rate.per_second > 1e9:
-            # burst_ns is a 64-bit count of nanoseconds in the data plane
-            rd.fail(where, f"burst {rule.burst} is too large for rate '{rule.rate}' (burst / rate must be at most 1e9 seconds)")
-        if rule.rate.unit == "bytes" and rule.burst < 1514:
-            rd.warn(where, f"burst {rule.burst} bytes is smaller than one full-size frame (1514 bytes)")
+        rule.rate = _rate(rd, where, "rate", raw["rate"])
+        rule.burst = _burst(rd, where, "burst", raw, rule.rate)
+        if rule.rate.unit == "bytes" and rule.burst < FULL_FRAME:
+            rd.warn(where, f"burst {rule.burst} bytes is smaller than one full-size frame ({FULL_FRAME} bytes)")
         per = raw.get("per", "source")
         if per not in ("source", "rule"):
             rd.fail(where, f"per {per!r} is not valid (expected \"source\" or \"rule\")")
         rule.per = per
         rule.prefix4 = _int_in(rd, where, "prefix4", raw.get("prefix4", 32), 0, 32)
         rule.prefix6 = _int_in(rd, where, "prefix6", raw.get("prefix6", 64), 0, 128)
+        if per == "source":
+            _read_per_source(rd, where, raw, rule)
+        elif any(k in raw for k in _PER_SOURCE_KEYS):
+            rd.fail(where, f"{next(k for k in _PER_SOURCE_KEYS if k in raw)} is only for per = \"source\"")
     if "log" in raw:
         if not isinstance(raw["log"], bool):
             rd.fail(where, f"log {raw['log']!r} is not valid (expected true or false)")
@@ -493,6 +501,60 @@ def _read_rule(rd: _Reader, i: int, raw, sets, names: dict) -> Rule:
     if "comment" in raw and not isinstance(raw["comment"], str):
         rd.fail(where, "comment must be a string")
     return rule
+
+
+def _rate(rd, where, fld, text, unit: str | None = None, want: str = "") -> Rate:
+    """parse_rate, failing with the field's name; of that unit, if given
+    (want says what is expected then)."""
+    try:
+        r = parse_rate(text)
+    except ValueError as e:
+        rd.fail(where, f"{fld} {e}")
+    if unit is not None and r.unit != unit:
+        rd.fail(where, f"{fld} '{text}' is not {want}")
+    return r
+
+
+def _burst(rd, where, fld, raw, rate: Rate) -> int:
+    """raw[fld], or one second of the rate; burst / rate bounded as the
+    data plane's 64-bit nanoseconds need."""
+    if fld in raw:
+        burst = _int_in(rd, where, fld, raw[fld], 1, 1 << 40)
+    else:
+        burst = max(1, int(round(rate.per_second)))
+    if burst / rate.per_second > 1e9:
+        rd.fail(where, f"{fld} {burst} is too large for rate '{rate}' ({fld} / rate must be at most 1e9 seconds)")
+    return burst
+
+
+def default_new_sources(rate: Rate) -> Rate:
+    """The new-source budget a per-source limit gets without new_sources:
+    NEW_SOURCES_PER_RATE times its rate in packets (a byte rate in
+    FULL_FRAME-byte frames), at least NEW_SOURCES_LEAST per second."""
+    pps = rate.per_second / (FULL_FRAME if rate.unit == "bytes" else 1)
+    n = max(NEW_SOURCES_LEAST, NEW_SOURCES_PER_RATE * pps)
+    return Rate(n, "packets", f"{n:g}/s")
+
+
+def _read_per_source(rd: _Reader, where: str, raw: dict, rule: Rule) -> None:
+    """new_sources (+ new_sources_burst) and rate_total (+ burst_total)."""
+    if "new_sources" in raw:
+        rule.new_sources = _rate(rd, where, "new_sources", raw["new_sources"], "packets",
+                                 "a count of sources per second like \"2k/s\"")
+    else:
+        if "new_sources_burst" in raw:
+            rd.fail(where, "new_sources_burst needs new_sources")
+        rule.new_sources = default_new_sources(rule.rate)
+    rule.new_sources_burst = _burst(rd, where, "new_sources_burst", raw, rule.new_sources)
+    if "rate_total" in raw:
+        want = ("a byte rate like \"50Mbit/s\"" if rule.rate.unit == "bytes"
+                else "a packet rate like \"2k/s\"") + " (as the rule's rate is)"
+        rule.rate_total = _rate(rd, where, "rate_total", raw["rate_total"], rule.rate.unit, want)
+        rule.burst_total = _burst(rd, where, "burst_total", raw, rule.rate_total)
+        if rule.rate_total.per_second < rule.rate.per_second:
+            rd.warn(where, f"rate_total '{rule.rate_total}' is below the per-source rate '{rule.rate}'")
+    elif "burst_total" in raw:
+        rd.fail(where, "burst_total needs rate_total")
 
 
 def _read_mitigation(rd: _Reader, raw, sets) -> Mitigation:

@@ -45,6 +45,7 @@ def read_stats(directory: Path, record: dict | None = None) -> dict:
         ban = slot(C.XG_SLOT_BAN)
         malformed = slot(C.XG_SLOT_MALFORMED)
         nd = slot(C.XG_SLOT_ND)
+        newsrc = slot(C.XG_SLOT_NEWSRC)
     finally:
         counters.close()
     return {
@@ -56,6 +57,9 @@ def read_stats(directory: Path, record: dict | None = None) -> dict:
         "bans": {"packets": ban["packets"], "bytes": ban["bytes"]},
         "malformed": {"packets": malformed["packets"], "bytes": malformed["bytes"]},
         "nd_passed": {"packets": nd["packets"], "bytes": nd["bytes"]},
+        # Per-source limits: sources without a bucket dropped because their
+        # rule's new-source budget was empty (no bucket was inserted).
+        "new_source_overflow": {"packets": newsrc["packets"], "bytes": newsrc["bytes"]},
     }
 
 
