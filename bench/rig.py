@@ -69,6 +69,3 @@ class BenchRig(loader.TestRig):
     def ns_per_packet(self, frame: bytes, repeat: int) -> int:
         """The kernel's average duration per repeat (ns)."""
         return bpfsys.prog_test_run(self.fn.fd, frame, repeat=repeat, data_out_size=0)[1]
-
-    def slot_of(self, rule: str) -> int:
-        return self.slots[rule]

@@ -152,7 +152,6 @@ int xgb_tc(struct __sk_buff *skb)
 }
 """
 
-GOLDEN = 2654435761
 MAX_REPEAT = (1 << 31) - 1
 
 

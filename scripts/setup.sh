@@ -58,7 +58,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
     echo "$want" > "$stamp"
 fi
-.venv/bin/python -c 'import bcc, pyroute2, netaddr, xdpguard'
+.venv/bin/python -c 'import bcc, pyroute2, xdpguard'
 
 # Kernel headers for bcc: /lib/modules/RELEASE/build (and source). The
 # candidates in order: the kernel's own, then Debian's packaged headers,

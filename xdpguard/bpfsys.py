@@ -62,14 +62,12 @@ XDP_TX = 3
 XDP_REDIRECT = 4
 
 # BPF_PROG_TEST_RUN flags.
-BPF_F_TEST_RUN_ON_CPU = 1
 BPF_F_TEST_XDP_LIVE_FRAMES = 2
 
 # Map update flags.
 BPF_ANY = 0
 BPF_NOEXIST = 1
 BPF_EXIST = 2
-BPF_F_LOCK = 4
 
 # Map types (the ones xdpguard uses) and creation flags.
 BPF_MAP_TYPE_HASH = 1
@@ -82,7 +80,6 @@ BPF_MAP_TYPE_LPM_TRIE = 11
 BPF_MAP_TYPE_ARRAY_OF_MAPS = 12
 BPF_MAP_TYPE_RINGBUF = 27
 BPF_F_NO_PREALLOC = 1  # required for LPM tries
-BPF_F_RDONLY_PROG = 1 << 7
 BPF_F_MMAPABLE = 1 << 10
 
 PERCPU_MAP_TYPES = frozenset(

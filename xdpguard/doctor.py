@@ -39,6 +39,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
 
+from xdpguard.bpfsys import XDP_DROP, XDP_PASS
 from xdpguard.probes import collector, detect
 from xdpguard.probes.collector import KPROBE_PROGS, TRACEPOINT_PROGS
 
@@ -84,7 +85,6 @@ src = ["2001:db8:1::/48", "2001:db8:2::/48", "2001:db8:3:4::/64"]
 action = "deny"
 """
 # (source, destination, what the sample policy makes of a UDP frame)
-XDP_DROP, XDP_PASS = 1, 2
 SAMPLE_VERDICTS = (
     ("192.0.2.1", "198.51.100.1", XDP_DROP),
     ("198.51.100.200", "192.0.2.1", XDP_DROP),

@@ -53,10 +53,6 @@ POLICY_MAPS = ("active", "gens", "lpm4", "lpm6", "lpm4_inner", "lpm6_inner", "ve
                "srctab")
 
 
-def addr_bytes(family: int, value: int) -> bytes:
-    return value.to_bytes(4 if family == 4 else 16, "big")
-
-
 _INT_CODES = {1: "B", 2: "H", 4: "I", 8: "Q"}
 
 

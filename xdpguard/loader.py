@@ -124,9 +124,6 @@ def bcc_types(b, names) -> dict:
 
 # ---------------------------------------------------------------- generations
 
-_ENOTSUPP = 524   # the kernel's internal "not supported", seen by user space
-
-
 def _lpm_update(fd: int, ks: int, vs: int, keys: bytes, vals: bytes) -> None:
     n = len(keys) // ks
     if not n:
@@ -135,7 +132,7 @@ def _lpm_update(fd: int, ks: int, vs: int, keys: bytes, vals: bytes) -> None:
     try:
         bpfsys.map_update_batch(fd, keys, vals, n)
     except OSError as e:
-        if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, _ENOTSUPP):
+        if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, bpfsys.ENOTSUPP):
             raise
         for i in range(n):
             bpfsys.map_update(fd, keys[i * ks:(i + 1) * ks], vals[i * vs:(i + 1) * vs])

@@ -32,8 +32,6 @@ ROOT = Path("/sys/fs/bpf/xdpguard")
 # one: it is written '~' there. '@' cannot start a netns name (netns.py).
 STAGE = ROOT / "@stage"
 META_SIZE = 1 << 20
-BPF_MAP_TYPE_ARRAY = 2
-PERCPU_TYPES = {5, 6, 10}   # percpu hash, percpu array, lru percpu hash
 
 
 class PinError(Exception):
@@ -116,7 +114,7 @@ def write_record(fd: int, record: dict) -> None:
 
 
 def create_meta(record: dict) -> int:
-    fd = bpfsys.map_create(BPF_MAP_TYPE_ARRAY, "xg_meta", 4, META_SIZE, 1)
+    fd = bpfsys.map_create(bpfsys.BPF_MAP_TYPE_ARRAY, "xg_meta", 4, META_SIZE, 1)
     write_record(fd, record)
     return fd
 
@@ -214,7 +212,7 @@ class Map:
 
     @property
     def percpu(self) -> bool:
-        return self.map_type in PERCPU_TYPES
+        return self.map_type in bpfsys.PERCPU_MAP_TYPES
 
     def close(self) -> None:
         if self.owned and self.fd >= 0:
@@ -226,16 +224,6 @@ class Map:
         n = len(keys)
         if n:
             bpfsys.map_update_batch(self.fd, bytes(keys), bytes(values), n)
-
-    def delete_batch(self, keys) -> None:
-        """keys: a ctypes array, or packed key bytes."""
-        n = len(keys) if not isinstance(keys, bytes) else len(keys) // ctypes.sizeof(self.Key)
-        if n:
-            try:
-                bpfsys.map_delete_batch(self.fd, bytes(keys), n)
-            except OSError as e:
-                if e.errno != errno.ENOENT:
-                    raise
 
     def lookup(self, key):
         size = ctypes.sizeof(self.Leaf)

@@ -68,9 +68,6 @@ class Prefix(NamedTuple):
         return f"{socket.inet_ntop(fam, raw)}/{self.plen}"
 
 
-ANY_PREFIXES = (Prefix(4, 0, 0), Prefix(6, 0, 0))
-
-
 @dataclass(frozen=True)
 class Rate:
     """A rate: ``per_second`` units, either packets or bytes."""
@@ -167,14 +164,6 @@ def parse_prefix(text: str) -> tuple[Prefix, bool]:
     value = int.from_bytes(raw, "big")
     mask = ((1 << bits) - 1) ^ ((1 << (bits - plen)) - 1)
     return Prefix(fam, value & mask, plen), bool(value & ~mask)
-
-
-def parse_address(text: str) -> tuple[int, int]:
-    """Parse a single address into (family, integer)."""
-    p, _ = parse_prefix(text)
-    if p.plen != p.bits or "/" in text:
-        raise ValueError(f"'{text}' is not a single address")
-    return p.family, p.value
 
 
 # ---------------------------------------------------------------- rates, durations

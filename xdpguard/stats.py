@@ -86,7 +86,7 @@ def map_fill(path: Path, gen: int) -> tuple[int | None, int] | None:
             os.close(fd)
             fd = inner
             info = bpfsys.map_info(fd)
-        if info["type"] in (2, 6):   # arrays
+        if info["type"] in (bpfsys.BPF_MAP_TYPE_ARRAY, bpfsys.BPF_MAP_TYPE_PERCPU_ARRAY):
             return None, info["max_entries"]
         return sum(1 for _ in bpfsys.map_keys(fd, info["key_size"])), info["max_entries"]
     finally:

@@ -146,11 +146,3 @@ def function_ranges(names, path: str = KALLSYMS) -> dict[str, tuple[int, int]]:
         if i < len(addrs):
             out[name] = (start, addrs[i])
     return out
-
-
-def function_range(name: str, path: str = KALLSYMS) -> tuple[int, int] | None:
-    return function_ranges([name], path).get(name)
-
-
-def kernel_function_exists(name: str) -> bool:
-    return function_range(name) is not None
