@@ -12,7 +12,7 @@ import ipaddress
 import time
 
 from bench.common import REPO  # noqa: F401  (puts the repo on sys.path)
-from xdpguard import bans, bpfsys, loader
+from xdpguard import bans, bpfsys, loader, plan
 from xdpguard.compiler import Tables
 
 
@@ -43,7 +43,8 @@ class BenchRig(loader.TestRig):
         # with this rig's own program).
         self.slots, fresh = loader.assign_slots(tables, None)
         loader.zero_slots(self.maps, fresh)
-        loader.write_gen(self.maps, tables, 0, self.shape, self.slots)
+        loader.write_gen(self.maps, tables, 0, self.shape, self.slots,
+                         plan.build(tables, self.shape.dir_nodes, self.slots))
         loader.set_active(self.maps, 0)
         self.gen = 0
         self.tables = tables

@@ -431,13 +431,13 @@ def test_fragments_skip_port_and_flag_rules():
 def test_source_vectors_that_decide_alone():
     """struct xg_vec.decides: set exactly for source vectors whose lowest
     rule matches any protocol (but ND), port and destination."""
-    from xdpguard.layout import decides, universal_rules
+    from xdpguard.compiler import decides
     rules = [_rule(0, src=(_p("10.1.0.0/16"),), protos=frozenset({"tcp"}), dport=((22, 22),)),
              _rule(1, src=(_p("10.0.0.0/8"),)),                                 # blocklist-like
              _rule(2, action="allow", src=(_p("192.0.2.0/24"),)),
              _rule(3, action="allow", dst=(_p("198.51.100.0/24"),))]
     t = compile_policy(_policy(rules, default="deny"))
-    u = universal_rules(t)
+    u = t.universal
     assert u == 0b0110     # r0 names ports, r3 a narrow dst
     vec = {value: t.vecs[v] for dim, value, plen, v in t.lpm[4] if dim == C.XG_DIM_SRC}
     a = lambda text: int(ipaddress.IPv4Address(text))   # noqa: E731
@@ -452,7 +452,7 @@ def test_source_vectors_that_decide_alone():
     assert decide(t, 4, a("192.0.2.1"), a("198.51.100.1"), C.XG_L4_ICMP, None, None).rule == "r2"
     # Universal means for both families: a dst of 0.0.0.0/0 is not ::/0.
     t2 = compile_policy(_policy(rules[:3] + [_rule(3, dst=(_p("0.0.0.0/0"),))]))
-    assert universal_rules(t2) == 0b0110
+    assert t2.universal == 0b0110
     assert decide(t, 4, a("203.0.113.1"), a("198.51.100.1"), C.XG_L4_UDP, 1, 2).rule == "r3"
 
 

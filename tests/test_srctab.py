@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from xdpguard import compiler, layout, loader, lookup, packet, policy
+from xdpguard import compiler, loader, lookup, packet, plan, policy
 from xdpguard.layout import C
 
 ROOT = C.XG_DIR_ROOT_NODES
@@ -83,9 +83,9 @@ def _walk(family, table, trie, addr):
 def test_table_and_trie_agree_with_lookup(family, seed, spare):
     rng = random.Random(seed)
     t, pfx = _policy(rng, family, nrules=6, per_rule=25)
-    need = layout.srctab_nodes_needed(t, family)
+    need = plan.measure(t).nodes_needed(family)
     nodes = ROOT + min(spare, need - ROOT)        # from no node at all to every node
-    table, trie = layout.srctab_plan(t, family, nodes)
+    table, trie = plan.source_table(t, family, nodes)
     assert len(table) == 256 * nodes
     if family == 6:
         assert trie == t.lpm[6]                  # every entry, whatever the table holds
@@ -106,24 +106,24 @@ def test_table_with_verdict_codes_agrees_with_lookup(family, seed, spare):
     rng = random.Random(seed)
     t, pfx = _policy(rng, family, nrules=6, per_rule=25)
     slots, _ = loader.assign_slots(t, None)
-    need = layout.srctab_nodes_needed(t, family)
+    need = plan.measure(t).nodes_needed(family)
     nodes = ROOT + min(spare, need - ROOT)
-    table, trie = layout.srctab_plan(t, family, nodes, layout.srctab_codes(t, slots))
-    plain_table, plain_trie = layout.srctab_plan(t, family, nodes)
+    table, trie = plan.source_table(t, family, nodes, plan.codes(t, slots))
+    plain_table, plain_trie = plan.source_table(t, family, nodes)
     assert len(trie) == len(plain_trie)
-    universal = layout.universal_rules(t)
+    universal = t.universal
     for a in _addresses(rng, family, pfx, 300):
         want = lookup._lpm(t, family, C.XG_DIM_SRC, a)
         e = _walk(family, table, trie, a)
         if e & C.XG_DIR_FAST:
-            d = layout.decides(want, universal)
+            d = compiler.decides(want, universal)
             r = t.rules[d - 1]
             assert d and (e >> C.XG_DIR_RULE_SHIFT) & C.XG_DIR_RULE_MASK == d - 1
             assert e & C.XG_DIR_SLOT_MASK == slots[r.name]
             assert bool(e & C.XG_DIR_DROP) == (r.action != C.XG_ACT_ALLOW)
         else:
             got = t.vecs[e]
-            assert got == want or layout.decides(got, universal) == layout.decides(want, universal) != 0
+            assert got == want or compiler.decides(got, universal) == compiler.decides(want, universal) != 0
 
 
 def test_verdict_codes():
@@ -155,8 +155,8 @@ action = "deny"
 """
     t = compiler.compile_policy(policy.load("codes.toml", text=text))
     slots = {"deny": 100, "allow": 101, "logged": 102, "limited": 103, "web": 104}
-    codes = layout.srctab_codes(t, slots)
-    table, _ = layout.srctab_plan(t, 4, ROOT, codes)
+    codes = plan.codes(t, slots)
+    table, _ = plan.source_table(t, 4, ROOT, codes)
     F, D, S = C.XG_DIR_FAST, C.XG_DIR_DROP, C.XG_DIR_RULE_SHIFT
     assert table[10 * 256] == F | D | (0 << S) | 100
     assert table[11 * 256] == F | (1 << S) | 101
@@ -165,9 +165,9 @@ action = "deny"
         assert not e & F and e < len(t.vecs)
     # IPv6: 2001:db8::/32 needs nodes below 2001::/16 and 2001:d00::/24;
     # its entry is the deny's code.
-    need6 = layout.srctab_nodes_needed(t, 6)
+    need6 = plan.measure(t).nodes_needed(6)
     assert need6 == ROOT + 2
-    table6, trie6 = layout.srctab_plan(t, 6, need6, codes)
+    table6, trie6 = plan.source_table(t, 6, need6, codes)
     e = table6[0x2001]
     assert e & C.XG_DIR_NODE
     e = table6[256 * (e & (C.XG_DIR_NODE - 1)) + 0x0d]
@@ -188,8 +188,8 @@ src = "10.1.2.3/32"
 action = "allow"
 """
     t = compiler.compile_policy(policy.load("x.toml", text=text))
-    assert layout.srctab_nodes_needed(t, 4) == ROOT + 2          # one /16 node, one /24 node
-    table, trie4 = layout.srctab_plan(t, 4, ROOT + 2)
+    assert plan.measure(t).nodes_needed(4) == ROOT + 2          # one /16 node, one /24 node
+    table, trie4 = plan.source_table(t, 4, ROOT + 2)
     e = table[10 * 256 + 1]
     assert e & C.XG_DIR_NODE
     n16 = e & (C.XG_DIR_NODE - 1)
@@ -199,7 +199,7 @@ action = "allow"
     assert t.vecs[table[256 * n24 + 4]] == t.vecs[table[256 * n16 + 7]]
     assert trie4 == []
     # One node short: the /24 goes to the trie, with its own vector.
-    table, trie4 = layout.srctab_plan(t, 4, ROOT + 1)
+    table, trie4 = plan.source_table(t, 4, ROOT + 1)
     assert table[256 * n16 + 2] == C.XG_DIR_TRIE
     assert sorted((p, v) for _d, v, p, _vec in trie4) == [(24, (10 << 24) | (1 << 16) | (2 << 8)),
                                                           (32, (10 << 24) | (1 << 16) | (2 << 8) | 3)]
@@ -220,8 +220,8 @@ src = "2001:db8:1::/48"
 action = "deny"
 """
     t = compiler.compile_policy(policy.load("x6.toml", text=text))
-    assert layout.srctab_nodes_needed(t, 6) == ROOT + 6          # one node below each of /16 ... /56
-    table, trie6 = layout.srctab_plan(t, 6, ROOT + 6)
+    assert plan.measure(t).nodes_needed(6) == ROOT + 6          # one node below each of /16 ... /56
+    table, trie6 = plan.source_table(t, 6, ROOT + 6)
     host = int(ipaddress.IPv6Address("2001:db8:1:2::5"))
     n56 = table[256 * (table[0x2001] & (C.XG_DIR_NODE - 1)) + 0x0d]
     for byte in (0xb8, 0x00, 0x01, 0x00):                  # down to the /56 node
@@ -251,8 +251,8 @@ def test_program_agrees_with_lookup_in_both_generations(monkeypatch, family):
     cap = ROOT + 60
     monkeypatch.setattr(C, "XG_DIR_MAX_NODES", cap)
     for t in (t1, t2):
-        assert layout.srctab_nodes_needed(t, family) > cap
-        assert [e for e in layout.srctab(t, family, cap)[1] if e[0] == C.XG_DIM_SRC]
+        assert plan.measure(t).nodes_needed(family) > cap
+        assert [e for e in plan.source_table(t, family, cap)[1] if e[0] == C.XG_DIM_SRC]
     shape = loader.Shape(nwords=2, vec_per_gen=8192,
                          dir4_nodes=cap, dir6_nodes=cap)
     dst = "10.9.9.9" if family == 4 else "2001:db8:ffff::9"
@@ -288,8 +288,8 @@ action = "allow"
 """
     t = compiler.compile_policy(policy.load("nd.toml", text=text))
     slots = {"block": 100, "allow-icmp": 101}
-    codes = layout.srctab_codes(t, slots)
-    table, trie = layout.srctab_plan(t, 6, layout.srctab_nodes_needed(t, 6), codes)
+    codes = plan.codes(t, slots)
+    table, trie = plan.source_table(t, 6, plan.measure(t).nodes_needed(6), codes)
     v1 = int(ipaddress.IPv6Address("2001:db8:1::1"))
     assert _walk(6, table, trie, v1) == C.XG_DIR_FAST | C.XG_DIR_DROP | 100
     d = lookup.decide(t, 6, v1, int(ipaddress.IPv6Address("2001:db8:9::1")), C.XG_L4_ND, None, None)

@@ -1,15 +1,15 @@
 """Compiler: ordered first-match rules -> classifier tables (plain Python).
 
 The algorithm (linear bit-vector search) is described in docs/design.md.
-``Tables`` is what the data plane looks up; ``xdpguard.layout`` turns it
-into map entries and ``xdpguard.lookup`` evaluates it exactly as the XDP
-program does.
+``Tables`` is what the data plane looks up; ``xdpguard.plan`` and
+``xdpguard.layout`` turn it into map entries and ``xdpguard.lookup``
+evaluates it exactly as the XDP program does.
 """
 from __future__ import annotations
 
 from array import array
 from bisect import bisect_right
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import repeat
 from operator import countOf, itemgetter, lshift, or_
 
@@ -52,6 +52,9 @@ class RuleRecord:
 
 @dataclass
 class Tables:
+    """The classifier of one policy. lpm lists each family's entries sorted
+    by (dim, value, plen), the order the source-table planner and the
+    lookup rely on; prefixes of one dim nest or are disjoint."""
     nrules: int
     nwords: int
     default_action: int
@@ -60,12 +63,11 @@ class Tables:
     lpm: dict[int, list[tuple[int, int, int, int]]]  # family -> [(dim, value, plen, vec)]
     ports: dict[int, array]                          # port dim -> 65536 vector indexes
     rules: list[RuleRecord]
+    universal: int                                   # universal_rules
+    decides: list[int]                               # per vector: decides(vec, universal)
     mit_prefix4: int = 32
     mit_prefix6: int = 64
     log_rate: int = 10
-    _index: dict = field(default=None, repr=False, compare=False)
-    # Values derived from the tables by xdpguard.layout, computed once.
-    _derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     def summary(self) -> dict:
         return {
@@ -235,6 +237,33 @@ def _record(rule: Rule) -> RuleRecord:
                       cost_fp=cost_fp, burst_ns=burst_ns, log=rule.log, **extra)
 
 
+def universal_rules(nrules: int, vecs: list[int], ports: dict[int, array], lpm: dict, has_dst: bool) -> int:
+    """Rules that match whatever the packet's protocol (ND aside), ports
+    and destination are: their bits are set in every vector the program can
+    find in those four dimensions. Derived from the tables, so it holds for
+    exactly what the program looks up."""
+    u = (1 << nrules) - 1
+    for c in range(C.XG_L4_NCLASSES):
+        if c != C.XG_L4_ND:
+            u &= vecs[c]
+    u &= vecs[C.XG_VEC_NOPORT_SPORT] & vecs[C.XG_VEC_NOPORT_DPORT]
+    for dim in (C.XG_PORT_SPORT, C.XG_PORT_DPORT):
+        for idx in set(ports[dim]):
+            u &= vecs[idx]
+    if has_dst:
+        for fam in (4, 6):
+            for idx in {vec for dim, _v, _p, vec in lpm[fam] if dim == C.XG_DIM_DST}:
+                u &= vecs[idx]
+    return u
+
+
+def decides(vec: int, universal: int) -> int:
+    """struct xg_vec.decides: rule + 1 when the vector's lowest rule is
+    universal (then it is the lowest bit of any AND with this vector)."""
+    low = vec & -vec
+    return low.bit_length() if low & universal else 0
+
+
 def compile_policy(policy: Policy) -> Tables:
     """Compile a validated policy into classifier tables."""
     rules = policy.rules
@@ -261,11 +290,13 @@ def compile_policy(policy: Policy) -> Tables:
     ports = {C.XG_PORT_SPORT: _port_table(rules, "sport", vectors),
              C.XG_PORT_DPORT: _port_table(rules, "dport", vectors)}
 
+    universal = universal_rules(len(rules), vectors.vecs, ports, lpm, has_dst)
     flags = ((C.XG_GEN_HAS_DST if has_dst else 0) | (C.XG_GEN_MITIGATE if policy.mitigation.enabled else 0)
              | (C.XG_GEN_LOG_DEFAULT if policy.log_default else 0) | (C.XG_GEN_LOG_BANS if policy.log_bans else 0))
     return Tables(nrules=len(rules), nwords=max(1, (len(rules) + 63) // 64),
                   default_action=_ACTION[policy.default], flags=flags, vecs=vectors.vecs,
-                  lpm=lpm, ports=ports, rules=[_record(r) for r in rules],
+                  lpm=lpm, ports=ports, rules=[_record(r) for r in rules], universal=universal,
+                  decides=[decides(v, universal) for v in vectors.vecs],
                   mit_prefix4=policy.mitigation.prefix4, mit_prefix6=policy.mitigation.prefix6,
                   log_rate=policy.log_rate)
 

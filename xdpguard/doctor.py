@@ -162,7 +162,7 @@ class Context:
     bpf_ok: bool = False
     found: dict = field(default_factory=dict)    # feature name -> (available, detail)
     modules: list = field(default_factory=list)  # bcc.BPF objects to clean up
-    sample: tuple | None = None                  # (tables, shape) of SAMPLE_POLICY
+    sample: tuple | None = None                  # (tables, shape, slots, plan) of SAMPLE_POLICY
     maps: dict | None = None                     # the real program's maps
     prog_fd: int | None = None                   # the real program
     filled: bool = False                         # the sample policy is in it
@@ -213,12 +213,15 @@ def _netns_prefix(netns: str | None, tool: str) -> str:
 
 
 def _sample(ctx: Context) -> tuple:
-    """The sample policy's tables and the shape apply would give them."""
+    """The sample policy's tables, the shape apply would give them, its
+    rule slots and its source tables (plan.build)."""
     if ctx.sample is None:
-        from xdpguard import loader, policy
+        from xdpguard import loader, plan, policy
         from xdpguard.compiler import compile_policy
         tables = compile_policy(policy.load("xdpguard-doctor.toml", text=SAMPLE_POLICY))
-        ctx.sample = (tables, loader.Shape.for_tables(tables))
+        shape = loader.Shape.for_tables(tables)
+        slots, _ = loader.assign_slots(tables, None)
+        ctx.sample = (tables, shape, slots, plan.build(tables, shape.dir_nodes, slots))
     return ctx.sample
 
 
@@ -371,7 +374,7 @@ def check_bcc(ctx: Context) -> list[Check]:
     from xdpguard import layout, loader
     ver = _bcc_version()
     src = layout.bpf_dir() / "xdpguard.c"
-    tables, shape = _sample(ctx)
+    _tables, shape, _slots, _plan = _sample(ctx)
     msgs: list[str] = []
     try:
         with _stderr_to(msgs):
@@ -448,15 +451,15 @@ def check_maps(ctx: Context) -> list[Check]:
 def check_tries(ctx: Context) -> list[Check]:
     """Per-generation classifier tries of their own size put in the loaded
     program's arrays of tries by the loader's own function."""
-    from xdpguard import bpfsys, layout, loader
+    from xdpguard import bpfsys, loader
     if ctx.maps is None:
         ctx.feature("array_of_tries", None, "not tested: the program did not load")
         return [Check("map_of_tries", WARN, "not tested: the program did not load (see bcc)")]
-    tables, shape = _sample(ctx)
+    _tables, _shape, _slots, sources = _sample(ctx)
     sizes = {}
     try:
         for fam in (4, 6):
-            entries = layout.srctab_trie(tables, fam, shape.nodes(fam))
+            entries = sources.trie[fam]
             for gen in (0, 1):
                 loader._put_trie(ctx.maps, fam, gen, entries)
                 fd = bpfsys.inner_map_fd(ctx.maps[f"lpm{fam}"].fd, gen)
@@ -483,12 +486,11 @@ def check_policy_write(ctx: Context) -> list[Check]:
     from xdpguard import loader
     if ctx.maps is None:
         return [Check("policy_write", WARN, "not tested: the program did not load (see bcc)")]
-    tables, shape = _sample(ctx)
+    tables, shape, slots, sources = _sample(ctx)
     try:
-        slots, fresh = loader.assign_slots(tables, None)
-        loader.zero_slots(ctx.maps, fresh)
+        loader.zero_slots(ctx.maps, list(slots.values()))
         for gen in (0, 1):
-            loader.write_gen(ctx.maps, tables, gen, shape, slots)
+            loader.write_gen(ctx.maps, tables, gen, shape, slots, sources)
             loader.set_active(ctx.maps, gen)
     except OSError as e:
         return [Check("policy_write", FAIL, f"writing a policy into the program failed: {_err(e)}",

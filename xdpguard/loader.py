@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from xdpguard import bans, bpfsys, layout, pins
+from xdpguard import bans, bpfsys, layout, pins, plan
 from xdpguard.compiler import Tables
 from xdpguard.errors import LoadError, UsageError  # noqa: F401 (re-exported)
 from xdpguard.layout import C, PERSISTENT_MAPS, POLICY_MAPS
@@ -46,13 +46,20 @@ class Shape:
     def nodes(self, family: int) -> int:
         return self.dir4_nodes if family == 4 else self.dir6_nodes
 
+    @property
+    def dir_nodes(self) -> dict[int, int]:
+        """Source table nodes per family."""
+        return {4: self.dir4_nodes, 6: self.dir6_nodes}
+
     @classmethod
-    def for_tables(cls, t: Tables) -> "Shape":
-        """The shape a program for these tables gets, with headroom."""
+    def for_tables(cls, t: Tables, sizes: plan.Sizes | None = None) -> "Shape":
+        """The shape a program for these tables gets, with headroom
+        (sizes: plan.measure(t), if already known)."""
         # Headroom, so that most later policies fit without a recompile.
         # The classifier tries are no part of the shape: each generation
         # gets a new one of its own size (write_gen).
-        nodes = {f: min(C.XG_DIR_MAX_NODES, _pow2(2 * layout.srctab_nodes_needed(t, f))) for f in (4, 6)}
+        sizes = sizes or plan.measure(t)
+        nodes = {f: min(C.XG_DIR_MAX_NODES, _pow2(2 * sizes.nodes_needed(f))) for f in (4, 6)}
         return cls(nwords=min(64, _pow2(max(1, (t.nrules + 16 + 63) // 64))),
                    vec_per_gen=_pow2(max(256, 2 * len(t.vecs))),
                    dir4_nodes=nodes[4], dir6_nodes=nodes[6])
@@ -61,15 +68,17 @@ class Shape:
         """The maps a program of this shape has (bpf/xdpguard.c)."""
         return POLICY_MAPS + PERSISTENT_MAPS + (("debug",) if test else ())
 
-    def fits(self, t: Tables) -> bool:
-        """Whether a policy can be written into a program of this shape."""
+    def fits(self, t: Tables, sizes: plan.Sizes | None = None) -> bool:
+        """Whether a policy can be written into a program of this shape
+        (sizes: plan.measure(t), if already known)."""
         if not (t.nrules <= self.rules_per_gen and len(t.vecs) <= self.vec_per_gen):
             return False
+        sizes = sizes or plan.measure(t)
         for fam in (4, 6):
             nodes = self.nodes(fam)
             # A table at the largest size takes any policy (the trie takes
             # the rest); a smaller one must hold all of it.
-            if nodes < C.XG_DIR_MAX_NODES and layout.srctab_nodes_needed(t, fam) > nodes:
+            if nodes < C.XG_DIR_MAX_NODES and sizes.nodes_needed(fam) > nodes:
                 return False
         return True
 
@@ -156,12 +165,13 @@ def _put_trie(maps: dict, family: int, gen: int, entries: list) -> None:
         os.close(fd)
 
 
-def write_gen(maps: dict, tables: Tables, gen: int, shape: Shape, slots: dict[str, int]) -> None:
-    """Write one generation of the classifier (not yet active)."""
+def write_gen(maps: dict, tables: Tables, gen: int, shape: Shape, slots: dict[str, int],
+              sources: plan.Plan) -> None:
+    """Write one generation of the classifier (not yet active); sources:
+    plan.build(tables, shape.dir_nodes, slots)."""
     for fam in (4, 6):
-        table, trie = layout.srctab(tables, fam, shape.nodes(fam), slots)
-        _write_srctab(maps["srctab"], table, fam, gen, shape)
-        _put_trie(maps, fam, gen, trie)
+        _write_srctab(maps["srctab"], sources.table[fam], fam, gen, shape)
+        _put_trie(maps, fam, gen, sources.trie[fam])
     keys, vals = layout.vec_entries(maps, tables, gen, shape.vec_per_gen, slots)
     maps["vecs"].update_batch(keys, vals)
     keys, vals = layout.port_entries(tables, gen)
@@ -256,7 +266,7 @@ def ifindex_of(iface: str, netns: str | None) -> int:
         raise UsageError(f"no interface '{iface}'{where}") from None
 
 
-def _record(policy: Policy, tables: Tables, netns, iface, ifindex, shape, slots, types, mode, prog_id):
+def _record(policy: Policy, tables: Tables, netns, iface, ifindex, shape, slots, sources, types, mode, prog_id):
     rec = {
         "layout": C.XG_LAYOUT_VERSION,
         "netns": netns or "host",
@@ -272,7 +282,7 @@ def _record(policy: Policy, tables: Tables, netns, iface, ifindex, shape, slots,
                    "slot": slots[r.name]} for r in tables.rules],
         "slots": slots,
         # Trie entries of the generation (what the source tables left).
-        "lpm": {str(f): len(layout.srctab_trie(tables, f, shape.nodes(f), slots)) for f in (4, 6)},
+        "lpm": {str(f): len(sources.trie[f]) for f in (4, 6)},
         "types": types,
         "mitigation": {"enabled": policy.mitigation.enabled,
                        "prefix4": policy.mitigation.prefix4, "prefix6": policy.mitigation.prefix6,
@@ -292,7 +302,7 @@ def apply(policy: Policy, tables: Tables, iface: str, netns: str | None = None,
         shape = Shape.for_tables(tables)
         b, fn = compile_program(shape)
         maps = bcc_maps(b, shape.map_names())
-        write_gen(maps, tables, 0, shape, slots)
+        write_gen(maps, tables, 0, shape, slots, plan.build(tables, shape.dir_nodes, slots))
         set_active(maps, 0)
         log(f"dry run: policy '{policy.name}' compiled, loaded and verified; nothing attached")
         b.cleanup()
@@ -315,12 +325,19 @@ def apply(policy: Policy, tables: Tables, iface: str, netns: str | None = None,
             raise UsageError(f"{iface}: xdpguard runs in {record['mode']} mode here; changing to "
                              f"{mode} cannot be atomic: detach first, then apply --mode {mode}")
         slots, fresh = assign_slots(tables, record["slots"] if record else None)
+        # The shape and the source tables, computed once and passed down.
+        sizes = plan.measure(tables)
         if ours:
             shape = Shape(**record["shape"])
-            if shape.fits(tables):
-                return _reapply_in_place(policy, tables, directory, record, slots, fresh, log)
+            if shape.fits(tables, sizes):
+                sources = plan.build(tables, shape.dir_nodes, slots, sizes)
+                return _reapply_in_place(policy, tables, directory, record, slots, fresh, sources, log)
+        shape = Shape.for_tables(tables, sizes)
+        if record:
+            shape = replace(shape, nwords=max(shape.nwords, record["shape"]["nwords"]))
+        sources = plan.build(tables, shape.dir_nodes, slots, sizes)
         rec = _load_and_attach(policy, tables, netns, iface, ifindex, directory, record,
-                               q, ours, slots, fresh, mode, log)
+                               q, ours, slots, fresh, shape, sources, mode, log)
         # Pins die with a reboot and with a detach; the state directory
         # keeps the bans, which go back into ban maps that came new.
         try:
@@ -341,7 +358,7 @@ def _previous(record: dict, kind: str, **extra) -> dict:
     return prev
 
 
-def _reapply_in_place(policy, tables, directory, record, slots, fresh, log) -> dict:
+def _reapply_in_place(policy, tables, directory, record, slots, fresh, sources, log) -> dict:
     t0 = time.monotonic()
     shape = Shape(**record["shape"])
     maps = _open_maps(directory, record, POLICY_MAPS + ("counters", "rbuckets", "nbuckets"))
@@ -353,7 +370,7 @@ def _reapply_in_place(policy, tables, directory, record, slots, fresh, log) -> d
         # apply: write_gen replaces all of it.
         try:
             zero_slots(maps, fresh)
-            write_gen(maps, tables, new, shape, slots)
+            write_gen(maps, tables, new, shape, slots, sources)
         except BaseException:
             # The running policy is untouched, but its rollback target is
             # half overwritten: rollback must refuse, not flip to it.
@@ -362,7 +379,7 @@ def _reapply_in_place(policy, tables, directory, record, slots, fresh, log) -> d
             raise
         set_active(maps, new)
         rec = _record(policy, tables, record["netns"], record["iface"], record["ifindex"], shape,
-                      slots, record["types"], record["mode"], record["prog_id"])
+                      slots, sources, record["types"], record["mode"], record["prog_id"])
         rec["previous"] = _previous(record, "gen", gen=old)
         pins.update_record(directory, rec)
         pins.remove_dir(prev_dir(directory))   # no longer the rollback target
@@ -380,11 +397,8 @@ def prev_dir(directory: Path) -> Path:
 
 
 def _load_and_attach(policy, tables, netns, iface, ifindex, directory, record, q, ours,
-                     slots, fresh, mode, log) -> dict:
+                     slots, fresh, shape, sources, mode, log) -> dict:
     t0 = time.monotonic()
-    shape = Shape.for_tables(tables)
-    if record:
-        shape = replace(shape, nwords=max(shape.nwords, record["shape"]["nwords"]))
     stage = pins.STAGE / str(os.getpid())
     pins.remove_dir(stage)
     stage.mkdir(parents=True)
@@ -403,11 +417,11 @@ def _load_and_attach(policy, tables, netns, iface, ifindex, directory, record, q
         for extra in ("droplog", "logfmt", "lpm4", "lpm6"):
             bpfsys.obj_pin(b[extra.encode()].map_fd, str(stage / extra))
         zero_slots(maps, fresh)
-        write_gen(maps, tables, 0, shape, slots)
+        write_gen(maps, tables, 0, shape, slots, sources)
         set_active(maps, 0)
         prog_id = bpfsys.prog_info(fn.fd)["id"]
         attached = _attach(fn.fd, ifindex, netns, iface, directory, record, q, ours, mode)
-        rec = _record(policy, tables, netns, iface, ifindex, shape, slots,
+        rec = _record(policy, tables, netns, iface, ifindex, shape, slots, sources,
                       bcc_types(b, names + ("logfmt",)), attached, prog_id)
         if ours:
             rec["previous"] = _previous(record, "dir")
@@ -550,12 +564,14 @@ class TestRig:
 
     def load(self, tables: Tables) -> None:
         """Put a policy in (in place, like a re-apply)."""
-        if not self.shape.fits(tables):
+        sizes = plan.measure(tables)
+        if not self.shape.fits(tables, sizes):
             raise LoadError("policy does not fit the loaded program")
         new = 1 - self.gen if self.slots else 0
         self.slots, fresh = assign_slots(tables, self.slots)
         zero_slots(self.maps, fresh)
-        write_gen(self.maps, tables, new, self.shape, self.slots)
+        write_gen(self.maps, tables, new, self.shape, self.slots,
+                  plan.build(tables, self.shape.dir_nodes, self.slots, sizes))
         set_active(self.maps, new)
         self.gen = new
         self.tables = tables

@@ -5,10 +5,11 @@ direct first-match evaluation of the rules and with the kernel program.
 """
 from __future__ import annotations
 
+from bisect import bisect_right
 from dataclasses import dataclass
 
 from xdpguard.compiler import Tables
-from xdpguard.layout import C, universal_rules
+from xdpguard.layout import C
 
 _ACTION_NAME = {C.XG_ACT_ALLOW: "allow", C.XG_ACT_DENY: "deny", C.XG_ACT_LIMIT: "limit"}
 _VERDICT = {C.XG_ACT_ALLOW: "pass", C.XG_ACT_DENY: "drop", C.XG_ACT_LIMIT: "limit"}
@@ -25,24 +26,24 @@ class Decision:
         return {"rule": self.rule, "action": self.action, "verdict": self.verdict}
 
 
-def _index(tables: Tables) -> dict:
-    """Per (family, dim): prefix length -> {network value: vector}, longest first."""
-    if tables._index is None:
-        idx: dict = {}
-        for fam, entries in tables.lpm.items():
-            for dim, value, plen, vec in entries:
-                idx.setdefault((fam, dim), {}).setdefault(plen, {})[value] = vec
-        tables._index = {k: sorted(v.items(), reverse=True) for k, v in idx.items()}
-    return tables._index
-
-
 def _lpm(tables: Tables, family: int, dim: int, addr: int) -> int:
+    """The vector of the longest prefix holding addr, as the LPM trie
+    answers, by bisection of the compiler's sorted entries (no index): the
+    last entry at or before (addr, plen) holds addr, or lies inside the
+    match, which then holds both and is at most as long as their common
+    prefix; each step shortens plen."""
     bits = 32 if family == 4 else 128
-    for plen, values in _index(tables).get((family, dim), ()):
-        vec = values.get(addr & ~((1 << (bits - plen)) - 1))
-        if vec is not None:
+    entries = tables.lpm[family]
+    probe, plen = addr, bits
+    while True:
+        i = bisect_right(entries, (dim, probe, plen + 1))
+        if not i or entries[i - 1][0] != dim:
+            return 0      # the compiler always adds /0, so this is a safety net like the C
+        _d, value, p, vec = entries[i - 1]
+        if not (addr ^ value) >> (bits - p):
             return tables.vecs[vec]
-    return 0      # the compiler always adds /0, so this is a safety net like the C
+        plen = bits - (addr ^ value).bit_length()
+        probe = addr >> (bits - plen) << (bits - plen)
 
 
 def classify(tables: Tables, family: int, src: int, dst: int, l4: int,
@@ -53,7 +54,7 @@ def classify(tables: Tables, family: int, src: int, dst: int, l4: int,
         # struct xg_vec.decides: the source vector alone decides when its
         # lowest rule matches any protocol, port and destination.
         low = vsrc & -vsrc
-        if low & universal_rules(tables):
+        if low & tables.universal:
             return low.bit_length() - 1
     v = tables.vecs[l4] & vsrc
     if tables.flags & C.XG_GEN_HAS_DST:
