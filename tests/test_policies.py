@@ -87,6 +87,50 @@ def test_lab_does_not_import_the_blocklist():
     assert p.default == "allow"
 
 
+def test_operator_forms(tmp_path):
+    """Rates, durations and protect entries as the README's units table
+    writes them."""
+    from xdpguard.policy import load, parse_prefix
+    p = tmp_path / "forms.toml"
+    p.write_text("""[policy]
+protect = ["192.0.2.10:22", "[2001:db8::1]:22", "[2001:db8::1:22]", "2001:db8::5", "[2001:db8::/64]:443"]
+
+[[rule]]
+name = "per-minute"
+proto = "tcp"
+dport = 25
+action = "limit"
+rate = "10/min"
+
+[[rule]]
+name = "tc-style"
+proto = "udp"
+action = "limit"
+rate = "100mbit"
+burst = 1500000
+
+[mitigation]
+enabled = true
+syn_rate = "6000/min"
+conn_rate = "600/h"
+pps = "20kpps"
+bps = "100Mbps"
+window = "10s"
+ban = "1h30m"
+ban_max = "1w"
+""")
+    pol = load(p)
+    pfx = [parse_prefix(a)[0] for a in ("192.0.2.10", "2001:db8::1", "2001:db8::1:22", "2001:db8::5", "2001:db8::/64")]
+    assert pol.protect == tuple(zip(pfx, (22, 22, None, None, 443)))
+    assert pol.rules[0].rate.per_second == 10 / 60 and pol.rules[0].rate.unit == "packets"
+    assert pol.rules[0].burst == 1
+    assert pol.rules[1].rate.per_second == 12.5e6 and pol.rules[1].rate.unit == "bytes"
+    m = pol.mitigation
+    assert (m.syn_rate.per_second, m.conn_rate.per_second, m.pps.per_second) == (100, 600 / 3600, 20000)
+    assert m.bps.per_second == 12.5e6 and m.bps.unit == "bytes"
+    assert (m.window, m.ban, m.ban_max) == (10, 5400, 604800)
+
+
 # ---------------------------------------------------------------- explain
 
 WEB = "shared-web-host.toml"

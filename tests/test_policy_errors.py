@@ -147,6 +147,28 @@ def test_bad_rule_name(capsys, tmp_path, name):
     check_error(capsys, p, "rule 2", "name")
 
 
+@pytest.mark.parametrize("name, needles", [
+    ('"' + "x" * 70 + '"', ["name 'xxxxxxxx", "...", "is 70 characters long (at most 64)"]),
+    ('"ssh\\u0007bell"', ["name 'ssh\\x07bell'", "control character U+0007"]),
+    ('"two\\nlines"', ["name 'two\\nlines'", "control character U+000A"]),
+    ('"has space"', ["name 'has space'", "contains ' '"]),
+    ('""', ["name is empty"]),
+    ("42", ["name 42 is not valid", "string"]),
+])
+def test_rule_name_message_is_about_the_name(capsys, tmp_path, name, needles):
+    p = write(tmp_path, GOOD_RULE + f'[[rule]]\nname = {name}\naction = "deny"\n')
+    line = check_error(capsys, p, "rule 2", *needles)
+    assert "required" not in line
+
+
+@pytest.mark.parametrize("name, needles", [
+    ('"' + "p" * 65 + '"', ["[policy]", "is 65 characters long"]),
+    ('"pol\\u001bicy"', ["[policy]", "control character U+001B"]),
+])
+def test_policy_name_message_is_about_the_name(capsys, tmp_path, name, needles):
+    check_error(capsys, write(tmp_path, f"[policy]\nname = {name}\n" + GOOD_RULE), *needles)
+
+
 def test_duplicate_rule_names(capsys, tmp_path):
     p = write(tmp_path, GOOD_RULE + '[[rule]]\nname = "web"\naction = "deny"\n'
               + '[[rule]]\nname = "web"\naction = "allow"\n')
@@ -282,6 +304,11 @@ def test_policy_missing(capsys, tmp_path):
     ('log_rate = -1\n', ["[policy]", "log_rate"]),
     ('protect = "192.0.2.1"\n', ["[policy] protect"]),
     ('protect = ["192.0.2.1:99999"]\n', ["[policy] protect", "99999"]),
+    ('protect = ["[2001:db8::1]:99999"]\n', ["[policy] protect", "99999"]),
+    ('protect = ["2001:db8::1:22"]\n', ["[policy] protect", "'2001:db8::1:22' is ambiguous",
+                                        '"[2001:db8::1]:22"', '"[2001:db8::1:22]"']),
+    ('protect = ["::1:8080"]\n', ["[policy] protect", "ambiguous", '"[::1]:8080"']),
+    ('protect = ["[2001:db8::1:22"]\n', ["[policy] protect", "not an address"]),
 ])
 def test_bad_policy_table(capsys, tmp_path, head, needles):
     check_error(capsys, write(tmp_path, "[policy]\n" + head + GOOD_RULE), *needles)
@@ -293,7 +320,26 @@ def test_unknown_top_level_table(capsys, tmp_path):
 
 
 def test_rule_table_not_array(capsys, tmp_path):
-    check_error(capsys, write(tmp_path, '[rule]\nname = "a"\naction = "deny"\n'), "[[rule]]")
+    check_error(capsys, write(tmp_path, '[rule]\nname = "a"\naction = "deny"\n'), "[[rule]]",
+                "line 1: [rule] declares one table")
+
+
+def test_two_single_rule_tables_say_double_brackets(capsys, tmp_path):
+    # TOML itself refuses a second [rule]; the message says what was meant.
+    p = write(tmp_path, '[policy]\ndefault = "deny"\n\n[rule]\nname = "a"\naction = "allow"\n'
+              '[rule]\nname = "b"\naction = "deny"\n')
+    check_error(capsys, p, "TOML syntax error", "line 4: [rule] declares one table", "write [[rule]]")
+
+
+def test_byte_order_mark_is_accepted(capsys, tmp_path):
+    (tmp_path / "set.txt").write_bytes("\ufeff192.0.2.0/24\n198.51.100.7\n".encode())
+    p = tmp_path / "policy.toml"
+    p.write_bytes(("\ufeff[policy]\nname = \"bom\"\n[sets]\ns = { file = \"set.txt\" }\n" + GOOD_RULE
+                   + '[[rule]]\nname = "s"\nsrc = "@s"\naction = "deny"\n').encode())
+    code, out, err = run(capsys, "check", p, "--json")
+    assert code == 0, err
+    s = json.loads(out)
+    assert s["policy"] == "bom" and s["prefixes_v4"] == 2 and s["warnings"] == []
 
 
 def test_too_many_rules(capsys, tmp_path):

@@ -14,7 +14,7 @@ EPILOGS = {
   xdpguard watch policy.toml --iface eth1 --metrics 127.0.0.1:9101""",
     "ban": """examples:
   xdpguard ban 203.0.113.7 --ttl 10m --reason "credential stuffing"
-  xdpguard ban 2001:db8:bad::/48 --iface eth1
+  xdpguard ban 2001:db8:bad::/48 --iface eth1 --ttl 1h30m
   xdpguard ban 198.51.100.0/24 --ttl 0      # no expiry""",
     "unban": """examples:
   xdpguard unban 203.0.113.7
@@ -39,7 +39,7 @@ def _targets(args):
 
 def cmd_ban(args) -> int:
     from xdpguard import bans, pins
-    from xdpguard.policy import parse_duration
+    from xdpguard.units import parse_duration
     _check_names(args)
     try:
         net = bans.parse_target(args.target)
@@ -110,7 +110,7 @@ def cmd_bans(args) -> int:
 
 def cmd_watch(args) -> int:
     from xdpguard.daemon import Watch
-    from xdpguard.policy import parse_duration
+    from xdpguard.units import parse_duration
     _check_names(args)
     policy = _policy(args.policy)
     _warn(policy)
@@ -229,7 +229,7 @@ def register(sub, add) -> None:
     p = add("ban", cmd_ban, "ban an address or prefix at XDP")
     p.epilog = EPILOGS["ban"]
     p.add_argument("target", metavar="ADDR[/LEN]")
-    p.add_argument("--ttl", default="10m", help="ban duration (default 10m; 0 = no expiry)")
+    p.add_argument("--ttl", default="10m", help="ban duration: 10m, 1h30m, 1w ... (default 10m; 0 = no expiry)")
     p.add_argument("--reason", help="free text shown by 'bans'")
     p.add_argument("--iface", help="only this interface (default: every applied interface)")
     p.add_argument("--netns")

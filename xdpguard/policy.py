@@ -20,6 +20,8 @@ from operator import and_, itemgetter
 from pathlib import Path
 from typing import NamedTuple
 
+from xdpguard.units import Rate, parse_duration, parse_rate
+
 PROTOS = ("tcp", "udp", "icmp", "icmpv6")
 ACTIONS = ("allow", "deny", "limit")
 
@@ -66,17 +68,6 @@ class Prefix(NamedTuple):
         fam = socket.AF_INET if self.family == 4 else socket.AF_INET6
         raw = self.value.to_bytes(self.bits // 8, "big")
         return f"{socket.inet_ntop(fam, raw)}/{self.plen}"
-
-
-@dataclass(frozen=True)
-class Rate:
-    """A rate: ``per_second`` units, either packets or bytes."""
-    per_second: float
-    unit: str            # "packets" | "bytes"
-    text: str
-
-    def __str__(self) -> str:
-        return self.text
 
 
 @dataclass
@@ -166,50 +157,6 @@ def parse_prefix(text: str) -> tuple[Prefix, bool]:
     return Prefix(fam, value & mask, plen), bool(value & ~mask)
 
 
-# ---------------------------------------------------------------- rates, durations
-
-_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKMG]?)(bit|B)?\s*/\s*s\s*$")
-_MULT = {"": 1, "k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9}
-
-
-def parse_rate(text) -> Rate:
-    """'200/s', '2k/s', '1M/s' (packets); '10Mbit/s', '1.5MB/s' (bytes)."""
-    if not isinstance(text, str):
-        raise ValueError(f"{text!r} is not a rate (expected a string like \"200/s\" or \"10Mbit/s\")")
-    m = _RATE.match(text)
-    if not m:
-        raise ValueError(f"'{text}' is not a rate (expected \"200/s\", \"2k/s\", \"10Mbit/s\" or \"1.5MB/s\")")
-    value = float(m.group(1)) * _MULT[m.group(2)]
-    unit = m.group(3)
-    if unit == "bit":
-        value, kind = value / 8.0, "bytes"
-    elif unit == "B":
-        kind = "bytes"
-    else:
-        kind = "packets"
-    if value <= 0:
-        raise ValueError(f"'{text}': a rate must be above zero")
-    # The data plane keeps ns-per-unit << 16 in 64 bits (times up to 64 KiB units).
-    least, least_text = (1.0, "8bit/s") if kind == "bytes" else (0.001, "0.001/s")
-    if value < least:
-        raise ValueError(f"'{text}': rate too small (at least \"{least_text}\")")
-    if value > 1e12:
-        raise ValueError(f"'{text}': rate too large")
-    return Rate(value, kind, text.strip())
-
-
-_DUR = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
-_DUR_MULT = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_duration(text) -> float:
-    """'500ms', '3s', '10m', '24h', '7d' -> seconds."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool) and 0 < text < 1e12:
-        return float(text)
-    m = _DUR.match(text) if isinstance(text, str) else None
-    if not m or float(m.group(1)) <= 0:
-        raise ValueError(f"{text!r} is not a duration (expected \"3s\", \"10m\", \"24h\")")
-    return float(m.group(1)) * _DUR_MULT[m.group(2)]
 
 
 # ---------------------------------------------------------------- loading
@@ -318,7 +265,7 @@ def _read_set_file(rd: _Reader, setname: str, spec: dict) -> list[Prefix]:
     except OSError as e:
         rd.fail(where, f"cannot read set file '{spec['file']}' ({path}): {e.strerror or e}")
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
         rd.fail(where, f"set file '{spec['file']}' ({path}) is not UTF-8 text (line {line})")
@@ -413,15 +360,37 @@ def _int_in(rd, where, fld, value, lo, hi) -> int:
     return value
 
 
+_NAME_CHARS = "letters, digits, '_', '.', ':' or '-'"
+
+
+def _name_problem(name) -> str | None:
+    """What is wrong with a rule or policy name, or None. The name is
+    shown escaped and cut short: the message stays one line."""
+    if not isinstance(name, str):
+        return f"name {name!r} is not valid (expected a string of 1-64 {_NAME_CHARS})"
+    shown = repr(name[:40]) + ("..." if len(name) > 40 else "")
+    if not name:
+        return f"name is empty (expected 1-64 {_NAME_CHARS})"
+    if len(name) > 64:
+        return f"name {shown} is {len(name)} characters long (at most 64)"
+    bad = re.search(r"[^A-Za-z0-9_.:-]", name)
+    if bad is None:
+        return None
+    c = bad.group()
+    what = f"control character U+{ord(c):04X}" if not c.isprintable() else repr(c)
+    return f"name {shown} contains {what} (expected 1-64 {_NAME_CHARS})"
+
+
 def _read_rule(rd: _Reader, i: int, raw, sets, names: dict) -> Rule:
     pos = f"rule {i + 1}"
     if not isinstance(raw, dict):
         rd.fail(pos, "expected a table")
     name = raw.get("name")
-    where = f"rule '{name}' ({pos})" if isinstance(name, str) and name else pos
+    problem = "name is required (1-64 letters, digits, '_', '.', ':' or '-')" if name is None else _name_problem(name)
+    where = pos if problem else f"rule '{name}' ({pos})"
     rd.check_keys(where, raw, _RULE_KEYS)
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", name):
-        rd.fail(where, "name is required: 1-64 letters, digits, '_', '.', ':' or '-'")
+    if problem:
+        rd.fail(where, problem)
     if name == "default":
         rd.fail(where, "name 'default' is reserved for the policy default")
     if name in names:
@@ -599,13 +568,41 @@ def _read_protect(rd: _Reader, raw) -> tuple[tuple[Prefix, int | None], ...]:
         if not isinstance(item, str):
             rd.fail(where, f"{item!r} is not an address")
         addr, port = item, None
-        m = re.fullmatch(r"\[(.+)\]:(\d+)", item) or re.fullmatch(r"([^:]+):(\d+)", item)
+        # "[v6]:port", "[v6]", "v4:port"; IPv6 with a port needs the brackets.
+        m = re.fullmatch(r"\[([^\]]+)\](?::(\d+))?", item) or re.fullmatch(r"([^:]+):(\d+)", item)
         if m:
-            addr, port = m.group(1), int(m.group(2))
-            if port > 65535:
+            addr, port = m.group(1), None if m.group(2) is None else int(m.group(2))
+            if port is not None and port > 65535:
                 rd.fail(where, f"'{item}': {port} is not a port")
+        elif _ambiguous_v6_port(item):
+            head, _, tail = item.rpartition(":")
+            rd.fail(where, f"'{item}' is ambiguous: address {item}, or {head} port {tail}? "
+                           f"Write \"[{head}]:{tail}\" for the port, \"[{item}]\" for the address alone")
         out.append((rd.prefix(where, "entry", addr), port))
     return tuple(out)
+
+
+def _ambiguous_v6_port(text: str) -> bool:
+    """Whether unbracketed IPv6 text reads both as an address and as an
+    address and port ("2001:db8::1:22")."""
+    head, _, tail = text.rpartition(":")
+    if not (tail.isdigit() and int(tail) <= 65535) or "/" in text:
+        return False
+    try:
+        socket.inet_pton(socket.AF_INET6, text)
+        socket.inet_pton(socket.AF_INET6, head)
+    except OSError:
+        return False
+    return True
+
+
+def _single_rule_hint(text: str) -> str:
+    """A hint for "[rule]" written where "[[rule]]" was meant (TOML
+    reads it as one table; a second one is a syntax error)."""
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if re.fullmatch(r"\s*\[\s*rule\s*\]\s*(#.*)?", line):
+            return f"; line {lineno}: [rule] declares one table: write [[rule]] (double brackets) before each rule"
+    return ""
 
 
 def load(path, text: str | None = None) -> Policy:
@@ -620,11 +617,14 @@ def load(path, text: str | None = None) -> Policy:
     else:
         data_bytes = text.encode()
     try:
-        doc = tomllib.loads(data_bytes.decode("utf-8"))
+        # utf-8-sig: a byte order mark, as some Windows editors write, is no error.
+        source_text = data_bytes.decode("utf-8-sig")
     except UnicodeDecodeError:
         rd.fail("", "not UTF-8 text")
+    try:
+        doc = tomllib.loads(source_text)
     except tomllib.TOMLDecodeError as e:
-        rd.fail("", f"TOML syntax error: {e}")
+        rd.fail("", f"TOML syntax error: {e}{_single_rule_hint(source_text)}")
 
     rd.check_keys("", doc, _TOP_KEYS)
     head = doc.get("policy", {})
@@ -632,8 +632,9 @@ def load(path, text: str | None = None) -> Policy:
         rd.fail("[policy]", "expected a table")
     rd.check_keys("[policy]", head, _POLICY_KEYS)
     name = head.get("name", re.sub(r"[^A-Za-z0-9_.:-]", "-", path.stem)[:64] or "policy")
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", name):
-        rd.fail("[policy]", f"name {name!r} is not valid (1-64 letters, digits, '_', '.', ':' or '-')")
+    problem = _name_problem(name)
+    if problem:
+        rd.fail("[policy]", problem)
     default = head.get("default", "allow")
     if default not in ("allow", "deny"):
         rd.fail("[policy]", f"default {default!r} is not valid (expected \"allow\" or \"deny\")")
@@ -648,7 +649,7 @@ def load(path, text: str | None = None) -> Policy:
     sets = _read_sets(rd, doc.get("sets", {}))
     raw_rules = doc.get("rule", [])
     if not isinstance(raw_rules, list):
-        rd.fail("", "rules must be written as [[rule]] tables")
+        rd.fail("", "rules must be written as [[rule]] tables" + _single_rule_hint(source_text))
     if not raw_rules:
         rd.fail("", "empty policy: no [[rule]] tables (add at least one rule)")
     from xdpguard.layout import C
