@@ -127,13 +127,13 @@ def _stages_flood(ctx, src, stages, stack) -> dict:
     out: dict = {k: [] for k in fds}
     for _ in range(reps):
         for k, fd in fds.items():
-            with in_netns(lab.r):
-                lab.guard(lab.r, lab.ib, lab.b)
+            with in_netns(lab.ns_b):
+                lab.guard(lab.ns_b, lab.ib, lab.b)
                 bpfsys.xdp_attach(lab.ib, fd, bpfsys.XDP_FLAGS_DRV_MODE)
             try:
                 r = traffic.measure(lab, sender, 4, 1, 40_000_000, seconds, lambda: 0)
             finally:
-                with in_netns(lab.r):
+                with in_netns(lab.ns_b):
                     bpfsys.xdp_detach(lab.ib, bpfsys.XDP_FLAGS_DRV_MODE)
             out[k].append(r["core_mpps"])
             log(f"analysis: flood stage {k}: {r['receive_mpps']:.2f} Mpps, {r['core_mpps']:.2f} Mpps/core")

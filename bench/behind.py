@@ -105,8 +105,8 @@ def run(rounds: int, seconds: float, moves: list[int]) -> dict:
         for v in variants:
             stack.callback(v.close)
             lab = stack.enter_context(Lab(tag="h"))
-            with in_netns(lab.r):
-                lab.guard(lab.r, lab.ib, lab.b)
+            with in_netns(lab.ns_b):
+                lab.guard(lab.ns_b, lab.ib, lab.b)
                 bpfsys.xdp_attach(lab.ib, v.fd, bpfsys.XDP_FLAGS_DRV_MODE)
             labs[v.name] = lab
             traffic.measure(lab, sender, 4, 1, 500_000, 0.2, v.seen)     # warm-up
@@ -117,7 +117,7 @@ def run(rounds: int, seconds: float, moves: list[int]) -> dict:
                 rates[v.name].append(r["core_mpps"])
             log(f"behind: round {i + 1}/{rounds}: " + ", ".join(f"{k} {x[-1]:.2f}" for k, x in rates.items()))
         for v in variants:
-            with in_netns(labs[v.name].r):
+            with in_netns(labs[v.name].ns_b):
                 bpfsys.xdp_detach(labs[v.name].ib)
     base = rates[variants[0].name]
     for name, xs in rates.items():

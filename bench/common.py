@@ -1,14 +1,14 @@
-"""Shared helpers of the benchmark suite: tables, statistics, namespaces and
-veth pairs (always our own, always removed), CPU and interface counters,
-small bcc programs, xdp-filter.
+"""Shared helpers of the benchmark suite: tables, statistics, the bench's
+veth pair (testing.lab's, always our own, always removed), CPU and
+interface counters, small bcc programs, xdp-filter.
 
 Safety rules kept here, once for every section:
 
 * Nothing is attached to, or sent through, the machine's own interfaces:
   every interface is one end of a veth pair created by ``Lab`` inside
-  namespaces named ``xgb<hex>``; ``Lab`` refuses to touch an ifindex whose
-  name it did not create, and deletes the namespaces on exit (also on
-  Ctrl-C and SIGTERM, which ``install_signal_handlers`` turns into
+  namespaces named ``xgb<hex>``; ``Lab.guard`` refuses to touch an ifindex
+  whose name it did not create, and the namespaces are deleted on exit
+  (also on Ctrl-C and SIGTERM, which ``install_signal_handlers`` turns into
   KeyboardInterrupt so every ``finally`` runs).
 * bpffs work never goes through ``ip netns exec`` (it remounts /sys and
   hides the pins): xdpguard gets ``--netns`` / ``in_netns``, other tools
@@ -19,7 +19,6 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import secrets
 import signal
 import socket
 import statistics
@@ -34,12 +33,10 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from testing.lab import VethPair, nsenter  # noqa: E402
 from xdpguard import bpfsys  # noqa: E402
 from xdpguard.netns import in_netns  # noqa: E402
 
-# ../shared/data/blocklists beside the repo (CI lays a copy there), or
-# wherever XDPGUARD_BLOCKLISTS points (a clone made elsewhere).
-BLOCKLISTS = Path(os.environ.get("XDPGUARD_BLOCKLISTS") or REPO.parent / "shared" / "data" / "blocklists")
 PREFIX = "xgb"
 NCPU = os.cpu_count() or 1
 
@@ -91,11 +88,6 @@ def ratio(a, b):
 
 # ---------------------------------------------------------------- signals, cleanup
 
-# Every namespace a Lab created in this process (recorded in the results,
-# so a test can check that none survived).
-CREATED_NETNS: list[str] = []
-
-
 _MAIN_PID = os.getpid()
 
 
@@ -116,14 +108,6 @@ def install_signal_handlers() -> None:
         signal.signal(s, _raise_interrupt)
 
 
-def unique(tag: str = "") -> str:
-    """'xgb' + tag + hex, 8 characters: an interface name (+1) must fit the
-    15-character comm of its NAPI thread, "napi/<name>-<id>"."""
-    n = 8 - len(PREFIX) - len(tag)
-    assert n >= 3, tag
-    return PREFIX + tag + secrets.token_hex(4)[:n]
-
-
 def run(argv: list[str], check: bool = True, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
     r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kw)
     if check and r.returncode != 0:
@@ -134,101 +118,33 @@ def run(argv: list[str], check: bool = True, timeout: float = 60, **kw) -> subpr
 def nsrun(ns: str, argv: list[str], **kw) -> subprocess.CompletedProcess:
     """Run a tool inside a bench namespace (nsenter: bpffs stays visible)."""
     assert ns.startswith(PREFIX), ns
-    return run(["nsenter", f"--net=/run/netns/{ns}", *argv], **kw)
+    return run(nsenter(ns, argv), **kw)
 
 
-# ---------------------------------------------------------------- namespaces and veth pairs
+# ---------------------------------------------------------------- the veth pair
 
-def _mac(iface_ns: str, ifname: str) -> str:
-    from pyroute2 import IPRoute
-    with IPRoute(netns=iface_ns) as ipr:
-        idx = ipr.link_lookup(ifname=ifname)[0]
-        return ipr.get_links(idx)[0].get_attr("IFLA_ADDRESS")
-
-
-class Lab:
-    """Two namespaces (sender ``s``, receiver ``r``) joined by a veth pair
-    ``a`` (sender side) <-> ``b`` (receiver side); with ``split=False`` both
-    ends live in one namespace. Removed on exit, whatever happens."""
+class Lab(VethPair):
+    """The bench's veth pair: sender end ``a`` in ``ns_a``, receiver end
+    ``b`` in ``ns_b`` with RECV_V4 / RECV_V6 (``split=False``: one
+    namespace). ``tag`` (a letter) names the section in the namespace
+    names."""
 
     RECV_V4 = "198.51.100.1"
     RECV_V6 = "2001:db8:ffff::1"
 
     def __init__(self, split: bool = True, tag: str = ""):
-        self.name = unique(tag)
-        self.s = self.name + "s"
-        self.r = self.name + "r" if split else self.s
-        self.a = self.name + "a"
-        self.b = self.name + "b"
-        self._created: list[str] = []
+        super().__init__(PREFIX + tag, split=split)
 
-    def __enter__(self) -> "Lab":
-        from pyroute2 import IPRoute, netns
-        try:
-            for ns in dict.fromkeys((self.s, self.r)):
-                netns.create(ns)
-                self._created.append(ns)
-                CREATED_NETNS.append(ns)
-            with IPRoute(netns=self.s) as ipr:
-                peer = {"ifname": self.b}
-                if self.r != self.s:
-                    peer["net_ns_fd"] = f"/run/netns/{self.r}"
-                ipr.link("add", ifname=self.a, kind="veth", peer=peer)
-            # The sender stays silent: no IPv6 autoconf chatter in the counts.
-            self.sysctl(self.s, f"net/ipv6/conf/{self.a}/disable_ipv6", "1")
-            with IPRoute(netns=self.s) as ipr:
-                self.ia = ipr.link_lookup(ifname=self.a)[0]
-                ipr.link("set", index=self.ia, state="up")
-            with IPRoute(netns=self.r) as ipr:
-                self.ib = ipr.link_lookup(ifname=self.b)[0]
-                ipr.link("set", index=self.ib, state="up")
-                ipr.addr("add", index=self.ib, address=self.RECV_V4, prefixlen=24)
-                ipr.addr("add", index=self.ib, address=self.RECV_V6, prefixlen=64)
-            self.sysctl(self.r, f"net/ipv6/conf/{self.b}/accept_dad", "0")
-            self.sysctl(self.r, "net/ipv4/conf/all/rp_filter", "0")
-            self.sysctl(self.r, f"net/ipv4/conf/{self.b}/rp_filter", "0")
-            self.mac_a = _mac(self.s, self.a)
-            self.mac_b = _mac(self.r, self.b)
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    @staticmethod
-    def sysctl(ns: str, key: str, value: str) -> None:
-        ns_sysctl_write(ns, key, value)
-
-    def guard(self, ns: str, ifindex: int, ifname: str) -> None:
-        """Refuse to touch an interface that is not ours (call inside in_netns(ns))."""
-        assert ns in (self.s, self.r) and ifname in (self.a, self.b)
-        assert socket.if_indextoname(ifindex) == ifname, f"ifindex {ifindex} is not {ifname}"
-
-    def close(self) -> None:
-        from pyroute2 import IPRoute, netns
-        if self.s in self._created:
-            try:
-                with IPRoute(netns=self.s) as ipr:
-                    idx = ipr.link_lookup(ifname=self.a)
-                    if idx:
-                        ipr.link("del", index=idx[0])   # takes the peer and XDP programs
-            except Exception as e:  # noqa: BLE001 - keep removing
-                log(f"cleanup: deleting {self.a}: {e}")
-        for ns in reversed(self._created):
-            try:
-                netns.remove(ns)
-            except Exception as e:  # noqa: BLE001
-                log(f"cleanup: removing netns {ns}: {e}")
-        self._created = []
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def ns_sysctl_write(ns: str, key: str, value: str) -> None:
-    """/proc/sys/net/... of the namespace the calling thread is in."""
-    with in_netns(ns):
-        with open(f"/proc/sys/{key}", "w") as f:
-            f.write(value)
+    def configure(self) -> None:
+        # The sender stays silent: no IPv6 autoconf chatter in the counts.
+        self.sysctl(self.ns_a, f"net/ipv6/conf/{self.a}/disable_ipv6", "1")
+        super().configure()
+        self.ip(self.ns_b, f"addr add {self.RECV_V4}/24 dev {self.b}", f"addr add {self.RECV_V6}/64 dev {self.b}")
+        self.sysctl(self.ns_b, f"net/ipv6/conf/{self.b}/accept_dad", "0")
+        self.sysctl(self.ns_b, "net/ipv4/conf/all/rp_filter", "0")
+        self.sysctl(self.ns_b, f"net/ipv4/conf/{self.b}/rp_filter", "0")
+        self.mac_a = self.mac(self.a)
+        self.mac_b = self.mac(self.b)
 
 
 # ---------------------------------------------------------------- interface and CPU counters
@@ -384,7 +300,7 @@ def set_threaded_napi(lab: Lab, cpu: int) -> list[int]:
     """
     # Fails (EIO) while the device has no NAPI instance; the flag then
     # stays as it was, and the pids below tell.
-    r = run(["ip", "netns", "exec", lab.r, "sh", "-c", f"echo 1 > /sys/class/net/{lab.b}/threaded"],
+    r = run(["ip", "netns", "exec", lab.ns_b, "sh", "-c", f"echo 1 > /sys/class/net/{lab.b}/threaded"],
             check=False)
     pids = []
     for _ in range(10 if r.returncode else 50):

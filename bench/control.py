@@ -43,7 +43,7 @@ def _xg(args: list[str], timeout: float = 300) -> tuple[float, subprocess.Comple
 
 
 def _apply(lab: Lab, path: Path) -> dict:
-    dt, r = _xg(["apply", str(path), "--iface", lab.b, "--netns", lab.r, "--mode", "native"])
+    dt, r = _xg(["apply", str(path), "--iface", lab.b, "--netns", lab.ns_b, "--mode", "native"])
     out = r.stdout.strip().splitlines()
     line = out[-1] if out else ""
     m = _TOOK.search(line)
@@ -52,7 +52,7 @@ def _apply(lab: Lab, path: Path) -> dict:
 
 
 def _memory(lab: Lab) -> dict:
-    d = pins.iface_dir(lab.r, lab.b)
+    d = pins.iface_dir(lab.ns_b, lab.b)
     fd = bpfsys.obj_get(str(d / "prog"))
     try:
         maps = prog_maps_memlock(fd)
@@ -143,7 +143,7 @@ def run(ctx) -> dict:
             log("control: stats latency")
             times = []
             for _ in range(10):
-                dt, out = _xg(["stats", "--iface", lab.b, "--netns", lab.r, "--json"])
+                dt, out = _xg(["stats", "--iface", lab.b, "--netns", lab.ns_b, "--json"])
                 json.loads(out.stdout.splitlines()[0])
                 times.append(dt)
             res["stats"] = {"median_s": median(times), "runs_s": times}
@@ -172,11 +172,11 @@ def run(ctx) -> dict:
         finally:
             if applied:
                 try:
-                    _xg(["detach", "--iface", lab.b, "--netns", lab.r])
+                    _xg(["detach", "--iface", lab.b, "--netns", lab.ns_b])
                 except Exception as e:  # noqa: BLE001
                     log(f"control: detach: {e}")
                     try:
-                        loader.detach(lab.b, netns=lab.r, log=lambda m: None)
+                        loader.detach(lab.b, netns=lab.ns_b, log=lambda m: None)
                     except Exception as e2:  # noqa: BLE001
                         log(f"control: loader.detach: {e2}")
 

@@ -42,14 +42,14 @@ LIMIT_RATE, LIMIT_BURST, LIMIT_SIZE = 100, 100, 262144
 
 
 def _attach(lab: Lab, fd: int) -> None:
-    with in_netns(lab.r):
-        lab.guard(lab.r, lab.ib, lab.b)
+    with in_netns(lab.ns_b):
+        lab.guard(lab.ns_b, lab.ib, lab.b)
         bpfsys.xdp_attach(lab.ib, fd, bpfsys.XDP_FLAGS_DRV_MODE)
 
 
 def _detach(lab: Lab) -> None:
-    with in_netns(lab.r):
-        lab.guard(lab.r, lab.ib, lab.b)
+    with in_netns(lab.ns_b):
+        lab.guard(lab.ns_b, lab.ib, lab.b)
         bpfsys.xdp_detach(lab.ib)
 
 
@@ -59,9 +59,9 @@ class _XdpguardMode:
         pol = load_policy(policy_path)
         tables = compile_policy(pol)
         t0 = time.monotonic()
-        loader.apply(pol, tables, lab.b, netns=lab.r, mode=mode, log=lambda m: log("xdpguard: " + m))
+        loader.apply(pol, tables, lab.b, netns=lab.ns_b, mode=mode, log=lambda m: log("xdpguard: " + m))
         self.apply_s = time.monotonic() - t0
-        self.dir = pins.iface_dir(lab.r, lab.b)
+        self.dir = pins.iface_dir(lab.ns_b, lab.b)
         self.record = pins.read_record(self.dir)
 
     def counts(self) -> tuple[int, int]:
@@ -73,7 +73,7 @@ class _XdpguardMode:
 
     def close(self) -> None:
         try:
-            loader.detach(self.lab.b, netns=self.lab.r, log=lambda m: None)
+            loader.detach(self.lab.b, netns=self.lab.ns_b, log=lambda m: None)
         except Exception as e:  # noqa: BLE001
             log(f"xdpguard detach: {e}; removing its pins")
             with pins.locked():
@@ -129,19 +129,19 @@ def setup_mode(ctx, lab: Lab, mode: str) -> Receiver:
     if mode in ("xdpguard-native", "xdpguard-generic"):
         xmode = mode.split("-")[1]
         if xmode == "generic":
-            set_gro(lab.r, lab.b, True)
+            set_gro(lab.ns_b, lab.b, True)
         path, _ = policies.write_policy(ctx.material, "b", ctx.workdir)
         m = _XdpguardMode(ctx, lab, path, xmode)
 
         def close():
             m.close()
-            set_gro(lab.r, lab.b, False)
+            set_gro(lab.ns_b, lab.b, False)
         return Receiver(m.counts, close)
     if mode == "xdpguard-limit":
         m = _XdpguardMode(ctx, lab, _limit_policy(ctx, LIMIT_RATE, LIMIT_BURST, "source"), "native")
         return Receiver(m.counts, m.close)
     if mode == "xdp-filter-native":
-        xf = XdpFilter(lab.r, lab.b, mode="native").__enter__()
+        xf = XdpFilter(lab.ns_b, lab.b, mode="native").__enter__()
 
         def counts():
             c = xf.action_counts()
@@ -153,7 +153,7 @@ def setup_mode(ctx, lab: Lab, mode: str) -> Receiver:
             xf.add_src(traffic.pool_sources(fam, pool), via_cli=0)
         return Receiver(counts, xf.close, prepare)
     if mode in ("nft-drop", "nft-limit"):
-        set_gro(lab.r, lab.b, True)
+        set_gro(lab.ns_b, lab.b, True)
         table = lab.name
         if mode == "nft-drop":
             mat = ctx.material
@@ -170,16 +170,16 @@ def setup_mode(ctx, lab: Lab, mode: str) -> Receiver:
             return sum(c.get(k, 0) for k in keys), None
 
         def close():
-            nsrun(lab.r, ["nft", "delete", "table", "netdev", table], check=False)
-            set_gro(lab.r, lab.b, False)
+            nsrun(lab.ns_b, ["nft", "delete", "table", "netdev", table], check=False)
+            set_gro(lab.ns_b, lab.b, False)
         return Receiver(counts, close)
     if mode == "iptables-hashlimit":
-        set_gro(lab.r, lab.b, True)
+        set_gro(lab.ns_b, lab.b, True)
         traffic.iptables_hashlimit(lab, LIMIT_RATE, LIMIT_BURST, LIMIT_SIZE)
 
         def close():
             traffic.iptables_flush(lab)
-            set_gro(lab.r, lab.b, False)
+            set_gro(lab.ns_b, lab.b, False)
         return Receiver(lambda: (traffic.iptables_drops(lab), None), close)
     raise ValueError(mode)
 

@@ -114,10 +114,10 @@ class _Xdpguard:
         self.n += 1
         self.tag = f"f{self.n}"
         pol, tables = _load(self.ctx, self.tag, rate, burst, per, "10.0.0.0/8")
-        loader.apply(pol, tables, self.lab.b, netns=self.lab.r, mode="native",
+        loader.apply(pol, tables, self.lab.b, netns=self.lab.ns_b, mode="native",
                      log=lambda m: log("xdpguard: " + m))
         self.applied = True
-        d = pins.iface_dir(self.lab.r, self.lab.b)
+        d = pins.iface_dir(self.lab.ns_b, self.lab.b)
         record = pins.read_record(d)
         if getattr(self, "counters", None) is None:
             self.counters = pins.open_map(d, "counters", record)
@@ -136,11 +136,11 @@ class _Xdpguard:
             self.counters = None
         if self.applied:
             try:
-                loader.detach(self.lab.b, netns=self.lab.r, log=lambda m: None)
+                loader.detach(self.lab.b, netns=self.lab.ns_b, log=lambda m: None)
             except Exception as e:  # noqa: BLE001
                 log(f"xdpguard detach: {e}")
                 with pins.locked():
-                    pins.remove_dir(pins.iface_dir(self.lab.r, self.lab.b))
+                    pins.remove_dir(pins.iface_dir(self.lab.ns_b, self.lab.b))
             self.applied = False
 
 
@@ -151,11 +151,11 @@ class _Nft:
         self.lab = lab
         self.table = lab.name
         self.up = False
-        set_gro(lab.r, lab.b, True)   # NAPI for frames from the peer, no XDP here
+        set_gro(lab.ns_b, lab.b, True)   # NAPI for frames from the peer, no XDP here
 
     def configure(self, rate, burst, per):
         if self.up:
-            nsrun(self.lab.r, ["nft", "delete", "table", "netdev", self.table])
+            nsrun(self.lab.ns_b, ["nft", "delete", "table", "netdev", self.table])
         traffic.nft_apply(self.lab, traffic.nft_limit_table(self.table, self.lab.b, int(rate), burst,
                                                             per == "source", 262144))
         self.up = True
@@ -166,9 +166,9 @@ class _Nft:
 
     def close(self):
         if self.up:
-            nsrun(self.lab.r, ["nft", "delete", "table", "netdev", self.table], check=False)
+            nsrun(self.lab.ns_b, ["nft", "delete", "table", "netdev", self.table], check=False)
             self.up = False
-        set_gro(self.lab.r, self.lab.b, False)
+        set_gro(self.lab.ns_b, self.lab.b, False)
 
 
 def _window(warm: float, window: float, read):

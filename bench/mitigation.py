@@ -2,7 +2,7 @@
 costs a legitimate client with and without `watch`, and what `watch`
 itself costs at 10,000 tracked sources.
 
-Real traffic in the test lab (tests/lab.py: two namespaces and a veth pair,
+Real traffic in the test lab (testing/lab.py: two namespaces and a veth pair,
 nginx on the server side). Floods are hping3 SYN floods bounded in packets
 and seconds.
 """
@@ -82,7 +82,7 @@ def _cpu_of(pid: int) -> float:
 
 
 def run(ctx) -> dict:
-    from tests.lab import CLIENT4, EXTRA4, SERVER4, Lab
+    from testing.lab import CLIENT4, EXTRA4, SERVER4, Lab
     quick = ctx.quick
     res: dict = {}
     with Lab() as lab:

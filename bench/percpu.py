@@ -125,7 +125,7 @@ def _xdp_filter(ctx, classes, stack) -> tuple[list[Subject], dict]:
     subjects = []
     for label, extra in (("10", []), ("10000", firsts[: 10000 - len(mat.addrs.xdpf_deny)])):
         lab = stack.enter_context(Lab(split=False))
-        xf = stack.enter_context(XdpFilter(lab.s, lab.b, mode="native"))
+        xf = stack.enter_context(XdpFilter(lab.ns_a, lab.b, mode="native"))
         info["prog_name"] = xf.prog_name
         xf.add_src(mat.addrs.xdpf_deny, via_cli=10)
         if extra:

@@ -32,7 +32,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.common import BLOCKLISTS
+from testing.blocklists import BLOCKLISTS
 from xdpguard import packet
 from xdpguard.policy import parse_prefix
 

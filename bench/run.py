@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import common, traffic  # noqa: E402
 from bench.common import dump_json, log, print_table  # noqa: E402
+from testing.lab import CREATED  # noqa: E402
 
 SECTIONS = ("percpu", "flood", "limiter", "control", "mitigation", "analysis")
 QUICK_SECTIONS = ("percpu", "flood", "limiter", "control")
@@ -229,7 +230,7 @@ def main(argv=None) -> int:
         if ctx is not None:
             ctx.close()
         shutil.rmtree(workdir, ignore_errors=True)
-    res["meta"]["namespaces"] = list(common.CREATED_NETNS)
+    res["meta"]["namespaces"] = list(CREATED)
     res["targets"] = targets(res)
     res["meta"]["elapsed_s"] = time.monotonic() - t_start
     print_targets(res["targets"])

@@ -330,8 +330,8 @@ class Sender:
                 extra.update(_afp_loop(sock, frame, count, seconds, rate))
 
         def call():
-            with in_netns(lab.s), pinned_thread(cpu):
-                lab.guard(lab.s, lab.ia, lab.a)
+            with in_netns(lab.ns_a), pinned_thread(cpu):
+                lab.guard(lab.ns_a, lab.ia, lab.a)
                 sched["0"] = schedstat("/proc/thread-self/schedstat")
                 try:
                     work()
@@ -359,13 +359,13 @@ class Sender:
         # frames to the sending CPU's backlog, past b's NAPI (its XDP
         # program, its counters, its pinned thread). Every flood: veth
         # turns them back on when b's XDP program goes.
-        set_tso(lab.s, lab.a, False)
+        set_tso(lab.ns_a, lab.a, False)
 
     @staticmethod
     def _afp_socket(lab: Lab) -> socket.socket:
         """A packet socket bound to `a` (protocol 0: it receives nothing)."""
-        with in_netns(lab.s):
-            lab.guard(lab.s, lab.ia, lab.a)
+        with in_netns(lab.ns_a):
+            lab.guard(lab.ns_a, lab.ia, lab.a)
             sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
             try:
                 sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, AFP_SNDBUF)
@@ -378,8 +378,8 @@ class Sender:
     @staticmethod
     def _tc_attach(lab: Lab, fn) -> None:
         from pyroute2 import IPRoute
-        with in_netns(lab.s):
-            lab.guard(lab.s, lab.ia, lab.a)
+        with in_netns(lab.ns_a):
+            lab.guard(lab.ns_a, lab.ia, lab.a)
             with IPRoute() as ipr:
                 ipr.tc("add", "clsact", lab.ia)
                 try:
@@ -392,8 +392,8 @@ class Sender:
     @staticmethod
     def _tc_detach(lab: Lab) -> None:
         from pyroute2 import IPRoute
-        with in_netns(lab.s):
-            lab.guard(lab.s, lab.ia, lab.a)
+        with in_netns(lab.ns_a):
+            lab.guard(lab.ns_a, lab.ia, lab.a)
             with IPRoute() as ipr:
                 ipr.tc("del", "clsact", lab.ia)      # takes the filter with it
 
@@ -401,10 +401,10 @@ class Sender:
 # ---------------------------------------------------------------- receiver-side counters
 
 def veth_counts(lab: Lab) -> dict:
-    a = ethtool_stats(lab.s, lab.a)
-    b = ethtool_stats(lab.r, lab.b)
+    a = ethtool_stats(lab.ns_a, lab.a)
+    b = ethtool_stats(lab.ns_b, lab.b)
     return {
-        "tx_dropped": link_stats(lab.s, lab.a)["tx_dropped"],
+        "tx_dropped": link_stats(lab.ns_a, lab.a)["tx_dropped"],
         "xmit": a.get("tx_queue_0_xdp_xmit", 0),
         "xmit_err": a.get("tx_queue_0_xdp_xmit_errors", 0),
         "rx_frames": sum(v for k, v in b.items() if k.endswith("_xdp_packets")),
@@ -425,7 +425,7 @@ STACK_KEYS = ("Ip.InReceives", "Ip.InDelivers", "Ip.InHdrErrors", "Ip.InAddrErro
 
 
 def stack_counts(lab: Lab) -> dict:
-    s = snmp(lab.r)
+    s = snmp(lab.ns_b)
     return {k: s.get(k, 0) for k in STACK_KEYS}
 
 
@@ -481,12 +481,12 @@ def measure(lab: Lab, sender: Sender, family: int, pool: int, count: int, second
 # ---------------------------------------------------------------- nftables / iptables receivers
 
 def nft_apply(lab: Lab, text: str) -> None:
-    nsrun(lab.r, ["nft", "-f", "-"], input=text)
+    nsrun(lab.ns_b, ["nft", "-f", "-"], input=text)
 
 
 def nft_counters(lab: Lab, table: str) -> dict[str, int]:
     """Packets of every counter in a netdev table, by rule comment."""
-    r = nsrun(lab.r, ["nft", "-j", "list", "table", "netdev", table])
+    r = nsrun(lab.ns_b, ["nft", "-j", "list", "table", "netdev", table])
     out: dict[str, int] = {}
     for item in json.loads(r.stdout)["nftables"]:
         rule = item.get("rule")
@@ -546,7 +546,7 @@ table netdev {name} {{{sets}
 
 def iptables_hashlimit(lab: Lab, rate: int, burst: int, size: int) -> None:
     for tool, src in (("iptables", "10.0.0.0/8"), ("ip6tables", "2001:db8::/32")):
-        nsrun(lab.r, [tool, "-t", "raw", "-A", "PREROUTING", "-i", lab.b, "-s", src,
+        nsrun(lab.ns_b, [tool, "-t", "raw", "-A", "PREROUTING", "-i", lab.b, "-s", src,
                       "-m", "hashlimit", "--hashlimit-above", f"{rate}/sec",
                       "--hashlimit-burst", str(burst), "--hashlimit-mode", "srcip",
                       "--hashlimit-name", f"{lab.name}{tool[:2]}",
@@ -557,7 +557,7 @@ def iptables_hashlimit(lab: Lab, rate: int, burst: int, size: int) -> None:
 def iptables_drops(lab: Lab) -> int:
     total = 0
     for tool in ("iptables", "ip6tables"):
-        r = nsrun(lab.r, [tool, "-t", "raw", "-L", "PREROUTING", "-v", "-x", "-n"])
+        r = nsrun(lab.ns_b, [tool, "-t", "raw", "-L", "PREROUTING", "-v", "-x", "-n"])
         for ln in r.stdout.splitlines():
             f = ln.split()
             if len(f) > 3 and f[2] == "DROP" and f[0].isdigit():
@@ -567,7 +567,7 @@ def iptables_drops(lab: Lab) -> int:
 
 def iptables_flush(lab: Lab) -> None:
     for tool in ("iptables", "ip6tables"):
-        nsrun(lab.r, [tool, "-t", "raw", "-F", "PREROUTING"], check=False)
+        nsrun(lab.ns_b, [tool, "-t", "raw", "-F", "PREROUTING"], check=False)
 
 
 def log_run(mode: str, r: dict) -> None:

@@ -25,7 +25,7 @@ done
 STATE=/run/xdpguard-demo.lab
 if [ -s "$STATE" ]; then
     echo "== removing the lab of an interrupted run ($(cat "$STATE"))"
-    "$PY" -m tests.lab down --tag "$(cat "$STATE")" || true
+    "$PY" -m testing.lab down --tag "$(cat "$STATE")" || true
 fi
 rm -f "$STATE"
 
@@ -36,7 +36,7 @@ cleanup() {
     trap - EXIT INT TERM
     echo
     echo "== removing the lab ($TAG)"
-    "$PY" -m tests.lab down --tag "$TAG" || rc=1
+    "$PY" -m testing.lab down --tag "$TAG" || rc=1
     rm -f "$STATE"
     [ -n "$TMP_POLICY" ] && rm -f "$TMP_POLICY"
     exit $rc
@@ -93,7 +93,7 @@ EOF
 fi
 
 echo "== building the lab"
-eval "$("$PY" -m tests.lab up --tag "$TAG" --nginx --tcp-server 8080)"
+eval "$("$PY" -m testing.lab up --tag "$TAG" --nginx --tcp-server 8080)"
 echo "server: netns $SERVER_NS, veth $SERVER_IF, $SERVER4 (nginx :80, vhosts a.lab b.lab; http server :8080)"
 echo "client: netns $CLIENT_NS, veth $CLIENT_IF, $CLIENT4, 10.200.0.10-20, spoofed range $SPOOF_NET"
 

@@ -196,8 +196,8 @@ def policies_dir():
 
 @pytest.fixture(scope="session")
 def blocklists_dir():
-    """The bench's blocklists (bench.common.BLOCKLISTS)."""
-    from bench.common import BLOCKLISTS as d
+    """The blocklist data (testing.blocklists)."""
+    from testing.blocklists import BLOCKLISTS as d
     if not d.is_dir():
         if IN_CI:
             pytest.fail(f"blocklist data missing at {d} (set XDPGUARD_BLOCKLISTS)", pytrace=False)

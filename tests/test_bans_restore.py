@@ -3,7 +3,7 @@ the state directory put the unexpired ones back, with the time they have
 left, when a policy is applied on new ban maps and when `watch` starts.
 
 The planning is checked alone; the rest on the real CLI in a veth lab
-(tests/lab.py) with real packets: ping from a banned address must not get
+(testing/lab.py) with real packets: ping from a banned address must not get
 through, from an unbanned one it must.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from tests.lab import CLIENT4, EXTRA4, EXTRA6, REPO, SERVER4, SERVER6, Lab
+from testing.lab import CLIENT4, EXTRA4, EXTRA6, REPO, SERVER4, SERVER6, Lab
 from xdpguard import bans
 from xdpguard.bans import BanRecord, plan_restore
 from xdpguard.layout import C

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import os
-import secrets
 import shutil
 import socket
 import struct
@@ -26,6 +25,7 @@ pytestmark = [
 from conftest import skip_refused  # noqa: E402
 from xdpguard import bpfsys as bs  # noqa: E402
 from xdpguard import netns as xns  # noqa: E402
+from testing.lab import VethPair, unique  # noqa: E402
 
 BPFFS = "/sys/fs/bpf"
 
@@ -149,50 +149,26 @@ def bpf():
     b.cleanup()
 
 
-def _unique(prefix: str = "xgt") -> str:
-    return prefix + secrets.token_hex(4)
-
-
 def _thread_netns_ino() -> int:
     return os.stat("/proc/thread-self/ns/net").st_ino
 
 
+def _netns_ino(name: str) -> int:
+    return os.stat(xns.netns_path(name)).st_ino
+
+
 @pytest.fixture
 def vethns():
-    """A fresh namespace holding an up veth pair (a <-> b); removed after."""
-    from pyroute2 import IPRoute, netns
-
-    name = _unique()
-    a, b = name + "a", name + "b"
-    netns.create(name)
-    try:
-        with IPRoute(netns=name) as ipr:
-            ipr.link("add", ifname=a, kind="veth", peer=b)
-            ia = ipr.link_lookup(ifname=a)[0]
-            ib = ipr.link_lookup(ifname=b)[0]
-            ipr.link("set", index=ia, state="up", address=":".join(f"{x:02x}" for x in MAC_A))
-            ipr.link("set", index=ib, state="up", address=":".join(f"{x:02x}" for x in MAC_B))
-        ino = os.stat(f"/run/netns/{name}").st_ino
-        yield SimpleNamespace(name=name, a=a, b=b, ia=ia, ib=ib, ino=ino)
-    finally:
-        try:
-            with IPRoute(netns=name) as ipr:
-                idx = ipr.link_lookup(ifname=a)
-                if idx:
-                    ipr.link("del", index=idx[0])  # takes the peer and any XDP prog with it
-        finally:
-            netns.remove(name)
-
-
-def _guard(ns: SimpleNamespace, ifindex: int, ifname: str) -> None:
-    """Refuse to touch an interface unless we really are inside ns."""
-    assert _thread_netns_ino() == ns.ino, "not inside the test namespace"
-    assert socket.if_indextoname(ifindex) == ifname
+    """A fresh namespace holding an up veth pair (a <-> b) with the MACs of
+    the test frames; removed after."""
+    with VethPair("xgt", split=False) as v:
+        v.ip(v.name, f"link set {v.a} address {MAC_A.hex(':')}", f"link set {v.b} address {MAC_B.hex(':')}")
+        yield v
 
 
 @pytest.fixture
 def pindir():
-    path = os.path.join(BPFFS, _unique())
+    path = os.path.join(BPFFS, unique("xgt", 11))
     os.mkdir(path)
     try:
         yield path
@@ -243,7 +219,7 @@ def test_short_frame_is_einval(bpf):
 def test_ctx_in_sets_ingress_ifindex(bpf, vethns):
     ctxrec = bpf.b["ctxrec"]
     with xns.in_netns(vethns.name):
-        _guard(vethns, vethns.ia, vethns.a)
+        vethns.guard(vethns.name, vethns.ia, vethns.a)
         retval, _, _ = bs.prog_test_run(bpf.xdp_ctx, tcp_frame(), ctx_in=bs.xdp_md_ctx(vethns.ia))
         assert retval == bs.XDP_PASS
         assert ctxrec[ctxrec.Key(0)].value == vethns.ia
@@ -289,10 +265,10 @@ def test_live_frames_xdp_tx(bpf, vethns, live_frames):
     frame = eth(0x88B5, bytes(50))  # local experimental ethertype, never IP
     n = 1000
     with xns.in_netns(vethns.name):
-        _guard(vethns, vethns.ib, vethns.b)
+        vethns.guard(vethns.name, vethns.ib, vethns.b)
         bs.xdp_attach(vethns.ib, bpf.xdp_count_drop, bs.XDP_FLAGS_DRV_MODE)
         try:
-            _guard(vethns, vethns.ia, vethns.a)
+            vethns.guard(vethns.name, vethns.ia, vethns.a)
             retval, _, out = bs.prog_test_run(
                 bpf.xdp_tx, frame, repeat=n, ctx_in=bs.xdp_md_ctx(vethns.ia),
                 flags=bs.BPF_F_TEST_XDP_LIVE_FRAMES, batch_size=64,
@@ -311,7 +287,7 @@ def test_live_frames_xdp_tx(bpf, vethns, live_frames):
 
 def test_live_frames_refuse_data_out(bpf, vethns, live_frames):
     with xns.in_netns(vethns.name):
-        _guard(vethns, vethns.ia, vethns.a)
+        vethns.guard(vethns.name, vethns.ia, vethns.a)
         with pytest.raises(OSError) as e:
             bs.prog_test_run(
                 bpf.xdp_pass, arp_frame(), data_out_size=256,
@@ -505,7 +481,7 @@ def test_percpu(bpf):
 def test_attach_native_query_detach(bpf, vethns):
     pid = bs.prog_info(bpf.xdp_pass)["id"]
     with xns.in_netns(vethns.name):
-        _guard(vethns, vethns.ia, vethns.a)
+        vethns.guard(vethns.name, vethns.ia, vethns.a)
         assert bs.xdp_query(vethns.ia) == {
             "prog_id": 0, "attach_mode": "none",
             "drv_prog_id": 0, "skb_prog_id": 0, "hw_prog_id": 0,
@@ -536,7 +512,7 @@ def test_attach_native_query_detach(bpf, vethns):
 def test_attach_generic(bpf, vethns):
     pid = bs.prog_info(bpf.xdp_udp_drop)["id"]
     with xns.in_netns(vethns.name):
-        _guard(vethns, vethns.ib, vethns.b)
+        vethns.guard(vethns.name, vethns.ib, vethns.b)
         bs.xdp_attach(vethns.ib, bpf.xdp_udp_drop, bs.XDP_FLAGS_SKB_MODE)
         try:
             q = bs.xdp_query(vethns.ib)
@@ -554,7 +530,7 @@ def test_replace(bpf, vethns, mode):
     p1, p2 = bpf.xdp_pass, bpf.xdp_udp_drop
     id1, id2 = bs.prog_info(p1)["id"], bs.prog_info(p2)["id"]
     with xns.in_netns(vethns.name):
-        _guard(vethns, vethns.ia, vethns.a)
+        vethns.guard(vethns.name, vethns.ia, vethns.a)
         bs.xdp_attach(vethns.ia, p1, mode)
         try:
             bs.xdp_attach(vethns.ia, p2, mode, old_prog_fd=p1)
@@ -594,7 +570,7 @@ def test_attach_bad_ifindex(bpf, vethns):
 def test_in_netns_enters_and_restores(vethns):
     host = _thread_netns_ino()
     with xns.in_netns(vethns.name):
-        assert _thread_netns_ino() == vethns.ino
+        assert _thread_netns_ino() == _netns_ino(vethns.name)
         assert socket.if_nametoindex(vethns.a) == vethns.ia
     assert _thread_netns_ino() == host
     with pytest.raises(RuntimeError):
@@ -620,12 +596,12 @@ def test_in_netns_is_per_thread(vethns):
     t = threading.Thread(target=worker)
     t.start()
     t.join(10)
-    assert seen == {"inside": vethns.ino, "main": host, "after": host}
+    assert seen == {"inside": _netns_ino(vethns.name), "main": host, "after": host}
     assert _thread_netns_ino() == host
 
 
 def test_in_netns_missing():
-    name = _unique()
+    name = unique("xgt", 11)
     with pytest.raises(xns.NetnsError, match="does not exist"):
         with xns.in_netns(name):
             pass  # pragma: no cover
@@ -643,7 +619,7 @@ def test_ifindex(vethns):
     with pytest.raises(xns.NetnsError, match="no interface"):
         xns.ifindex(vethns.a)  # not in the host namespace
     with pytest.raises(xns.NetnsError, match="does not exist"):
-        xns.ifindex("eth0", _unique())
+        xns.ifindex("eth0", unique("xgt", 11))
 
 
 @pytest.mark.parametrize("name", ["eth0", "veth-a.1", "x_y", "a" * 15])

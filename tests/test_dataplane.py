@@ -39,7 +39,7 @@ from scapy.layers.l2 import ARP, Dot1AD, Dot1Q, Ether
 from scapy.packet import Raw
 
 from conftest import require_kernel
-from timing import scaled
+from testing.timing import scaled
 from xdpguard import bans as xgbans, bpfsys, packet
 from xdpguard.compiler import compile_policy
 from xdpguard.layout import C

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -16,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import require_tool
+from testing.lab import VethPair, nsenter
 
 pytestmark = [
     pytest.mark.kernel,
@@ -37,25 +37,8 @@ def by_name(rep: dict) -> dict:
 @pytest.fixture
 def vethns():
     """A fresh namespace holding an up veth pair (a <-> b); removed after."""
-    from pyroute2 import IPRoute, netns
-
-    name = "xgd" + secrets.token_hex(4)
-    a, b = name + "a", name + "b"
-    netns.create(name)
-    try:
-        with IPRoute(netns=name) as ipr:
-            ipr.link("add", ifname=a, kind="veth", peer=b)
-            for ifc in (a, b):
-                ipr.link("set", index=ipr.link_lookup(ifname=ifc)[0], state="up")
-        yield SimpleNamespace(name=name, a=a, b=b)
-    finally:
-        try:
-            with IPRoute(netns=name) as ipr:
-                idx = ipr.link_lookup(ifname=a)
-                if idx:
-                    ipr.link("del", index=idx[0])  # takes the peer and any XDP program with it
-        finally:
-            netns.remove(name)
+    with VethPair("xgd", split=False) as v:
+        yield v
 
 
 @pytest.fixture(scope="module")
@@ -190,8 +173,7 @@ def test_doctor_native_xdp_on_veth(vethns):
 
 def test_doctor_foreign_program(vethns):
     require_tool("xdp-filter")
-    ns_cmd = ["nsenter", f"--net=/run/netns/{vethns.name}"]
-    subprocess.run(ns_cmd + ["xdp-filter", "load", vethns.a, "--mode", "skb"],
+    subprocess.run(nsenter(vethns.name, ["xdp-filter", "load", vethns.a, "--mode", "skb"]),
                    check=True, capture_output=True, text=True)
     try:
         rc, rep, err = doctor("--iface", vethns.a, "--netns", vethns.name, "--json")
@@ -208,7 +190,7 @@ def test_doctor_foreign_program(vethns):
         rc2, rep2, _ = doctor("--iface", vethns.a, "--netns", vethns.name, "--json")
         assert by_name(rep2)["xdp_foreign"]["detail"] == foreign["detail"]
     finally:
-        subprocess.run(ns_cmd + ["xdp-filter", "unload", vethns.a], capture_output=True)
+        subprocess.run(nsenter(vethns.name, ["xdp-filter", "unload", vethns.a]), capture_output=True)
     rc, rep, _ = doctor("--iface", vethns.a, "--netns", vethns.name, "--json")
     assert by_name(rep)["xdp_foreign"]["status"] == "ok"
 

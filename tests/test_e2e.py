@@ -1,6 +1,6 @@
 """End to end: the real CLI on a veth pair between two namespaces, real traffic.
 
-One lab per module (tests/lab.py). Every test starts with xdpguard detached
+One lab per module (testing/lab.py). Every test starts with xdpguard detached
 from the server veth and leaves it detached (fixture ``xg``), so counters
 start at zero. xdpguard runs on the server veth: what the client sends is
 what the program sees.
@@ -13,12 +13,8 @@ import time
 
 import pytest
 
-try:
-    from tests.lab import CLIENT4, EXTRA4, EXTRA6, SERVER4, SERVER6, CLIENT6, PIN_ROOT, Lab
-    from tests.timing import scaled, slowdown, wait_until
-except ImportError:      # pytest put tests/ itself on sys.path
-    from lab import CLIENT4, EXTRA4, EXTRA6, SERVER4, SERVER6, CLIENT6, PIN_ROOT, Lab
-    from timing import scaled, slowdown, wait_until
+from testing.lab import CLIENT4, EXTRA4, EXTRA6, SERVER4, SERVER6, CLIENT6, PIN_ROOT, Lab
+from testing.timing import scaled, slowdown, wait_until
 
 pytestmark = pytest.mark.e2e
 

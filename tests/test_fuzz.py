@@ -21,11 +21,12 @@ import time
 import pytest
 
 from conftest import require_kernel
+from testing.fuzzgen import mutate, random_frame
 from xdpguard import bans, bpfsys, packet
 from xdpguard.compiler import compile_policy
 from xdpguard.layout import C
 from xdpguard.lookup import decide
-from xdpguard.packet import MALFORMED, NON_IP, build, mutate, random_frame
+from xdpguard.packet import MALFORMED, NON_IP, build
 from xdpguard.policy import load
 
 pytestmark = pytest.mark.kernel

@@ -1,11 +1,11 @@
 """The feedback loop end to end: `xdpguard watch` bans floods, spares the
 legitimate and the allowlisted, lifts bans, remembers offenders.
 
-Real traffic in a veth lab (tests/lab.py): nginx with two virtual hosts on
+Real traffic in a veth lab (testing/lab.py): nginx with two virtual hosts on
 two server addresses, clients on several addresses, hping3 SYN floods and
 a real TCP connection flood. Every flood is bounded in packets and seconds,
 and lasts until what it is to provoke has been seen: on a slow machine
-(tests/timing.py) watch and top start late and see late.
+(testing/timing.py) watch and top start late and see late.
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ import time
 import pytest
 
 from tests.conftest import require_tool
-from tests.lab import CLIENT4, EXTRA4, REPO, SERVER4, Lab
-from tests.timing import scaled, slowdown, wait_until
+from testing.lab import CLIENT4, EXTRA4, REPO, SERVER4, Lab, nsenter
+from testing.timing import scaled, slowdown, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -114,7 +114,7 @@ class Watcher:
         cmd = [*lab.xg, "watch", str(policy), "--iface", lab.server_if, "--netns", lab.server_ns,
                "--interval", interval, "--json", *extra]
         if ns:
-            cmd = ["nsenter", f"--net=/run/netns/{lab.ns(ns)}", "--", *cmd]
+            cmd = nsenter(lab.ns(ns), cmd)
         self.p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                   env=env, cwd=REPO)
         self.lines: list[dict] = []
@@ -433,9 +433,9 @@ def test_metrics_port_taken(lab, tmp_path):
     holder = lab.popen("server", [sys.executable, "-c", _HOLD_PORT, str(limit + 30)], what="port holder")
     try:
         where = f"127.0.0.1:{int(holder.popen.stdout.readline())}"
-        cp = subprocess.run(["nsenter", f"--net=/run/netns/{lab.server_ns}", "--",
+        cp = subprocess.run(nsenter(lab.server_ns, [
                              *lab.xg, "watch", str(_policy(lab, "m-port")), "--iface", lab.server_if,
-                             "--netns", lab.server_ns, "--metrics", where],
+                             "--netns", lab.server_ns, "--metrics", where]),
                             capture_output=True, text=True, timeout=limit, cwd=REPO,
                             env=dict(os.environ, XDPGUARD_STATE_DIR=str(tmp_path)))
     finally:

@@ -17,8 +17,8 @@ from scapy.layers.l2 import ARP, Dot1AD, Dot1Q, Ether
 from scapy.packet import Raw
 
 from xdpguard.layout import C
-from xdpguard.packet import (MALFORMED, NON_IP, Packet, Verdict, build, from_fields, mutate,
-                             parse, random_frame)
+from testing.fuzzgen import mutate, random_frame
+from xdpguard.packet import MALFORMED, NON_IP, Packet, Verdict, build, from_fields, parse
 
 S4, D4 = "192.0.2.10", "198.51.100.20"
 S6, D6 = "2001:db8::10", "2001:db8:1::20"

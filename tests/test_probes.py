@@ -25,7 +25,8 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root for BPF"),
 ]
 
-from tests.timing import scaled, wait_until  # noqa: E402
+from testing.lab import VethPair, nsenter  # noqa: E402
+from testing.timing import scaled, wait_until  # noqa: E402
 from xdpguard.probes import collector, detect  # noqa: E402
 from xdpguard.probes import ProbeError, ProbeSet, load_only  # noqa: E402
 
@@ -107,12 +108,9 @@ s.sendto(ip + tcp, (dst, 0))
 """
 
 
-def _run(*args, **kw):
-    return subprocess.run(args, check=True, capture_output=True, text=True, timeout=scaled(30), **kw)
-
-
 def _in_ns(ns, *args, **kw):
-    return _run("nsenter", "--net=/run/netns/%s" % ns, *args, **kw)
+    return subprocess.run(nsenter(ns, args), check=True, capture_output=True, text=True,
+                          timeout=scaled(30), **kw)
 
 
 @pytest.fixture
@@ -122,44 +120,28 @@ def nspair():
     server: 198.1x.y.1/24 and <ula>::1/64, client: .2 and ::2; .3 is a
     forged, unowned address whose packets the server delivers to the client
     namespace (a permanent neighbour entry), which drops them."""
-    tag = secrets.token_hex(4)
-    srv, cli = "xgpt-s-" + tag, "xgpt-c-" + tag
-    va, vb = "xgp%sa" % tag, "xgp%sb" % tag
     net = ipaddress.ip_network("198.%d.%d.0/24" % (18 + secrets.randbelow(2),
                                                   1 + secrets.randbelow(254)))
     ula = ipaddress.ip_network("fd%02x:%04x:%04x:%04x::/64" % (
         secrets.randbelow(256), secrets.randbelow(65536), secrets.randbelow(65536),
         secrets.randbelow(65536)))
-    h = SimpleNamespace(
-        srv=srv, cli=cli,
-        srv4=str(net[1]), cli4=str(net[2]), spoof4=str(net[3]),
-        srv6=str(ula[1]), cli6=str(ula[2]), net6=str(ula),
-        procs=[],
-    )
-    created = []
-    try:
-        _run("ip", "netns", "add", srv)
-        created.append(srv)
-        _run("ip", "netns", "add", cli)
-        created.append(cli)
-        _run("ip", "link", "add", va, "netns", srv, "type", "veth", "peer", "name", vb,
-             "netns", cli)
-        for ns, dev, a4, a6 in ((srv, va, h.srv4, h.srv6), (cli, vb, h.cli4, h.cli6)):
-            _run("ip", "-n", ns, "link", "set", "lo", "up")
-            _run("ip", "-n", ns, "addr", "add", a4 + "/24", "dev", dev)
-            _run("ip", "-n", ns, "addr", "add", a6 + "/64", "dev", dev, "nodad")
-            _run("ip", "-n", ns, "link", "set", dev, "up")
-        mac = json.loads(_run("ip", "-n", cli, "-j", "link", "show", "dev", vb).stdout)[0]["address"]
-        _run("ip", "-n", srv, "neigh", "replace", h.spoof4, "lladdr", mac, "dev", va,
-             "nud", "permanent")
-        yield h
-    finally:
-        for p in h.procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait(timeout=scaled(10))
-        for ns in created:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=scaled(30))
+    with VethPair("xgp", sides=("srv", "cli")) as v:
+        h = SimpleNamespace(
+            srv=v.ns_a, cli=v.ns_b,
+            srv4=str(net[1]), cli4=str(net[2]), spoof4=str(net[3]),
+            srv6=str(ula[1]), cli6=str(ula[2]), net6=str(ula),
+            procs=[],
+        )
+        try:
+            for ns, dev, a4, a6 in ((v.ns_a, v.a, h.srv4, h.srv6), (v.ns_b, v.b, h.cli4, h.cli6)):
+                v.ip(ns, f"addr add {a4}/24 dev {dev}", f"addr add {a6}/64 dev {dev} nodad")
+            v.ip(v.ns_a, f"neigh replace {h.spoof4} lladdr {v.mac(v.b)} dev {v.a} nud permanent")
+            yield h
+        finally:
+            for p in h.procs:
+                if p.poll() is None:
+                    p.kill()
+                p.wait(timeout=scaled(10))
 
 
 def start_server(h, *listeners):
@@ -167,7 +149,7 @@ def start_server(h, *listeners):
     argv = [str(scaled(60, cap=600))]
     for fam, addr, port, v6only in listeners:
         argv += [str(fam), addr, str(port), str(int(v6only))]
-    p = subprocess.Popen(["nsenter", "--net=/run/netns/%s" % h.srv, PY, "-c", SERVER, *argv],
+    p = subprocess.Popen(nsenter(h.srv, [PY, "-c", SERVER, *argv]),
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     h.procs.append(p)
     line = p.stdout.readline()

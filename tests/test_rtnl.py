@@ -4,10 +4,10 @@ own; and setns through libc (xdpguard.netns)."""
 from __future__ import annotations
 
 import os
-import secrets
 
 import pytest
 
+from testing.lab import VethPair
 from xdpguard import bans, netns as xns, rtnl
 
 pytestmark = pytest.mark.kernel
@@ -15,29 +15,19 @@ pytestmark = pytest.mark.kernel
 
 @pytest.fixture
 def routed_ns():
-    """A fresh namespace: a veth pair inside it, r0 with addresses of both
-    families, default routes in the main table and in table 100 (policy
-    routing), and a route that is not a default."""
-    from pyroute2 import IPRoute, netns
-
-    name = "xgrt" + secrets.token_hex(4)
-    netns.create(name)
-    try:
-        with IPRoute(netns=name) as ipr:
-            ipr.link("add", ifname="r0", kind="veth", peer="r1")
-            idx = ipr.link_lookup(ifname="r0")[0]
-            for i in (idx, ipr.link_lookup(ifname="r1")[0]):
-                ipr.link("set", index=i, state="up")
-            ipr.addr("add", index=idx, address="10.99.0.2", prefixlen=24)
-            ipr.addr("add", index=idx, address="10.99.0.3", prefixlen=24)
-            ipr.addr("add", index=idx, address="fd00:99::2", prefixlen=64, flags=0x80)  # nodad
-            ipr.route("add", dst="0.0.0.0/0", gateway="10.99.0.1", oif=idx)
-            ipr.route("add", dst="::/0", gateway="fd00:99::1", oif=idx)
-            ipr.route("add", dst="0.0.0.0/0", gateway="10.99.0.254", oif=idx, table=100)
-            ipr.route("add", dst="192.0.2.0/24", gateway="10.99.0.9", oif=idx)
-        yield name
-    finally:
-        netns.remove(name)
+    """A fresh namespace: a veth pair inside it, end a with addresses of
+    both families, default routes in the main table and in table 100
+    (policy routing), and a route that is not a default."""
+    with VethPair("xgrt", split=False) as v:
+        v.ip(v.name,
+             f"addr add 10.99.0.2/24 dev {v.a}",
+             f"addr add 10.99.0.3/24 dev {v.a}",
+             f"addr add fd00:99::2/64 dev {v.a} nodad",
+             f"route add default via 10.99.0.1 dev {v.a}",
+             f"route add default via fd00:99::1 dev {v.a}",
+             f"route add default via 10.99.0.254 dev {v.a} table 100",
+             f"route add 192.0.2.0/24 via 10.99.0.9 dev {v.a}")
+        yield v.name
 
 
 def _pyroute2_view(name: str) -> tuple[set, set]:

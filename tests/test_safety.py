@@ -11,8 +11,8 @@ import time
 import pytest
 
 from tests.conftest import require_tool
-from tests.lab import CLIENT4, EXTRA4, REPO, SERVER4, Lab
-from tests.timing import scaled, wait_until
+from testing.lab import CLIENT4, EXTRA4, REPO, SERVER4, Lab
+from testing.timing import scaled, wait_until
 
 pytestmark = pytest.mark.e2e
 

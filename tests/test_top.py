@@ -19,7 +19,7 @@ import subprocess
 
 import pytest
 
-from tests.lab import EXTRA4, SERVER4, Lab
+from testing.lab import EXTRA4, SERVER4, Lab
 from xdpguard import daemon
 from xdpguard.cli_mitigation import _print_top, _top_view
 from xdpguard.compiler import compile_policy

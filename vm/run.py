@@ -165,7 +165,7 @@ def run_guest(name: str, steps: list[dict], out: Path, deadline_s: int) -> dict:
             shutil.copytree(BLOCKLISTS, jobdir / "blocklists")
         shutil.copy2(REPO / "vm" / "job.py", jobdir / "job.py")
         # Under emulation every deadline of the tests stretches by one
-        # factor (tests/timing.py), not by a noisy measurement in the guest.
+        # factor (testing/timing.py), not by a noisy measurement in the guest.
         env = dict(GUEST_ENV, **({"XDPGUARD_TEST_SLOWDOWN": "10"} if accel == "tcg" else {}))
         (jobdir / "job.json").write_text(json.dumps({"steps": steps, "env": env}))
         subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "xgjob", "-d", str(jobdir), str(work / "job.img"), "4G"],

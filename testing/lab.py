@@ -1,19 +1,31 @@
-"""A throw-away network lab for end-to-end tests and the demo.
+"""Network namespaces and veth pairs for tests, bench and demo: the one lab.
 
-Two network namespaces joined by one veth pair; nothing touches the
-machine's own interfaces:
+``VethPair``: a veth pair a <-> b, each end in a namespace of its own or
+both in one, created inside the namespaces (never in the root one) under
+names unique to the run, and removed on exit whatever happened. Every test
+that needs an interface, the bench and the demo build on it; entering a
+namespace is xdpguard.netns's ``in_netns`` (the product's own), tools run
+under ``nsenter --net`` (``nsenter``; never ``ip netns exec``: it remounts
+/sys and hides bpffs).
+
+``Lab``: the end-to-end lab, two namespaces joined by one pair, addresses,
+servers and the xdpguard CLI:
 
     client netns  xg<tag>-cli                     server netns  xg<tag>-srv
-    xgc<tag>  10.200.0.2/24, .10-.20      <-->    xgs<tag>  10.200.0.1/24
+    xg<tag>c  10.200.0.2/24, .10-.20      <-->    xg<tag>s  10.200.0.1/24
               fd00:200::2/64, ::10                          fd00:200::1/64
               10.200.1.0/24 (local route: any                route 10.200.1.0/24
               address of it is the client's)                 via 10.200.0.2
 
-xdpguard runs on the server veth (ingress of the server). Tools run in a
-namespace with ``nsenter --net`` (never ``ip netns exec``: it remounts /sys
-and hides bpffs); xdpguard runs in the root namespace with ``--netns``.
+xdpguard runs on the server veth (ingress of the server), in the root
+namespace with ``--netns``.
 
 Python:
+
+    with VethPair("xgt", split=False) as v:       # v.ns_a, v.a, v.ia, v.b, ...
+        with in_netns(v.ns_a):
+            v.guard(v.ns_a, v.ia, v.a)
+            ...
 
     with Lab() as lab:
         lab.apply(lab.write_policy("p", TOML))
@@ -22,12 +34,14 @@ Python:
 
 Shell (scripts/demo.sh):
 
-    python -m tests.lab up --tag abc123 [--nginx] [--tcp-server 8080]   # prints NAME=value lines
-    python -m tests.lab down --tag abc123
+    python -m testing.lab up --tag abc123 [--nginx] [--tcp-server 8080]   # prints NAME=value lines
+    python -m testing.lab down --tag abc123
 
-Teardown (``Lab.teardown``, ``down``) is idempotent: detach xdpguard from
-both veths, stop every process still running in the lab's namespaces,
-delete the namespaces (which deletes the veth pair) and the lab's temp dir.
+Teardown (``VethPair.close``, ``Lab.teardown``, ``down``) is idempotent:
+the Lab detaches xdpguard from both veths and stops its processes; then
+every process still in the namespaces is killed, the link deleted (its
+peer and XDP programs go with it) and the namespaces deleted; only
+namespaces this process created (or adopted: ``down``) are ever deleted.
 """
 from __future__ import annotations
 
@@ -38,16 +52,15 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-try:
-    from tests.timing import scaled
-except ImportError:      # imported as `lab`, with tests/ on sys.path
-    from timing import scaled
+from testing.timing import scaled
+from xdpguard import netns as xns
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -63,6 +76,10 @@ NET6 = "fd00:200::/64"
 
 PIN_ROOT = Path("/sys/fs/bpf/xdpguard")
 _TAG_RE = re.compile(r"[0-9a-f]{1,8}")
+
+# Every namespace a VethPair of this process created (the bench records
+# them, so that a test can check that none survived).
+CREATED: list[str] = []
 
 
 class LabError(Exception):
@@ -83,7 +100,7 @@ def _fmt(cp: subprocess.CompletedProcess) -> str:
 
 
 def _host(cmd, timeout=None, check=True, input=None) -> subprocess.CompletedProcess:
-    """Run a command in the root namespace (only `ip netns ...` and xdpguard)."""
+    """Run a command in the root namespace (only iproute2 and xdpguard)."""
     cp = subprocess.run(cmd, capture_output=True, text=True, input=input,
                         timeout=scaled(30) if timeout is None else timeout)
     if check and cp.returncode != 0:
@@ -101,6 +118,176 @@ def json_docs(text: str) -> list:
         while i < len(text) and text[i].isspace():
             i += 1
     return out
+
+
+# ---------------------------------------------------------------- namespaces and veth pairs
+
+def unique(prefix: str, length: int = 8) -> str:
+    """prefix + random hex, `length` characters: a name no other run uses.
+    8 keeps an interface name (one character more) inside the 15-character
+    comm of its NAPI thread, "napi/<name>-<id>", which the bench looks up."""
+    n = length - len(prefix)
+    if n < 3:
+        raise ValueError(f"prefix {prefix!r} leaves fewer than 3 random characters of {length}")
+    return prefix + secrets.token_hex(n)[:n]
+
+
+def nsenter(ns: str, argv) -> list[str]:
+    """The command line running argv (a list, or a string for sh -c) in
+    network namespace ns; nsenter keeps bpffs visible."""
+    if isinstance(argv, str):
+        argv = ["sh", "-c", argv]
+    return ["nsenter", f"--net={xns.netns_path(ns)}", "--", *map(str, argv)]
+
+
+def netns_list() -> list[str]:
+    """The named namespaces (/run/netns)."""
+    out = _host(["ip", "netns", "list"], check=False).stdout
+    return [ln.split()[0] for ln in out.splitlines() if ln.strip()]
+
+
+def _netns_ino(path: str) -> int:
+    return os.stat(path).st_ino
+
+
+class VethPair:
+    """A veth pair: end ``a`` in namespace ``ns_a``, end ``b`` in ``ns_b``
+    (split) or both in one namespace (``ns_a == ns_b``, split=False).
+
+    name = prefix + tag (default: random hex, 8 characters in all);
+    namespaces ``<name>-<side>`` (unsplit: ``<name>``), interfaces
+    ``<name><first letter of side>``. ``ia``/``ib`` are the ifindexes.
+    Made by ``create()`` (``with``): namespaces, the pair created straight
+    inside them, then ``configure()`` (lo and both ends up; subclasses add
+    addresses and settings); on any failure, and on exit, ``close()``.
+    """
+
+    def __init__(self, prefix: str = "xgt", tag: str | None = None, split: bool = True,
+                 sides: tuple[str, str] = ("a", "b")):
+        self.name = prefix + tag if tag else unique(prefix)
+        if split:
+            self.ns_a, self.ns_b = (f"{self.name}-{s}" for s in sides)
+        else:
+            self.ns_a = self.ns_b = self.name
+        self.a, self.b = (self.name + s[0] for s in sides)
+        for ns in self.namespaces():
+            xns.check_name(ns)
+        for ifc in (self.a, self.b):
+            xns.check_name(ifc, "iface")
+        self.ia = self.ib = None
+        self._created: list[str] = []
+
+    def namespaces(self) -> list[str]:
+        return list(dict.fromkeys((self.ns_a, self.ns_b)))
+
+    def __enter__(self):
+        self.create()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def create(self) -> None:
+        try:
+            for ns in self.namespaces():
+                _host(["ip", "netns", "add", ns])
+                self._created.append(ns)
+                CREATED.append(ns)
+            _host(["ip", "link", "add", self.a, "netns", self.ns_a, "type", "veth",
+                   "peer", "name", self.b, "netns", self.ns_b])
+            self.ia = xns.ifindex(self.a, self.ns_a)
+            self.ib = xns.ifindex(self.b, self.ns_b)
+            self.configure()
+        except BaseException:
+            self.close()
+            raise
+
+    def configure(self) -> None:
+        """Loopback and both ends up."""
+        self.ip(self.ns_a, "link set lo up", f"link set {self.a} up")
+        self.ip(self.ns_b, "link set lo up", f"link set {self.b} up")
+
+    def adopt(self) -> None:
+        """Take over this pair's namespaces, made by another process (a lab
+        `up` before its `down`): close() then removes them."""
+        present = set(netns_list())
+        self._created = [ns for ns in self.namespaces() if ns in present]
+
+    def close(self) -> None:
+        """Idempotent; never raises for what is already gone."""
+        errors = []
+        for ns in self._created:
+            # Anything still running in our namespaces is ours.
+            for _ in range(3):
+                pids = [int(p) for p in _host(["ip", "netns", "pids", ns], check=False).stdout.split()
+                        if p.isdigit() and int(p) != os.getpid()]
+                if not pids:
+                    break
+                for pid in pids:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                time.sleep(0.1)
+        if self.ns_a in self._created:
+            # Now, not when the namespace's last reference goes: the peer and
+            # any XDP program go with it.
+            _host(["ip", "-n", self.ns_a, "link", "del", self.a], check=False)
+        for ns in reversed(self._created):
+            cp = _host(["ip", "netns", "del", ns], check=False)
+            if cp.returncode != 0 and os.path.exists(xns.netns_path(ns)):
+                errors.append(_fmt(cp))
+        self._created = []
+        if errors:
+            print(f"veth pair {self.name} teardown:\n" + "\n".join(errors), file=sys.stderr)
+
+    # ------------------------------------------------------------ working inside
+
+    def ns(self, which: str) -> str:
+        return which
+
+    def iface(self, which: str) -> str:
+        return which
+
+    def ip(self, ns: str, *lines: str) -> None:
+        """`ip -batch` of lines in namespace ns."""
+        _host(["ip", "-n", self.ns(ns), "-batch", "-"], input="\n".join(lines) + "\n")
+
+    def sysctl(self, ns: str, key: str, value) -> None:
+        """Write /proc/sys/<key> (net/ipv4/conf/all/rp_filter, ...) of namespace ns."""
+        with xns.in_netns(self.ns(ns)):
+            with open(f"/proc/sys/{key}", "w") as f:
+                f.write(str(value))
+
+    def mac(self, ifname: str) -> str:
+        ns = self.ns_a if ifname == self.a else self.ns_b
+        return json.loads(_host(["ip", "-n", ns, "-j", "link", "show", "dev", ifname]).stdout)[0]["address"]
+
+    def guard(self, ns: str, ifindex: int, ifname: str) -> None:
+        """Refuse to touch an interface that is not ours: the calling thread
+        must be inside our namespace ns (in_netns) and ifindex name ifname."""
+        if ns not in self.namespaces() or ifname not in (self.a, self.b):
+            raise LabError(f"{ifname} in {ns} is not an interface of veth pair {self.name}")
+        if _netns_ino("/proc/thread-self/ns/net") != _netns_ino(xns.netns_path(ns)):
+            raise LabError(f"not inside network namespace {ns}")
+        if socket.if_indextoname(ifindex) != ifname:
+            raise LabError(f"ifindex {ifindex} is not {ifname}")
+
+    def run(self, ns: str, cmd, timeout: float | None = None, check: bool = False,
+            input: str | None = None) -> subprocess.CompletedProcess:
+        """Run cmd (list, or a string for sh -c) in namespace ns; a timeout
+        gives exit status 124."""
+        args = nsenter(self.ns(ns), cmd)
+        timeout = scaled(30) if timeout is None else timeout
+        try:
+            cp = subprocess.run(args, capture_output=True, text=True, timeout=timeout, input=input)
+        except subprocess.TimeoutExpired as e:
+            out, err = (x.decode(errors="replace") if isinstance(x, bytes) else x or ""
+                        for x in (e.stdout, e.stderr))
+            cp = subprocess.CompletedProcess(args, 124, out, err)
+        if check and cp.returncode != 0:
+            raise LabError(_fmt(cp))
+        return cp
 
 
 # Small servers started inside a namespace (stdlib only).
@@ -282,17 +469,18 @@ class Nginx:
         self.proc.stop()
 
 
-class Lab:
-    """Server and client namespaces joined by a veth pair (see module doc)."""
+class Lab(VethPair):
+    """Server and client namespaces joined by a veth pair (see module doc):
+    the server is end a, the client end b."""
 
     def __init__(self, tag: str | None = None):
-        self.tag = tag or secrets.token_hex(3)
-        if not _TAG_RE.fullmatch(self.tag):
-            raise ValueError(f"lab tag {self.tag!r}: 1-8 lowercase hex digits")
-        self.server_ns = f"xg{self.tag}-srv"
-        self.client_ns = f"xg{self.tag}-cli"
-        self.server_if = f"xgs{self.tag}"
-        self.client_if = f"xgc{self.tag}"
+        tag = tag or secrets.token_hex(3)
+        if not _TAG_RE.fullmatch(tag):
+            raise ValueError(f"lab tag {tag!r}: 1-8 lowercase hex digits")
+        super().__init__("xg", tag, sides=("srv", "cli"))
+        self.tag = tag
+        self.server_ns, self.server_if = self.ns_a, self.a
+        self.client_ns, self.client_if = self.ns_b, self.b
         self.dir = Path(tempfile.gettempdir()) / f"xglab-{self.tag}"
         self.procs: list[Proc] = []
         self.xg = xdpguard_cmd()
@@ -313,44 +501,33 @@ class Lab:
                 "SPOOF_NET": SPOOF_NET}
 
     def setup(self) -> None:
-        existing = set(self._netns_list())
-        if {self.server_ns, self.client_ns} & existing:
-            raise LabError(f"lab {self.tag} already exists (python -m tests.lab down --tag {self.tag})")
+        if set(self.namespaces()) & set(netns_list()):
+            raise LabError(f"lab {self.tag} already exists (python -m testing.lab down --tag {self.tag})")
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            _host(["ip", "netns", "add", self.server_ns])
-            _host(["ip", "netns", "add", self.client_ns])
-            # Created straight inside the namespaces: never in the root one.
-            _host(["ip", "link", "add", self.server_if, "netns", self.server_ns, "type", "veth",
-                   "peer", "name", self.client_if, "netns", self.client_ns])
-            self._batch("server", [
-                "link set lo up",
-                f"addr add {SERVER4}/24 dev {self.server_if}",
-                f"addr add {SERVER6}/64 dev {self.server_if} nodad",
-                f"link set {self.server_if} up",
-                f"route add {SPOOF_NET} via {CLIENT4}",
-            ])
-            self._batch("client", [
-                "link set lo up",
-                f"addr add {CLIENT4}/24 dev {self.client_if}",
-                *[f"addr add {a}/24 dev {self.client_if}" for a in EXTRA4],
-                f"addr add {CLIENT6}/64 dev {self.client_if} nodad",
-                *[f"addr add {a}/64 dev {self.client_if} nodad" for a in EXTRA6],
-                f"link set {self.client_if} up",
-                # AnyIP: every address of the spoof range is local to the client,
-                # so hping3 -a / bind() from it work and replies are accepted.
-                f"route add local {SPOOF_NET} dev lo",
-            ])
-            for ns in ("server", "client"):
-                self.run(ns, ["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0",
-                              "net.ipv4.conf.default.rp_filter=0"], check=True)
+            self.create()
             self._wait_ready()
         except BaseException:
             self.teardown()
             raise
 
-    def _batch(self, side: str, lines: list[str]) -> None:
-        self.run(side, ["ip", "-batch", "-"], input="\n".join(lines) + "\n", check=True)
+    def configure(self) -> None:
+        super().configure()
+        self.ip("server",
+                f"addr add {SERVER4}/24 dev {self.server_if}",
+                f"addr add {SERVER6}/64 dev {self.server_if} nodad",
+                f"route add {SPOOF_NET} via {CLIENT4}")
+        self.ip("client",
+                f"addr add {CLIENT4}/24 dev {self.client_if}",
+                *[f"addr add {a}/24 dev {self.client_if}" for a in EXTRA4],
+                f"addr add {CLIENT6}/64 dev {self.client_if} nodad",
+                *[f"addr add {a}/64 dev {self.client_if} nodad" for a in EXTRA6],
+                # AnyIP: every address of the spoof range is local to the client,
+                # so hping3 -a / bind() from it work and replies are accepted.
+                f"route add local {SPOOF_NET} dev lo")
+        for ns in ("server", "client"):
+            for key in ("net/ipv4/conf/all/rp_filter", "net/ipv4/conf/default/rp_filter"):
+                self.sysctl(ns, key, 0)
 
     def _wait_ready(self, timeout: float | None = None) -> None:
         deadline = time.monotonic() + (scaled(10) if timeout is None else timeout)
@@ -377,24 +554,7 @@ class Lab:
             except Exception as e:   # noqa: BLE001 - keep tearing down
                 errors.append(f"stopping {p.what}: {e}")
         self.procs.clear()
-        present = set(self._netns_list())
-        for ns in (self.server_ns, self.client_ns):
-            if ns not in present:
-                continue
-            # Anything still running in our namespaces is ours (orphans of `up`).
-            for _ in range(3):
-                pids = _host(["ip", "netns", "pids", ns], check=False).stdout.split()
-                if not pids:
-                    break
-                for pid in pids:
-                    try:
-                        os.kill(int(pid), signal.SIGKILL)
-                    except (ProcessLookupError, ValueError):
-                        pass
-                time.sleep(0.1)
-            cp = _host(["ip", "netns", "del", ns], check=False)
-            if cp.returncode != 0:
-                errors.append(_fmt(cp))
+        self.close()
         for ns in (self.server_ns, self.client_ns):
             d = PIN_ROOT / ns
             if d.exists():
@@ -405,45 +565,21 @@ class Lab:
         if errors:
             print(f"lab {self.tag} teardown:\n" + "\n".join(errors), file=sys.stderr)
 
-    @staticmethod
-    def _netns_list() -> list[str]:
-        out = _host(["ip", "netns", "list"], check=False).stdout
-        return [ln.split()[0] for ln in out.splitlines() if ln.strip()]
-
     # ------------------------------------------------------------ commands
 
     def ns(self, which: str) -> str:
+        """A namespace by role ('server', 'client') or name."""
         return {"server": self.server_ns, "client": self.client_ns}.get(which, which)
 
     def iface(self, which: str) -> str:
         return {"server": self.server_if, "client": self.client_if}.get(which, which)
-
-    def _nsenter(self, ns: str, cmd) -> list[str]:
-        if isinstance(cmd, str):
-            cmd = ["sh", "-c", cmd]
-        return ["nsenter", f"--net=/run/netns/{self.ns(ns)}", "--", *map(str, cmd)]
-
-    def run(self, ns: str, cmd, timeout: float | None = None, check: bool = False,
-            input: str | None = None) -> subprocess.CompletedProcess:
-        """Run cmd (list, or a string for sh -c) in namespace 'server'/'client'/NAME."""
-        args = self._nsenter(ns, cmd)
-        timeout = scaled(30) if timeout is None else timeout
-        try:
-            cp = subprocess.run(args, capture_output=True, text=True, timeout=timeout, input=input)
-        except subprocess.TimeoutExpired as e:
-            cp = subprocess.CompletedProcess(args, 124, e.stdout or "", e.stderr or "")
-            if isinstance(cp.stdout, bytes):
-                cp.stdout, cp.stderr = cp.stdout.decode(errors="replace"), (cp.stderr or b"").decode(errors="replace")
-        if check and cp.returncode != 0:
-            raise LabError(_fmt(cp))
-        return cp
 
     def popen(self, ns: str, cmd, what: str | None = None, **kw) -> Proc:
         """Start cmd in a namespace in the background; stopped on teardown."""
         kw.setdefault("stdout", subprocess.PIPE)
         kw.setdefault("stderr", subprocess.PIPE)
         kw.setdefault("text", True)
-        p = Proc(subprocess.Popen(self._nsenter(ns, cmd), start_new_session=True, **kw),
+        p = Proc(subprocess.Popen(nsenter(self.ns(ns), cmd), start_new_session=True, **kw),
                  what or (cmd if isinstance(cmd, str) else " ".join(map(str, cmd))))
         self.procs.append(p)
         return p
@@ -617,7 +753,7 @@ class Lab:
 # ---------------------------------------------------------------- shell entry
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tests.lab", description="xdpguard lab namespaces")
+    ap = argparse.ArgumentParser(prog="python -m testing.lab", description="xdpguard lab namespaces")
     sub = ap.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("up", help="create a lab; print NAME=value lines for the shell")
     up.add_argument("--tag", help="hex tag (default: random)")
@@ -630,6 +766,7 @@ def main(argv=None) -> int:
 
     lab = Lab(args.tag)
     if args.cmd == "down":
+        lab.adopt()
         lab.teardown()
         return 0
     lab.setup()
