@@ -2,8 +2,8 @@
 /*
  * xdpguard kernel-probe statistics: shared map layout and helpers.
  *
- * Included by tcp_kprobe.c (kprobe set) and tcp_tracepoint.c (tracepoint
- * set). Both sets count the same four kinds of event into the same two
+ * Included by tcp_probes.c (the kprobe set and the tracepoint set). Both
+ * sets count the same four kinds of event into the same two
  * maps, so the Python side (xdpguard/probes/collector.py) reads either the
  * same way, with the ctypes types bcc builds from these structs (Key/Leaf
  * of the tables); nothing here is redeclared in Python.
@@ -158,7 +158,7 @@ static __always_inline void xg_conn_normalize(struct xg_conn *cn)
  * the configured prefix, the destination key the local address:port.
  * Returns -1 for a family that is neither IPv4 nor IPv6.
  *
- * The map updates themselves are in each .c file (xg_count()): bcc
+ * The map updates themselves are in tcp_probes.c (xg_count()): bcc
  * rewrites map method calls only in the main source file.
  */
 static __always_inline int xg_keys(struct xg_conn *cn, struct xg_probe_src_key *sk,

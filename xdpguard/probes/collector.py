@@ -13,8 +13,8 @@ tracepoints.
     ...
     ps.close()
 
-The C programs are bpf/probes/tcp_kprobe.c and bpf/probes/tcp_tracepoint.c
-(see their header comments for what each counter counts); the map layout is
+The C programs of both sets are bpf/probes/tcp_probes.c (see its header
+comment for what each counter counts); the map layout is
 bpf/probes/probes.h, read here only through bcc's Key/Leaf ctypes.
 """
 
@@ -46,7 +46,7 @@ DEFAULT_SRC_ENTRIES = 65536
 DEFAULT_DST_ENTRIES = 16384
 
 # The consume_skb raw tracepoint counts a SYN when the skb is freed from
-# inside this function (see tcp_tracepoint.c).
+# inside this function (see tcp_probes.c).
 SYN_CONSUMER = "tcp_rcv_state_process"
 
 
@@ -92,7 +92,7 @@ _TP_SKIP_FLAG = {
     "tcp:tcp_send_reset": "XG_NO_TP_SEND_RESET",
 }
 
-_SOURCES = {"kprobe": "tcp_kprobe.c", "tracepoint": "tcp_tracepoint.c"}
+SOURCE = "tcp_probes.c"     # both sets; -DXG_SET_KPROBE picks the kprobe set
 
 
 def programs(mode: str) -> tuple[Prog, ...]:
@@ -156,6 +156,8 @@ def build_cflags(mode: str, prefix4: int = 32, prefix6: int = 64,
         "-DXG_PROBE_SRC_ENTRIES=%d" % int(src_entries),
         "-DXG_PROBE_DST_ENTRIES=%d" % int(dst_entries),
     ]
+    if mode == "kprobe":
+        flags.append("-DXG_SET_KPROBE")
     try:
         flags += btf.probe_offset_cflags()
     except (OSError, btf.BTFError) as e:
@@ -184,9 +186,9 @@ def build_cflags(mode: str, prefix4: int = 32, prefix6: int = 64,
     return flags, skipped
 
 
-def _compile(mode: str, cflags: list[str]):
+def _compile(cflags: list[str]):
     BPF = _bpf_class()
-    path = source_dir() / _SOURCES[mode]
+    path = source_dir() / SOURCE
     try:
         return BPF(src_file=str(path).encode(), cflags=cflags)
     except Exception as e:
@@ -216,7 +218,7 @@ def load_only(mode: str, prefix4: int = 32, prefix6: int = 64) -> list[str]:
     (which runs the verifier) without attaching anything. Returns the names
     of the loaded programs; raises ProbeError if one fails to load."""
     cflags, skipped = build_cflags(mode, prefix4, prefix6)
-    b = _compile(mode, cflags)
+    b = _compile(cflags)
     try:
         names = []
         for p in compiled_programs(mode, skipped):
@@ -300,7 +302,7 @@ class ProbeSet:
         if mode == "tracepoint" and not detect.tracepoints_available():
             raise ProbeError("tracepoints are not available on this kernel")
         cflags, skipped = build_cflags(mode, prefix4, prefix6, src_entries, dst_entries)
-        b = _compile(mode, cflags)
+        b = _compile(cflags)
         attached: list[Prog] = []
         try:
             for p in programs(mode):
