@@ -34,7 +34,7 @@ from pathlib import Path
 
 from testing.blocklists import BLOCKLISTS
 from xdpguard import packet
-from xdpguard.policy import parse_prefix
+from xdpguard.policy import read_set_lines
 
 SEED = 20240611
 KEY_RULES = 8
@@ -46,17 +46,8 @@ FLOOD_DOC6 = "2001:db8::/32"
 
 def read_netset(path: Path) -> list[tuple[int, int, int]]:
     """(family, value, plen) of every entry of a blocklist file."""
-    out = []
-    for line in path.read_text().splitlines():
-        item = line.split("#", 1)[0].strip()
-        if not item:
-            continue
-        try:
-            p, _ = parse_prefix(item)
-        except ValueError:
-            continue
-        out.append((p.family, p.value, p.plen))
-    return out
+    prefixes = read_set_lines(path.read_text().splitlines(), path, lambda msg: None)
+    return [(p.family, p.value, p.plen) for p in prefixes]
 
 
 def _text(fam: int, value: int, plen: int) -> str:

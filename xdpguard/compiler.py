@@ -319,11 +319,14 @@ def merged_intervals(prefixes) -> dict[int, tuple[list[int], list[int]]]:
     return out
 
 
-def _covers_addr(outer, inner) -> bool:
-    if outer is None:
-        return True
-    if inner is None:
-        return False
+def _covers(outer, inner, within) -> bool:
+    """Whether constraint `outer` admits all that `inner` admits (None: anything)."""
+    if outer is None or inner is None:
+        return outer is None
+    return within(outer, inner)
+
+
+def _prefixes_within(outer, inner) -> bool:
     m = merged_intervals(outer)
     for p in inner:
         firsts, lasts = m[p.family]
@@ -333,11 +336,7 @@ def _covers_addr(outer, inner) -> bool:
     return True
 
 
-def _covers_ports(outer, inner) -> bool:
-    if outer is None:
-        return True
-    if inner is None:
-        return False
+def _ranges_within(outer, inner) -> bool:
     return all(any(a <= lo and hi <= b for a, b in outer) for lo, hi in inner)
 
 
@@ -358,9 +357,9 @@ def find_unreachable(policy: Policy) -> list[str]:
             continue
         cj = set(rule_classes(rj))
         for ri in rules[:j]:
-            if (set(rule_classes(ri)) >= cj and _covers_ports(ri.sport, rj.sport)
-                    and _covers_ports(ri.dport, rj.dport)
-                    and _covers_addr(ri.src, rj.src) and _covers_addr(ri.dst, rj.dst)):
+            if (set(rule_classes(ri)) >= cj and _covers(ri.sport, rj.sport, _ranges_within)
+                    and _covers(ri.dport, rj.dport, _ranges_within)
+                    and _covers(ri.src, rj.src, _prefixes_within) and _covers(ri.dst, rj.dst, _prefixes_within)):
                 out.append(f"{policy.source}: {rj.label}: can never match: shadowed by {ri.label}")
                 break
     return out

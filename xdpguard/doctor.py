@@ -37,6 +37,7 @@ import sys
 import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator
 
 from xdpguard.bpfsys import XDP_DROP, XDP_PASS
@@ -59,31 +60,8 @@ TEST_PROG_SRC = "int %s(struct xdp_md *ctx) { return XDP_PASS; }\n" % TEST_PROG
 BCC_FIX = ("apt-get install -y python3-bpfcc; use a venv made with "
            "'python3 -m venv --system-site-packages .venv' so that it sees Debian's bcc")
 
-# Written into the real program as apply writes a policy. Its classifier
-# tries hold several entries in both families, more than their templates'
-# one: the per-generation tries of a real policy differ in size from the
-# template too. Documentation and private addresses only.
-SAMPLE_POLICY = """
-[policy]
-name = "xdpguard-doctor"
-default = "allow"
-
-[[rule]]
-name = "deny-src4"
-src = ["192.0.2.0/24", "198.51.100.128/25"]
-action = "deny"
-
-[[rule]]
-name = "deny-dst4"
-dst = ["203.0.113.0/24", "198.18.0.0/15"]
-proto = "udp"
-action = "deny"
-
-[[rule]]
-name = "deny-src6"
-src = ["2001:db8:1::/48", "2001:db8:2::/48", "2001:db8:3:4::/64"]
-action = "deny"
-"""
+# Written into the real program as apply writes a policy.
+SAMPLE_POLICY = Path(__file__).with_name("doctor_sample.toml")
 # (source, destination, what the sample policy makes of a UDP frame)
 SAMPLE_VERDICTS = (
     ("192.0.2.1", "198.51.100.1", XDP_DROP),
@@ -218,7 +196,7 @@ def _sample(ctx: Context) -> tuple:
     if ctx.sample is None:
         from xdpguard import loader, plan, policy
         from xdpguard.compiler import compile_policy
-        tables = compile_policy(policy.load("xdpguard-doctor.toml", text=SAMPLE_POLICY))
+        tables = compile_policy(policy.load(SAMPLE_POLICY))
         shape = loader.Shape.for_tables(tables)
         slots, _ = loader.assign_slots(tables, None)
         ctx.sample = (tables, shape, slots, plan.build(tables, shape.dir_nodes, slots))

@@ -269,7 +269,12 @@ def _read_set_file(rd: _Reader, setname: str, spec: dict) -> list[Prefix]:
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
         rd.fail(where, f"set file '{spec['file']}' ({path}) is not UTF-8 text (line {line})")
-    lines = text.splitlines()
+    return read_set_lines(text.splitlines(), path, lambda msg: rd.warn("", msg))
+
+
+def read_set_lines(lines: list[str], path, warn) -> list[Prefix]:
+    """The prefixes of a set file's lines (one address or CIDR a line,
+    '#' comments); a line that is none is skipped, with a warning."""
     fast = _plain_ipv4_set(lines)
     if fast is not None:
         return fast
@@ -284,13 +289,13 @@ def _read_set_file(rd: _Reader, setname: str, spec: dict) -> list[Prefix]:
         except ValueError:
             bad += 1
             if bad <= 20:
-                rd.warn("", f"{path}:{lineno}: '{item[:60]}' is not an address or CIDR; line skipped")
+                warn(f"{path}:{lineno}: '{item[:60]}' is not an address or CIDR; line skipped")
             continue
         if host_bits:
-            rd.warn("", f"{path}:{lineno}: '{item}' has host bits set; using {p}")
+            warn(f"{path}:{lineno}: '{item}' has host bits set; using {p}")
         out.append(p)
     if bad > 20:
-        rd.warn("", f"{path}: {bad - 20} more lines that are not addresses were skipped")
+        warn(f"{path}: {bad - 20} more lines that are not addresses were skipped")
     return out
 
 
