@@ -16,22 +16,6 @@ import time
 
 from bench.common import log, print_table
 
-POLICY = """
-[policy]
-name = "bench-mitigation"
-[[rule]]
-name = "web"
-proto = "tcp"
-dport = 80
-action = "allow"
-[mitigation]
-enabled = true
-syn_rate = "{syn}/s"
-window = "{window}s"
-ban = "5m"
-"""
-
-
 def _watch(lab, policy, state_dir, interval="0.5s"):
     env = dict(os.environ, XDPGUARD_STATE_DIR=str(state_dir))
     p = subprocess.Popen([*lab.xg, "watch", str(policy), "--iface", lab.server_if, "--netns", lab.server_ns,
@@ -83,12 +67,13 @@ def _cpu_of(pid: int) -> float:
 
 def run(ctx) -> dict:
     from testing.lab import CLIENT4, EXTRA4, SERVER4, Lab
+    from testing.webpolicy import web_policy
     quick = ctx.quick
     res: dict = {}
     with Lab() as lab:
         lab.start_nginx("server")
         window = 1.0
-        pol = lab.write_policy("mit", POLICY.format(syn=200, window=window))
+        pol = lab.write_policy("mit", web_policy("bench-mitigation", syn_rate="200/s", window=f"{window}s", ban="5m"))
         lab.apply(pol)
         state = ctx.workdir / "mit-state"
 

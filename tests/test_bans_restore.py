@@ -18,6 +18,7 @@ import time
 import pytest
 
 from testing.lab import CLIENT4, EXTRA4, EXTRA6, REPO, SERVER4, SERVER6, Lab
+from testing.webpolicy import web_policy
 from xdpguard import bans
 from xdpguard.bans import BanRecord, plan_restore
 from xdpguard.layout import C
@@ -87,21 +88,6 @@ def test_restore_line():
 MANUAL_FOREVER, MANUAL_HOUR, AUTOMATIC, EXPIRED, ALLOWED_LATER = EXTRA4[0:5]
 MANUAL6 = EXTRA6[0]
 
-POLICY = """
-[policy]
-name = "{name}"
-[[rule]]
-name = "web"
-proto = "tcp"
-dport = 80
-action = "allow"
-[mitigation]
-enabled = true
-syn_rate = "100k/s"
-allow = [{allow}]
-"""
-
-
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     from tests.conftest import require_kernel
@@ -117,7 +103,7 @@ def lab(tmp_path_factory):
 
 
 def _policy(lab, name, allow=()):
-    return lab.write_policy(name, POLICY.format(name=name, allow=", ".join(f'"{a}/32"' for a in allow)))
+    return lab.write_policy(name, web_policy(name, syn_rate="100k/s", allow=[f"{a}/32" for a in allow]))
 
 
 def _where(lab):

@@ -22,6 +22,7 @@ import pytest
 from tests.conftest import require_tool
 from testing.lab import CLIENT4, EXTRA4, REPO, SERVER4, Lab, nsenter
 from testing.timing import scaled, slowdown, wait_until
+from testing.webpolicy import web_policy
 
 pytestmark = pytest.mark.e2e
 
@@ -52,25 +53,6 @@ def flood_seconds() -> float:
     """How long a flood may go on: past the ban deadline, for the packets
     the ban then drops. The tests stop it as soon as they have seen those."""
     return ban_deadline() + scaled(5)
-
-POLICY = """
-[policy]
-name = "mitigate"
-{rules}[[rule]]
-name = "web"
-proto = "tcp"
-dport = 80
-action = "allow"
-[mitigation]
-enabled = true
-syn_rate = "200/s"
-conn_rate = "40/s"
-window = "{window}s"
-ban = "{ban}"
-ban_max = "1m"
-allow = ["{allowed}/32"]
-dry_run = {dry}
-"""
 
 _CONN_FLOOD = r"""
 import socket, sys, time
@@ -164,9 +146,10 @@ def _syn_flood(lab: Lab, src: str, pps: int, seconds: float, dst=SERVER4):
                      what=f"hping3 {src}", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def _policy(lab, name, ban="30s", dry="false", rules=""):
-    return lab.write_policy(name, POLICY.format(ban=ban, allowed=ALLOWED_FLOODER, dry=dry, rules=rules,
-                                                window=f"{WINDOW:g}"))
+def _policy(lab, name, ban="30s", dry=False, rules=""):
+    return lab.write_policy(name, web_policy(
+        "mitigate", rules, syn_rate="200/s", conn_rate="40/s", window=f"{WINDOW:g}s", ban=ban, ban_max="1m",
+        allow=[f"{ALLOWED_FLOODER}/32"], dry_run=dry))
 
 
 def _bans(lab) -> dict:
@@ -229,7 +212,7 @@ def test_floods_banned_legit_and_allowlisted_spared(lab, tmp_path):
 
 def test_dry_run_logs_but_bans_nothing(lab, tmp_path):
     lab.detach(check=False)
-    w = Watcher(lab, _policy(lab, "m2", dry="true"), tmp_path)
+    w = Watcher(lab, _policy(lab, "m2", dry=True), tmp_path)
     try:
         p = _syn_flood(lab, EXTRA4[2], 500, flood_seconds())
         hit = w.wait_for(lambda: w.bans(f"{EXTRA4[2]}/32"), ban_deadline())

@@ -9,24 +9,13 @@ import pytest
 from hypothesis import given, strategies as st
 
 from tests.conftest import require_kernel
+from testing.webpolicy import web_policy
 from xdpguard import daemon
 from xdpguard.compiler import compile_policy
 from xdpguard.packet import build
 from xdpguard.policy import load
 
-POLICY = """
-[policy]
-name = "sampler"
-[[rule]]
-name = "web"
-proto = "tcp"
-dport = 80
-action = "allow"
-[mitigation]
-enabled = true
-syn_rate = "1000/s"
-prefix4 = 24
-"""
+POLICY = web_policy("sampler", syn_rate="1000/s", prefix4=24)
 DST4, DST6 = "192.0.2.1", "2001:db8:ffff::1"
 
 

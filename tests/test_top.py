@@ -20,6 +20,7 @@ import subprocess
 import pytest
 
 from testing.lab import EXTRA4, SERVER4, Lab
+from testing.webpolicy import web_policy
 from xdpguard import daemon
 from xdpguard.cli_mitigation import _print_top, _top_view
 from xdpguard.compiler import compile_policy
@@ -27,18 +28,7 @@ from xdpguard.packet import build
 from xdpguard.policy import load
 from xdpguard.probes.collector import ProbeSet
 
-POLICY = """
-[policy]
-name = "top"
-[[rule]]
-name = "web"
-proto = "tcp"
-dport = 80
-action = "allow"
-[mitigation]
-enabled = true
-syn_rate = "100k/s"
-"""
+POLICY = web_policy("top", syn_rate="100k/s")
 FLOODER = EXTRA4[0]
 RECORD = {"netns": "host", "iface": "eth1", "mitigation": {"enabled": True, "prefix4": 32, "prefix6": 64}}
 
