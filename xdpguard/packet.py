@@ -1,31 +1,9 @@
 """Frame parsing exactly as bpf/xdpguard.c parses, plus frame builders.
 
-``parse`` is the Python mirror of the XDP program's parser (docs/design.md,
-"Packet parsing"); the fuzz test pushes random frames through both and
-compares. Every byte-level decision here is one the C makes too:
-
-* < 14 bytes: MALFORMED.
-* Up to ``XG_MAX_VLANS`` tags with TPID 0x8100 or 0x88a8, in any order; a
-  tag needs 4 bytes (TCI + next ethertype), a truncated tag or a tag after
-  the second is MALFORMED. The VLAN id is ``TCI & 0x0fff``.
-* Ethertype neither 0x0800 nor 0x86dd: NON_IP (pass, uncounted).
-* IPv4: 20 bytes, version 4, IHL >= 5, IHL*4 bytes present, else
-  MALFORMED. Total length and checksum are not checked. The L4 header
-  starts at IHL*4. ``frag_off & 0x1fff`` != 0: non-first fragment.
-* IPv6: 40 bytes, version 6, else MALFORMED. At most ``XG_MAX_EXTHDRS``
-  extension headers, in any order and repetition: 0, 43, 60 need 8 bytes
-  and are (hdrlen+1)*8 long (only the first 8 bytes must be present);
-  44 needs 8 bytes, ``ntohs(bytes 2..3) & 0xfff8`` != 0 makes a non-first
-  fragment and parsing stops with proto = its next header (whatever that
-  is). After the 6th header, a next header of 0/43/44/60 is MALFORMED.
-* First fragment (or unfragmented) L4, counted from the L4 offset against
-  the frame length: TCP 20 bytes, UDP 8, ICMPv6 (58) 1, else MALFORMED;
-  every other protocol needs nothing (the L4 offset may even lie past the
-  end of the frame). TCP: SYN set and ACK clear -> XG_L4_TCP_SYN. 58 over
-  IPv6 with type 133..137 -> XG_L4_ND.
-* Classes by protocol number, whatever the family: 6 TCP, 17 UDP, 1 ICMP,
-  58 ICMPv6, anything else OTHER (no ports).
-* Non-first fragments: no bytes needed, no ports, never SYN or ND.
+``parse`` is the Python mirror of the XDP program's parser: every
+byte-level decision here is one the C makes too, by the rules in
+docs/design.md, "Packet parsing" (the one place they are written down);
+the fuzz test pushes random frames through both and compares.
 """
 from __future__ import annotations
 
