@@ -95,12 +95,14 @@ def lpm_entries(tmpl, entries, family: int) -> tuple[bytes, bytes]:
     return keys, vals
 
 
+def _rows(m, gen: int, per_gen: int, n: int):
+    """Keys of generation gen's first n rows of array map m, and n zeroed values."""
+    return (ctypes.c_uint32 * n)(*range(gen * per_gen, gen * per_gen + n)), (m.Leaf * n)()
+
+
 def vec_entries(maps, tables, gen: int, vec_per_gen: int, slots: dict[str, int]):
-    m = maps["vecs"]
-    n = len(tables.vecs)
-    keys = (ctypes.c_uint32 * n)(*range(gen * vec_per_gen, gen * vec_per_gen + n))
-    vals = (m.Leaf * n)()
-    nwords = len(vals[0].w) if n else 0
+    keys, vals = _rows(maps["vecs"], gen, vec_per_gen, len(tables.vecs))
+    nwords = len(vals[0].w) if len(vals) else 0
     mask = (1 << 64) - 1
     for i, v in enumerate(tables.vecs):
         d = vals[i].decides = tables.decides[i]
@@ -127,10 +129,7 @@ def port_entries(tables, gen: int):
 
 
 def rule_entries(maps, tables, gen: int, rules_per_gen: int, slots: dict[str, int]):
-    m = maps["rules"]
-    n = len(tables.rules)
-    keys = (ctypes.c_uint32 * n)(*range(gen * rules_per_gen, gen * rules_per_gen + n))
-    vals = (m.Leaf * n)()
+    keys, vals = _rows(maps["rules"], gen, rules_per_gen, len(tables.rules))
     for i, r in enumerate(tables.rules):
         v = vals[i]
         v.slot = slots[r.name]

@@ -192,42 +192,43 @@ def _ip(value, field: str) -> IPv4Address | IPv6Address:
     raise ValueError(f"{field}: not an IP address: {value!r}")
 
 
-def _proto_number(proto) -> int:
-    if isinstance(proto, bool):
-        raise ValueError(f"proto: not a protocol: {proto!r}")
-    if isinstance(proto, int):
-        if 0 <= proto <= 255:
-            return proto
-        raise ValueError(f"proto: {proto} is not in 0..255")
-    if isinstance(proto, str):
-        num = PROTO_NUMBERS.get(proto.strip().lower())
-        if num is not None:
-            return num
+def _byte_or_name(field: str, value, what: str, by_name) -> int:
+    """A header byte given as a number 0..255 or as a name (`by_name`)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if 0 <= value <= 255:
+            return value
+        raise ValueError(f"{field}: {value} is not in 0..255")
+    if isinstance(value, str):
+        return by_name(value)
+    raise ValueError(f"{field}: not {what}: {value!r}")
+
+
+def _proto_by_name(proto: str) -> int:
+    num = PROTO_NUMBERS.get(proto.strip().lower())
+    if num is None:
         raise ValueError(f"proto: unknown protocol {proto!r} (expected one of "
                          f"{', '.join(PROTO_NUMBERS)} or a number)")
-    raise ValueError(f"proto: not a protocol: {proto!r}")
+    return num
+
+
+def _flags_by_name(flags: str) -> int:
+    s = flags.strip().lower()
+    if s in ("synack", "syn_ack"):
+        return 0x12
+    bits = 0
+    for name in filter(None, _FLAG_SPLIT.split(s)):
+        if name not in _TCP_FLAG_BITS:
+            raise ValueError(f"tcp_flags: unknown flag {name!r} in {flags!r}")
+        bits |= _TCP_FLAG_BITS[name]
+    return bits
+
+
+def _proto_number(proto) -> int:
+    return _byte_or_name("proto", proto, "a protocol", _proto_by_name)
 
 
 def _tcp_flag_bits(flags) -> int:
-    if flags is None:
-        return 0
-    if isinstance(flags, bool):
-        raise ValueError(f"tcp_flags: not valid: {flags!r}")
-    if isinstance(flags, int):
-        if 0 <= flags <= 0xFF:
-            return flags
-        raise ValueError(f"tcp_flags: {flags} is not in 0..255")
-    if isinstance(flags, str):
-        s = flags.strip().lower()
-        if s in ("synack", "syn_ack"):
-            return 0x12
-        bits = 0
-        for name in filter(None, _FLAG_SPLIT.split(s)):
-            if name not in _TCP_FLAG_BITS:
-                raise ValueError(f"tcp_flags: unknown flag {name!r} in {flags!r}")
-            bits |= _TCP_FLAG_BITS[name]
-        return bits
-    raise ValueError(f"tcp_flags: not valid: {flags!r}")
+    return 0 if flags is None else _byte_or_name("tcp_flags", flags, "valid", _flags_by_name)
 
 
 def _port(value, field: str, default: int) -> int:
