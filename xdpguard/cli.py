@@ -1,4 +1,6 @@
-"""xdpguard command line.
+"""xdpguard command line: every command is a row of COMMANDS (name,
+handler, help, arguments); the handlers of the feedback loop and of safe
+operation live in cli_mitigation and cli_safety, what they share in cliutil.
 
 Exit status: 0 success; 1 system failure (kernel, BPF, missing tools);
 2 invalid policy or usage (nothing running was changed); 3 `apply --confirm`
@@ -10,48 +12,19 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
+from typing import Callable
 
-from xdpguard.output import emit_json, table
-
-EXIT_OK, EXIT_SYSTEM, EXIT_USAGE, EXIT_NOT_CONFIRMED = 0, 1, 2, 3
-
-
-class CliError(Exception):
-    def __init__(self, msg: str, code: int = EXIT_USAGE):
-        super().__init__(msg)
-        self.code = code
-
-
-def _policy(path):
-    from xdpguard.policy import load
-    return load(path)
-
-
-def _warn(policy) -> None:
-    for w in policy.warnings:
-        print(f"warning: {w}", file=sys.stderr)
-
-
-def _ns(args):
-    return None if args.netns in (None, "host") else args.netns
-
-
-def _check_names(args) -> None:
-    from xdpguard.netns import check_name
-    try:
-        if getattr(args, "iface", None):
-            check_name(args.iface, "iface")
-        if getattr(args, "netns", None):
-            check_name(args.netns, "netns")
-    except ValueError as e:
-        raise CliError(str(e))
+from xdpguard import cli_mitigation, cli_safety
+from xdpguard.cliutil import (EXIT_NOT_CONFIRMED, EXIT_OK, EXIT_SYSTEM, EXIT_USAGE, CliError, applied,
+                              check_names, emit_json, load_policy, netns_of, table, warn)
 
 
 # ---------------------------------------------------------------- check / explain
 
 def cmd_check(args) -> int:
     from xdpguard.compiler import compile_policy, find_unreachable
-    policy = _policy(args.policy)
+    policy = load_policy(args.policy)
     tables = compile_policy(policy)
     warnings = policy.warnings + find_unreachable(policy)
     s = tables.summary()
@@ -111,7 +84,7 @@ def _parse_fields(d: dict, where: str):
 def cmd_explain(args) -> int:
     from xdpguard.compiler import compile_policy
     from xdpguard.lookup import decide
-    policy = _policy(args.policy)
+    policy = load_policy(args.policy)
     tables = compile_policy(policy)
     _frame, pkt = _parse_fields(_packet_fields(args), "packet")
     dec = decide(tables, pkt.family, int(pkt.src), int(pkt.dst), pkt.l4, pkt.sport, pkt.dport)
@@ -138,7 +111,7 @@ def cmd_test(args) -> int:
     from xdpguard.layout import C
     from xdpguard.loader import TestRig
     from xdpguard.lookup import Decision
-    policy = _policy(args.policy)
+    policy = load_policy(args.policy)
     tables = compile_policy(policy)
     if args.packets:
         try:
@@ -215,19 +188,19 @@ def _test_result(rig, tables, res, names, C, Decision) -> dict:
 def cmd_apply(args) -> int:
     from xdpguard import loader, safety
     from xdpguard.compiler import compile_policy
-    _check_names(args)
-    policy = _policy(args.policy)
-    _warn(policy)
+    check_names(args)
+    policy = load_policy(args.policy)
+    warn(policy)
     tables = compile_policy(policy)
     if not args.dry_run:
-        problems = safety.lockouts(policy, tables, _ns(args))
+        problems = safety.lockouts(policy, tables, netns_of(args))
         if problems and not args.force:
             raise CliError("refusing to apply (lockout guard): " + "; ".join(problems)
                            + ". Fix the policy or use --force.")
         for p in problems:
             print(f"warning: --force: {p}", file=sys.stderr)
     log = (lambda m: None) if args.json else print
-    rec = loader.apply(policy, tables, args.iface, netns=_ns(args), mode=args.mode,
+    rec = loader.apply(policy, tables, args.iface, netns=netns_of(args), mode=args.mode,
                        dry_run=args.dry_run, force=args.force, log=log)
     outcome = None
     if args.confirm and not args.dry_run:
@@ -243,14 +216,14 @@ def cmd_apply(args) -> int:
 def _await_confirm(args, rec, log) -> str:
     """Arm the rollback timer, then wait for `xdpguard confirm` (or not)."""
     from xdpguard import pins, safety
-    directory = pins.iface_dir(_ns(args), args.iface)
+    directory = pins.iface_dir(netns_of(args), args.iface)
     token = rec["policy"]["applied_at"]
     deadline = time.time() + args.confirm
     with pins.locked():
         rec = pins.read_record(directory)
         rec["confirm"] = {"deadline": deadline}
         pins.update_record(directory, rec)
-    safety.start_timer(args.iface, _ns(args), token, deadline)
+    safety.start_timer(args.iface, netns_of(args), token, deadline)
     log(f"{args.iface}: waiting {args.confirm:g}s for 'xdpguard confirm --iface {args.iface}"
         f"{' --netns ' + args.netns if args.netns else ''}'; otherwise the previous policy comes back")
     while time.time() < deadline + 3:
@@ -268,8 +241,8 @@ def _await_confirm(args, rec, log) -> str:
 
 def cmd_detach(args) -> int:
     from xdpguard import loader
-    _check_names(args)
-    loader.detach(args.iface, netns=_ns(args), log=(lambda m: None) if args.json else print)
+    check_names(args)
+    loader.detach(args.iface, netns=netns_of(args), log=(lambda m: None) if args.json else print)
     if args.json:
         emit_json({"iface": args.iface, "netns": args.netns or "host", "detached": True})
     return EXIT_OK
@@ -324,13 +297,9 @@ def _stats_rows(snap, prev=None, dt=None):
 
 
 def cmd_stats(args) -> int:
-    from xdpguard import pins, stats
-    _check_names(args)
-    targets = stats.select(args.netns, args.iface)
-    if not targets:
-        where = f" on {args.iface}" if args.iface else ""
-        raise CliError(f"xdpguard is not applied{where} (see 'xdpguard status')")
-    records = {d: pins.read_record(d) for _n, _i, d in targets}
+    from xdpguard import stats
+    check_names(args)
+    records = dict(applied(args))
     prev = {}
     t_prev = None
     while True:
@@ -367,6 +336,85 @@ def cmd_stats(args) -> int:
 
 # ---------------------------------------------------------------- parser
 
+def cmd_doctor(args) -> int:
+    from xdpguard.doctor import cmd_doctor    # imported when it runs: --help stays fast
+    return cmd_doctor(args)
+
+
+def arg(*flags, **kw) -> tuple:
+    """One argument of a command: add_argument's own parameters."""
+    return flags, kw
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    run: Callable[[argparse.Namespace], int]
+    help: str
+    args: tuple = ()
+
+
+NETNS = arg("--netns")
+PACKET = (arg("--dst", help="destination address (default 198.51.100.1 / 2001:db8::1)"),
+          arg("--proto", help="tcp (default), udp, icmp, icmpv6 or a number"),
+          arg("--sport", type=int, help="source port (tcp/udp; default 40000)"),
+          arg("--dport", type=int, help="destination port (tcp/udp; default 80)"),
+          arg("--tcp-flags", choices=["syn"], help="syn: a new connection (SYN without ACK)"),
+          arg("--icmp-type", type=int, help="ICMP / ICMPv6 type"))
+
+# Every command, in the order of `xdpguard --help`; each also gets --json.
+COMMANDS = (
+    Command("check", cmd_check, "validate and compile a policy; print a summary and warnings",
+            (arg("policy"),)),
+    Command("explain", cmd_explain, "which rule decides a packet, from the compiled tables",
+            (arg("policy"), arg("--src", required=True, help="source address"), *PACKET)),
+    Command("test", cmd_test, "run crafted packets through the real XDP program (BPF_PROG_TEST_RUN)",
+            (arg("policy"), arg("--src", required=False, help="source address"), *PACKET,
+             arg("--vlan", type=int, action="append", help="VLAN id (repeat for QinQ, outer first)"),
+             arg("--count", type=int, default=1, help="send the packet this many times"),
+             arg("--packets", help="JSON lines file, one packet per line"))),
+    Command("apply", cmd_apply, "compile a policy and attach it to an interface",
+            (arg("policy"), arg("--iface", required=True),
+             arg("--netns", help="network namespace name (/run/netns/NAME)"),
+             arg("--mode", choices=["auto", "native", "generic"], default="auto"),
+             arg("--dry-run", action="store_true", help="compile and load, do not attach"),
+             arg("--force", action="store_true",
+                 help="replace a foreign XDP program; apply despite the lockout guard"),
+             arg("--confirm", type=float, metavar="SECONDS",
+                 help="roll back unless 'xdpguard confirm' comes within SECONDS"))),
+    Command("detach", cmd_detach, "remove xdpguard from an interface (program and pins)",
+            (arg("--iface", required=True), NETNS)),
+    Command("status", cmd_status, "interfaces xdpguard runs on, policy, maps", (NETNS,)),
+    Command("stats", cmd_stats, "per-rule packet, byte and drop counters",
+            (arg("--iface"), NETNS,
+             arg("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS with rates"))),
+    Command("watch", cli_mitigation.cmd_watch, "mitigation daemon: ban sources over the [mitigation] thresholds",
+            (arg("policy"), arg("--iface", required=True), NETNS,
+             arg("--interval", default="1s", help="evaluation interval (default 1s)"),
+             arg("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics"))),
+    Command("ban", cli_mitigation.cmd_ban, "ban an address or prefix at XDP",
+            (arg("target", metavar="ADDR[/LEN]"),
+             arg("--ttl", default="10m", help="ban duration: 10m, 1h30m, 1w ... (default 10m; 0 = no expiry)"),
+             arg("--reason", help="free text shown by 'bans'"),
+             arg("--iface", help="only this interface (default: every applied interface)"), NETNS)),
+    Command("unban", cli_mitigation.cmd_unban, "lift a ban at once",
+            (arg("target", metavar="ADDR[/LEN]"), arg("--iface"), NETNS)),
+    Command("bans", cli_mitigation.cmd_bans, "list bans: prefix, reason, remaining time, packets dropped",
+            (arg("--iface"), NETNS)),
+    Command("top", cli_mitigation.cmd_top, "live view: top sources, destinations, bans, rule drop rates",
+            (arg("--iface"), NETNS, arg("--once", action="store_true", help="one snapshot, then exit"),
+             arg("--interval", type=float, default=1.0, help="refresh interval in seconds"))),
+    Command("confirm", cli_safety.cmd_confirm, "confirm a policy applied with --confirm (stops the rollback)",
+            (arg("--iface", required=True), NETNS)),
+    Command("rollback", cli_safety.cmd_rollback, "go back to the previous applied policy (one level)",
+            (arg("--iface", required=True), NETNS)),
+    Command("log", cli_safety.cmd_log, "sampled dropped packets (rules with log = true)",
+            (arg("--iface"), NETNS, arg("--follow", action="store_true", help="keep printing new events"))),
+    Command("doctor", cmd_doctor, "check that this machine can run xdpguard, and how to fix what is missing",
+            (arg("--iface", help="also check native XDP support and foreign programs on this interface"),
+             arg("--netns", help="network namespace of --iface (/run/netns/NAME)"))),
+)
+
 EPILOGS = {
     "check": """examples:
   xdpguard check policies/shared-web-host.toml
@@ -395,20 +443,54 @@ EPILOGS = {
   xdpguard test policy.toml --packets packets.jsonl --json
 packet lines: {"src": "10.0.0.1", "dst": "10.0.0.2", "proto": "tcp", "sport": 1234,
                "dport": 80, "tcp_flags": "syn", "vlan": [100], "count": 1}""",
+    "watch": """examples:
+  xdpguard watch /etc/xdpguard/eth1.toml --iface eth1
+  xdpguard watch policy.toml --iface veth0 --netns lab --interval 0.5s --json
+  xdpguard watch policy.toml --iface eth1 --metrics 127.0.0.1:9101""",
+    "ban": """examples:
+  xdpguard ban 203.0.113.7 --ttl 10m --reason "credential stuffing"
+  xdpguard ban 2001:db8:bad::/48 --iface eth1 --ttl 1h30m
+  xdpguard ban 198.51.100.0/24 --ttl 0      # no expiry""",
+    "unban": """examples:
+  xdpguard unban 203.0.113.7
+  xdpguard unban 2001:db8:bad::/48 --iface eth1""",
+    "bans": """examples:
+  xdpguard bans
+  xdpguard bans --iface eth1 --json""",
+    "top": """examples:
+  xdpguard top --iface eth1
+  xdpguard top --iface veth0 --netns lab --once --json""",
+    "confirm": """examples:
+  xdpguard apply new.toml --iface eth0 --confirm 60   # then, from another shell:
+  xdpguard confirm --iface eth0""",
+    "rollback": """examples:
+  xdpguard rollback --iface eth0
+  xdpguard rollback --iface veth0 --netns lab""",
+    "log": """examples:
+  xdpguard log --iface eth0
+  xdpguard log --iface eth0 --follow --json""",
+    "doctor": """checks, each through the code apply runs: bpf(2), JIT, BTF, bpffs, the kernel
+headers bcc uses, bcc compiling and the kernel loading bpf/xdpguard.c, its map
+types, a sample policy written into it (tries of their own size in the arrays
+of tries), its verdicts (BPF_PROG_TEST_RUN), a generic attach and atomic swap
+in a network namespace of its own, kprobes / tracepoints, RLIMIT_MEMLOCK; then
+a table of the kernel features xdpguard uses (--json: "features"). With
+--iface also native XDP support (attaches a trivial XDP_PASS program in native
+mode, only if nothing is attached, and detaches it) and a foreign XDP program
+on the interface.
+
+exit status: 0 everything needed is present (warnings allowed), 1 otherwise,
+2 invalid usage (bad name, no such interface)
+
+examples:
+  xdpguard doctor
+  xdpguard doctor --iface eth1
+  xdpguard doctor --iface veth0 --netns lab --json""",
 }
 
 
-def _add_packet_args(p, src_required=True) -> None:
-    p.add_argument("--src", required=src_required, help="source address")
-    p.add_argument("--dst", help="destination address (default 198.51.100.1 / 2001:db8::1)")
-    p.add_argument("--proto", help="tcp (default), udp, icmp, icmpv6 or a number")
-    p.add_argument("--sport", type=int, help="source port (tcp/udp; default 40000)")
-    p.add_argument("--dport", type=int, help="destination port (tcp/udp; default 80)")
-    p.add_argument("--tcp-flags", choices=["syn"], help="syn: a new connection (SYN without ACK)")
-    p.add_argument("--icmp-type", type=int, help="ICMP / ICMPv6 type")
-
-
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of every command in COMMANDS."""
     ap = argparse.ArgumentParser(
         prog="xdpguard",
         description="XDP access control and rate limiting for shared hosts.",
@@ -418,68 +500,14 @@ def build_parser() -> argparse.ArgumentParser:
                "see 'xdpguard COMMAND --help' for examples")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-
-    def add(name, func, help_):
-        p = sub.add_parser(name, help=help_, description=help_, epilog=EPILOGS.get(name),
+    for c in COMMANDS:
+        p = sub.add_parser(c.name, help=c.help, description=c.help, epilog=EPILOGS[c.name],
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.set_defaults(func=func)
+        p.set_defaults(func=c.run)
         p.add_argument("--json", action="store_true", help="machine-readable output")
-        return p
-
-    p = add("check", cmd_check, "validate and compile a policy; print a summary and warnings")
-    p.add_argument("policy")
-
-    p = add("explain", cmd_explain, "which rule decides a packet, from the compiled tables")
-    p.add_argument("policy")
-    _add_packet_args(p)
-
-    p = add("test", cmd_test, "run crafted packets through the real XDP program (BPF_PROG_TEST_RUN)")
-    p.add_argument("policy")
-    _add_packet_args(p, src_required=False)
-    p.add_argument("--vlan", type=int, action="append", help="VLAN id (repeat for QinQ, outer first)")
-    p.add_argument("--count", type=int, default=1, help="send the packet this many times")
-    p.add_argument("--packets", help="JSON lines file, one packet per line")
-
-    p = add("apply", cmd_apply, "compile a policy and attach it to an interface")
-    p.add_argument("policy")
-    p.add_argument("--iface", required=True)
-    p.add_argument("--netns", help="network namespace name (/run/netns/NAME)")
-    p.add_argument("--mode", choices=["auto", "native", "generic"], default="auto")
-    p.add_argument("--dry-run", action="store_true", help="compile and load, do not attach")
-    p.add_argument("--force", action="store_true",
-                   help="replace a foreign XDP program; apply despite the lockout guard")
-    p.add_argument("--confirm", type=float, metavar="SECONDS",
-                   help="roll back unless 'xdpguard confirm' comes within SECONDS")
-
-    p = add("detach", cmd_detach, "remove xdpguard from an interface (program and pins)")
-    p.add_argument("--iface", required=True)
-    p.add_argument("--netns")
-
-    p = add("status", cmd_status, "interfaces xdpguard runs on, policy, maps")
-    p.add_argument("--netns")
-
-    p = add("stats", cmd_stats, "per-rule packet, byte and drop counters")
-    p.add_argument("--iface")
-    p.add_argument("--netns")
-    p.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS with rates")
-
-    for extra in _extensions():
-        extra(sub, add)
+        for flags, kw in c.args:
+            p.add_argument(*flags, **kw)
     return ap
-
-
-def _extensions():
-    """Commands that live in their own modules (daemon, bans, ops)."""
-    out = []
-    for modname in ("xdpguard.cli_mitigation", "xdpguard.cli_safety", "xdpguard.cli_ops"):
-        try:
-            mod = __import__(modname, fromlist=["register"])
-        except ModuleNotFoundError as e:
-            if e.name != modname:
-                raise
-            continue
-        out.append(mod.register)
-    return out
 
 
 def main(argv=None) -> int:

@@ -4,43 +4,14 @@ from __future__ import annotations
 import sys
 import time
 
-from xdpguard.cli import CliError, _check_names, _ns, _policy, _warn
-from xdpguard.output import emit_json, human_bytes, human_duration, table
-
-EPILOGS = {
-    "watch": """examples:
-  xdpguard watch /etc/xdpguard/eth1.toml --iface eth1
-  xdpguard watch policy.toml --iface veth0 --netns lab --interval 0.5s --json
-  xdpguard watch policy.toml --iface eth1 --metrics 127.0.0.1:9101""",
-    "ban": """examples:
-  xdpguard ban 203.0.113.7 --ttl 10m --reason "credential stuffing"
-  xdpguard ban 2001:db8:bad::/48 --iface eth1 --ttl 1h30m
-  xdpguard ban 198.51.100.0/24 --ttl 0      # no expiry""",
-    "unban": """examples:
-  xdpguard unban 203.0.113.7
-  xdpguard unban 2001:db8:bad::/48 --iface eth1""",
-    "bans": """examples:
-  xdpguard bans
-  xdpguard bans --iface eth1 --json""",
-    "top": """examples:
-  xdpguard top --iface eth1
-  xdpguard top --iface veth0 --netns lab --once --json""",
-}
-
-
-def _targets(args):
-    from xdpguard import pins, stats
-    targets = stats.select(args.netns, args.iface)
-    if not targets:
-        where = f" on {args.iface}" if args.iface else ""
-        raise CliError(f"xdpguard is not applied{where} (see 'xdpguard status')")
-    return [(d, pins.read_record(d)) for _n, _i, d in targets]
+from xdpguard.cliutil import (CliError, applied, check_names, emit_json, human_bytes, human_duration,
+                              load_policy, netns_of, table, warn)
 
 
 def cmd_ban(args) -> int:
     from xdpguard import bans, pins
     from xdpguard.units import parse_duration
-    _check_names(args)
+    check_names(args)
     try:
         net = bans.parse_target(args.target)
         ttl = None if args.ttl in ("0", "never") else parse_duration(args.ttl)
@@ -48,7 +19,7 @@ def cmd_ban(args) -> int:
         raise CliError(str(e))
     done = []
     with pins.locked():
-        targets = _targets(args)
+        targets = applied(args)
         for d, rec in targets:
             try:
                 bans.check_bannable(net, rec)
@@ -67,14 +38,14 @@ def cmd_ban(args) -> int:
 
 def cmd_unban(args) -> int:
     from xdpguard import bans, pins
-    _check_names(args)
+    check_names(args)
     try:
         net = bans.parse_target(args.target)
     except bans.BanError as e:
         raise CliError(str(e))
     lifted = []
     with pins.locked():
-        for d, rec in _targets(args):
+        for d, rec in applied(args):
             with bans.BanMaps(d, rec) as bm:
                 if bm.remove(net):
                     lifted.append(f"{rec['netns']}/{rec['iface']}")
@@ -89,9 +60,9 @@ def cmd_unban(args) -> int:
 
 def cmd_bans(args) -> int:
     from xdpguard import bans
-    _check_names(args)
+    check_names(args)
     out = []
-    for d, rec in _targets(args):
+    for d, rec in applied(args):
         with bans.BanMaps(d, rec) as bm:
             for e in bm.entries():
                 out.append({"netns": rec["netns"], "iface": rec["iface"], **e})
@@ -111,24 +82,24 @@ def cmd_bans(args) -> int:
 def cmd_watch(args) -> int:
     from xdpguard.daemon import Watch
     from xdpguard.units import parse_duration
-    _check_names(args)
-    policy = _policy(args.policy)
-    _warn(policy)
+    check_names(args)
+    policy = load_policy(args.policy)
+    warn(policy)
     try:
         interval = parse_duration(args.interval)
     except ValueError as e:
         raise CliError(f"--interval: {e}")
     if args.metrics and ":" not in args.metrics:
         raise CliError("--metrics needs HOST:PORT, e.g. 127.0.0.1:9101")
-    return Watch(policy, args.iface, _ns(args), interval, args.json).run(args.metrics)
+    return Watch(policy, args.iface, netns_of(args), interval, args.json).run(args.metrics)
 
 
 def cmd_top(args) -> int:
     from xdpguard import bans, stats
     from xdpguard.daemon import Sampler, open_probes
     from xdpguard.policy import Mitigation
-    _check_names(args)
-    targets = _targets(args)
+    check_names(args)
+    targets = applied(args)
     d, rec = targets[0]
     m = Mitigation(prefix4=rec["mitigation"]["prefix4"], prefix6=rec["mitigation"]["prefix6"])
     probes = open_probes(m, lambda msg: print(f"note: {msg}", file=sys.stderr))
@@ -215,39 +186,3 @@ def _print_top(v: dict) -> None:
         print(table(["banned", "reason", "remaining", "dropped"],
                     [[b["prefix"], b["reason"], "never" if b["remaining_s"] is None else human_duration(b["remaining_s"]),
                       b["packets"]] for b in v["bans"]], right={3}))
-
-
-def register(sub, add) -> None:
-    p = add("watch", cmd_watch, "mitigation daemon: ban sources over the [mitigation] thresholds")
-    p.epilog = EPILOGS["watch"]
-    p.add_argument("policy")
-    p.add_argument("--iface", required=True)
-    p.add_argument("--netns")
-    p.add_argument("--interval", default="1s", help="evaluation interval (default 1s)")
-    p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics")
-
-    p = add("ban", cmd_ban, "ban an address or prefix at XDP")
-    p.epilog = EPILOGS["ban"]
-    p.add_argument("target", metavar="ADDR[/LEN]")
-    p.add_argument("--ttl", default="10m", help="ban duration: 10m, 1h30m, 1w ... (default 10m; 0 = no expiry)")
-    p.add_argument("--reason", help="free text shown by 'bans'")
-    p.add_argument("--iface", help="only this interface (default: every applied interface)")
-    p.add_argument("--netns")
-
-    p = add("unban", cmd_unban, "lift a ban at once")
-    p.epilog = EPILOGS["unban"]
-    p.add_argument("target", metavar="ADDR[/LEN]")
-    p.add_argument("--iface")
-    p.add_argument("--netns")
-
-    p = add("bans", cmd_bans, "list bans: prefix, reason, remaining time, packets dropped")
-    p.epilog = EPILOGS["bans"]
-    p.add_argument("--iface")
-    p.add_argument("--netns")
-
-    p = add("top", cmd_top, "live view: top sources, destinations, bans, rule drop rates")
-    p.epilog = EPILOGS["top"]
-    p.add_argument("--iface")
-    p.add_argument("--netns")
-    p.add_argument("--once", action="store_true", help="one snapshot, then exit")
-    p.add_argument("--interval", type=float, default=1.0, help="refresh interval in seconds")

@@ -4,27 +4,14 @@ from __future__ import annotations
 import sys
 import time
 
-from xdpguard.cli import CliError, _check_names, _ns
-from xdpguard.output import emit_json
-
-EPILOGS = {
-    "confirm": """examples:
-  xdpguard apply new.toml --iface eth0 --confirm 60   # then, from another shell:
-  xdpguard confirm --iface eth0""",
-    "rollback": """examples:
-  xdpguard rollback --iface eth0
-  xdpguard rollback --iface veth0 --netns lab""",
-    "log": """examples:
-  xdpguard log --iface eth0
-  xdpguard log --iface eth0 --follow --json""",
-}
+from xdpguard.cliutil import CliError, check_names, emit_json, netns_of
 
 
 def cmd_confirm(args) -> int:
     from xdpguard import pins
-    _check_names(args)
+    check_names(args)
     with pins.locked():
-        d = pins.iface_dir(_ns(args), args.iface)
+        d = pins.iface_dir(netns_of(args), args.iface)
         rec = pins.read_record(d)
         if not rec or "confirm" not in rec:
             raise CliError(f"{args.iface}: nothing waits for confirmation")
@@ -39,8 +26,8 @@ def cmd_confirm(args) -> int:
 
 def cmd_rollback(args) -> int:
     from xdpguard import loader
-    _check_names(args)
-    back = loader.rollback(args.iface, _ns(args), log=(lambda m: None) if args.json else print)
+    check_names(args)
+    back = loader.rollback(args.iface, netns_of(args), log=(lambda m: None) if args.json else print)
     if args.json:
         emit_json({"iface": args.iface, "policy": back["policy"]["name"], "rolled_back": True})
     return 0
@@ -50,7 +37,7 @@ def cmd_log(args) -> int:
     from xdpguard import stats
     from xdpguard.droplog import DropLog
     from xdpguard import pins
-    _check_names(args)
+    check_names(args)
     targets = stats.select(args.netns, args.iface)
     if not targets:
         raise CliError("xdpguard is not applied here (see 'xdpguard status')")
@@ -93,21 +80,3 @@ def cmd_log(args) -> int:
         return 0
     finally:
         log.close()
-
-
-def register(sub, add) -> None:
-    p = add("confirm", cmd_confirm, "confirm a policy applied with --confirm (stops the rollback)")
-    p.epilog = EPILOGS["confirm"]
-    p.add_argument("--iface", required=True)
-    p.add_argument("--netns")
-
-    p = add("rollback", cmd_rollback, "go back to the previous applied policy (one level)")
-    p.epilog = EPILOGS["rollback"]
-    p.add_argument("--iface", required=True)
-    p.add_argument("--netns")
-
-    p = add("log", cmd_log, "sampled dropped packets (rules with log = true)")
-    p.epilog = EPILOGS["log"]
-    p.add_argument("--iface")
-    p.add_argument("--netns")
-    p.add_argument("--follow", action="store_true", help="keep printing new events")

@@ -841,30 +841,18 @@ def report(checks: list[Check], features: list[dict]) -> dict:
 
 
 def cmd_doctor(args) -> int:
-    from xdpguard.netns import NetnsError, check_name
-    from xdpguard.output import emit_json, table
-    iface, netns = getattr(args, "iface", None), getattr(args, "netns", None)
-    try:
-        if iface:
-            check_name(iface, "iface")
-        if netns:
-            check_name(netns, "netns")
-        if netns and not iface:
-            raise ValueError("--netns needs --iface")
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    from xdpguard.cliutil import CliError, check_names, emit_json, table
+    iface, netns = args.iface, args.netns
+    check_names(args)
+    if netns and not iface:
+        raise CliError("--netns needs --iface")
     if iface:
         # An interface that does not exist is a usage error, as for apply.
         try:
             _ifindex(Context(iface=iface, netns=None if netns in (None, "host") else netns))
-        except NetnsError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
         except OSError:
             where = f" in network namespace '{netns}'" if netns and netns != "host" else ""
-            print(f"error: no interface '{iface}'{where}", file=sys.stderr)
-            return 2
+            raise CliError(f"no interface '{iface}'{where}") from None
     checks, features = run(iface, netns)
     rep = report(checks, features)
     if args.json:
