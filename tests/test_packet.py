@@ -504,6 +504,9 @@ def _checksums_ok(frame: bytes) -> None:
 @settings(max_examples=300, deadline=None)
 @given(build_args())
 def test_build_checksums_and_fields_valid_for_scapy(kw):
+    # scapy dissects ICMPv6 node information messages (139, 140) into
+    # typed fields that do not re-serialise an arbitrary body byte for byte.
+    assume(not (kw.get("proto") in ("icmpv6", 58) and kw.get("icmp_type") in (139, 140)))
     frame = build(**kw)
     pkt = Ether(frame)
     if ip_address(kw["src"]).version == 4:
