@@ -121,7 +121,7 @@ class _Xdpguard:
         record = pins.read_record(d)
         if getattr(self, "counters", None) is None:
             self.counters = pins.open_map(d, "counters", record)
-        self.slot = ctypes.c_uint32(record["slots"][f"lim4-{self.tag}"])
+        self.slot = ctypes.c_uint32(record.slots[f"lim4-{self.tag}"])
 
     def counts(self):
         # Straight from the pinned per-CPU counters: a read takes microseconds.

@@ -10,7 +10,7 @@ from hypothesis import given, strategies as st
 
 from tests.conftest import require_kernel
 from testing.webpolicy import web_policy
-from xdpguard import daemon
+from xdpguard import daemon, pins
 from xdpguard.compiler import compile_policy
 from xdpguard.packet import build
 from xdpguard.policy import load
@@ -32,7 +32,8 @@ def test_rates_per_prefix_and_idle_sources_forgotten():
     from xdpguard.loader import TestRig
     rig = TestRig(compile_policy(load("sampler.toml", text=POLICY)))
     try:
-        s = daemon.Sampler(None, {"mitigation": {"prefix4": 24, "prefix6": 64}}, srcstat=rig.maps["srcstat"])
+        s = daemon.Sampler(None, pins.Record(mitigation=pins.MitigationInfo(prefix4=24, prefix6=64)),
+                           srcstat=rig.maps["srcstat"])
         assert s.sample()[1] == {}                       # the first sample has no rates
         syn4 = lambda src: build(src, DST4, "tcp", dport=80)          # noqa: E731 (SYN by default)
         udp = lambda src, dst=DST4: build(src, dst, "udp", dport=53)  # noqa: E731

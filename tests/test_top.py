@@ -21,7 +21,7 @@ import pytest
 
 from testing.lab import EXTRA4, SERVER4, Lab
 from testing.webpolicy import web_policy
-from xdpguard import daemon
+from xdpguard import daemon, pins
 from xdpguard.cli_mitigation import _print_top, _top_view
 from xdpguard.compiler import compile_policy
 from xdpguard.packet import build
@@ -30,7 +30,7 @@ from xdpguard.probes.collector import ProbeSet
 
 POLICY = web_policy("top", syn_rate="100k/s")
 FLOODER = EXTRA4[0]
-RECORD = {"netns": "host", "iface": "eth1", "mitigation": {"enabled": True, "prefix4": 32, "prefix6": 64}}
+RECORD = pins.Record(netns="host", iface="eth1", mitigation=pins.MitigationInfo(True, 32, 64))
 
 
 class _Probes:

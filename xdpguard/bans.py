@@ -86,15 +86,15 @@ def read_json(path: Path, default):
 
 # ---------------------------------------------------------------- protection
 
-def protected_networks(record: dict) -> list[tuple[ipaddress._BaseNetwork, str]]:
+def protected_networks(record: pins.Record) -> list[tuple[ipaddress._BaseNetwork, str]]:
     """Networks never to ban: the mitigation allowlist, `protect` entries,
     the interface namespace's own addresses and its gateways."""
     out = []
-    for p in record.get("mitigation", {}).get("allow", []):
+    for p in record.mitigation.allow:
         out.append((ipaddress.ip_network(p), "allowlisted in [mitigation] allow"))
-    for p in record.get("protect", []):
-        out.append((ipaddress.ip_network(p["prefix"]), "listed in [policy] protect"))
-    for addr, why in own_addresses(None if record["netns"] == "host" else record["netns"]):
+    for p in record.protect:
+        out.append((ipaddress.ip_network(p.prefix), "listed in [policy] protect"))
+    for addr, why in own_addresses(record.ns):
         out.append((ipaddress.ip_network(addr), why))
     return out
 
@@ -108,7 +108,7 @@ def own_addresses(netns: str | None) -> list[tuple[str, str]]:
                 + [(g, "a default gateway of this host") for g in rtnl.default_gateways()])
 
 
-def check_bannable(net, record: dict) -> None:
+def check_bannable(net, record: pins.Record) -> None:
     for p, why in protected_networks(record):
         if p.version == net.version and (p.overlaps(net)):
             raise BanError(f"refusing to ban {net}: it covers {p}, {why}")
@@ -243,12 +243,12 @@ def plan_restore(records: dict[str, BanRecord], automatic_until: dict[str, float
 class BanMaps:
     """The two ban tries of one interface."""
 
-    def __init__(self, directory: Path, record: dict):
+    def __init__(self, directory: Path, record: pins.Record):
         self.directory = directory
         self.record = record
         self.maps = {4: pins.open_map(directory, "ban4", record), 6: pins.open_map(directory, "ban6", record)}
         self.state = pins.open_map(directory, "banstate", record)
-        self.notes_path = state_dir(record["netns"], record["iface"]) / "bans.json"
+        self.notes_path = state_dir(record.netns, record.iface) / "bans.json"
 
     def close(self) -> None:
         for m in self.maps.values():
@@ -368,16 +368,16 @@ class BanMaps:
         return gone
 
 
-def restore(directory: Path, record: dict, max_bans: int, log) -> Restored | None:
+def restore(directory: Path, record: pins.Record, max_bans: int, log) -> Restored | None:
     """BanMaps.restore on one interface, logging one line when bans.json
     had any record. Records of older versions take an automatic ban's end
     from watch.json (read only: `watch` writes it). Hold pins.locked()."""
-    watch = read_json(watch_state_path(record["netns"], record["iface"]), {})
+    watch = read_json(watch_state_path(record.netns, record.iface), {})
     bans = watch.get("bans") if isinstance(watch, dict) else None
     until = {p: float(b["until"]) for p, b in (bans if isinstance(bans, dict) else {}).items()
              if isinstance(b, dict) and isinstance(b.get("until"), (int, float))}
     with BanMaps(directory, record) as bm:
         done = bm.restore(max_bans, until)
         if done is not None and done.considered():
-            log(done.line(record["iface"], bm.notes_path))
+            log(done.line(record.iface, bm.notes_path))
     return done

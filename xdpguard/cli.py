@@ -208,31 +208,29 @@ def cmd_apply(args) -> int:
     if args.json:
         emit_json({"iface": args.iface, "netns": args.netns or "host", "policy": policy.name,
                    "sha256": policy.sha256, "dry_run": args.dry_run,
-                   "mode": rec.get("mode"), "prog_id": rec.get("prog_id"),
+                   "mode": rec.mode if rec else None, "prog_id": rec.prog_id if rec else None,
                    **({"confirm": outcome} if outcome else {})})
     return EXIT_NOT_CONFIRMED if outcome == "rolled_back" else EXIT_OK
 
 
 def _await_confirm(args, rec, log) -> str:
     """Arm the rollback timer, then wait for `xdpguard confirm` (or not)."""
+    from dataclasses import replace
     from xdpguard import pins, safety
     directory = pins.iface_dir(netns_of(args), args.iface)
-    token = rec["policy"]["applied_at"]
+    token = rec.policy.applied_at
     deadline = time.time() + args.confirm
-    with pins.locked():
-        rec = pins.read_record(directory)
-        rec["confirm"] = {"deadline": deadline}
-        pins.update_record(directory, rec)
+    pins.modify_record(directory, lambda r: replace(r, confirm=pins.Confirm(deadline)))
     safety.start_timer(args.iface, netns_of(args), token, deadline)
     log(f"{args.iface}: waiting {args.confirm:g}s for 'xdpguard confirm --iface {args.iface}"
         f"{' --netns ' + args.netns if args.netns else ''}'; otherwise the previous policy comes back")
     while time.time() < deadline + 3:
         cur = pins.read_record(directory)
-        if cur and cur["policy"]["applied_at"] == token and "confirm" not in cur:
+        if cur and cur.policy.applied_at == token and cur.confirm is None:
             log(f"{args.iface}: confirmed")
             return "confirmed"
-        if not cur or cur["policy"]["applied_at"] != token:
-            what = f"policy '{cur['policy']['name']}' restored" if cur else "detached (no previous policy)"
+        if not cur or cur.policy.applied_at != token:
+            what = f"policy '{cur.policy.name}' restored" if cur else "detached (no previous policy)"
             log(f"{args.iface}: not confirmed in time: {what}")
             return "rolled_back"
         time.sleep(0.2)

@@ -24,11 +24,11 @@ def cmd_ban(args) -> int:
             try:
                 bans.check_bannable(net, rec)
             except bans.BanError as e:
-                raise CliError(f"{rec['netns']}/{rec['iface']}: {e}")
+                raise CliError(f"{rec.netns}/{rec.iface}: {e}")
         for d, rec in targets:
             with bans.BanMaps(d, rec) as bm:
                 bm.add(net, ttl, text=args.reason or "manual")
-            done.append(f"{rec['netns']}/{rec['iface']}")
+            done.append(f"{rec.netns}/{rec.iface}")
     if args.json:
         emit_json({"banned": str(net), "ttl": ttl, "interfaces": done})
     else:
@@ -48,7 +48,7 @@ def cmd_unban(args) -> int:
         for d, rec in applied(args):
             with bans.BanMaps(d, rec) as bm:
                 if bm.remove(net):
-                    lifted.append(f"{rec['netns']}/{rec['iface']}")
+                    lifted.append(f"{rec.netns}/{rec.iface}")
     if args.json:
         emit_json({"unbanned": str(net), "interfaces": lifted})
     elif lifted:
@@ -65,7 +65,7 @@ def cmd_bans(args) -> int:
     for d, rec in applied(args):
         with bans.BanMaps(d, rec) as bm:
             for e in bm.entries():
-                out.append({"netns": rec["netns"], "iface": rec["iface"], **e})
+                out.append({"netns": rec.netns, "iface": rec.iface, **e})
     if args.json:
         emit_json({"schema_version": 1, "bans": out})
         return 0
@@ -101,10 +101,10 @@ def cmd_top(args) -> int:
     check_names(args)
     targets = applied(args)
     d, rec = targets[0]
-    m = Mitigation(prefix4=rec["mitigation"]["prefix4"], prefix6=rec["mitigation"]["prefix6"])
+    m = Mitigation(prefix4=rec.mitigation.prefix4, prefix6=rec.mitigation.prefix6)
     probes = open_probes(m, lambda msg: print(f"note: {msg}", file=sys.stderr))
     sampler = Sampler(d, rec, probes)
-    local = {a for a, _w in bans.own_addresses(None if rec["netns"] == "host" else rec["netns"])}
+    local = {a for a, _w in bans.own_addresses(rec.ns)}
     prev_stats = stats.read_stats(d, rec)
     prev_t = time.monotonic()
     sampler.sample()
@@ -157,8 +157,8 @@ def _top_view(rec, sources, dests, local, prev, cur, dt, banned) -> dict:
               "pps": round((r["packets"] - pmap.get(r["rule"], r)["packets"]) / dt, 1),
               "drop_pps": round((r["dropped_packets"] - pmap.get(r["rule"], r)["dropped_packets"]) / dt, 1)}
              for r in cur["rules"]]
-    return {"schema_version": 1, "netns": rec["netns"], "iface": rec["iface"], "interval": round(dt, 2),
-            "mitigation": rec["mitigation"]["enabled"],
+    return {"schema_version": 1, "netns": rec.netns, "iface": rec.iface, "interval": round(dt, 2),
+            "mitigation": rec.mitigation.enabled,
             "top_pps": top("pps"), "top_syn_rate": top("syn_rate"), "top_conn_rate": top("conn_rate"),
             "top_dests": dst, "bans": banned[:n], "bans_active": len(banned), "rules": rules}
 

@@ -8,19 +8,23 @@ from xdpguard.cliutil import CliError, check_names, emit_json, netns_of
 
 
 def cmd_confirm(args) -> int:
+    from dataclasses import replace
     from xdpguard import pins
     check_names(args)
-    with pins.locked():
-        d = pins.iface_dir(netns_of(args), args.iface)
-        rec = pins.read_record(d)
-        if not rec or "confirm" not in rec:
-            raise CliError(f"{args.iface}: nothing waits for confirmation")
-        rec.pop("confirm")
-        pins.update_record(d, rec)
+    nothing = CliError(f"{args.iface}: nothing waits for confirmation")
+
+    def confirmed(rec):
+        if rec.confirm is None:
+            raise nothing
+        return replace(rec, confirm=None)
+    try:
+        rec = pins.modify_record(pins.iface_dir(netns_of(args), args.iface), confirmed)
+    except pins.NotPinned:
+        raise nothing from None
     if args.json:
-        emit_json({"iface": args.iface, "confirmed": True, "policy": rec["policy"]["name"]})
+        emit_json({"iface": args.iface, "confirmed": True, "policy": rec.policy.name})
     else:
-        print(f"{args.iface}: policy '{rec['policy']['name']}' confirmed")
+        print(f"{args.iface}: policy '{rec.policy.name}' confirmed")
     return 0
 
 
@@ -29,7 +33,7 @@ def cmd_rollback(args) -> int:
     check_names(args)
     back = loader.rollback(args.iface, netns_of(args), log=(lambda m: None) if args.json else print)
     if args.json:
-        emit_json({"iface": args.iface, "policy": back["policy"]["name"], "rolled_back": True})
+        emit_json({"iface": args.iface, "policy": back.policy.name, "rolled_back": True})
     return 0
 
 

@@ -20,7 +20,7 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from xdpguard import bans, bpfsys, pins
@@ -48,13 +48,13 @@ def _src_prefix(family: int, raw: bytes, plen: int) -> str:
 class Sampler:
     """Per-source rates from the XDP `srcstat` map and the probes."""
 
-    def __init__(self, directory: Path | None, record: dict, probes=None, srcstat=None):
+    def __init__(self, directory: Path | None, record: pins.Record, probes=None, srcstat=None):
         """srcstat: the map itself (a test rig's) instead of the pin."""
         self.record = record
         self.srcstat = srcstat or pins.open_map(directory, "srcstat", record)
         self.probes = probes
-        self.p4 = record["mitigation"]["prefix4"]
-        self.p6 = record["mitigation"]["prefix6"]
+        self.p4 = record.mitigation.prefix4
+        self.p6 = record.mitigation.prefix6
         self.prev_xdp: dict[bytes, tuple] = {}
         self.prev_probe: dict | None = None
         self.prev_t: float | None = None
@@ -298,7 +298,7 @@ class Watch:
         from xdpguard.compiler import compile_policy
         directory = pins.iface_dir(self.netns, self.iface)
         record = pins.read_record(directory)
-        if record is None or record["policy"]["sha256"] != self.policy.sha256:
+        if record is None or record.policy.sha256 != self.policy.sha256:
             loader.apply(self.policy, compile_policy(self.policy), self.iface, netns=self.netns,
                          log=self.note)
             record = pins.read_record(directory)
@@ -308,7 +308,7 @@ class Watch:
             bans.restore(directory, record, self.policy.mitigation.max_bans, self.note)
         if not self.policy.mitigation.enabled:
             self.note("[mitigation] enabled = false: watching, never banning")
-        state_path = bans.watch_state_path(record["netns"], record["iface"])
+        state_path = bans.watch_state_path(record.netns, record.iface)
         state = bans.read_json(state_path, {})
         state = state if isinstance(state, dict) else {}
         state.setdefault("offenders", {})
@@ -319,8 +319,7 @@ class Watch:
         mit = Mitigator(self.policy, protected, state)
         probes = open_probes(self.policy.mitigation, self.note)
         self.probe_mode = probes.mode if probes else "none"
-        record["probes"] = self.probe_mode
-        pins.update_record(directory, record)
+        record = pins.modify_record(directory, lambda r: replace(r, probes=self.probe_mode))
         sampler = Sampler(directory, record, probes)
         banmaps = bans.BanMaps(directory, record)
         server = None
@@ -333,7 +332,7 @@ class Watch:
                     server = self._metrics(metrics, directory, record, banmaps)
                 except OSError as e:
                     raise UsageError(f"--metrics {metrics}: {e.strerror or e}") from None
-            self.note(f"watching {record['netns']}/{self.iface} every {self.interval:g}s; "
+            self.note(f"watching {record.netns}/{self.iface} every {self.interval:g}s; "
                       f"probes: {self.probe_mode}; {len(state['offenders'])} known offenders"
                       + (f"; metrics on http://{metrics}/metrics" if server else ""))
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -401,7 +400,7 @@ class Watch:
             state["bans"] = keep
             self._save_state(path, state)
 
-    def _metrics(self, where: str, directory: Path, record: dict, banmaps):
+    def _metrics(self, where: str, directory: Path, record: pins.Record, banmaps):
         from xdpguard.metrics import serve
         host, _, port = where.rpartition(":")
         return serve(host or "127.0.0.1", int(port), directory, record, banmaps, self)

@@ -768,8 +768,8 @@ def check_foreign(ctx: Context) -> list[Check]:
         if record:
             detail += " (xdpguard pins are left without an attached program: see 'xdpguard status')"
         return [Check(name, OK, detail)]
-    if record and record.get("prog_id") == pid:
-        pol = (record.get("policy") or {}).get("name", "?")
+    if record and record.prog_id == pid:
+        pol = record.policy.name or "?"
         return [Check(name, OK, f"{iface}: xdpguard's program is attached (id {pid}, {q['attach_mode']} "
                       f"mode, policy '{pol}')")]
     pname = bpfsys.prog_name(pid)

@@ -21,11 +21,11 @@ _SPECIAL = {C.XG_SLOT_DEFAULT: "default", C.XG_SLOT_BAN: "ban", C.XG_SLOT_MALFOR
 
 
 class DropLog:
-    def __init__(self, directory: Path, record: dict):
+    def __init__(self, directory: Path, record: pins.Record):
         self.record = record
         self.directory = directory
-        self.Ev = pins.decode_type(record["types"]["logfmt"]["leaf"])
-        self.names = {r["slot"]: r["name"] for r in record["rules"]}
+        self.Ev = pins.decode_type(record.types["logfmt"]["leaf"])
+        self.names = {r.slot: r.name for r in record.rules}
         self.fd = bpfsys.obj_get(str(directory / "droplog"))
         # BOOTTIME -> wall clock, for printing.
         self.offset = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
@@ -66,7 +66,7 @@ class DropLog:
         counters = pins.open_map(self.directory, "counters", self.record)
         try:
             total = 0
-            slots = [r["slot"] for r in self.record["rules"]] + [C.XG_SLOT_DEFAULT, C.XG_SLOT_BAN, C.XG_SLOT_NEWSRC]
+            slots = [r.slot for r in self.record.rules] + [C.XG_SLOT_DEFAULT, C.XG_SLOT_BAN, C.XG_SLOT_NEWSRC]
             for s in slots:
                 vals = counters.lookup(ctypes.c_uint32(s)) or []
                 total += sum(v.log_suppressed for v in vals)

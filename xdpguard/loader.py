@@ -266,35 +266,52 @@ def ifindex_of(iface: str, netns: str | None) -> int:
         raise UsageError(f"no interface '{iface}'{where}") from None
 
 
-def _record(policy: Policy, tables: Tables, netns, iface, ifindex, shape, slots, sources, types, mode, prog_id):
-    rec = {
-        "layout": C.XG_LAYOUT_VERSION,
-        "netns": netns or "host",
-        "iface": iface,
-        "ifindex": ifindex,
-        "mode": mode,
-        "prog_id": prog_id,
-        "policy": {"name": policy.name, "sha256": policy.sha256, "source": policy.source,
-                   "applied_at": time.time(), "default": policy.default,
-                   "rules": len(policy.rules)},
-        "shape": asdict(shape),
-        "rules": [{"name": r.name, "action": {0: "allow", 1: "deny", 2: "limit"}[r.action],
-                   "slot": slots[r.name]} for r in tables.rules],
-        "slots": slots,
+@dataclass
+class Site:
+    """Where an apply goes and what it found there."""
+    netns: str | None
+    iface: str
+    ifindex: int
+    directory: Path
+    record: pins.Record | None   # of the policy applied there, if any
+    attached: dict               # bpfsys.xdp_query's answer
+    ours: bool                   # the attached program is that record's
+
+
+@dataclass
+class Fill:
+    """What one generation gets: the program's shape, the rules' slots
+    (fresh: those new to the program) and the source tables."""
+    shape: Shape
+    slots: dict[str, int]
+    fresh: list[int]
+    sources: plan.Plan
+
+
+def _record(policy: Policy, tables: Tables, fill: Fill, *, netns: str | None, iface: str,
+            ifindex: int, mode: str, prog_id: int, types: dict) -> pins.Record:
+    return pins.Record(
+        netns=netns or "host", iface=iface, ifindex=ifindex, mode=mode, prog_id=prog_id,
+        policy=pins.PolicyInfo(policy.name, policy.sha256, policy.source, time.time(),
+                               policy.default, len(policy.rules)),
+        shape=asdict(fill.shape),
+        rules=[pins.RuleSlot(r.name, {0: "allow", 1: "deny", 2: "limit"}[r.action], fill.slots[r.name])
+               for r in tables.rules],
+        slots=fill.slots,
         # Trie entries of the generation (what the source tables left).
-        "lpm": {str(f): len(sources.trie[f]) for f in (4, 6)},
-        "types": types,
-        "mitigation": {"enabled": policy.mitigation.enabled,
-                       "prefix4": policy.mitigation.prefix4, "prefix6": policy.mitigation.prefix6,
-                       "allow": [str(p) for p in policy.mitigation.allow]},
-        "protect": [{"prefix": str(p), "port": port} for p, port in policy.protect],
-    }
-    return rec
+        lpm={str(f): len(fill.sources.trie[f]) for f in (4, 6)},
+        types=types,
+        mitigation=pins.MitigationInfo(policy.mitigation.enabled, policy.mitigation.prefix4,
+                                       policy.mitigation.prefix6,
+                                       [str(p) for p in policy.mitigation.allow]),
+        protect=[pins.Protect(str(p), port) for p, port in policy.protect])
 
 
 def apply(policy: Policy, tables: Tables, iface: str, netns: str | None = None,
-          mode: str = "auto", dry_run: bool = False, force: bool = False, log=print) -> dict:
-    """Apply compiled tables to an interface. Returns the new record."""
+          mode: str = "auto", dry_run: bool = False, force: bool = False,
+          log=print) -> pins.Record | None:
+    """Apply compiled tables to an interface. Returns the new record (None
+    for a dry run)."""
     pins.ensure_bpffs()
     ifindex = ifindex_of(iface, netns)
     if dry_run:
@@ -306,38 +323,38 @@ def apply(policy: Policy, tables: Tables, iface: str, netns: str | None = None,
         set_active(maps, 0)
         log(f"dry run: policy '{policy.name}' compiled, loaded and verified; nothing attached")
         b.cleanup()
-        return {}
+        return None
 
     with pins.locked():
         directory = pins.iface_dir(netns, iface)
         record = pins.read_record(directory)
         with in_netns(netns):
             q = bpfsys.xdp_query(ifindex)
-        ours = bool(record) and q["prog_id"] != 0 and q["prog_id"] == record["prog_id"]
+        ours = record is not None and q["prog_id"] != 0 and q["prog_id"] == record.prog_id
         if q["prog_id"] and not ours and not force:
             raise UsageError(f"{iface}: another XDP program is attached (id {q['prog_id']}, "
                              f"'{bpfsys.prog_name(q['prog_id'])}'); xdpguard will not replace it "
                              f"(detach it, or use --force)")
         pins.prune()
-        if ours and mode != "auto" and mode != record["mode"]:
+        if ours and mode != "auto" and mode != record.mode:
             # Native and generic XDP cannot be attached at once: a switch
             # would leave a moment without the filter.
-            raise UsageError(f"{iface}: xdpguard runs in {record['mode']} mode here; changing to "
+            raise UsageError(f"{iface}: xdpguard runs in {record.mode} mode here; changing to "
                              f"{mode} cannot be atomic: detach first, then apply --mode {mode}")
-        slots, fresh = assign_slots(tables, record["slots"] if record else None)
+        slots, fresh = assign_slots(tables, record.slots if record else None)
         # The shape and the source tables, computed once and passed down.
         sizes = plan.measure(tables)
         if ours:
-            shape = Shape(**record["shape"])
+            shape = Shape(**record.shape)
             if shape.fits(tables, sizes):
-                sources = plan.build(tables, shape.dir_nodes, slots, sizes)
-                return _reapply_in_place(policy, tables, directory, record, slots, fresh, sources, log)
+                fill = Fill(shape, slots, fresh, plan.build(tables, shape.dir_nodes, slots, sizes))
+                return _reapply_in_place(policy, tables, directory, record, fill, log)
         shape = Shape.for_tables(tables, sizes)
         if record:
-            shape = replace(shape, nwords=max(shape.nwords, record["shape"]["nwords"]))
-        sources = plan.build(tables, shape.dir_nodes, slots, sizes)
-        rec = _load_and_attach(policy, tables, netns, iface, ifindex, directory, record,
-                               q, ours, slots, fresh, shape, sources, mode, log)
+            shape = replace(shape, nwords=max(shape.nwords, record.shape["nwords"]))
+        fill = Fill(shape, slots, fresh, plan.build(tables, shape.dir_nodes, slots, sizes))
+        site = Site(netns, iface, ifindex, directory, record, q, ours)
+        rec = _load_and_attach(policy, tables, site, fill, mode, log)
         # Pins die with a reboot and with a detach; the state directory
         # keeps the bans, which go back into ban maps that came new.
         try:
@@ -347,20 +364,13 @@ def apply(policy: Policy, tables: Tables, iface: str, netns: str | None = None,
         return rec
 
 
-def _open_maps(directory: Path, record: dict, names) -> dict[str, pins.Map]:
+def _open_maps(directory: Path, record: pins.Record, names) -> dict[str, pins.Map]:
     return {n: pins.open_map(directory, n, record) for n in names}
 
 
-def _previous(record: dict, kind: str, **extra) -> dict:
-    """What `rollback` needs of the policy being replaced (one level)."""
-    prev = {k: v for k, v in record.items() if k not in ("types", "previous", "confirm")}
-    prev.update(kind=kind, **extra)
-    return prev
-
-
-def _reapply_in_place(policy, tables, directory, record, slots, fresh, sources, log) -> dict:
+def _reapply_in_place(policy, tables, directory, record: pins.Record, fill: Fill,
+                      log) -> pins.Record:
     t0 = time.monotonic()
-    shape = Shape(**record["shape"])
     maps = _open_maps(directory, record, POLICY_MAPS + ("counters", "rbuckets", "nbuckets"))
     try:
         old = read_active(maps)
@@ -369,24 +379,25 @@ def _reapply_in_place(policy, tables, directory, record, slots, fresh, sources, 
         # (kept for rollback until now) or leftovers of an interrupted
         # apply: write_gen replaces all of it.
         try:
-            zero_slots(maps, fresh)
-            write_gen(maps, tables, new, shape, slots, sources)
+            zero_slots(maps, fill.fresh)
+            write_gen(maps, tables, new, fill.shape, fill.slots, fill.sources)
         except BaseException:
             # The running policy is untouched, but its rollback target is
             # half overwritten: rollback must refuse, not flip to it.
-            if (record.get("previous") or {}).get("kind") == "gen":
-                pins.update_record(directory, {k: v for k, v in record.items() if k != "previous"})
+            if record.previous and record.previous.kind == "gen":
+                pins.modify_record(directory, lambda r: replace(r, previous=None))
             raise
         set_active(maps, new)
-        rec = _record(policy, tables, record["netns"], record["iface"], record["ifindex"], shape,
-                      slots, sources, record["types"], record["mode"], record["prog_id"])
-        rec["previous"] = _previous(record, "gen", gen=old)
-        pins.update_record(directory, rec)
+        rec = _record(policy, tables, fill, netns=record.ns, iface=record.iface,
+                      ifindex=record.ifindex, mode=record.mode, prog_id=record.prog_id,
+                      types=record.types)
+        rec.previous = record.as_previous("gen", gen=old)
+        pins.modify_record(directory, lambda _replaced: rec)
         pins.remove_dir(prev_dir(directory))   # no longer the rollback target
     finally:
         for m in maps.values():
             m.close()
-    log(f"{record['iface']}: policy '{policy.name}' applied in place "
+    log(f"{record.iface}: policy '{policy.name}' applied in place "
         f"(generation {new}, no reload) in {time.monotonic() - t0:.2f}s")
     return rec
 
@@ -396,9 +407,9 @@ def prev_dir(directory: Path) -> Path:
     return directory.with_name(directory.name + "@prev")
 
 
-def _load_and_attach(policy, tables, netns, iface, ifindex, directory, record, q, ours,
-                     slots, fresh, shape, sources, mode, log) -> dict:
+def _load_and_attach(policy, tables, site: Site, fill: Fill, mode, log) -> pins.Record:
     t0 = time.monotonic()
+    directory, record, shape = site.directory, site.record, fill.shape
     stage = pins.STAGE / str(os.getpid())
     pins.remove_dir(stage)
     stage.mkdir(parents=True)
@@ -416,15 +427,16 @@ def _load_and_attach(policy, tables, netns, iface, ifindex, directory, record, q
         # arrays of tries (bcc pins no array of maps).
         for extra in ("droplog", "logfmt", "lpm4", "lpm6"):
             bpfsys.obj_pin(b[extra.encode()].map_fd, str(stage / extra))
-        zero_slots(maps, fresh)
-        write_gen(maps, tables, 0, shape, slots, sources)
+        zero_slots(maps, fill.fresh)
+        write_gen(maps, tables, 0, shape, fill.slots, fill.sources)
         set_active(maps, 0)
         prog_id = bpfsys.prog_info(fn.fd)["id"]
-        attached = _attach(fn.fd, ifindex, netns, iface, directory, record, q, ours, mode)
-        rec = _record(policy, tables, netns, iface, ifindex, shape, slots, sources,
-                      bcc_types(b, names + ("logfmt",)), attached, prog_id)
-        if ours:
-            rec["previous"] = _previous(record, "dir")
+        attached = _attach(fn.fd, site, mode)
+        rec = _record(policy, tables, fill, netns=site.netns, iface=site.iface,
+                      ifindex=site.ifindex, mode=attached, prog_id=prog_id,
+                      types=bcc_types(b, names + ("logfmt",)))
+        if site.ours:
+            rec.previous = record.as_previous("dir")
         meta = pins.create_meta(rec)
         try:
             bpfsys.obj_pin(meta, str(stage / "meta"))
@@ -433,7 +445,7 @@ def _load_and_attach(policy, tables, netns, iface, ifindex, directory, record, q
         bpfsys.obj_pin(fn.fd, str(stage / "prog"))
         if directory.exists():
             pins.exchange(stage, directory)
-            if ours:
+            if site.ours:
                 # The replaced program and its maps stay for rollback.
                 pins.remove_dir(prev_dir(directory))
                 os.rename(stage, prev_dir(directory))
@@ -444,18 +456,19 @@ def _load_and_attach(policy, tables, netns, iface, ifindex, directory, record, q
         pins.remove_dir(stage)
         pins.prune()
     b.cleanup()
-    verb = "replaced the running program" if ours else "attached"
-    log(f"{iface}: policy '{policy.name}' {verb} ({attached} mode, program id {prog_id}) "
+    verb = "replaced the running program" if site.ours else "attached"
+    log(f"{site.iface}: policy '{policy.name}' {verb} ({attached} mode, program id {prog_id}) "
         f"in {time.monotonic() - t0:.2f}s")
     return rec
 
 
-def _attach(prog_fd, ifindex, netns, iface, directory, record, q, ours, mode) -> str:
-    with in_netns(netns):
-        if ours:
+def _attach(prog_fd, site: Site, mode) -> str:
+    ifindex, q = site.ifindex, site.attached
+    with in_netns(site.netns):
+        if site.ours:
             # Atomic swap, and only if our old program is still the one attached.
-            cur = record["mode"]
-            with bpfsys.closing_fd(bpfsys.obj_get(str(directory / "prog"))) as old:
+            cur = site.record.mode
+            with bpfsys.closing_fd(bpfsys.obj_get(str(site.directory / "prog"))) as old:
                 bpfsys.xdp_attach(ifindex, prog_fd, MODES[cur], old_prog_fd=old)
             return cur
         if q["prog_id"]:
@@ -472,7 +485,7 @@ def _attach(prog_fd, ifindex, netns, iface, directory, record, q, ours, mode) ->
                 return m
             except OSError as e:
                 last = e
-        raise LoadError(f"{iface}: cannot attach in {' or '.join(order)} mode: {last}")
+        raise LoadError(f"{site.iface}: cannot attach in {' or '.join(order)} mode: {last}")
 
 
 def detach(iface: str, netns: str | None = None, log=print) -> None:
@@ -489,16 +502,17 @@ def detach(iface: str, netns: str | None = None, log=print) -> None:
         if ifindex is not None:
             with in_netns(netns):
                 q = bpfsys.xdp_query(ifindex)
-                if q["prog_id"] == record["prog_id"]:
+                if q["prog_id"] == record.prog_id:
                     with bpfsys.closing_fd(bpfsys.obj_get(str(directory / "prog"))) as old:
-                        bpfsys.xdp_detach(ifindex, MODES[record["mode"]], old_prog_fd=old)
+                        bpfsys.xdp_detach(ifindex, MODES[record.mode], old_prog_fd=old)
         pins.remove_dir(directory)
         pins.remove_dir(prev_dir(directory))
         pins.prune()
     log(f"{iface}: detached; pins removed")
 
 
-def rollback(iface: str, netns: str | None = None, log=print, expect_token: float | None = None) -> dict:
+def rollback(iface: str, netns: str | None = None, log=print,
+             expect_token: float | None = None) -> pins.Record:
     """Go back to the policy before the running one (one level), atomically,
     keeping bans and counters. expect_token: only if the running policy is
     still the one applied at that time (used by `apply --confirm`)."""
@@ -507,43 +521,36 @@ def rollback(iface: str, netns: str | None = None, log=print, expect_token: floa
         record = pins.read_record(directory)
         if record is None:
             raise UsageError(f"{iface}: xdpguard is not applied here")
-        if expect_token is not None and (record["policy"]["applied_at"] != expect_token
-                                         or "confirm" not in record):
+        if expect_token is not None and (record.policy.applied_at != expect_token
+                                         or record.confirm is None):
             raise UsageError(f"{iface}: confirmed or changed since; not rolling back")
-        prev = record.get("previous")
+        prev = record.previous
         if not prev:
             raise UsageError(f"{iface}: no previous policy to go back to")
-        if prev["kind"] == "gen":
+        if prev.kind == "gen":
             maps = _open_maps(directory, record, ("active", "gens"))
             try:
-                set_active(maps, prev["gen"])
+                set_active(maps, prev.gen)
             finally:
                 for m in maps.values():
                     m.close()
-            back = dict(prev)
-            back.pop("kind")
-            back.pop("gen")
-            back["types"] = record["types"]
-            back["previous"] = _previous(record, "gen", gen=1 - prev["gen"])
-            back["policy"] = dict(back["policy"], applied_at=time.time())
-            pins.update_record(directory, back)
+            back = pins.modify_record(directory, lambda cur: replace(
+                prev.record, types=cur.types, previous=cur.as_previous("gen", gen=1 - prev.gen),
+                policy=replace(prev.record.policy, applied_at=time.time())))
         else:
             pdir = prev_dir(directory)
-            back = pins.read_record(pdir)
-            if back is None:
+            if pins.read_record(pdir) is None:
                 raise UsageError(f"{iface}: the previous program is gone ({pdir})")
             ifindex = ifindex_of(iface, netns)
             with in_netns(netns):
                 with bpfsys.closing_fd(bpfsys.obj_get(str(pdir / "prog"))) as new_fd, \
                         bpfsys.closing_fd(bpfsys.obj_get(str(directory / "prog"))) as old_fd:
-                    bpfsys.xdp_attach(ifindex, new_fd, MODES[record["mode"]], old_prog_fd=old_fd)
-            back["mode"] = record["mode"]
-            back["previous"] = _previous(record, "dir")
-            back["policy"] = dict(back["policy"], applied_at=time.time())
-            back.pop("confirm", None)
-            pins.update_record(pdir, back)
+                    bpfsys.xdp_attach(ifindex, new_fd, MODES[record.mode], old_prog_fd=old_fd)
+            back = pins.modify_record(pdir, lambda b: replace(
+                b, mode=record.mode, previous=record.as_previous("dir"), confirm=None,
+                policy=replace(b.policy, applied_at=time.time())))
             pins.exchange(pdir, directory)
-    log(f"{iface}: rolled back to policy '{back['policy']['name']}'")
+    log(f"{iface}: rolled back to policy '{back.policy.name}'")
     return back
 
 

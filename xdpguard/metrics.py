@@ -10,9 +10,11 @@ from pathlib import Path
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import CollectorRegistry
 
+from xdpguard.pins import Record
+
 
 class _Collector:
-    def __init__(self, directory: Path, record: dict, banmaps, watch):
+    def __init__(self, directory: Path, record: Record, banmaps, watch):
         self.directory = directory
         self.record = record
         self.banmaps = banmaps
@@ -21,7 +23,7 @@ class _Collector:
     def collect(self):
         from xdpguard import stats
         labels = ["netns", "iface", "rule", "action"]
-        where = [self.record["netns"], self.record["iface"]]
+        where = [self.record.netns, self.record.iface]
         snap = stats.read_stats(self.directory, self.record)
         fams = {n: CounterMetricFamily(f"xdpguard_rule_{n}", f"{n.replace('_', ' ')} per rule", labels=labels)
                 for n in ("packets", "bytes", "dropped_packets", "dropped_bytes")}
@@ -56,7 +58,7 @@ class _Collector:
         yield cap
 
 
-def serve(host: str, port: int, directory: Path, record: dict, banmaps, watch):
+def serve(host: str, port: int, directory: Path, record: Record, banmaps, watch):
     """Start the HTTP exporter in a thread; returns an object with shutdown()."""
     from prometheus_client import start_http_server
     registry = CollectorRegistry()

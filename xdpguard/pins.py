@@ -19,10 +19,11 @@ import json
 import os
 import shutil
 import subprocess
+import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from xdpguard import bpfsys
 from xdpguard.layout import C
@@ -60,15 +61,34 @@ def iface_dir(netns: str | None, iface: str) -> Path:
     return ROOT / _enc(netns or "host") / _enc(iface)
 
 
+_held = threading.local()
+
+
 @contextmanager
 def locked() -> Iterator[None]:
-    """Serialise writers (apply, detach, ban) like xdp-filter: flock on the root."""
+    """Serialise writers (apply, detach, ban) like xdp-filter: flock on the root.
+
+    Re-entrant in one thread (apply holds it and then changes the record
+    through modify_record): a second flock on a new descriptor would wait
+    for the first forever. Other threads open their own descriptor, and
+    flock serialises them like other processes."""
+    if getattr(_held, "depth", 0):
+        _held.depth += 1
+        try:
+            yield
+        finally:
+            _held.depth -= 1
+        return
     ensure_bpffs()
     ROOT.mkdir(parents=True, exist_ok=True)
     fd = os.open(ROOT, os.O_RDONLY | os.O_DIRECTORY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        _held.depth = 1
+        try:
+            yield
+        finally:
+            _held.depth = 0
     finally:
         os.close(fd)
 
@@ -105,21 +125,157 @@ def exchange(a: Path, b: Path) -> None:
 
 # ---------------------------------------------------------------- the record
 
-def write_record(fd: int, record: dict) -> None:
-    data = json.dumps(record, separators=(",", ":")).encode()
+@dataclass
+class PolicyInfo:
+    """The applied policy as the record names it."""
+    name: str = ""
+    sha256: str = ""
+    source: str = ""
+    applied_at: float = 0.0    # also the token `apply --confirm` waits on
+    default: str = "allow"
+    rules: int = 0
+
+
+@dataclass
+class RuleSlot:
+    name: str
+    action: str                # "allow" | "deny" | "limit"
+    slot: int
+
+
+@dataclass
+class MitigationInfo:
+    enabled: bool = False
+    prefix4: int = 32
+    prefix6: int = 64
+    allow: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Protect:
+    prefix: str
+    port: int | None = None
+
+
+@dataclass
+class Confirm:
+    deadline: float
+
+
+@dataclass
+class Previous:
+    """What `rollback` needs of the policy before the running one (one
+    level): its record without types (a "gen" one shares the running
+    program's) and where it is, the other generation or the @prev pins."""
+    kind: str                  # "gen" | "dir"
+    record: "Record"
+    gen: int | None = None
+
+
+@dataclass
+class Record:
+    """The record of an applied policy, pinned as the map `meta`. Its JSON
+    keys are the field names (docs/design.md: Pins); `layout` is checked
+    on every read."""
+    layout: int = C.XG_LAYOUT_VERSION
+    netns: str = "host"
+    iface: str = ""
+    ifindex: int = 0
+    mode: str = ""
+    prog_id: int = 0
+    policy: PolicyInfo = field(default_factory=PolicyInfo)
+    shape: dict[str, int] = field(default_factory=dict)      # loader.Shape's fields
+    rules: list[RuleSlot] = field(default_factory=list)
+    slots: dict[str, int] = field(default_factory=dict)
+    lpm: dict[str, int] = field(default_factory=dict)        # trie entries per family
+    types: dict = field(default_factory=dict)                # bcc's type descriptions by map
+    mitigation: MitigationInfo = field(default_factory=MitigationInfo)
+    protect: list[Protect] = field(default_factory=list)
+    previous: Previous | None = None
+    confirm: Confirm | None = None
+    probes: str | None = None  # set by `watch`: the probe set it runs
+
+    @property
+    def ns(self) -> str | None:
+        """The namespace as in_netns takes it (None: the host's)."""
+        return None if self.netns == "host" else self.netns
+
+    def as_previous(self, kind: str, gen: int | None = None) -> Previous:
+        return Previous(kind, replace(self, types={}, previous=None, confirm=None), gen)
+
+    def to_json(self) -> dict:
+        doc = {"layout": self.layout, "netns": self.netns, "iface": self.iface,
+               "ifindex": self.ifindex, "mode": self.mode, "prog_id": self.prog_id,
+               "policy": asdict(self.policy), "shape": self.shape,
+               "rules": [asdict(r) for r in self.rules], "slots": self.slots, "lpm": self.lpm,
+               "types": self.types, "mitigation": asdict(self.mitigation),
+               "protect": [asdict(p) for p in self.protect]}
+        if self.previous is not None:
+            prev = {k: v for k, v in self.previous.record.to_json().items() if k != "types"}
+            prev["kind"] = self.previous.kind
+            if self.previous.gen is not None:
+                prev["gen"] = self.previous.gen
+            doc["previous"] = prev
+        if self.confirm is not None:
+            doc["confirm"] = asdict(self.confirm)
+        if self.probes is not None:
+            doc["probes"] = self.probes
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: dict, where: str | Path = "record") -> "Record":
+        """The record of a JSON document; PinError for another layout."""
+        if not isinstance(doc, dict) or doc.get("layout") != C.XG_LAYOUT_VERSION:
+            got = doc.get("layout") if isinstance(doc, dict) else None
+            raise PinError(f"{where}: pinned by another xdpguard version (layout "
+                           f"{got}, this one reads {C.XG_LAYOUT_VERSION}); "
+                           f"run 'xdpguard detach' with that version, or remove {where}")
+        try:
+            return cls._from(doc)
+        except (TypeError, KeyError, AttributeError) as e:
+            raise PinError(f"{where}: unreadable record ({e!r}); remove {where}") from None
+
+    @classmethod
+    def _from(cls, doc: dict) -> "Record":
+        prev = doc.get("previous")
+        if prev is not None:
+            prev = Previous(prev["kind"], cls._from(prev), prev.get("gen"))
+        confirm = doc.get("confirm")
+        plain = {k: v for k, v in _known(cls, doc).items() if k not in _NESTED}
+        return cls(**plain,
+                   policy=PolicyInfo(**_known(PolicyInfo, doc.get("policy", {}))),
+                   rules=[RuleSlot(**_known(RuleSlot, r)) for r in doc.get("rules", [])],
+                   mitigation=MitigationInfo(**_known(MitigationInfo, doc.get("mitigation", {}))),
+                   protect=[Protect(**_known(Protect, p)) for p in doc.get("protect", [])],
+                   previous=prev,
+                   confirm=None if confirm is None else Confirm(**_known(Confirm, confirm)))
+
+
+_NESTED = {"policy", "rules", "mitigation", "protect", "previous", "confirm"}
+
+
+def _known(cls, doc: dict) -> dict:
+    """The fields of cls that doc has (a previous record has no types)."""
+    return {f.name: doc[f.name] for f in fields(cls) if f.name in doc}
+
+
+def _write(fd: int, record: Record) -> None:
+    data = json.dumps(record.to_json(), separators=(",", ":")).encode()
     if len(data) + 4 > META_SIZE:
         raise PinError(f"policy record too large ({len(data)} bytes)")
     value = len(data).to_bytes(4, "little") + data
     bpfsys.map_update(fd, b"\0\0\0\0", value.ljust(META_SIZE, b"\0"))
 
 
-def create_meta(record: dict) -> int:
+def create_meta(record: Record) -> int:
+    """A new `meta` map holding record, for a directory being staged
+    (nobody reads it before it is pinned: no lock needed)."""
     fd = bpfsys.map_create(bpfsys.BPF_MAP_TYPE_ARRAY, "xg_meta", 4, META_SIZE, 1)
-    write_record(fd, record)
+    _write(fd, record)
     return fd
 
 
-def read_record(directory: Path) -> dict | None:
+def read_record(directory: Path) -> Record | None:
     """The record of an applied policy, or None when nothing is pinned there."""
     try:
         fd = bpfsys.obj_get(str(directory / "meta"))
@@ -132,20 +288,27 @@ def read_record(directory: Path) -> dict | None:
     finally:
         os.close(fd)
     n = int.from_bytes(raw[:4], "little")
-    record = json.loads(raw[4:4 + n])
-    if record.get("layout") != C.XG_LAYOUT_VERSION:
-        raise PinError(f"{directory}: pinned by another xdpguard version (layout "
-                       f"{record.get('layout')}, this one reads {C.XG_LAYOUT_VERSION}); "
-                       f"run 'xdpguard detach' with that version, or remove {directory}")
-    return record
+    return Record.from_json(json.loads(raw[4:4 + n]), directory)
 
 
-def update_record(directory: Path, record: dict) -> None:
-    fd = bpfsys.obj_get(str(directory / "meta"))
-    try:
-        write_record(fd, record)
-    finally:
-        os.close(fd)
+class NotPinned(PinError):
+    """modify_record: nothing is pinned in the directory."""
+
+
+def modify_record(directory: Path, fn: Callable[[Record], Record]) -> Record:
+    """The one way to change a pinned record: under the pin lock, fn gets
+    the record and returns the one to write (which is returned)."""
+    with locked():
+        record = read_record(directory)
+        if record is None:
+            raise NotPinned(f"{directory}: xdpguard is not applied here")
+        record = fn(record)
+        fd = bpfsys.obj_get(str(directory / "meta"))
+        try:
+            _write(fd, record)
+        finally:
+            os.close(fd)
+        return record
 
 
 def all_pinned() -> list[tuple[str, str, Path]]:
@@ -259,9 +422,9 @@ class Map:
         return sum(1 for _ in bpfsys.map_keys(self.fd, ctypes.sizeof(self.Key)))
 
 
-def open_map(directory: Path, name: str, record: dict) -> Map:
+def open_map(directory: Path, name: str, record: Record) -> Map:
     """Open a pinned map with the types recorded when it was loaded."""
-    types = record["types"][name]
+    types = record.types[name]
     fd = bpfsys.obj_get(str(directory / name))
     info = bpfsys.map_info(fd)
     return Map(name, fd, decode_type(types["key"]), decode_type(types["leaf"]),

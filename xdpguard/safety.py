@@ -15,6 +15,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from xdpguard import pins
 from xdpguard.compiler import Tables
 from xdpguard.layout import C
 from xdpguard.lookup import decide
@@ -95,12 +96,12 @@ def start_timer(iface: str, netns: str | None, token: float, deadline: float) ->
                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True)
 
 
-def pending(record: dict | None, token: float) -> bool:
-    return bool(record) and record["policy"]["applied_at"] == token and "confirm" in record
+def pending(record: pins.Record | None, token: float) -> bool:
+    return record is not None and record.policy.applied_at == token and record.confirm is not None
 
 
 def timer_main(iface: str, netns: str, token: float, deadline: float) -> int:
-    from xdpguard import loader, pins
+    from xdpguard import loader
     ns = None if netns == "host" else netns
     directory = pins.iface_dir(ns, iface)
     while time.time() < deadline:
@@ -110,7 +111,7 @@ def timer_main(iface: str, netns: str, token: float, deadline: float) -> int:
     record = pins.read_record(directory)
     if not pending(record, token):
         return 0
-    if record.get("previous"):
+    if record.previous:
         loader.rollback(iface, ns, log=lambda m: None, expect_token=token)
     else:
         loader.detach(iface, ns, log=lambda m: None)

@@ -33,15 +33,15 @@ def _sum_counter(values) -> dict:
     return {f: sum(getattr(v, f) for v in values) for f in _FIELDS}
 
 
-def read_stats(directory: Path, record: dict | None = None) -> dict:
+def read_stats(directory: Path, record: pins.Record | None = None) -> dict:
     """Per-rule counters of one interface, in the `stats --json` shape."""
     record = record or pins.read_record(directory)
     counters = pins.open_map(directory, "counters", record)
     try:
         def slot(s):
             return _sum_counter(counters.lookup(ctypes.c_uint32(s)))
-        rules = [{"rule": r["name"], "action": r["action"], **slot(r["slot"])} for r in record["rules"]]
-        rules.append({"rule": "default", "action": record["policy"]["default"], **slot(C.XG_SLOT_DEFAULT)})
+        rules = [{"rule": r.name, "action": r.action, **slot(r.slot)} for r in record.rules]
+        rules.append({"rule": "default", "action": record.policy.default, **slot(C.XG_SLOT_DEFAULT)})
         ban = slot(C.XG_SLOT_BAN)
         malformed = slot(C.XG_SLOT_MALFORMED)
         nd = slot(C.XG_SLOT_ND)
@@ -50,9 +50,9 @@ def read_stats(directory: Path, record: dict | None = None) -> dict:
         counters.close()
     return {
         "schema_version": SCHEMA_VERSION,
-        "iface": record["iface"],
-        "netns": record["netns"],
-        "policy": record["policy"]["name"],
+        "iface": record.iface,
+        "netns": record.netns,
+        "policy": record.policy.name,
         "rules": rules,
         "bans": {"packets": ban["packets"], "bytes": ban["bytes"]},
         "malformed": {"packets": malformed["packets"], "bytes": malformed["bytes"]},
@@ -93,19 +93,19 @@ def map_fill(path: Path, gen: int) -> tuple[int | None, int] | None:
         os.close(fd)
 
 
-def read_status(directory: Path, record: dict) -> dict:
+def read_status(directory: Path, record: pins.Record) -> dict:
     """Where and what xdpguard runs on one interface, with map fill."""
     from xdpguard.netns import in_netns
     attached = None
     try:
-        with in_netns(None if record["netns"] == "host" else record["netns"]):
-            q = bpfsys.xdp_query(record["ifindex"])
-        attached = q["prog_id"] == record["prog_id"]
+        with in_netns(record.ns):
+            q = bpfsys.xdp_query(record.ifindex)
+        attached = q["prog_id"] == record.prog_id
     except Exception:
         attached = False
     maps = {}
     gen = active_gen(directory)
-    for name in sorted(record["types"]):
+    for name in sorted(record.types):
         # lpm*_inner: the tries' template, never holding an entry.
         if name.endswith("_inner"):
             continue
@@ -113,16 +113,16 @@ def read_status(directory: Path, record: dict) -> dict:
         if fill is not None:
             maps[name] = {"entries": fill[0], "capacity": fill[1]}
     return {
-        "netns": record["netns"],
-        "iface": record["iface"],
-        "mode": record["mode"],
-        "prog_id": record["prog_id"],
+        "netns": record.netns,
+        "iface": record.iface,
+        "mode": record.mode,
+        "prog_id": record.prog_id,
         "attached": attached,
-        "policy": record["policy"]["name"],
-        "sha256": record["policy"]["sha256"],
-        "applied_at": record["policy"]["applied_at"],
-        "source": record["policy"]["source"],
-        "confirm_deadline": (record.get("confirm") or {}).get("deadline"),
-        "probes": record.get("probes"),
+        "policy": record.policy.name,
+        "sha256": record.policy.sha256,
+        "applied_at": record.policy.applied_at,
+        "source": record.policy.source,
+        "confirm_deadline": record.confirm.deadline if record.confirm else None,
+        "probes": record.probes,
         "maps": maps,
     }
