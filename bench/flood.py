@@ -39,6 +39,8 @@ MODES_FULL = ("pass", "xdp-drop", "xdp-read-drop", "xdpguard-native", "xdpguard-
               "nft-drop", "xdpguard-limit", "nft-limit", "iptables-hashlimit")
 MODES_QUICK = ("pass", "xdp-drop", "xdp-read-drop", "xdpguard-native", "nft-drop")
 LIMIT_RATE, LIMIT_BURST, LIMIT_SIZE = 100, 100, 262144
+# Fixed counter slots of `stats` that only drop (outside the rules' rows).
+FIXED_DROPS = ("bans", "malformed", "new_source_overflow", "syncookie_bad_acks")
 
 
 def _attach(lab: Lab, fd: int) -> None:
@@ -66,9 +68,10 @@ class _XdpguardMode:
 
     def counts(self) -> tuple[int, int]:
         s = stats.read_stats(self.dir, self.record)
-        dropped = sum(r["dropped_packets"] for r in s["rules"]) + s["bans"]["packets"] + s["malformed"]["packets"]
-        seen = sum(r["packets"] for r in s["rules"]) + s["bans"]["packets"] + s["malformed"]["packets"] \
-            + s["nd_passed"]["packets"]
+        fixed = sum(s[k]["packets"] for k in FIXED_DROPS)
+        dropped = sum(r["dropped_packets"] for r in s["rules"]) + fixed
+        seen = sum(r["packets"] for r in s["rules"]) + fixed + s["nd_passed"]["packets"] \
+            + s["syncookie_synacks"]["packets"]
         return dropped, seen
 
     def close(self) -> None:

@@ -11,6 +11,8 @@
  *   XG_STAGE         pid of the loader: maps are pinned (or reused) under
  *                    /sys/fs/bpf/xdpguard/@stage/<XG_STAGE>/
  *   XG_TEST          build for BPF_PROG_TEST_RUN: record the deciding rule
+ *   XG_SYNCOOKIES    1: SYN cookies for rules that ask (bpf/syncookie.h;
+ *                    the helpers need Linux >= 6.0)
  */
 #include <uapi/linux/bpf.h>
 #include <linux/in.h>
@@ -23,6 +25,9 @@
 #include "xdpguard.h"
 #include "parse.h"
 #include "gcra.h"
+#ifdef XG_SYNCOOKIES
+#include "syncookie.h"
+#endif
 
 #define XG_RULES_PER_GEN (64 * XG_NWORDS)
 
@@ -80,6 +85,15 @@ BPF_PERCPU_ARRAY(pktbuf, struct xg_pkt, 1);
 /* The fast lane's last source per family (struct xg_lastsrc). Not
  * pinned: a new program starts with it empty. */
 BPF_PERCPU_ARRAY(lastsrc, struct xg_lastsrc, 1);
+
+#ifdef XG_SYNCOOKIES
+BPF_PERCPU_ARRAY(cookiebuf, struct xg_cookiebuf, 1);
+/* xg_cookie_prog, the SYN cookie path, as a tail call: verified once on
+ * its own, where inlined it would be explored once per path that reaches
+ * a rule (4x the verifier's work without option parsing, past its limit
+ * with it). Filled by the loader, pinned with the program's maps. */
+BPF_PROG_ARRAY(cookieprog, 1);
+#endif
 
 #ifdef XG_TEST
 BPF_ARRAY(debug, struct xg_debug, 1);
@@ -413,7 +427,9 @@ static __always_inline int xg_fast(struct xdp_md *ctx)
 }
 
 /* A limit rule's verdict: its bucket (per rule, or per source group
- * with the new-source budget before any insert), then rate_total. */
+ * with the new-source budget before any insert), then rate_total.
+ * Returns -1 for a packet admitted (not yet counted: a SYN cookie may
+ * still answer it), else the counted drop. */
 static __always_inline int xg_limit(struct xg_pkt *pkt, struct xg_rule *r, __u32 rule,
 				    __u32 gen, __u64 len)
 {
@@ -455,8 +471,218 @@ static __always_inline int xg_limit(struct xg_pkt *pkt, struct xg_rule *r, __u32
 		if (!b || !xg_gcra(b, now, units, r->total_cost_fp, r->total_burst_ns))
 			return xg_finish(pkt, slot, rule, gen, len, 1, r->log);
 	}
-	return xg_finish(pkt, slot, rule, gen, len, 0, 0);
+	return -1;
 }
+
+#ifdef XG_SYNCOOKIES
+/*
+ * A packet a `syncookies` rule passes (bpf/syncookie.h). A SYN is
+ * answered with a cookie SYN-ACK (XDP_TX). An ACK of no connection the
+ * host knows (no socket, or only the listener: the handshake's last ACK)
+ * must carry a valid cookie, or it is dropped. Returns -1 for the normal
+ * path: a frame this path does not take (VLAN-tagged, IPv4 options or
+ * fragment, IPv6 extension headers), any other packet, an ACK of a known
+ * connection or with a valid cookie.
+ */
+static __always_inline int xg_cookie(struct xdp_md *ctx, struct xg_pkt *pkt, __u32 rule,
+				     __u32 gen, __u64 len)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	__u32 zero = 0, iplen, cookie, tcplen, frame, ts = 0;
+	struct xg_cookiebuf *cb;
+	struct bpf_sock_tuple tup = {};
+	struct bpf_sock *sk;
+	__u8 *ip, *th, flags;
+	__s64 v;
+	__u64 sum;
+
+	ip = (__u8 *)data + 14;
+	if (pkt->proto != IPPROTO_TCP || (void *)(ip + 20 + 20) > data_end)
+		return -1;
+	if (*(__u16 *)((__u8 *)data + 12) == bpf_htons(XG_ETH_P_IP)) {
+		if (ip[0] != 0x45 || (((ip[6] << 8) | ip[7]) & 0x3fff) || ip[9] != IPPROTO_TCP)
+			return -1;
+		iplen = 20;
+	} else if (*(__u16 *)((__u8 *)data + 12) == bpf_htons(XG_ETH_P_IPV6)) {
+		if ((void *)(ip + 40) > data_end || ip[6] != IPPROTO_TCP)
+			return -1;
+		iplen = 40;
+	} else {
+		return -1;
+	}
+	th = ip + iplen;
+	if ((void *)(th + 20) > data_end)
+		return -1;
+	flags = th[13];
+	if (!(flags & 0x02)) {                       /* no SYN */
+		if ((flags & 0x14) != 0x10)          /* ACK without RST: check it */
+			return -1;
+		if (iplen == 20) {
+			__builtin_memcpy(&tup.ipv4.saddr, ip + 12, 4);
+			__builtin_memcpy(&tup.ipv4.daddr, ip + 16, 4);
+			__builtin_memcpy(&tup.ipv4.sport, th, 4);
+			sk = (struct bpf_sock *)bpf_skc_lookup_tcp(ctx, &tup, sizeof(tup.ipv4),
+								   BPF_F_CURRENT_NETNS, 0);
+		} else {
+			__builtin_memcpy(tup.ipv6.saddr, ip + 8, 16);
+			__builtin_memcpy(tup.ipv6.daddr, ip + 24, 16);
+			__builtin_memcpy(&tup.ipv6.sport, th, 4);
+			sk = (struct bpf_sock *)bpf_skc_lookup_tcp(ctx, &tup, sizeof(tup.ipv6),
+								   BPF_F_CURRENT_NETNS, 0);
+		}
+		if (sk) {
+			__u32 state = sk->state;
+
+			bpf_sk_release(sk);
+			if (state != BPF_TCP_LISTEN)
+				return -1;           /* a connection the host knows */
+		}
+		if (iplen == 20)
+			v = bpf_tcp_raw_check_syncookie_ipv4((void *)ip, (void *)th);
+		else
+			v = bpf_tcp_raw_check_syncookie_ipv6((void *)ip, (void *)th);
+		if (v == 0)
+			return -1;                   /* SYNPROXY opens it */
+		return xg_finish(pkt, XG_SLOT_BADCOOKIE, rule, gen, len, 1, 0);
+	}
+	if (flags & 0x10)                            /* SYN-ACK: not ours to answer */
+		return -1;
+	if (flags & 0x05)                            /* SYN with RST or FIN */
+		return xg_finish(pkt, XG_SLOT_BADCOOKIE, rule, gen, len, 1, 0);
+
+	cb = cookiebuf.lookup(&zero);
+	if (!cb)
+		return -1;
+	tcplen = (th[12] >> 4) * 4;
+	if (tcplen < 20)
+		return -1;
+	if (bpf_xdp_load_bytes(ctx, 14 + iplen, cb->tcp, tcplen & 0x3c))
+		return -1;
+	if (iplen == 20)
+		v = bpf_tcp_raw_gen_syncookie_ipv4((void *)ip, (void *)cb->tcp, tcplen & 0x3c);
+	else
+		v = bpf_tcp_raw_gen_syncookie_ipv6((void *)ip, (void *)cb->tcp, tcplen & 0x3c);
+	if (v < 0)
+		return -1;
+	cookie = (__u32)v;
+	cb->optlen = tcplen - 20;
+	xg_synopts(cb);
+	/* Room for our SYN-ACK's header (a SYN without options is shorter):
+	 * at the tail, or, where the driver left too little tailroom there
+	 * (veth, for an skb of a raw socket), at the head, with the headers
+	 * moved to the front; the tail is cut to size below. */
+	frame = data_end - data;
+	if (frame < 14 + iplen + XG_SYNACK_MAXLEN &&
+	    bpf_xdp_adjust_tail(ctx, (int)(14 + iplen + XG_SYNACK_MAXLEN - frame))) {
+		if (bpf_xdp_adjust_head(ctx, -XG_SYNACK_MAXLEN))
+			return -1;
+		data = (void *)(long)ctx->data;
+		data_end = (void *)(long)ctx->data_end;
+		if ((void *)((__u8 *)data + XG_SYNACK_MAXLEN + 14 + 40 + 20) > data_end) {
+			if ((void *)((__u8 *)data + XG_SYNACK_MAXLEN + 14 + 20 + 20) > data_end || iplen != 20)
+				return XDP_DROP;      /* cannot be: the SYN had them */
+			xg_pull(data, 14 + 20 + 20);
+		} else if (iplen == 20) {
+			xg_pull(data, 14 + 20 + 20);
+		} else {
+			xg_pull(data, 14 + 40 + 20);
+		}
+	}
+	data = (void *)(long)ctx->data;
+	data_end = (void *)(long)ctx->data_end;
+	ip = (__u8 *)data + 14;
+	if (iplen == 20) {
+		th = ip + 20;
+		if ((void *)(th + XG_SYNACK_MAXLEN) > data_end)
+			return XDP_DROP;     /* cannot be: grown above */
+	} else {
+		th = ip + 40;
+		if ((void *)(th + XG_SYNACK_MAXLEN) > data_end)
+			return XDP_DROP;
+	}
+	if (cb->ts) {
+		ts = (__u32)(bpf_ktime_get_ns() / 1000000) & ~((1U << XG_TS_BITS) - 1);
+		ts |= cb->wscale | (cb->sack ? XG_TS_SACK : 0);
+		if ((cb->tcp[13] & 0xc0) == 0xc0)    /* ECE and CWR: ECN setup */
+			ts |= XG_TS_ECN;
+	}
+	tcplen = xg_synack_tcp(th, cookie, cb, iplen == 20 ? XG_COOKIE_MSS4 : XG_COOKIE_MSS6, ts,
+			       ts & XG_TS_ECN) & 0x3c;
+	{
+		__u8 mac[6];
+
+		__builtin_memcpy(mac, data, 6);
+		__builtin_memcpy(data, (__u8 *)data + 6, 6);
+		__builtin_memcpy((__u8 *)data + 6, mac, 6);
+	}
+	/* The pseudo header, summed in network order as 16-bit words. */
+	v = bpf_csum_diff(0, 0, (void *)th, tcplen, 0);
+	if (v < 0)
+		return -1;
+	sum = (__u32)v;
+	if (iplen == 20) {
+		__u8 a[4];
+
+		__builtin_memcpy(a, ip + 12, 4);
+		__builtin_memcpy(ip + 12, ip + 16, 4);
+		__builtin_memcpy(ip + 16, a, 4);
+		sum += *(__u32 *)(ip + 12) + *(__u32 *)(ip + 16);
+		sum += bpf_htonl(tcplen) + bpf_htonl(IPPROTO_TCP);
+		*(__u16 *)(th + 16) = xg_csum_fold(sum);
+		ip[1] = 0;                           /* TOS */
+		*(__u16 *)(ip + 2) = bpf_htons(20 + tcplen);
+		*(__u16 *)(ip + 4) = 0;              /* id */
+		*(__u16 *)(ip + 6) = bpf_htons(0x4000);   /* DF */
+		ip[8] = XG_COOKIE_TTL;
+		*(__u16 *)(ip + 10) = 0;
+		v = bpf_csum_diff(0, 0, (void *)ip, 20, 0);
+		if (v < 0)
+			return -1;
+		*(__u16 *)(ip + 10) = xg_csum_fold((__u32)v);
+	} else {
+		__u8 a[16];
+		int i;
+
+		__builtin_memcpy(a, ip + 8, 16);
+		__builtin_memcpy(ip + 8, ip + 24, 16);
+		__builtin_memcpy(ip + 24, a, 16);
+#pragma unroll
+		for (i = 0; i < 8; i++)
+			sum += *(__u32 *)(ip + 8 + 4 * i);
+		sum += bpf_htonl(tcplen) + bpf_htonl(IPPROTO_TCP);
+		*(__u16 *)(th + 16) = xg_csum_fold(sum);
+		*(__u32 *)ip = bpf_htonl(0x60000000);     /* no traffic class, no flow label */
+		*(__u16 *)(ip + 4) = bpf_htons(tcplen);
+		ip[7] = XG_COOKIE_TTL;
+	}
+	frame = data_end - data;
+	/* A number from here on: clang may not fold it into pointer math on
+	 * data_end, which the verifier refuses. */
+	asm volatile("" : "+r"(frame));
+	if (bpf_xdp_adjust_tail(ctx, (int)(14 + iplen + tcplen) - (int)frame))
+		return XDP_DROP;     /* the frame is ours now: never pass it on */
+	xg_finish(pkt, XG_SLOT_COOKIE, rule, gen, len, 0, 0);
+	return XDP_TX;
+}
+
+/* Tail-called by xg_general for a packet a `syncookies` rule passes, with
+ * the packet record in pktbuf and the rule's verdict in cookiebuf. */
+int xg_cookie_prog(struct xdp_md *ctx)
+{
+	__u32 zero = 0;
+	struct xg_pkt *pkt = pktbuf.lookup(&zero);
+	struct xg_cookiebuf *cb = cookiebuf.lookup(&zero);
+	int rc;
+
+	if (!pkt || !cb)
+		return XDP_PASS;
+	rc = xg_cookie(ctx, pkt, cb->rule, cb->gen, cb->len);
+	if (rc >= 0)
+		return rc;
+	return xg_finish(pkt, cb->slot, cb->rule, cb->gen, cb->len, 0, 0);
+}
+#endif
 
 /* Every frame the fast lane leaves: parse, bans, stats, classify. */
 static __always_inline int xg_general(struct xdp_md *ctx)
@@ -581,11 +807,28 @@ decided:
 	r = rules.lookup(&idx);
 	if (!r)
 		return XDP_DROP;
-	if (r->action == XG_ACT_ALLOW)
-		return xg_finish(pkt, r->slot, rule, gen, len, 0, 0);
-	if (r->action != XG_ACT_LIMIT)
+	if (r->action != XG_ACT_ALLOW && r->action != XG_ACT_LIMIT)
 		return xg_finish(pkt, r->slot, rule, gen, len, 1, r->log);
-	return xg_limit(pkt, r, rule, gen, len);
+	if (r->action == XG_ACT_LIMIT) {
+		rc = xg_limit(pkt, r, rule, gen, len);
+		if (rc >= 0)
+			return rc;
+	}
+#ifdef XG_SYNCOOKIES
+	if (r->cookies) {
+		struct xg_cookiebuf *cb = cookiebuf.lookup(&zero);
+
+		if (cb) {
+			cb->rule = rule;
+			cb->gen = gen;
+			cb->slot = r->slot;
+			cb->len = len;
+			cookieprog.call(ctx, 0);
+		}
+		/* No cookie program: the packet passes, as the rule says. */
+	}
+#endif
+	return xg_finish(pkt, r->slot, rule, gen, len, 0, 0);
 }
 int xdpguard_prog(struct xdp_md *ctx)
 {

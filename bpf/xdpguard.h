@@ -42,6 +42,9 @@
 #define XG_SLOT_NEWSRC 4     /* per-source limit: a source without a bucket
 			      * found its rule's new-source budget empty:
 			      * dropped, no bucket inserted */
+#define XG_SLOT_COOKIE 5     /* SYN answered with a cookie SYN-ACK (XDP_TX) */
+#define XG_SLOT_BADCOOKIE 6  /* ACK for no known connection without a valid
+			      * cookie, or SYN with RST or FIN: dropped */
 #define XG_SLOT_FIRST_RULE 8
 #define XG_MAX_RULES_LIMIT 4096  /* rules per policy */
 #define XG_MAX_SLOTS 8200        /* 2 generations of rules + fixed slots */
@@ -142,6 +145,13 @@
 #define XG_V_PASS 0
 #define XG_V_DROP 1
 
+/* Our cookie SYN-ACK (bpf/syncookie.h): MSS, window scale and TTL, as
+ * the SYNPROXY rule of xdpguard's nftables table says them too. */
+#define XG_COOKIE_MSS4 1460
+#define XG_COOKIE_MSS6 1440
+#define XG_COOKIE_WSCALE 7
+#define XG_COOKIE_TTL 64
+
 /* ---- structs (bcc turns these into table.Key / table.Leaf) ---- */
 
 /* Key of an IPv4 classifier trie (one trie per generation): prefixlen
@@ -205,7 +215,9 @@ struct xg_rule {
 	__u8 prefix4;      /* source grouping for per-source buckets */
 	__u8 prefix6;
 	__u8 log;          /* sample drops into the drop log */
-	__u8 pad[2];
+	__u8 cookies;      /* what the rule passes: SYNs answered with a
+			    * cookie, ACKs checked (bpf/syncookie.h) */
+	__u8 pad;
 	__u64 cost_fp;     /* ns per unit << 16 (GCRA emission interval) */
 	__u64 burst_ns;    /* burst x cost: how far ahead the bucket may run */
 	/* XG_PER_SOURCE only. The new-source budget (map nbuckets, at the

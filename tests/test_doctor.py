@@ -107,6 +107,10 @@ def test_doctor_feature_table(here):
     assert by["xdp_live_frames"]["available"] == (bpfsys.live_frames_refused() is None)
     # Native XDP needs an interface.
     assert by["native_xdp"]["available"] is None and "--iface" in by["native_xdp"]["detail"]
+    # The SYN cookie helpers: the probe program apply's check loads.
+    from xdpguard import syncookies
+    assert by["syncookies"]["available"] == (syncookies.unavailable() is None)
+    assert here.checks["syncookies"]["status"] == ("ok" if by["syncookies"]["available"] else "warn")
     # The per-generation tries differ in size from their template.
     assert "template 1" in by["array_of_tries"]["detail"]
     assert by["kprobes"]["available"] == detect.kprobes_available()

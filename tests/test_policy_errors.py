@@ -117,6 +117,11 @@ RULE2 = "rule 'web' (rule 2)"
     ('proto = "tcp"\ndport = 80\naction = "limit"\nrate = "1Mbit/s"\nrate_total = "1k/s"\n', ["rate_total", "byte rate"]),
     ('proto = "tcp"\ndport = 80\naction = "limit"\nrate = "1/s"\nburst_total = 5\n', ["burst_total", "needs rate_total"]),
     ('proto = "tcp"\ndport = 80\naction = "deny"\nnew_sources = "1/s"\n', ["new_sources", "limit"]),
+    # syncookies: a TCP rule with dport that passes packets
+    ('proto = "tcp"\ndport = 80\naction = "allow"\nsyncookies = "yes"\n', ["syncookies", "'yes'"]),
+    ('proto = "udp"\ndport = 80\naction = "allow"\nsyncookies = true\n', ["syncookies", "proto = \"tcp\""]),
+    ('proto = "tcp"\naction = "allow"\nsyncookies = true\n', ["syncookies", "dport"]),
+    ('proto = "tcp"\ndport = 80\naction = "deny"\nsyncookies = true\n', ["syncookies", "\"allow\" or \"limit\""]),
     # unknown set
     ('src = ["@office"]\naction = "allow"\n', ["src", "'@office'"]),
     ('dst = "@nowhere"\naction = "allow"\n', ["dst", "'@nowhere'"]),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -27,6 +28,13 @@ def cmd_check(args) -> int:
     policy = load_policy(args.policy)
     tables = compile_policy(policy)
     warnings = policy.warnings + find_unreachable(policy)
+    if tables.syncookies:
+        # The kernel decides (a probe program); loading one needs root.
+        if os.geteuid() == 0:
+            from xdpguard import syncookies
+            syncookies.require()
+        else:
+            warnings.append(f"{policy.source}: syncookies: the kernel's support was not probed (needs root)")
     s = tables.summary()
     v4 = sum(1 for p in _all_prefixes(policy) if p.family == 4)
     v6 = sum(1 for p in _all_prefixes(policy) if p.family == 6)
@@ -270,6 +278,12 @@ def cmd_status(args) -> int:
             print(f"  PENDING CONFIRMATION: rolls back in {max(0, left):.0f}s unless 'xdpguard confirm' runs")
         if s.get("probes"):
             print(f"  probes: {s['probes']}")
+        sc = s.get("syncookies")
+        if sc:
+            ports = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in sc["ports"])
+            changed = ", ".join(f"{k}={v} (was {sc['sysctls_before'].get(k, '?')})" for k, v in sc["sysctls"].items())
+            print(f"  syncookies: tcp ports {ports}; nftables table inet {sc['table']}"
+                  f"{'' if sc['table_present'] else ' MISSING'}; {changed}")
         mrows = [[n, "-" if m["entries"] is None else m["entries"], m["capacity"]] for n, m in s["maps"].items()]
         print("  " + table(["map", "entries", "capacity"], mrows, right={1, 2}).replace("\n", "\n  "))
     return EXIT_OK
@@ -278,17 +292,24 @@ def cmd_status(args) -> int:
 def _stats_rows(snap, prev=None, dt=None):
     rows = []
     prev_by = {r["rule"]: r for r in prev["rules"]} if prev else {}
-    # Fixed slots that only drop: (row name, key of the stats snapshot).
-    drops = (("(bans)", "bans"), ("(malformed)", "malformed"), ("(new-source overflow)", "new_source_overflow"))
-    for r in snap["rules"] + [{"rule": name, "action": "deny", "packets": snap[key]["packets"],
-                               "bytes": snap[key]["bytes"], "dropped_packets": snap[key]["packets"],
-                               "dropped_bytes": snap[key]["bytes"]} for name, key in drops]:
+    # Fixed slots: (row name, key of the stats snapshot, action); all but
+    # the cookie SYN-ACKs (answered, not dropped) are drops.
+    fixed = (("(bans)", "bans", "deny"), ("(malformed)", "malformed", "deny"),
+             ("(new-source overflow)", "new_source_overflow", "deny"),
+             ("(syncookie SYN-ACKs)", "syncookie_synacks", "cookie"),
+             ("(syncookie bad ACKs)", "syncookie_bad_acks", "deny"))
+    for r in snap["rules"] + [{"rule": name, "action": action, "packets": snap[key]["packets"],
+                               "bytes": snap[key]["bytes"],
+                               "dropped_packets": snap[key]["packets"] if action == "deny" else 0,
+                               "dropped_bytes": snap[key]["bytes"] if action == "deny" else 0}
+                              for name, key, action in fixed]:
         row = [r["rule"], r["action"], r["packets"], r["bytes"], r["dropped_packets"], r["dropped_bytes"]]
         if prev is not None:
             p = prev_by.get(r["rule"]) or {}
-            for name, key in drops:
+            for name, key, action in fixed:
                 if r["rule"] == name:
-                    p = {"packets": prev[key]["packets"], "dropped_packets": prev[key]["packets"]}
+                    p = {"packets": prev[key]["packets"],
+                         "dropped_packets": prev[key]["packets"] if action == "deny" else 0}
             row += [round((r["packets"] - p.get("packets", 0)) / dt), round((r["dropped_packets"] - p.get("dropped_packets", 0)) / dt)]
         rows.append(row)
     return rows

@@ -48,6 +48,7 @@ class RuleRecord:
     new_burst_ns: int = 0
     total_cost_fp: int = 0     # rate_total; 0: none
     total_burst_ns: int = 0
+    syncookies: bool = False
 
 
 @dataclass
@@ -68,6 +69,11 @@ class Tables:
     mit_prefix4: int = 32
     mit_prefix6: int = 64
     log_rate: int = 10
+
+    @property
+    def syncookies(self) -> bool:
+        """Whether a rule asks for SYN cookies (the program needs them compiled in)."""
+        return any(r.syncookies for r in self.rules)
 
     def summary(self) -> dict:
         return {
@@ -234,7 +240,8 @@ def _record(rule: Rule) -> RuleRecord:
     return RuleRecord(name=rule.name, index=rule.index, action=_ACTION[rule.action],
                       per=C.XG_PER_RULE if rule.per == "rule" else C.XG_PER_SOURCE,
                       unit=unit, prefix4=rule.prefix4, prefix6=rule.prefix6,
-                      cost_fp=cost_fp, burst_ns=burst_ns, log=rule.log, **extra)
+                      cost_fp=cost_fp, burst_ns=burst_ns, log=rule.log, syncookies=rule.syncookies,
+                      **extra)
 
 
 def universal_rules(nrules: int, vecs: list[int], ports: dict[int, array], lpm: dict, has_dst: bool) -> int:

@@ -120,6 +120,8 @@ FEATURES: tuple[Feature, ...] = (
             "the benchmark floods through AF_PACKET instead; xdpguard is not affected"),
     Feature("native_xdp", "apply --mode native (auto tries it first)",
             "generic mode: works, slower (after the skb is made)"),
+    Feature("syncookies", "SYN cookies at XDP (syncookies = true)",
+            "check and apply refuse syncookies; nftables' SYNPROXY alone can answer SYNs"),
     Feature("kprobes", "the TCP probes' kprobe set (preferred)", "the tracepoint set is used"),
     *(Feature(_tp_feature(p),
               f"{_COUNTER[p.counter]} (tracepoint set)",
@@ -687,6 +689,21 @@ def check_memlock(ctx: Context) -> list[Check]:
                   "when it may, xdpguard's own map calls do not)", fix)]
 
 
+def check_syncookies(ctx: Context) -> list[Check]:
+    """The SYN cookie helpers, probed by loading a tiny program that calls
+    them (what apply compiles in for syncookies = true)."""
+    from xdpguard import syncookies
+    if not ctx.bpf_ok:
+        ctx.feature("syncookies", None, "not tested: no BPF")
+        return []
+    why = syncookies.unavailable()
+    ctx.feature("syncookies", why is None, why or "")
+    if why:
+        return [Check("syncookies", WARN, f"syncookies = true cannot run here: {why}; check and apply "
+                      "refuse such policies", "Linux 6.0 or newer")]
+    return [Check("syncookies", OK, "the SYN cookie helpers load (syncookies = true can run here)")]
+
+
 # ---------------------------------------------------------------- interface
 
 def _ifindex(ctx: Context) -> int:
@@ -803,6 +820,7 @@ CHECKS: list[tuple[str, Callable[[Context], list[Check]]]] = [
     ("test_run", check_test_run),
     ("xdp_generic", check_xdp_generic),
     ("probes", check_probes),
+    ("syncookies", check_syncookies),
     ("memlock", check_memlock),
 ]
 IFACE_CHECKS = [

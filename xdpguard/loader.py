@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from xdpguard import bans, bpfsys, layout, pins, plan
+from xdpguard import bans, bpfsys, layout, pins, plan, syncookies
 from xdpguard.compiler import Tables
 from xdpguard.errors import LoadError, UsageError  # noqa: F401 (re-exported)
 from xdpguard.layout import C, PERSISTENT_MAPS, POLICY_MAPS
@@ -20,6 +20,7 @@ from xdpguard.netns import in_netns
 from xdpguard.policy import Policy
 
 PROG_NAME = "xdpguard_prog"
+COOKIE_PROG = "xg_cookie_prog"
 MODES = {"native": bpfsys.XDP_FLAGS_DRV_MODE, "generic": bpfsys.XDP_FLAGS_SKB_MODE}
 
 
@@ -34,14 +35,16 @@ class Shape:
     vec_per_gen: int
     dir4_nodes: int = 1024  # source table nodes per generation (1 KiB each), IPv4
     dir6_nodes: int = 1024  # and IPv6
+    syncookies: int = 0     # 1: SYN cookies compiled in (bpf/syncookie.h)
 
     @property
     def rules_per_gen(self) -> int:
         return 64 * self.nwords
 
     def cflags(self) -> list[str]:
-        return [f"-DXG_NWORDS={self.nwords}", f"-DXG_VEC_PER_GEN={self.vec_per_gen}",
-                f"-DXG_DIR4_NODES={self.dir4_nodes}", f"-DXG_DIR6_NODES={self.dir6_nodes}"]
+        return ([f"-DXG_NWORDS={self.nwords}", f"-DXG_VEC_PER_GEN={self.vec_per_gen}",
+                 f"-DXG_DIR4_NODES={self.dir4_nodes}", f"-DXG_DIR6_NODES={self.dir6_nodes}"]
+                + (["-DXG_SYNCOOKIES=1"] if self.syncookies else []))
 
     def nodes(self, family: int) -> int:
         return self.dir4_nodes if family == 4 else self.dir6_nodes
@@ -62,7 +65,7 @@ class Shape:
         nodes = {f: min(C.XG_DIR_MAX_NODES, _pow2(2 * sizes.nodes_needed(f))) for f in (4, 6)}
         return cls(nwords=min(64, _pow2(max(1, (t.nrules + 16 + 63) // 64))),
                    vec_per_gen=_pow2(max(256, 2 * len(t.vecs))),
-                   dir4_nodes=nodes[4], dir6_nodes=nodes[6])
+                   dir4_nodes=nodes[4], dir6_nodes=nodes[6], syncookies=int(t.syncookies))
 
     def map_names(self, test: bool = False) -> tuple[str, ...]:
         """The maps a program of this shape has (bpf/xdpguard.c)."""
@@ -72,6 +75,8 @@ class Shape:
         """Whether a policy can be written into a program of this shape
         (sizes: plan.measure(t), if already known)."""
         if not (t.nrules <= self.rules_per_gen and len(t.vecs) <= self.vec_per_gen):
+            return False
+        if t.syncookies and not self.syncookies:
             return False
         sizes = sizes or plan.measure(t)
         for fam in (4, 6):
@@ -104,6 +109,10 @@ def compile_program(shape: Shape, stage: int | None = None, test: bool = False):
     try:
         b = BPF(src_file=str(layout.bpf_dir() / "xdpguard.c").encode(), cflags=cflags)
         fn = b.load_func(PROG_NAME.encode(), BPF.XDP)
+        if shape.syncookies:
+            # The SYN cookie path, tail-called (bpf/xdpguard.c: cookieprog).
+            cookie = b.load_func(COOKIE_PROG.encode(), BPF.XDP)
+            b[b"cookieprog"][ctypes.c_int(0)] = ctypes.c_int(cookie.fd)
     except Exception as e:   # bcc raises bare Exception for compile and verifier errors
         raise LoadError(f"loading the XDP program failed: {e}") from None
     return b, fn
@@ -286,6 +295,7 @@ class Fill:
     slots: dict[str, int]
     fresh: list[int]
     sources: plan.Plan
+    cookies: pins.Syncookies | None = None   # syncookies' table and saved sysctls
 
 
 def _record(policy: Policy, tables: Tables, fill: Fill, *, netns: str | None, iface: str,
@@ -304,7 +314,8 @@ def _record(policy: Policy, tables: Tables, fill: Fill, *, netns: str | None, if
         mitigation=pins.MitigationInfo(policy.mitigation.enabled, policy.mitigation.prefix4,
                                        policy.mitigation.prefix6,
                                        [str(p) for p in policy.mitigation.allow]),
-        protect=[pins.Protect(str(p), port) for p, port in policy.protect])
+        protect=[pins.Protect(str(p), port) for p, port in policy.protect],
+        syncookies=fill.cookies)
 
 
 def apply(policy: Policy, tables: Tables, iface: str, netns: str | None = None,
@@ -314,6 +325,8 @@ def apply(policy: Policy, tables: Tables, iface: str, netns: str | None = None,
     for a dry run)."""
     pins.ensure_bpffs()
     ifindex = ifindex_of(iface, netns)
+    if tables.syncookies:
+        syncookies.require()
     if dry_run:
         slots, _ = assign_slots(tables, None)
         shape = Shape.for_tables(tables)
@@ -342,26 +355,70 @@ def apply(policy: Policy, tables: Tables, iface: str, netns: str | None = None,
             raise UsageError(f"{iface}: xdpguard runs in {record.mode} mode here; changing to "
                              f"{mode} cannot be atomic: detach first, then apply --mode {mode}")
         slots, fresh = assign_slots(tables, record.slots if record else None)
-        # The shape and the source tables, computed once and passed down.
-        sizes = plan.measure(tables)
-        if ours:
-            shape = Shape(**record.shape)
-            if shape.fits(tables, sizes):
-                fill = Fill(shape, slots, fresh, plan.build(tables, shape.dir_nodes, slots, sizes))
-                return _reapply_in_place(policy, tables, directory, record, fill, log)
-        shape = Shape.for_tables(tables, sizes)
-        if record:
-            shape = replace(shape, nwords=max(shape.nwords, record.shape["nwords"]))
-        fill = Fill(shape, slots, fresh, plan.build(tables, shape.dir_nodes, slots, sizes))
-        site = Site(netns, iface, ifindex, directory, record, q, ours)
-        rec = _load_and_attach(policy, tables, site, fill, mode, log)
-        # Pins die with a reboot and with a detach; the state directory
-        # keeps the bans, which go back into ban maps that came new.
+        # The nftables table and sysctls syncookies need come before the
+        # program answers a SYN, and go after it stops.
+        before = record.syncookies if record else None
+        cookies = _cookies_on(policy, tables, netns, iface, ifindex, directory, before)
         try:
-            bans.restore(directory, rec, policy.mitigation.max_bans, log)
-        except OSError as e:
-            log(f"warning: {iface}: bans not restored: {e}")
+            rec = _apply_fill(policy, tables, Site(netns, iface, ifindex, directory, record, q, ours),
+                              slots, fresh, cookies, mode, log)
+        except BaseException:
+            if cookies and not before:
+                _cookies_off(netns, directory, cookies)
+            raise
+        if before and not cookies:
+            _cookies_off(netns, directory, before)
         return rec
+
+
+def _apply_fill(policy, tables, site: Site, slots, fresh, cookies, mode, log) -> pins.Record:
+    """apply's program and maps, under the pin lock: in place when the
+    running program's shape fits, else a new program."""
+    record = site.record
+    # The shape and the source tables, computed once and passed down.
+    sizes = plan.measure(tables)
+    if site.ours:
+        shape = Shape(**record.shape)
+        if shape.fits(tables, sizes):
+            fill = Fill(shape, slots, fresh, plan.build(tables, shape.dir_nodes, slots, sizes), cookies)
+            return _reapply_in_place(policy, tables, site.directory, record, fill, log)
+    shape = Shape.for_tables(tables, sizes)
+    if record:
+        shape = replace(shape, nwords=max(shape.nwords, record.shape["nwords"]))
+    fill = Fill(shape, slots, fresh, plan.build(tables, shape.dir_nodes, slots, sizes), cookies)
+    rec = _load_and_attach(policy, tables, site, fill, mode, log)
+    # Pins die with a reboot and with a detach; the state directory
+    # keeps the bans, which go back into ban maps that came new.
+    try:
+        bans.restore(site.directory, rec, policy.mitigation.max_bans, log)
+    except OSError as e:
+        log(f"warning: {site.iface}: bans not restored: {e}")
+    return rec
+
+
+def _cookies_on(policy, tables, netns, iface, ifindex, directory, before) -> pins.Syncookies | None:
+    """The nftables table and sysctls of syncookies in place
+    (xdpguard/syncookies.py); None without syncookies."""
+    if not tables.syncookies:
+        return None
+    return syncookies.install(netns, iface, ifindex, syncookies.port_ranges(policy), before,
+                              _netns_cookies(netns, directory))
+
+
+def _cookies_off(netns, directory, cookies: pins.Syncookies) -> None:
+    syncookies.remove(netns, cookies, others_use=_netns_cookies(netns, directory) is not None)
+
+
+def _netns_cookies(netns, directory) -> pins.Syncookies | None:
+    """The syncookies record of another interface of this namespace, if
+    any has syncookies on (it set the sysctls and keeps their old values)."""
+    ns = netns or "host"
+    for n, _ifc, d in pins.all_pinned():
+        if n == ns and d != directory:
+            rec = pins.read_record(d)
+            if rec and rec.syncookies:
+                return rec.syncookies
+    return None
 
 
 def _open_maps(directory: Path, record: pins.Record, names) -> dict[str, pins.Map]:
@@ -423,9 +480,10 @@ def _load_and_attach(policy, tables, site: Site, fill: Fill, mode, log) -> pins.
         b, fn = compile_program(shape, stage=os.getpid())
         names = shape.map_names()
         maps = bcc_maps(b, names)
-        # Not pinned by bcc: the ring buffer, its format map, and the
-        # arrays of tries (bcc pins no array of maps).
-        for extra in ("droplog", "logfmt", "lpm4", "lpm6"):
+        # Not pinned by bcc: the ring buffer, its format map, the arrays
+        # of tries (bcc pins no array of maps), and the SYN cookie path's
+        # program array (the kernel empties one no pin or fd holds).
+        for extra in ("droplog", "logfmt", "lpm4", "lpm6") + (("cookieprog",) if shape.syncookies else ()):
             bpfsys.obj_pin(b[extra.encode()].map_fd, str(stage / extra))
         zero_slots(maps, fill.fresh)
         write_gen(maps, tables, 0, shape, fill.slots, fill.sources)
@@ -505,6 +563,8 @@ def detach(iface: str, netns: str | None = None, log=print) -> None:
                 if q["prog_id"] == record.prog_id:
                     with bpfsys.closing_fd(bpfsys.obj_get(str(directory / "prog"))) as old:
                         bpfsys.xdp_detach(ifindex, MODES[record.mode], old_prog_fd=old)
+        if record.syncookies:
+            _cookies_off(netns, directory, record.syncookies)
         pins.remove_dir(directory)
         pins.remove_dir(prev_dir(directory))
         pins.prune()
@@ -527,6 +587,11 @@ def rollback(iface: str, netns: str | None = None, log=print,
         prev = record.previous
         if not prev:
             raise UsageError(f"{iface}: no previous policy to go back to")
+        # The previous policy's syncookies table and sysctls, back before
+        # its program answers a SYN (a re-apply without them removed them).
+        want = prev.record.syncookies
+        cookies = want and syncookies.install(netns, iface, record.ifindex, want.ports, record.syncookies,
+                                              _netns_cookies(netns, directory))
         if prev.kind == "gen":
             maps = _open_maps(directory, record, ("active", "gens"))
             try:
@@ -536,7 +601,7 @@ def rollback(iface: str, netns: str | None = None, log=print,
                     m.close()
             back = pins.modify_record(directory, lambda cur: replace(
                 prev.record, types=cur.types, previous=cur.as_previous("gen", gen=1 - prev.gen),
-                policy=replace(prev.record.policy, applied_at=time.time())))
+                policy=replace(prev.record.policy, applied_at=time.time()), syncookies=cookies))
         else:
             pdir = prev_dir(directory)
             if pins.read_record(pdir) is None:
@@ -548,8 +613,10 @@ def rollback(iface: str, netns: str | None = None, log=print,
                     bpfsys.xdp_attach(ifindex, new_fd, MODES[record.mode], old_prog_fd=old_fd)
             back = pins.modify_record(pdir, lambda b: replace(
                 b, mode=record.mode, previous=record.as_previous("dir"), confirm=None,
-                policy=replace(b.policy, applied_at=time.time())))
+                policy=replace(b.policy, applied_at=time.time()), syncookies=cookies))
             pins.exchange(pdir, directory)
+        if record.syncookies and not cookies:
+            _cookies_off(netns, directory, record.syncookies)
     log(f"{iface}: rolled back to policy '{back.policy.name}'")
     return back
 

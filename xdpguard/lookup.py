@@ -80,3 +80,55 @@ def decide(tables: Tables, family: int, src: int, dst: int, l4: int,
         return Decision(None, None, _ACTION_NAME[act], _VERDICT[act])
     rec = tables.rules[idx]
     return Decision(rec.name, idx, _ACTION_NAME[rec.action], _VERDICT[rec.action])
+
+
+# ---------------------------------------------------------------- limiter state
+
+def gcra(tat: int, now: int, units: int, cost_fp: int, burst_ns: int) -> int | None:
+    """bpf/gcra.h's xg_gcra on one bucket: its new theoretical arrival time
+    when the units fit, else None (the bucket unchanged)."""
+    nxt = max(tat, now) + ((units * cost_fp) >> 16)
+    return None if nxt - now > burst_ns else nxt
+
+
+class Limiter:
+    """The state of the program's buckets, and the verdict of bpf/xdpguard.c's
+    xg_limit on it: per-rule buckets (rbuckets, by slot), per-source buckets
+    (sbuckets, by slot and masked source) with the new-source budget
+    (nbuckets) checked before one is inserted, and rate_total (rbuckets of
+    a per-source rule). Times are CLOCK_MONOTONIC nanoseconds, the
+    program's bpf_ktime_get_ns."""
+
+    def __init__(self):
+        self.rbuckets: dict[int, int] = {}
+        self.nbuckets: dict[int, int] = {}
+        self.sbuckets: dict[tuple[int, int, int], int] = {}
+
+    def verdict(self, rec, slot: int, family: int, src: int, length: int, now: int) -> tuple[str, int]:
+        """("pass" | "drop", counter slot) of a packet a limit rule matched."""
+        units = length if rec.unit == C.XG_UNIT_BYTES else 1
+        if rec.per == C.XG_PER_RULE:
+            nxt = gcra(self.rbuckets.get(slot, 0), now, units, rec.cost_fp, rec.burst_ns)
+            if nxt is None:
+                return "drop", slot
+            self.rbuckets[slot] = nxt
+            return "pass", slot
+        bits = 32 if family == 4 else 128
+        plen = rec.prefix4 if family == 4 else rec.prefix6
+        key = (slot, family, src >> (bits - plen) << (bits - plen) if plen else 0)
+        if key not in self.sbuckets:
+            budget = gcra(self.nbuckets.get(slot, 0), now, 1, rec.new_cost_fp, rec.new_burst_ns)
+            if budget is None:
+                return "drop", C.XG_SLOT_NEWSRC       # nothing inserted
+            self.nbuckets[slot] = budget
+            self.sbuckets[key] = 0
+        nxt = gcra(self.sbuckets[key], now, units, rec.cost_fp, rec.burst_ns)
+        if nxt is None:
+            return "drop", slot
+        self.sbuckets[key] = nxt
+        if rec.total_cost_fp:
+            total = gcra(self.rbuckets.get(slot, 0), now, units, rec.total_cost_fp, rec.total_burst_ns)
+            if total is None:
+                return "drop", slot
+            self.rbuckets[slot] = total
+        return "pass", slot

@@ -163,6 +163,16 @@ class Confirm:
 
 
 @dataclass
+class Syncookies:
+    """What xdpguard owns outside XDP while the policy has syncookies
+    (xdpguard/syncookies.py): its nftables table, the port ranges in it,
+    and the sysctls' values before it set them (restored when it stops)."""
+    table: str
+    ports: list[list[int]] = field(default_factory=list)
+    sysctls: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
 class Previous:
     """What `rollback` needs of the policy before the running one (one
     level): its record without types (a "gen" one shares the running
@@ -194,6 +204,7 @@ class Record:
     previous: Previous | None = None
     confirm: Confirm | None = None
     probes: str | None = None  # set by `watch`: the probe set it runs
+    syncookies: Syncookies | None = None
 
     @property
     def ns(self) -> str | None:
@@ -220,6 +231,8 @@ class Record:
             doc["confirm"] = asdict(self.confirm)
         if self.probes is not None:
             doc["probes"] = self.probes
+        if self.syncookies is not None:
+            doc["syncookies"] = asdict(self.syncookies)
         return doc
 
     @classmethod
@@ -241,6 +254,7 @@ class Record:
         if prev is not None:
             prev = Previous(prev["kind"], cls._from(prev), prev.get("gen"))
         confirm = doc.get("confirm")
+        cookies = doc.get("syncookies")
         plain = {k: v for k, v in _known(cls, doc).items() if k not in _NESTED}
         return cls(**plain,
                    policy=PolicyInfo(**_known(PolicyInfo, doc.get("policy", {}))),
@@ -248,10 +262,11 @@ class Record:
                    mitigation=MitigationInfo(**_known(MitigationInfo, doc.get("mitigation", {}))),
                    protect=[Protect(**_known(Protect, p)) for p in doc.get("protect", [])],
                    previous=prev,
-                   confirm=None if confirm is None else Confirm(**_known(Confirm, confirm)))
+                   confirm=None if confirm is None else Confirm(**_known(Confirm, confirm)),
+                   syncookies=None if cookies is None else Syncookies(**_known(Syncookies, cookies)))
 
 
-_NESTED = {"policy", "rules", "mitigation", "protect", "previous", "confirm"}
+_NESTED = {"policy", "rules", "mitigation", "protect", "previous", "confirm", "syncookies"}
 
 
 def _known(cls, doc: dict) -> dict:

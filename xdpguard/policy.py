@@ -28,7 +28,7 @@ ACTIONS = ("allow", "deny", "limit")
 _POLICY_KEYS = ("name", "default", "protect", "log_rate", "log_default", "log_bans")
 _RULE_KEYS = ("name", "src", "dst", "proto", "sport", "dport", "tcp_flags", "action",
               "rate", "burst", "per", "prefix4", "prefix6", "new_sources", "new_sources_burst",
-              "rate_total", "burst_total", "log", "comment")
+              "rate_total", "burst_total", "syncookies", "log", "comment")
 # Keys of a per-source limit only.
 _PER_SOURCE_KEYS = ("new_sources", "new_sources_burst", "rate_total", "burst_total")
 # A per-source rule admits, by default, this many new sources per second
@@ -90,6 +90,7 @@ class Rule:
     new_sources_burst: int | None = None  # ... and its burst (sources)
     rate_total: Rate | None = None        # per-source limits: aggregate cap ...
     burst_total: int | None = None        # ... and its burst (rate's unit)
+    syncookies: bool = False              # SYNs it passes answered from XDP
     log: bool = False
 
     @property
@@ -461,6 +462,8 @@ def _read_rule(rd: _Reader, i: int, raw, sets, names: dict) -> Rule:
         if not isinstance(raw["log"], bool):
             rd.fail(where, f"log {raw['log']!r} is not valid (expected true or false)")
         rule.log = raw["log"]
+    if "syncookies" in raw:
+        _read_syncookies(rd, where, raw["syncookies"], rule)
     if "comment" in raw and not isinstance(raw["comment"], str):
         rd.fail(where, "comment must be a string")
     return rule
@@ -518,6 +521,18 @@ def _read_per_source(rd: _Reader, where: str, raw: dict, rule: Rule) -> None:
             rd.warn(where, f"rate_total '{rule.rate_total}' is below the per-source rate '{rule.rate}'")
     elif "burst_total" in raw:
         rd.fail(where, "burst_total needs rate_total")
+
+
+def _read_syncookies(rd: _Reader, where: str, value, rule: Rule) -> None:
+    """syncookies = true: on a TCP rule with dport that passes packets."""
+    if not isinstance(value, bool):
+        rd.fail(where, f"syncookies {value!r} is not valid (expected true or false)")
+    if value:
+        if rule.protos != frozenset({"tcp"}) or rule.dport is None:
+            rd.fail(where, "syncookies needs proto = \"tcp\" and dport (the listening ports)")
+        if rule.action == "deny":
+            rd.fail(where, "syncookies is for a rule that passes packets (action \"allow\" or \"limit\")")
+    rule.syncookies = value
 
 
 def _read_mitigation(rd: _Reader, raw, sets) -> Mitigation:

@@ -46,6 +46,7 @@ def read_stats(directory: Path, record: pins.Record | None = None) -> dict:
         malformed = slot(C.XG_SLOT_MALFORMED)
         nd = slot(C.XG_SLOT_ND)
         newsrc = slot(C.XG_SLOT_NEWSRC)
+        cookie, badcookie = slot(C.XG_SLOT_COOKIE), slot(C.XG_SLOT_BADCOOKIE)
     finally:
         counters.close()
     return {
@@ -60,6 +61,10 @@ def read_stats(directory: Path, record: pins.Record | None = None) -> dict:
         # Per-source limits: sources without a bucket dropped because their
         # rule's new-source budget was empty (no bucket was inserted).
         "new_source_overflow": {"packets": newsrc["packets"], "bytes": newsrc["bytes"]},
+        # syncookies: SYNs answered from XDP with a cookie SYN-ACK, and ACKs
+        # (of no known connection) without a valid cookie, dropped.
+        "syncookie_synacks": {"packets": cookie["packets"], "bytes": cookie["bytes"]},
+        "syncookie_bad_acks": {"packets": badcookie["packets"], "bytes": badcookie["bytes"]},
     }
 
 
@@ -124,5 +129,14 @@ def read_status(directory: Path, record: pins.Record) -> dict:
         "source": record.policy.source,
         "confirm_deadline": record.confirm.deadline if record.confirm else None,
         "probes": record.probes,
+        "syncookies": _syncookies(record),
         "maps": maps,
     }
+
+
+def _syncookies(record: pins.Record) -> dict | None:
+    """The nftables table and sysctls xdpguard owns for SYN cookies."""
+    if not record.syncookies:
+        return None
+    from xdpguard import syncookies
+    return syncookies.state(record.ns, record.syncookies)
