@@ -18,7 +18,14 @@ from typing import Callable
 
 from xdpguard import cli_mitigation, cli_safety
 from xdpguard.cliutil import (EXIT_NOT_CONFIRMED, EXIT_OK, EXIT_SYSTEM, EXIT_USAGE, CliError, applied,
-                              check_names, emit_json, load_policy, netns_of, table, warn)
+                              check_names, duration_type, emit_json, host_port, int_type, load_policy,
+                              netns_of, table, warn)
+
+# `test`: packets a line of --packets or --count may send (BPF_PROG_TEST_RUN
+# repeats in the kernel: a bound keeps one call short).
+MAX_COUNT = 10_000_000
+# Refresh intervals of `stats --watch` and `top`: below this they only burn CPU.
+LEAST_REFRESH = 0.1
 
 
 # ---------------------------------------------------------------- check / explain
@@ -136,8 +143,8 @@ def cmd_test(args) -> int:
             if not isinstance(d, dict):
                 raise CliError(f"{args.packets}:{n}: expected a JSON object")
             count = d.pop("count", 1)
-            if not isinstance(count, int) or count < 1 or count > 10_000_000:
-                raise CliError(f"{args.packets}:{n}: count must be an integer 1..10000000")
+            if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= MAX_COUNT:
+                raise CliError(f"{args.packets}:{n}: count must be an integer 1..{MAX_COUNT}")
             items.append((_parse_fields(d, f"{args.packets}:{n}")[0], count))
     else:
         if not args.src:
@@ -390,7 +397,8 @@ COMMANDS = (
     Command("test", cmd_test, "run crafted packets through the real XDP program (BPF_PROG_TEST_RUN)",
             (arg("policy"), arg("--src", required=False, help="source address"), *PACKET,
              arg("--vlan", type=int, action="append", help="VLAN id (repeat for QinQ, outer first)"),
-             arg("--count", type=int, default=1, help="send the packet this many times"),
+             arg("--count", type=int_type(1, MAX_COUNT), default=1,
+                 help=f"send the packet this many times (1..{MAX_COUNT})"),
              arg("--packets", help="JSON lines file, one packet per line"))),
     Command("apply", cmd_apply, "compile a policy and attach it to an interface",
             (arg("policy"), arg("--iface", required=True),
@@ -399,18 +407,19 @@ COMMANDS = (
              arg("--dry-run", action="store_true", help="compile and load, do not attach"),
              arg("--force", action="store_true",
                  help="replace a foreign XDP program; apply despite the lockout guard"),
-             arg("--confirm", type=float, metavar="SECONDS",
-                 help="roll back unless 'xdpguard confirm' comes within SECONDS"))),
+             arg("--confirm", type=duration_type(), metavar="DURATION",
+                 help="roll back unless 'xdpguard confirm' comes within DURATION (60, 90s, 10m)"))),
     Command("detach", cmd_detach, "remove xdpguard from an interface (program and pins)",
             (arg("--iface", required=True), NETNS)),
     Command("status", cmd_status, "interfaces xdpguard runs on, policy, maps", (NETNS,)),
     Command("stats", cmd_stats, "per-rule packet, byte and drop counters",
             (arg("--iface"), NETNS,
-             arg("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS with rates"))),
+             arg("--watch", type=duration_type(LEAST_REFRESH), metavar="DURATION",
+                 help="refresh every DURATION (1, 500ms, 2s) with rates"))),
     Command("watch", cli_mitigation.cmd_watch, "mitigation daemon: ban sources over the [mitigation] thresholds",
             (arg("policy"), arg("--iface", required=True), NETNS,
              arg("--interval", default="1s", help="evaluation interval (default 1s)"),
-             arg("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics"))),
+             arg("--metrics", type=host_port, metavar="HOST:PORT", help="serve Prometheus metrics"))),
     Command("ban", cli_mitigation.cmd_ban, "ban an address or prefix at XDP",
             (arg("target", metavar="ADDR[/LEN]"),
              arg("--ttl", default="10m", help="ban duration: 10m, 1h30m, 1w ... (default 10m; 0 = no expiry)"),
@@ -422,7 +431,8 @@ COMMANDS = (
             (arg("--iface"), NETNS)),
     Command("top", cli_mitigation.cmd_top, "live view: top sources, destinations, bans, rule drop rates",
             (arg("--iface"), NETNS, arg("--once", action="store_true", help="one snapshot, then exit"),
-             arg("--interval", type=float, default=1.0, help="refresh interval in seconds"))),
+             arg("--interval", type=duration_type(LEAST_REFRESH), default=1.0,
+                 help="refresh interval (default 1s; 500ms, 2s)"))),
     Command("confirm", cli_safety.cmd_confirm, "confirm a policy applied with --confirm (stops the rollback)",
             (arg("--iface", required=True), NETNS)),
     Command("rollback", cli_safety.cmd_rollback, "go back to the previous applied policy (one level)",
@@ -530,12 +540,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
     from xdpguard.errors import LoadError, NetnsError, UsageError
     from xdpguard.pins import PinError
     from xdpguard.policy import PolicyError
     try:
+        args = build_parser().parse_args(argv)     # --help, too, may meet a closed pipe
         return args.func(args)
+    except BrokenPipeError:
+        # The reader went away (`xdpguard status | head -1`): not an error.
+        # Python flushes stdout once more at exit: let that go to nowhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except PolicyError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -550,8 +565,6 @@ def main(argv=None) -> int:
         return EXIT_SYSTEM
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:
-        return EXIT_OK
 
 
 if __name__ == "__main__":

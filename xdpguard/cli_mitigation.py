@@ -89,8 +89,6 @@ def cmd_watch(args) -> int:
         interval = parse_duration(args.interval)
     except ValueError as e:
         raise CliError(f"--interval: {e}")
-    if args.metrics and ":" not in args.metrics:
-        raise CliError("--metrics needs HOST:PORT, e.g. 127.0.0.1:9101")
     return Watch(policy, args.iface, netns_of(args), interval, args.json).run(args.metrics)
 
 

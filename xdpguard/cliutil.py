@@ -19,6 +19,50 @@ class CliError(Exception):
         self.code = code
 
 
+def duration_type(least: float = 0.0):
+    """An argparse type: a duration as units.parse_duration reads it ("10m",
+    "1h30m", a number of seconds), in seconds, at least `least`."""
+    import argparse
+
+    def parse(text: str) -> float:
+        from xdpguard.units import format_duration, parse_duration
+        try:
+            s = parse_duration(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        if s < least:
+            raise argparse.ArgumentTypeError(f"{text!r} is shorter than {format_duration(least)}")
+        return s
+    parse.__name__ = "duration"
+    return parse
+
+
+def int_type(lo: int, hi: int):
+    """An argparse type: an integer lo..hi."""
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not lo <= n <= hi:
+            raise argparse.ArgumentTypeError(f"{n} is out of range (expected {lo}..{hi})")
+        return n
+    parse.__name__ = "integer"
+    return parse
+
+
+def host_port(text: str) -> str:
+    """An argparse type: HOST:PORT with a port 1..65535 (the text itself)."""
+    import argparse
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected HOST:PORT with a port 1..65535, "
+                                         f"e.g. 127.0.0.1:9101")
+    return text
+
+
 def load_policy(path):
     from xdpguard.policy import load
     return load(path)
