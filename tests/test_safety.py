@@ -132,6 +132,58 @@ action = "deny"
     assert cp.returncode == 2 and "rule 'no-ssh' (rule 1) would drop protected 10.200.0.12/32" in cp.stderr
 
 
+def _guard(monkeypatch, protect="", ssh=None, addrs=None, fails=None):
+    """safety.lockouts of a small policy, with own_addresses answering
+    addrs or raising fails."""
+    from xdpguard import bans, safety
+    from xdpguard.compiler import compile_policy
+    from xdpguard.policy import load
+
+    def own(_ns):
+        if fails:
+            raise fails
+        return addrs or []
+    monkeypatch.setattr(bans, "own_addresses", own)
+    policy = load("g.toml", f"[policy]\n{protect}\n[[rule]]\nname = \"r\"\nproto = \"udp\"\naction = \"deny\"\n")
+    env = {} if ssh is None else {"SSH_CONNECTION": ssh}
+    return safety.lockouts(policy, compile_policy(policy), None, env)
+
+
+def test_lockout_guard_says_what_it_could_not_check(monkeypatch):
+    from xdpguard.errors import NetnsError
+    g = _guard(monkeypatch, 'protect = ["192.0.2.10:22"]', fails=OSError(13, "Permission denied"))
+    assert g.problems == []
+    assert len(g.unchecked) == 1 and "cannot read the addresses and default gateways of this host" in g.unchecked[0]
+    assert "Permission denied" in g.unchecked[0] and "ICMP from the gateways was not checked" in g.unchecked[0]
+    g = _guard(monkeypatch, fails=NetnsError("network namespace 'x' does not exist"))
+    assert "does not exist" in g.unchecked[0]
+    # A protect entry of a family the host has no address of.
+    g = _guard(monkeypatch, 'protect = ["[2001:db8::5]:22"]', addrs=[("192.0.2.1", "an address of this host")])
+    assert g.unchecked == ["protect 2001:db8::5/128 port 22: this host has no IPv6 address; "
+                           "checked without a destination address"]
+    g = _guard(monkeypatch, ssh="10.0.0.1 50022 10.0.0.2", addrs=[("192.0.2.1", "an address of this host")])
+    assert g.unchecked == ["SSH_CONNECTION '10.0.0.1 50022 10.0.0.2' is not 'client port server port': "
+                           "the SSH session was not checked"]
+    # Everything readable: nothing to say.
+    assert _guard(monkeypatch, ssh="10.0.0.1 50022 10.0.0.2 22",
+                  addrs=[("192.0.2.1", "an address of this host")]).unchecked == []
+    # Not an error of reading addresses: not swallowed.
+    with pytest.raises(ZeroDivisionError):
+        _guard(monkeypatch, fails=ZeroDivisionError())
+
+
+def test_apply_warns_what_the_guard_could_not_check(lab):
+    lab.detach(check=False)
+    pol = lab.write_policy("warn", ALLOW_PING.format(name="pol-w", client=CLIENT4, extra="w-only"))
+    env = dict(os.environ, SSH_CONNECTION="garbage")
+    cp = subprocess.run([*lab.xg, "apply", str(pol), "--iface", lab.server_if, "--netns", lab.server_ns],
+                        capture_output=True, text=True, env=env, cwd=REPO)
+    assert cp.returncode == 0, cp.stderr
+    assert ("warning: lockout guard: SSH_CONNECTION 'garbage' is not 'client port server port': "
+            "the SSH session was not checked") in cp.stderr
+    lab.detach()
+
+
 def test_drop_log_is_rate_limited(lab):
     lab.detach(check=False)
     pol = lab.write_policy("log", """

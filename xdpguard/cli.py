@@ -208,11 +208,13 @@ def cmd_apply(args) -> int:
     warn(policy)
     tables = compile_policy(policy)
     if not args.dry_run:
-        problems = safety.lockouts(policy, tables, netns_of(args))
-        if problems and not args.force:
-            raise CliError("refusing to apply (lockout guard): " + "; ".join(problems)
+        guard = safety.lockouts(policy, tables, netns_of(args))
+        for u in guard.unchecked:
+            print(f"warning: lockout guard: {u}", file=sys.stderr)
+        if guard.problems and not args.force:
+            raise CliError("refusing to apply (lockout guard): " + "; ".join(guard.problems)
                            + ". Fix the policy or use --force.")
-        for p in problems:
+        for p in guard.problems:
             print(f"warning: --force: {p}", file=sys.stderr)
     log = (lambda m: None) if args.json else print
     rec = loader.apply(policy, tables, args.iface, netns=netns_of(args), mode=args.mode,

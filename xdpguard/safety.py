@@ -3,8 +3,11 @@
 The guard evaluates a policy, before it is attached, for the endpoints that
 must keep access: the client of the current SSH session, the default
 gateways (ICMP to the host's own addresses: path MTU and errors), and the
-policy's `protect` entries (to each of the host's own addresses). The timer is a detached process, so that a
-dead SSH session (the very case --confirm exists for) still rolls back.
+policy's `protect` entries (to each of the host's own addresses). What it
+cannot check (the addresses unreadable, SSH_CONNECTION garbled, no address
+of a protect entry's family) it says, for apply to warn: it never narrows
+silently. The timer is a detached process, so that a dead SSH session (the
+very case --confirm exists for) still rolls back.
 """
 from __future__ import annotations
 
@@ -37,20 +40,46 @@ def _int(addr: str) -> tuple[int, int]:
     return a.version, int(a)
 
 
-def endpoints(policy: Policy, netns: str | None, env=os.environ) -> list[Endpoint]:
-    """Packets that must keep passing for the operator to keep access."""
-    out = []
-    ssh = env.get("SSH_CONNECTION", "").split()
-    if len(ssh) == 4:
-        cip, cport, sip, sport = ssh
-        for l4, what in ((C.XG_L4_TCP_SYN, "new SSH connections"), (C.XG_L4_TCP, "the SSH session")):
-            out.append(Endpoint(f"{what} from {cip} to {sip}:{sport} (SSH_CONNECTION)",
-                                cip, sip, l4, int(cport), int(sport)))
+@dataclass
+class Guard:
+    """The lockout guard's answer: what the policy would drop, and what it
+    could not check (each a sentence for the operator)."""
+    problems: list[str]
+    unchecked: list[str]
+
+
+def _ssh_endpoints(env, unchecked: list[str]) -> list[Endpoint]:
+    text = env.get("SSH_CONNECTION")
+    if text is None:
+        return []
     try:
-        from xdpguard.bans import own_addresses
+        cip, cport, sip, sport = text.split()
+        _int(cip), _int(sip)
+        cport, sport = int(cport), int(sport)
+    except ValueError:
+        unchecked.append(f"SSH_CONNECTION {text[:80]!r} is not 'client port server port': "
+                         f"the SSH session was not checked")
+        return []
+    return [Endpoint(f"{what} from {cip} to {sip}:{sport} (SSH_CONNECTION)", cip, sip, l4, cport, sport)
+            for l4, what in ((C.XG_L4_TCP_SYN, "new SSH connections"), (C.XG_L4_TCP, "the SSH session"))]
+
+
+def endpoints(policy: Policy, netns: str | None, env=os.environ,
+              unchecked: list[str] | None = None) -> list[Endpoint]:
+    """Packets that must keep passing for the operator to keep access;
+    what cannot be checked is said in `unchecked`."""
+    from xdpguard.bans import own_addresses
+    from xdpguard.errors import NetnsError
+    unchecked = [] if unchecked is None else unchecked
+    out = _ssh_endpoints(env, unchecked)
+    where = f"network namespace '{netns}'" if netns else "this host"
+    try:
         addrs = own_addresses(netns)
-    except Exception:
-        addrs = []   # no netlink here: the SSH and protect checks still run
+    except (OSError, NetnsError) as e:
+        addrs = []
+        unchecked.append(f"cannot read the addresses and default gateways of {where} ({e}): "
+                         f"ICMP from the gateways was not checked"
+                         + (", protect entries only without a destination" if policy.protect else ""))
     own = [a for a, why in addrs if why.startswith("an address") and not ipaddress.ip_address(a).is_loopback]
     for gw in (a for a, why in addrs if "gateway" in why):
         # ICMP from the gateway carries path-MTU and unreachable errors.
@@ -59,8 +88,11 @@ def endpoints(policy: Policy, netns: str | None, env=os.environ) -> list[Endpoin
                             C.XG_L4_ICMP if ":" not in gw else C.XG_L4_ICMPV6))
     for prefix, port in policy.protect:
         addr = str(prefix).split("/")[0]
-        dsts = [a for a in own if (":" in a) == (prefix.family == 6)] or [None]
-        for dst in dsts:
+        dsts = [a for a in own if (":" in a) == (prefix.family == 6)]
+        if not dsts and addrs:
+            unchecked.append(f"protect {prefix}{f' port {port}' if port is not None else ''}: {where} has "
+                             f"no IPv{prefix.family} address; checked without a destination address")
+        for dst in dsts or [None]:
             if port is None:
                 out.append(Endpoint(f"ICMP from protected {prefix}", addr, dst,
                                     C.XG_L4_ICMP if prefix.family == 4 else C.XG_L4_ICMPV6))
@@ -71,10 +103,11 @@ def endpoints(policy: Policy, netns: str | None, env=os.environ) -> list[Endpoin
     return out
 
 
-def lockouts(policy: Policy, tables: Tables, netns: str | None, env=os.environ) -> list[str]:
-    """Messages for every must-pass endpoint the policy would drop."""
-    out = []
-    for e in endpoints(policy, netns, env):
+def lockouts(policy: Policy, tables: Tables, netns: str | None, env=os.environ) -> Guard:
+    """Every must-pass endpoint the policy would drop, and what could not
+    be checked."""
+    guard = Guard([], [])
+    for e in endpoints(policy, netns, env, guard.unchecked):
         fam, src = _int(e.src)
         if e.dst is not None and _int(e.dst)[0] == fam:
             dst = _int(e.dst)[1]
@@ -83,8 +116,8 @@ def lockouts(policy: Policy, tables: Tables, netns: str | None, env=os.environ) 
         d = decide(tables, fam, src, dst, e.l4, e.sport, e.dport)
         if d.verdict == "drop":
             who = f"rule '{d.rule}' (rule {d.index + 1})" if d.rule else f"the default ({policy.default})"
-            out.append(f"{who} would drop {e.what}")
-    return out
+            guard.problems.append(f"{who} would drop {e.what}")
+    return guard
 
 
 # ---------------------------------------------------------------- confirm
