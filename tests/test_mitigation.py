@@ -266,6 +266,41 @@ def test_expiry_doubling_restart_kill_unban(lab, tmp_path):
     assert lab.run("client", ping).returncode == 0
 
 
+def test_policy_of_its_default_and_mitigation_alone(lab, tmp_path):
+    """No [[rule]]: "allow everything, ban abusers", the commonest shared
+    host. It applies, serves, and watch bans a SYN flood."""
+    lab.detach(check=False)
+    pol = lab.write_policy("norules", f"""
+[policy]
+name = "allow-and-ban"
+default = "allow"
+
+[mitigation]
+enabled = true
+syn_rate = "200/s"
+window = "{WINDOW:g}s"
+ban = "30s"
+""")
+    w = Watcher(lab, pol, tmp_path)
+    src = EXTRA4[6]
+    try:
+        curl = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--interface", CLIENT4,
+                "-m", f"{scaled(2):.1f}", f"http://{SERVER4}/"]
+        assert lab.run("client", curl).stdout == "200"
+        p = _syn_flood(lab, src, 500, flood_seconds())
+        # Latency is the other tests' subject: here, that it bans at all.
+        hit = w.wait_for(lambda: w.bans(f"{src}/32"), flood_seconds())
+        lab.stop(p)
+        assert hit and hit[0]["metric"] == "syn_rate", f"not banned; watch said {w.lines} {w.err}"
+        assert lab.run("client", curl).stdout == "200"
+        st = lab.stats()
+        assert st["policy"] == "allow-and-ban" and [r["rule"] for r in st["rules"]] == ["default"]
+        assert st["rules"][0]["packets"] > 0
+    finally:
+        w.stop()
+        lab.xdpguard("unban", f"{src}/32", "--iface", lab.server_if, "--netns", lab.server_ns, check=False)
+
+
 def test_ban_refuses_own_and_allowlisted(lab, tmp_path):
     lab.detach(check=False)
     lab.apply(_policy(lab, "m4"))

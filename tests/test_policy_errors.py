@@ -280,6 +280,15 @@ def test_empty_file(capsys, tmp_path):
     check_error(capsys, write(tmp_path, ""), "empty policy")
 
 
+def test_no_rules_needs_a_default_and_mitigation(capsys, tmp_path):
+    mitigation = '[mitigation]\nenabled = true\nsyn_rate = "200/s"\n'
+    check_error(capsys, write(tmp_path, mitigation), "empty policy")                 # no [policy]
+    check_error(capsys, write(tmp_path, '[policy]\nname = "x"\n' + mitigation), "empty policy")
+    p = write(tmp_path, '[policy]\nname = "allow-and-ban"\ndefault = "allow"\n' + mitigation)
+    code, out, _ = run(capsys, "check", p)
+    assert code == 0 and "valid policy 'allow-and-ban' (default allow)" in out and "rules 0" in out
+
+
 def test_toml_syntax_error_has_line(capsys, tmp_path):
     p = write(tmp_path, '[policy]\nname = "x"\n\n[[rule]]\nname = "a\naction = "deny"\n')
     line = check_error(capsys, p, "TOML syntax error")

@@ -670,8 +670,12 @@ def load(path, text: str | None = None) -> Policy:
     raw_rules = doc.get("rule", [])
     if not isinstance(raw_rules, list):
         rd.fail("", "rules must be written as [[rule]] tables" + _single_rule_hint(source_text))
-    if not raw_rules:
-        rd.fail("", "empty policy: no [[rule]] tables (add at least one rule)")
+    if not raw_rules and not ("default" in head and "mitigation" in doc):
+        # Without rules, a policy is its default and its [mitigation] (a
+        # shared host that allows everything and bans abusers); with
+        # either missing, an empty file or a half-written one.
+        rd.fail("", "empty policy: no [[rule]] tables (add a rule; a policy without rules needs "
+                    "[policy] default and a [mitigation] table)")
     from xdpguard.layout import C
     if len(raw_rules) > C.XG_MAX_RULES_LIMIT:
         rd.fail("", f"{len(raw_rules)} rules: at most {C.XG_MAX_RULES_LIMIT} are supported")
