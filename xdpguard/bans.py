@@ -48,6 +48,19 @@ def state_dir(netns: str, iface: str) -> Path:
     return STATE_ROOT / (netns or "host") / iface
 
 
+def remove_state(netns: str, iface: str) -> Path:
+    """Remove an interface's state directory (its namespace is gone);
+    returns its path."""
+    import shutil
+    d = state_dir(netns, iface)
+    shutil.rmtree(d, ignore_errors=True)
+    try:
+        d.parent.rmdir()          # the namespace's, when it was the last
+    except OSError:
+        pass
+    return d
+
+
 def watch_state_path(netns: str, iface: str) -> Path:
     """watch.json: offender history, written by `watch` alone (daemon.py)."""
     return state_dir(netns, iface) / "watch.json"

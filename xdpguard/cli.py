@@ -280,6 +280,9 @@ def cmd_status(args) -> int:
     for s in rows:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["applied_at"]))
         state = "attached" if s["attached"] else "NOT ATTACHED (pins only)"
+        if s["netns_gone"]:
+            state = (f"NETWORK NAMESPACE GONE (pins only; 'xdpguard detach --iface {s['iface']} "
+                     f"--netns {s['netns']}' removes them)")
         print(f"{s['netns']}/{s['iface']}: {state}, {s['mode']} mode, program id {s['prog_id']}")
         print(f"  policy '{s['policy']}' sha256 {s['sha256'][:16]}... applied {when} from {s['source']}")
         if s.get("confirm_deadline"):

@@ -16,7 +16,7 @@ from xdpguard import bans, bpfsys, layout, pins, plan, syncookies
 from xdpguard.compiler import Tables
 from xdpguard.errors import LoadError, UsageError  # noqa: F401 (re-exported)
 from xdpguard.layout import C, PERSISTENT_MAPS, POLICY_MAPS
-from xdpguard.netns import in_netns
+from xdpguard.netns import exists as netns_exists, in_netns
 from xdpguard.policy import Policy
 
 PROG_NAME = "xdpguard_prog"
@@ -553,8 +553,12 @@ def detach(iface: str, netns: str | None = None, log=print) -> None:
         record = pins.read_record(directory)
         if record is None:
             raise UsageError(f"{iface}: xdpguard is not applied here (no pins in {directory})")
+        # A namespace deleted under the pins took the interface and the
+        # program's attachment with it: what is left is the pins and the
+        # state kept for it (bans.json, watch.json), which nothing will use.
+        gone = not netns_exists(netns)
         try:
-            ifindex = ifindex_of(iface, netns)
+            ifindex = None if gone else ifindex_of(iface, netns)
         except UsageError:
             ifindex = None   # interface gone: only the pins are left to remove
         if ifindex is not None:
@@ -563,12 +567,17 @@ def detach(iface: str, netns: str | None = None, log=print) -> None:
                 if q["prog_id"] == record.prog_id:
                     with bpfsys.closing_fd(bpfsys.obj_get(str(directory / "prog"))) as old:
                         bpfsys.xdp_detach(ifindex, MODES[record.mode], old_prog_fd=old)
-        if record.syncookies:
+        if record.syncookies and not gone:
             _cookies_off(netns, directory, record.syncookies)
         pins.remove_dir(directory)
         pins.remove_dir(prev_dir(directory))
         pins.prune()
-    log(f"{iface}: detached; pins removed")
+        if gone:
+            state = bans.remove_state(record.netns, iface)
+    if gone:
+        log(f"{iface}: network namespace '{netns}' is gone; pins and state ({state}) removed")
+    else:
+        log(f"{iface}: detached; pins removed")
 
 
 def rollback(iface: str, netns: str | None = None, log=print,

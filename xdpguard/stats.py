@@ -100,14 +100,16 @@ def map_fill(path: Path, gen: int) -> tuple[int | None, int] | None:
 
 def read_status(directory: Path, record: pins.Record) -> dict:
     """Where and what xdpguard runs on one interface, with map fill."""
-    from xdpguard.netns import in_netns
-    attached = None
-    try:
-        with in_netns(record.ns):
-            q = bpfsys.xdp_query(record.ifindex)
-        attached = q["prog_id"] == record.prog_id
-    except Exception:
-        attached = False
+    from xdpguard.netns import exists, in_netns
+    gone = not exists(record.ns)
+    attached = False
+    if not gone:
+        try:
+            with in_netns(record.ns):
+                q = bpfsys.xdp_query(record.ifindex)
+            attached = q["prog_id"] == record.prog_id
+        except Exception:
+            attached = False
     maps = {}
     gen = active_gen(directory)
     for name in sorted(record.types):
@@ -123,6 +125,7 @@ def read_status(directory: Path, record: pins.Record) -> dict:
         "mode": record.mode,
         "prog_id": record.prog_id,
         "attached": attached,
+        "netns_gone": gone,       # deleted under the pins: `detach` removes them
         "policy": record.policy.name,
         "sha256": record.policy.sha256,
         "applied_at": record.policy.applied_at,
