@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from xdpguard import bans, bpfsys, layout, pins, plan, syncookies
+from xdpguard import bans, bpfsys, killpoint, layout, pins, plan, syncookies
 from xdpguard.compiler import Tables
 from xdpguard.errors import LoadError, UsageError  # noqa: F401 (re-exported)
 from xdpguard.layout import C, PERSISTENT_MAPS, POLICY_MAPS
@@ -181,6 +181,7 @@ def write_gen(maps: dict, tables: Tables, gen: int, shape: Shape, slots: dict[st
     for fam in (4, 6):
         _write_srctab(maps["srctab"], sources.table[fam], fam, gen, shape)
         _put_trie(maps, fam, gen, sources.trie[fam])
+    killpoint.step("write-gen")
     keys, vals = layout.vec_entries(maps, tables, gen, shape.vec_per_gen, slots)
     maps["vecs"].update_batch(keys, vals)
     keys, vals = layout.port_entries(tables, gen)
@@ -224,6 +225,14 @@ def set_active(maps, gen: int) -> None:
     epoch &= (1 << (64 - C.XG_ACTIVE_EPOCH_SHIFT)) - 1
     word = gen | flags << C.XG_ACTIVE_FLAGS_SHIFT | max(epoch, 1) << C.XG_ACTIVE_EPOCH_SHIFT
     maps["active"].update(ctypes.c_uint32(0), ctypes.c_uint64(word))
+
+
+def settle(maps, record: pins.Record) -> None:
+    """Flip the active word to the generation the record describes, if a
+    kill came between writing the record and flipping (that generation is
+    whole: the record names it only once it is written). Hold the pin lock."""
+    if record.generation is not None and read_active(maps) != record.generation:
+        set_active(maps, record.generation)
 
 
 def assign_slots(tables: Tables, previous: dict[str, int] | None) -> tuple[dict[str, int], list[int]]:
@@ -344,7 +353,14 @@ def apply(policy: Policy, tables: Tables, iface: str, netns: str | None = None,
         with in_netns(netns):
             q = bpfsys.xdp_query(ifindex)
         ours = record is not None and q["prog_id"] != 0 and q["prog_id"] == record.prog_id
-        if q["prog_id"] and not ours and not force:
+        stray = bool(q["prog_id"]) and not ours and is_xdpguard(q["prog_id"])
+        if stray:
+            # Ours by name but not the record's: a reload killed between
+            # attach and pinning, or a removed record. Replaced like a
+            # foreign program, keeping the maps pinned here.
+            log(f"warning: {iface}: replacing an xdpguard program no record describes "
+                f"(id {q['prog_id']}; an interrupted apply)")
+        elif q["prog_id"] and not ours and not force:
             raise UsageError(f"{iface}: another XDP program is attached (id {q['prog_id']}, "
                              f"'{bpfsys.prog_name(q['prog_id'])}'); xdpguard will not replace it "
                              f"(detach it, or use --force)")
@@ -369,6 +385,17 @@ def apply(policy: Policy, tables: Tables, iface: str, netns: str | None = None,
         if before and not cookies:
             _cookies_off(netns, directory, before)
         return rec
+
+
+def is_xdpguard(prog_id: int) -> bool:
+    """Whether a loaded program is one xdpguard loaded (by its name)."""
+    return bpfsys.prog_name(prog_id) == PROG_NAME
+
+
+def _prog_fd(record: pins.Record) -> int:
+    """An fd of the record's program, by id (its pin may be gone; the
+    caller checked that this id is the one attached)."""
+    return bpfsys.prog_get_fd_by_id(record.prog_id)
 
 
 def _apply_fill(policy, tables, site: Site, slots, fresh, cookies, mode, log) -> pins.Record:
@@ -430,26 +457,30 @@ def _reapply_in_place(policy, tables, directory, record: pins.Record, fill: Fill
     t0 = time.monotonic()
     maps = _open_maps(directory, record, POLICY_MAPS + ("counters", "rbuckets", "nbuckets"))
     try:
+        settle(maps, record)
         old = read_active(maps)
         new = 1 - old
         # The inactive generation holds the policy before the running one
         # (kept for rollback until now) or leftovers of an interrupted
-        # apply: write_gen replaces all of it.
-        try:
-            zero_slots(maps, fill.fresh)
-            write_gen(maps, tables, new, fill.shape, fill.slots, fill.sources)
-        except BaseException:
-            # The running policy is untouched, but its rollback target is
-            # half overwritten: rollback must refuse, not flip to it.
-            if record.previous and record.previous.kind == "gen":
-                pins.modify_record(directory, lambda r: replace(r, previous=None))
-            raise
-        set_active(maps, new)
+        # apply: write_gen replaces all of it. The record stops naming it
+        # as the rollback target first: a kill midway must not leave
+        # rollback a half-written generation to flip to.
+        if record.previous and record.previous.kind == "gen":
+            record = pins.modify_record(directory, lambda r: replace(r, previous=None))
+        killpoint.step("inplace-write")
+        zero_slots(maps, fill.fresh)
+        write_gen(maps, tables, new, fill.shape, fill.slots, fill.sources)
         rec = _record(policy, tables, fill, netns=record.ns, iface=record.iface,
                       ifindex=record.ifindex, mode=record.mode, prog_id=record.prog_id,
                       types=record.types)
         rec.previous = record.as_previous("gen", gen=old)
+        rec.generation = new
+        # Record, then flip: a kill between leaves a record naming a whole
+        # generation, which the next writer flips to (settle).
         pins.modify_record(directory, lambda _replaced: rec)
+        killpoint.step("inplace-record")
+        set_active(maps, new)
+        killpoint.step("inplace-flipped")
         pins.remove_dir(prev_dir(directory))   # no longer the rollback target
     finally:
         for m in maps.values():
@@ -471,8 +502,9 @@ def _load_and_attach(policy, tables, site: Site, fill: Fill, mode, log) -> pins.
     pins.remove_dir(stage)
     stage.mkdir(parents=True)
     try:
-        if record:
-            # Same map objects for state that must survive: bans, buckets, counters.
+        if directory.is_dir():
+            # Same map objects for state that must survive: bans, buckets,
+            # counters (also when the record is gone: not --force's loss).
             for name in PERSISTENT_MAPS:
                 if (directory / name).exists():
                     with bpfsys.closing_fd(bpfsys.obj_get(str(directory / name))) as fd:
@@ -490,9 +522,11 @@ def _load_and_attach(policy, tables, site: Site, fill: Fill, mode, log) -> pins.
         set_active(maps, 0)
         prog_id = bpfsys.prog_info(fn.fd)["id"]
         attached = _attach(fn.fd, site, mode)
+        killpoint.step("reload-attached")
         rec = _record(policy, tables, fill, netns=site.netns, iface=site.iface,
                       ifindex=site.ifindex, mode=attached, prog_id=prog_id,
                       types=bcc_types(b, names + ("logfmt",)))
+        rec.generation = 0
         if site.ours:
             rec.previous = record.as_previous("dir")
         meta = pins.create_meta(rec)
@@ -503,6 +537,7 @@ def _load_and_attach(policy, tables, site: Site, fill: Fill, mode, log) -> pins.
         bpfsys.obj_pin(fn.fd, str(stage / "prog"))
         if directory.exists():
             pins.exchange(stage, directory)
+            killpoint.step("reload-exchanged")
             if site.ours:
                 # The replaced program and its maps stay for rollback.
                 pins.remove_dir(prev_dir(directory))
@@ -526,12 +561,12 @@ def _attach(prog_fd, site: Site, mode) -> str:
         if site.ours:
             # Atomic swap, and only if our old program is still the one attached.
             cur = site.record.mode
-            with bpfsys.closing_fd(bpfsys.obj_get(str(site.directory / "prog"))) as old:
+            with bpfsys.closing_fd(_prog_fd(site.record)) as old:
                 bpfsys.xdp_attach(ifindex, prog_fd, MODES[cur], old_prog_fd=old)
             return cur
         if q["prog_id"]:
             # --force over a foreign program: replace that exact program.
-            cur = {"native": "native", "generic": "generic"}.get(q["attach_mode"], "native")
+            cur = _mode_of(q)
             with bpfsys.closing_fd(bpfsys.prog_get_fd_by_id(q["prog_id"])) as old:
                 bpfsys.xdp_attach(ifindex, prog_fd, MODES[cur], old_prog_fd=old)
             return cur
@@ -546,12 +581,22 @@ def _attach(prog_fd, site: Site, mode) -> str:
         raise LoadError(f"{site.iface}: cannot attach in {' or '.join(order)} mode: {last}")
 
 
+def _mode_of(q: dict) -> str:
+    return {"native": "native", "generic": "generic"}.get(q["attach_mode"], "native")
+
+
 def detach(iface: str, netns: str | None = None, log=print) -> None:
     pins.ensure_bpffs()
     with pins.locked():
         directory = pins.iface_dir(netns, iface)
-        record = pins.read_record(directory)
-        if record is None:
+        try:
+            record = pins.read_record(directory)
+        except pins.PinError as e:
+            # A record replaced or unreadable: the pins and our program
+            # still go (by the program's name), the rest is reported.
+            log(f"warning: {e}")
+            record = None
+        if record is None and not directory.is_dir():
             raise UsageError(f"{iface}: xdpguard is not applied here (no pins in {directory})")
         # A namespace deleted under the pins took the interface and the
         # program's attachment with it: what is left is the pins and the
@@ -564,16 +609,17 @@ def detach(iface: str, netns: str | None = None, log=print) -> None:
         if ifindex is not None:
             with in_netns(netns):
                 q = bpfsys.xdp_query(ifindex)
-                if q["prog_id"] == record.prog_id:
-                    with bpfsys.closing_fd(bpfsys.obj_get(str(directory / "prog"))) as old:
-                        bpfsys.xdp_detach(ifindex, MODES[record.mode], old_prog_fd=old)
-        if record.syncookies and not gone:
+                if q["prog_id"] and (q["prog_id"] == (record and record.prog_id)
+                                     or is_xdpguard(q["prog_id"])):
+                    with bpfsys.closing_fd(bpfsys.prog_get_fd_by_id(q["prog_id"])) as old:
+                        bpfsys.xdp_detach(ifindex, MODES[_mode_of(q)], old_prog_fd=old)
+        if record and record.syncookies and not gone:
             _cookies_off(netns, directory, record.syncookies)
         pins.remove_dir(directory)
         pins.remove_dir(prev_dir(directory))
         pins.prune()
         if gone:
-            state = bans.remove_state(record.netns, iface)
+            state = bans.remove_state(netns or "host", iface)
     if gone:
         log(f"{iface}: network namespace '{netns}' is gone; pins and state ({state}) removed")
     else:
@@ -604,22 +650,32 @@ def rollback(iface: str, netns: str | None = None, log=print,
         if prev.kind == "gen":
             maps = _open_maps(directory, record, ("active", "gens"))
             try:
+                settle(maps, record)
+                if prev.gen not in (0, 1) or prev.gen == read_active(maps):
+                    raise UsageError(f"{iface}: the previous policy's generation is not whole; "
+                                     f"re-apply it instead")
+                # Record, then flip (as apply in place).
+                back = pins.modify_record(directory, lambda cur: replace(
+                    prev.record, types=cur.types, previous=cur.as_previous("gen", gen=1 - prev.gen),
+                    policy=replace(prev.record.policy, applied_at=time.time()), syncookies=cookies,
+                    generation=prev.gen))
+                killpoint.step("rollback-record")
                 set_active(maps, prev.gen)
             finally:
                 for m in maps.values():
                     m.close()
-            back = pins.modify_record(directory, lambda cur: replace(
-                prev.record, types=cur.types, previous=cur.as_previous("gen", gen=1 - prev.gen),
-                policy=replace(prev.record.policy, applied_at=time.time()), syncookies=cookies))
         else:
             pdir = prev_dir(directory)
             if pins.read_record(pdir) is None:
                 raise UsageError(f"{iface}: the previous program is gone ({pdir})")
             ifindex = ifindex_of(iface, netns)
             with in_netns(netns):
-                with bpfsys.closing_fd(bpfsys.obj_get(str(pdir / "prog"))) as new_fd, \
-                        bpfsys.closing_fd(bpfsys.obj_get(str(directory / "prog"))) as old_fd:
-                    bpfsys.xdp_attach(ifindex, new_fd, MODES[record.mode], old_prog_fd=old_fd)
+                # Already attached: a rollback killed before it swapped the pins.
+                if bpfsys.xdp_query(ifindex)["prog_id"] != pins.read_record(pdir).prog_id:
+                    with bpfsys.closing_fd(bpfsys.obj_get(str(pdir / "prog"))) as new_fd, \
+                            bpfsys.closing_fd(_prog_fd(record)) as old_fd:
+                        bpfsys.xdp_attach(ifindex, new_fd, MODES[record.mode], old_prog_fd=old_fd)
+            killpoint.step("rollback-attached")
             back = pins.modify_record(pdir, lambda b: replace(
                 b, mode=record.mode, previous=record.as_previous("dir"), confirm=None,
                 policy=replace(b.policy, applied_at=time.time()), syncookies=cookies))

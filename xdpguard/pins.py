@@ -205,6 +205,11 @@ class Record:
     confirm: Confirm | None = None
     probes: str | None = None  # set by `watch`: the probe set it runs
     syncookies: Syncookies | None = None
+    # The generation (of the program's two) this record describes: the
+    # active word is flipped to it only after the record is written, and
+    # a writer that finds them apart (a kill in between) flips it
+    # (loader.settle). None: a record written before it was kept (0).
+    generation: int | None = None
 
     @property
     def ns(self) -> str | None:
@@ -233,6 +238,8 @@ class Record:
             doc["probes"] = self.probes
         if self.syncookies is not None:
             doc["syncookies"] = asdict(self.syncookies)
+        if self.generation is not None:
+            doc["generation"] = self.generation
         return doc
 
     @classmethod
@@ -299,11 +306,24 @@ def read_record(directory: Path) -> Record | None:
             return None
         raise
     try:
-        raw = bpfsys.map_lookup(fd, b"\0\0\0\0", META_SIZE)
+        info = bpfsys.map_info(fd)
+        raw = None
+        if (info["type"], info["key_size"], info["value_size"]) == (bpfsys.BPF_MAP_TYPE_ARRAY, 4, META_SIZE):
+            raw = bpfsys.map_lookup(fd, b"\0\0\0\0", META_SIZE)
+    except OSError:
+        raw = None    # not a map at all (a program pinned there)
     finally:
         os.close(fd)
-    n = int.from_bytes(raw[:4], "little")
-    return Record.from_json(json.loads(raw[4:4 + n]), directory)
+    n = int.from_bytes(raw[:4], "little") if raw else 0
+    try:
+        doc = json.loads(raw[4:4 + n]) if raw else None
+    except (ValueError, UnicodeDecodeError):
+        doc = None
+    if doc is None:
+        # Replaced by something xdpguard did not pin.
+        raise PinError(f"{directory / 'meta'}: not an xdpguard record; 'xdpguard detach "
+                       f"--force' removes what is pinned in {directory}")
+    return Record.from_json(doc, directory)
 
 
 class NotPinned(PinError):

@@ -1,0 +1,168 @@
+"""Crash consistency (issue 16, items 17-20): the CLI killed at named steps
+(XDPGUARD_TEST_KILLPOINT, xdpguard/killpoint.py) must leave the interface
+running one whole policy the record describes, and a following apply,
+rollback or detach must succeed without --force. Also pins removed or
+replaced by hand.
+
+Which policy runs is read from the program's maps, not from the record:
+the policies differ in their default action, kept per generation.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+
+import pytest
+
+from testing.lab import REPO, VethPair, xdpguard_cmd
+from xdpguard import bpfsys, loader, pins
+
+
+@pytest.fixture
+def pair(tmp_path, monkeypatch):
+    from tests.conftest import require_kernel
+    require_kernel()
+    monkeypatch.setenv("XDPGUARD_STATE_DIR", str(tmp_path / "state"))
+    with VethPair(prefix="xgk", split=False) as p:
+        p.tmp = tmp_path
+        try:
+            yield p
+        finally:
+            xg(p, "detach", check=False)
+
+
+def xg(p, *args, kill: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.pop("XDPGUARD_TEST_KILLPOINT", None)
+    if kill:
+        env["XDPGUARD_TEST_KILLPOINT"] = kill
+    cp = subprocess.run([*xdpguard_cmd(), *map(str, args), "--iface", p.a, "--netns", p.ns_a],
+                        capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    if kill:
+        assert cp.returncode == -9, f"not killed at {kill}: {cp.stdout}{cp.stderr}"
+    elif check:
+        assert cp.returncode == 0, f"{args}: exit {cp.returncode}\n{cp.stdout}{cp.stderr}"
+    return cp
+
+
+def policy(p, name: str, default: str, rules: int = 1) -> str:
+    text = f'[policy]\nname = "{name}"\ndefault = "{default}"\n'
+    for i in range(rules):
+        text += f'[[rule]]\nname = "r{i}"\nproto = "tcp"\ndport = {1000 + i}\naction = "allow"\n'
+    path = p.tmp / f"{name}.toml"
+    path.write_text(text)
+    return path
+
+
+def directory(p):
+    return pins.iface_dir(p.ns_a, p.a)
+
+
+def running(p) -> tuple[str, int]:
+    """(default action of the generation the active word selects, attached program id)."""
+    rec = pins.read_record(directory(p))
+    maps = {n: pins.open_map(directory(p), n, rec) for n in ("active", "gens")}
+    try:
+        gen = loader.read_active(maps)
+        default = maps["gens"].lookup(ctypes.c_uint32(gen)).default_action
+    finally:
+        for m in maps.values():
+            m.close()
+    from xdpguard.netns import in_netns
+    with in_netns(p.ns_a):
+        attached = bpfsys.xdp_query(p.ia)["prog_id"]
+    return ("allow", "deny")[default], attached
+
+
+def consistent(p) -> pins.Record:
+    """The record describes what runs: its program is attached and its
+    generation is the active one."""
+    rec = pins.read_record(directory(p))
+    default, attached = running(p)
+    assert attached == rec.prog_id
+    assert default == rec.policy.default, f"record says {rec.policy.name} ({rec.policy.default})"
+    return rec
+
+
+@pytest.mark.parametrize("step", ["inplace-write", "write-gen", "inplace-record", "inplace-flipped"])
+def test_kill_in_place_apply(pair, step):
+    xg(pair, "apply", policy(pair, "pa", "allow"))
+    xg(pair, "apply", policy(pair, "pb", "deny"))
+    xg(pair, "apply", policy(pair, "pc", "allow"), kill=step)
+    # Item 17: the next writer finishes a flip the record already names.
+    cp = xg(pair, "rollback", check=False)
+    rec = consistent(pair)
+    if step in ("inplace-record", "inplace-flipped"):
+        assert cp.returncode == 0 and "'pb'" in cp.stdout and rec.policy.name == "pb"
+    else:
+        # Item 18: pa's generation was being overwritten: no rollback to it.
+        assert cp.returncode == 2 and "no previous policy" in cp.stderr, cp.stderr
+        assert rec.policy.name == "pb"
+    xg(pair, "apply", policy(pair, "pd", "deny"))
+    assert consistent(pair).policy.name == "pd"
+    xg(pair, "rollback")
+    consistent(pair)
+
+
+def test_kill_rollback_after_record(pair):
+    xg(pair, "apply", policy(pair, "pa", "allow"))
+    xg(pair, "apply", policy(pair, "pb", "deny"))
+    xg(pair, "rollback", kill="rollback-record")
+    xg(pair, "apply", policy(pair, "pc", "deny"))
+    xg(pair, "rollback")
+    assert consistent(pair).policy.name == "pa"
+
+
+@pytest.mark.parametrize("step", ["reload-attached", "reload-exchanged"])
+def test_kill_reload(pair, step):
+    xg(pair, "apply", policy(pair, "pa", "allow"))
+    # 70 rules do not fit a program made for one: a reload.
+    xg(pair, "apply", policy(pair, "big", "deny", rules=70), kill=step)
+    # Item 19: the unpinned program is recognised as xdpguard's.
+    xg(pair, "apply", policy(pair, "pb", "deny"))
+    consistent(pair)
+    xg(pair, "detach")
+    assert running_off(pair)
+
+
+def running_off(p) -> bool:
+    from xdpguard.netns import in_netns
+    with in_netns(p.ns_a):
+        return bpfsys.xdp_query(p.ia)["prog_id"] == 0 and not directory(p).exists()
+
+
+def test_removed_prog_pin(pair):
+    xg(pair, "apply", policy(pair, "pa", "allow"))
+    os.unlink(directory(pair) / "prog")
+    xg(pair, "apply", policy(pair, "big", "deny", rules=70))   # a reload swaps by id
+    consistent(pair)
+    os.unlink(directory(pair) / "prog")
+    xg(pair, "detach")
+    assert running_off(pair)
+
+
+def test_removed_meta_pin(pair):
+    xg(pair, "apply", policy(pair, "pa", "allow"))
+    xg(pair, "ban", "192.0.2.7")
+    os.unlink(directory(pair) / "meta")
+    cp = xg(pair, "apply", policy(pair, "pb", "deny"))
+    assert "no record describes" in cp.stdout + cp.stderr
+    consistent(pair)
+    assert "192.0.2.7" in xg(pair, "bans").stdout    # the ban map was kept
+    os.unlink(directory(pair) / "meta")
+    xg(pair, "detach")
+    assert running_off(pair)
+
+
+def test_meta_replaced_by_another_map(pair):
+    xg(pair, "apply", policy(pair, "pa", "allow"))
+    meta = directory(pair) / "meta"
+    os.unlink(meta)
+    with bpfsys.closing_fd(bpfsys.obj_get(str(directory(pair) / "active"))) as fd:
+        bpfsys.obj_pin(fd, str(meta))
+    for args in (("stats",), ("apply", policy(pair, "pb", "deny"))):
+        cp = xg(pair, *args, check=False)
+        assert cp.returncode != 0 and "Traceback" not in cp.stderr and "not an xdpguard record" in cp.stderr
+    xg(pair, "detach")
+    assert running_off(pair)
