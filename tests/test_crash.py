@@ -166,3 +166,44 @@ def test_meta_replaced_by_another_map(pair):
         assert cp.returncode != 0 and "Traceback" not in cp.stderr and "not an xdpguard record" in cp.stderr
     xg(pair, "detach")
     assert running_off(pair)
+
+
+def test_watch_killed_after_a_ban_keeps_the_offence(tmp_path):
+    """Item 21: watch.json has the offence before the ban is in force, so
+    SIGKILL right after the ban loses neither (the ban maps are stand-ins:
+    what is checked is the order of the two writes)."""
+    import json
+    import multiprocessing
+
+    from xdpguard import daemon
+    from xdpguard.policy import load
+
+    pol = load(tmp_path / "w.toml", '[policy]\nname = "w"\n[[rule]]\nname = "web"\nproto = "tcp"\ndport = 80\n'
+               'action = "allow"\n[mitigation]\nenabled = true\n'
+               'pps = "10/s"\nwindow = "1s"\nban = "60s"\n')
+    state = tmp_path / "watch.json"
+
+    class Sampler:
+        def sample(self):
+            return 2.0, {"192.0.2.9/32": {"pps": 1e6}}, {}
+
+    class BanMaps:
+        def expire(self):
+            return []
+
+        def entries(self):
+            return []
+
+        def add(self, *_a):
+            (tmp_path / "banned").write_text("yes")
+
+    def child():
+        os.environ["XDPGUARD_TEST_KILLPOINT"] = "watch-banned"
+        w = daemon.Watch(pol, "x", None, 1.0, True, out=open(os.devnull, "w"))
+        w.tick(daemon.Mitigator(pol, []), Sampler(), BanMaps(), state)
+
+    proc = multiprocessing.get_context("fork").Process(target=child)
+    proc.start()
+    proc.join(30)
+    assert proc.exitcode == -9 and (tmp_path / "banned").exists()
+    assert json.loads(state.read_text())["offenders"]["192.0.2.9/32"]["offences"] == 1

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from xdpguard import bans, bpfsys, pins
+from xdpguard import bans, bpfsys, killpoint, pins
 from xdpguard.errors import UsageError
 from xdpguard.layout import C
 from xdpguard.policy import Policy
@@ -371,10 +371,16 @@ class Watch:
                 if len(active) >= self.policy.mitigation.max_bans:
                     self.note(f"max_bans ({self.policy.mitigation.max_bans}) reached: not banning {d.source}")
                     continue
+                # The offence is saved before the ban goes in: a kill
+                # between may count an offence with no ban, never a ban
+                # with its offence lost (the next one would be 1 again).
+                mit.record_ban(d)
+                self._save_state(state_path, mit.state)
+                killpoint.step("watch-offence")
                 with pins.locked():
                     banmaps.add(ipaddress.ip_network(d.source), d.duration, dict(METRICS)[d.metric],
                                 f"{d.metric} {d.observed:.0f}/s > {d.threshold:g}/s")
-                mit.record_ban(d)
+                killpoint.step("watch-banned")
                 active.add(d.source)
                 self.bans_total += 1
                 changed = True
