@@ -168,6 +168,20 @@ def test_meta_replaced_by_another_map(pair):
     assert running_off(pair)
 
 
+def test_manual_ban_keeps_max_bans(pair):
+    """Item 23: max_bans holds for `ban` as for watch; a re-ban is no new one."""
+    path = pair.tmp / "mb.toml"
+    path.write_text('[policy]\nname = "mb"\n[[rule]]\nname = "web"\nproto = "tcp"\ndport = 80\n'
+                    'action = "allow"\n[mitigation]\nenabled = true\nmax_bans = 2\n')
+    xg(pair, "apply", path)
+    xg(pair, "ban", "192.0.2.1")
+    xg(pair, "ban", "192.0.2.2")
+    xg(pair, "ban", "192.0.2.2")
+    cp = xg(pair, "ban", "192.0.2.3", check=False)
+    assert cp.returncode == 2 and "max_bans (2)" in cp.stderr, cp.stderr
+    assert "192.0.2.3" not in xg(pair, "bans").stdout
+
+
 def test_watch_killed_after_a_ban_keeps_the_offence(tmp_path):
     """Item 21: watch.json has the offence before the ban is in force, so
     SIGKILL right after the ban loses neither (the ban maps are stand-ins:

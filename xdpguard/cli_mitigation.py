@@ -25,6 +25,15 @@ def cmd_ban(args) -> int:
                 bans.check_bannable(net, rec)
             except bans.BanError as e:
                 raise CliError(f"{rec.netns}/{rec.iface}: {e}")
+            limit = rec.mitigation.max_bans
+            if limit is not None:
+                # The policy's max_bans holds for manual bans too (watch's
+                # and restore's count the same entries); a re-ban is no new one.
+                with bans.BanMaps(d, rec) as bm:
+                    held = {e["prefix"] for e in bm.entries() if not e["expired"]}
+                if str(net) not in held and len(held) >= limit:
+                    raise CliError(f"{rec.netns}/{rec.iface}: max_bans ({limit}) reached; "
+                                   f"unban one first, or raise max_bans in the policy")
         for d, rec in targets:
             with bans.BanMaps(d, rec) as bm:
                 bm.add(net, ttl, text=args.reason or "manual")

@@ -322,7 +322,8 @@ def _record(policy: Policy, tables: Tables, fill: Fill, *, netns: str | None, if
         types=types,
         mitigation=pins.MitigationInfo(policy.mitigation.enabled, policy.mitigation.prefix4,
                                        policy.mitigation.prefix6,
-                                       [str(p) for p in policy.mitigation.allow]),
+                                       [str(p) for p in policy.mitigation.allow],
+                                       policy.mitigation.max_bans),
         protect=[pins.Protect(str(p), port) for p, port in policy.protect],
         syncookies=fill.cookies)
 

@@ -149,6 +149,7 @@ class MitigationInfo:
     prefix4: int = 32
     prefix6: int = 64
     allow: list[str] = field(default_factory=list)
+    max_bans: int | None = None   # None: a record from before it was kept (no limit)
 
 
 @dataclass
@@ -224,7 +225,8 @@ class Record:
                "ifindex": self.ifindex, "mode": self.mode, "prog_id": self.prog_id,
                "policy": asdict(self.policy), "shape": self.shape,
                "rules": [asdict(r) for r in self.rules], "slots": self.slots, "lpm": self.lpm,
-               "types": self.types, "mitigation": asdict(self.mitigation),
+               "types": self.types, "mitigation": {k: v for k, v in asdict(self.mitigation).items()
+                                                 if v is not None},
                "protect": [asdict(p) for p in self.protect]}
         if self.previous is not None:
             prev = {k: v for k, v in self.previous.record.to_json().items() if k != "types"}
