@@ -182,6 +182,38 @@ def test_manual_ban_keeps_max_bans(pair):
     assert "192.0.2.3" not in xg(pair, "bans").stdout
 
 
+def test_disk_full_ban_and_unban_say_what_happened(pair, monkeypatch):
+    """Item 22: with the state directory full, `ban` fails and bans
+    nothing, `unban` fails and lifts nothing, and both name the file."""
+    xg(pair, "apply", policy(pair, "pa", "allow"))
+    mnt = pair.tmp / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], check=True)
+    try:
+        monkeypatch.setenv("XDPGUARD_STATE_DIR", str(mnt))
+        xg(pair, "ban", "192.0.2.1")
+        fd = os.open(mnt / "fill", os.O_WRONLY | os.O_CREAT)
+        try:
+            while os.write(fd, b"x" * 4096):
+                pass
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        cp = xg(pair, "ban", "192.0.2.2", check=False)
+        assert cp.returncode == 1 and "bans.json" in cp.stderr and "not banned" in cp.stderr, cp.stderr
+        cp = xg(pair, "unban", "192.0.2.1", check=False)
+        assert cp.returncode == 1 and "bans.json" in cp.stderr and "stays in force" in cp.stderr, cp.stderr
+        listed = xg(pair, "bans").stdout
+        assert "192.0.2.1" in listed and "192.0.2.2" not in listed
+        os.unlink(mnt / "fill")
+        xg(pair, "unban", "192.0.2.1")
+        assert "192.0.2.1" not in xg(pair, "bans").stdout
+    finally:
+        if subprocess.run(["umount", str(mnt)]).returncode != 0:
+            subprocess.run(["umount", "-l", str(mnt)])
+
+
 def test_watch_killed_after_a_ban_keeps_the_offence(tmp_path):
     """Item 21: watch.json has the offence before the ban is in force, so
     SIGKILL right after the ban loses neither (the ban maps are stand-ins:
@@ -208,7 +240,7 @@ def test_watch_killed_after_a_ban_keeps_the_offence(tmp_path):
         def entries(self):
             return []
 
-        def add(self, *_a):
+        def add(self, *_a, **_kw):
             (tmp_path / "banned").write_text("yes")
 
     def child():

@@ -67,10 +67,12 @@ def watch_state_path(netns: str, iface: str) -> Path:
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    """Write, fsync, rename: a crash leaves the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    """Write, fsync, rename: a crash leaves the old file or the new one.
+    OSError names the file (a full disk is the operator's to fix)."""
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, separators=(",", ":"))
             f.flush()
@@ -81,9 +83,11 @@ def write_json_atomic(path: Path, obj) -> None:
             os.fsync(dfd)
         finally:
             os.close(dfd)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if tmp and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from None
         raise
 
 
@@ -297,27 +301,42 @@ class BanMaps:
         v.reason = reason
         return m, _key(m, net), v
 
-    def add(self, net, ttl_s: float | None, reason: int = C.XG_BAN_MANUAL, text: str = "") -> None:
-        """Ban a prefix (renewing keeps its counters); hold pins.locked()."""
+    def add(self, net, ttl_s: float | None, reason: int = C.XG_BAN_MANUAL, text: str = "",
+            strict: bool = True) -> str | None:
+        """Ban a prefix (renewing keeps its counters); hold pins.locked().
+        When bans.json cannot be written: OSError, not banned; or with
+        strict=False (watch) banned anyway, the error returned."""
         now = time.time()
         m, k, v = self._entry(net, 0 if not ttl_s else boot_ns() + int(ttl_s * 1e9), reason)
         old = m.lookup(k)
         if old is not None:      # keep the drop counters of a renewed ban
             v.packets, v.bytes = old.packets, old.bytes
-        insert(m, self.state, net.version, k, v)
+        # The note first: when bans.json cannot be written (disk full),
+        # the ban is not put in force and the error says so.
         records = self.records()
         records[str(net)] = BanRecord(text or REASONS.get(reason, "manual"), reason, now,
                                       None if not ttl_s else now + ttl_s)
-        self._save(records)
+        failed = None
+        try:
+            self._save(records)
+        except OSError as e:
+            if strict:
+                raise OSError(e.errno, f"{e.strerror}; {net} not banned") from None
+            failed = f"{e.strerror}; {net} banned without its record"
+        insert(m, self.state, net.version, k, v)
+        return failed
 
     def remove(self, net) -> bool:
         """Lift a ban; hold pins.locked()."""
         m = self.maps[net.version]
-        gone = delete(m, self.state, net.version, _key(m, net))
+        # The note first (as add): a failed write leaves the ban in force.
         records = self.records()
         if records.pop(str(net), None) is not None:
-            self._save(records)
-        return gone
+            try:
+                self._save(records)
+            except OSError as e:
+                raise OSError(e.errno, f"{e.strerror}; the ban on {net} stays in force") from None
+        return delete(m, self.state, net.version, _key(m, net))
 
     def empty(self) -> bool:
         return all(bpfsys.map_get_next_key(m.fd, None, ctypes.sizeof(m.Key)) is None

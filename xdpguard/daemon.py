@@ -362,7 +362,7 @@ class Watch:
         dt, sources, _dests = sampler.sample()
         if dt <= 0 or not self.policy.mitigation.enabled:
             if changed:
-                self._save_state(state_path, mit.state)
+                self._try_save(state_path, mit.state)
             return
         active = {e["prefix"] for e in banmaps.entries()}
         now = time.monotonic()
@@ -375,18 +375,28 @@ class Watch:
                 # between may count an offence with no ban, never a ban
                 # with its offence lost (the next one would be 1 again).
                 mit.record_ban(d)
-                self._save_state(state_path, mit.state)
+                self._try_save(state_path, mit.state)
                 killpoint.step("watch-offence")
                 with pins.locked():
-                    banmaps.add(ipaddress.ip_network(d.source), d.duration, dict(METRICS)[d.metric],
-                                f"{d.metric} {d.observed:.0f}/s > {d.threshold:g}/s")
+                    failed = banmaps.add(ipaddress.ip_network(d.source), d.duration, dict(METRICS)[d.metric],
+                                         f"{d.metric} {d.observed:.0f}/s > {d.threshold:g}/s", strict=False)
+                if failed:
+                    self.note(f"warning: {failed}")
                 killpoint.step("watch-banned")
                 active.add(d.source)
                 self.bans_total += 1
                 changed = True
             self.log(d)
         if changed:
-            self._save_state(state_path, mit.state)
+            self._try_save(state_path, mit.state)
+
+    def _try_save(self, path: Path, state: dict) -> None:
+        """watch.json, or a note naming it: a full disk must not stop the
+        bans (the offences then live in memory until it can be written)."""
+        try:
+            self._save_state(path, state)
+        except OSError as e:
+            self.note(f"warning: {e.strerror or e}")
 
     @staticmethod
     def _save_state(path: Path, state: dict) -> None:
@@ -404,7 +414,7 @@ class Watch:
                 and b["until"] > now}
         if keep != state["bans"]:
             state["bans"] = keep
-            self._save_state(path, state)
+            self._try_save(path, state)
 
     def _metrics(self, where: str, directory: Path, record: pins.Record, banmaps):
         from xdpguard.metrics import serve
