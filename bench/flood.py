@@ -13,7 +13,10 @@ separate namespace, for each receiver mode:
     xdpguard-generic    the same, generic (skb) XDP
     xdp-filter-native   xdp-filter with the flood's source addresses (<= 10,000 of them)
     nft-drop            nftables netdev ingress: saddr in the same blocklist -> drop
-    xdpguard-limit      xdpguard per-source limit (100/s, burst 100), native
+    xdpguard-limit      xdpguard per-source limit (100/s, burst 100), native, with its
+                        default new-source budget (1,000 sources/s, burst 1,000)
+    xdpguard-limit-open the same with new_sources = "1G/s": every source gets a
+                        bucket (what xdpguard did before the budget)
     nft-limit           nftables ingress, dynamic set per source, `limit rate over`
     iptables-hashlimit  iptables raw PREROUTING hashlimit per srcip (iptables-nft here)
 
@@ -36,7 +39,7 @@ from xdpguard.policy import load as load_policy
 POOLS_FULL = (1, 1024, 10_000_000)
 POOLS_QUICK = (1, 10_000_000)
 MODES_FULL = ("pass", "xdp-drop", "xdp-read-drop", "xdpguard-native", "xdpguard-generic", "xdp-filter-native",
-              "nft-drop", "xdpguard-limit", "nft-limit", "iptables-hashlimit")
+              "nft-drop", "xdpguard-limit", "xdpguard-limit-open", "nft-limit", "iptables-hashlimit")
 MODES_QUICK = ("pass", "xdp-drop", "xdp-read-drop", "xdpguard-native", "nft-drop")
 LIMIT_RATE, LIMIT_BURST, LIMIT_SIZE = 100, 100, 262144
 # Fixed counter slots of `stats` that only drop (outside the rules' rows).
@@ -83,7 +86,8 @@ class _XdpguardMode:
                 pins.remove_dir(self.dir)
 
 
-def _limit_policy(ctx, rate: int, burst: int, per: str, name: str = "flood-limit") -> str:
+def _limit_policy(ctx, rate: int, burst: int, per: str, name: str = "flood-limit", extra: str = "") -> str:
+    """extra: more keys of both rules (e.g. new_sources)."""
     path = ctx.workdir / f"{name}-{per}-{rate}.toml"
     path.write_text(f"""[policy]
 name = "{name}-{per}"
@@ -96,7 +100,7 @@ action = "limit"
 rate = "{rate}/s"
 burst = {burst}
 per = "{per}"
-
+{extra}
 [[rule]]
 name = "lim6"
 src = "2001:db8::/32"
@@ -104,7 +108,7 @@ action = "limit"
 rate = "{rate}/s"
 burst = {burst}
 per = "{per}"
-""")
+{extra}""")
     return path
 
 
@@ -140,8 +144,9 @@ def setup_mode(ctx, lab: Lab, mode: str) -> Receiver:
             m.close()
             set_gro(lab.ns_b, lab.b, False)
         return Receiver(m.counts, close)
-    if mode == "xdpguard-limit":
-        m = _XdpguardMode(ctx, lab, _limit_policy(ctx, LIMIT_RATE, LIMIT_BURST, "source"), "native")
+    if mode in ("xdpguard-limit", "xdpguard-limit-open"):
+        extra = 'new_sources = "1G/s"\n' if mode == "xdpguard-limit-open" else ""
+        m = _XdpguardMode(ctx, lab, _limit_policy(ctx, LIMIT_RATE, LIMIT_BURST, "source", mode, extra), "native")
         return Receiver(m.counts, m.close)
     if mode == "xdp-filter-native":
         xf = XdpFilter(lab.ns_b, lab.b, mode="native").__enter__()
@@ -202,7 +207,7 @@ def measure(lab, sender, fam, pool, count, seconds, rx: Receiver, rate=None) -> 
 
 
 DROP_MODES = ("pass", "xdp-drop", "xdp-read-drop", "xdpguard-native", "xdpguard-generic", "xdp-filter-native", "nft-drop")
-LIMIT_MODES = ("xdpguard-limit", "nft-limit", "iptables-hashlimit")
+LIMIT_MODES = ("xdpguard-limit", "xdpguard-limit-open", "nft-limit", "iptables-hashlimit")
 
 
 def _group(ctx, sender, modes, fams, pools, count, seconds, reps, result) -> None:
@@ -307,7 +312,7 @@ def run(ctx) -> dict:
                 m = {"mode": mode, "family": fam, "pool": pool, "n": len(rs), "generator": rs[0]["generator"]}
                 for k in keys:
                     m[k] = median([r[k] for r in rs])
-                for k in ("sent", "received", "dropped", "passed", "lost_ring_full", "unaccounted"):
+                for k in ("sent", "received", "dropped", "passed", "lost_ring_full", "unaccounted", "seconds"):
                     m[k] = sum(r[k] for r in rs)
                 m["cpu_busy"] = [median([r["cpu_busy"][i] for r in rs]) for i in range(len(rs[0]["cpu_busy"]))]
                 m["stack"] = rs[-1]["stack"]
@@ -384,6 +389,7 @@ def run(ctx) -> dict:
         if a and b:
             det.append(f"v{fam}: 1 src {a:.2f}, 10M src {b:.2f} Mpps/core")
     t["spoof_vs_single_detail"] = "; ".join(det)
+    _spoofed_limit_targets(t, rate, get, fams)
     result["targets"] = t
 
     rows = []
@@ -409,3 +415,38 @@ def run(ctx) -> dict:
                                              "passed", "lost", "unacc.", "cpu%", "rx%", "Mpps/core", "generator"],
                 rows, "\n".join(note))
     return result
+
+
+def _spoofed_limit_targets(t: dict, rate, get, fams) -> None:
+    """Issue 19: a 10M-source spoofed flood into a per-source limit. The
+    receiver's capacity against the blocklist deny's (medians of their
+    runs: the two run in different groups), and what the new-source
+    budget admitted per run against what it should: its burst (refilled
+    between runs, which are seconds apart) plus its rate over the run
+    (each forged source sends once, so none is established)."""
+    from xdpguard.policy import NEW_SOURCES_PER_RATE
+    spoof = 10_000_000
+    new_rate = NEW_SOURCES_PER_RATE * LIMIT_RATE     # the default budget, burst one second of it
+    ratios, admitted, det = {}, {}, []
+    for fam in fams:
+        lim, deny = rate("xdpguard-limit", fam, spoof, "core_mpps"), rate("xdpguard-native", fam, spoof, "core_mpps")
+        openl = rate("xdpguard-limit-open", fam, spoof, "core_mpps")
+        if lim and deny:
+            ratios[f"v{fam}"] = lim / deny
+        r = get("xdpguard-limit", fam, spoof)
+        if r and r["n"]:
+            want = r["n"] * new_rate + new_rate * r["seconds"]   # burst per run + rate x time
+            got = r["passed"]
+            admitted[f"v{fam}"] = {"admitted": got, "expected": want,
+                                   "error": (got / want - 1) if want else None}
+        det.append(f"v{fam}: limit {lim or 0:.2f}, limit without budget {openl or 0:.2f}, "
+                   f"blocklist deny {deny or 0:.2f} Mpps/core")
+    vals = [v for v in ratios.values() if v]
+    t["spoofed_limit_vs_deny"] = min(vals) if vals else None
+    t["spoofed_limit_vs_deny_by_family"] = ratios
+    t["spoofed_limit_admitted"] = admitted
+    errs = [abs(a["error"]) for a in admitted.values() if a["error"] is not None]
+    t["spoofed_limit_admitted_error"] = max(errs) if errs else None
+    t["spoofed_limit_detail"] = "; ".join(det) + (
+        f"; admitted per run vs burst + rate x run ({new_rate}/s): "
+        + ", ".join(f"{k} {a['admitted']:,} vs {a['expected']:,.0f}" for k, a in admitted.items() if a["expected"]))

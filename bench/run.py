@@ -11,7 +11,8 @@ Sections: percpu (BPF_PROG_TEST_RUN cost per packet), flood (floods
 through a veth pair: live XDP frames, or a packet socket where the kernel
 refuses them or XDPGUARD_BENCH_GENERATOR=af_packet), limiter (accuracy
 of rate limits), control (apply, re-apply, stats, memory, compile), mitigation (watch: reaction,
-legit client during a flood, CPU at 10,000 sources), analysis (full runs only: cost
+legit client during a flood, CPU at 10,000 sources), synflood (spoofed SYNs against nginx:
+the kernel, nftables SYNPROXY, xdpguard with and without syncookies), analysis (full runs only: cost
 of each stage of the program, LPM trie vs array lookup). Tables go to stdout, progress to
 stderr, everything to JSON (bench/results/latest.json by default).
 
@@ -36,7 +37,7 @@ from bench import common, traffic  # noqa: E402
 from bench.common import dump_json, log, print_table  # noqa: E402
 from testing.lab import CREATED  # noqa: E402
 
-SECTIONS = ("percpu", "flood", "limiter", "control", "mitigation", "analysis")
+SECTIONS = ("percpu", "flood", "limiter", "control", "mitigation", "synflood", "analysis")
 QUICK_SECTIONS = ("percpu", "flood", "limiter", "control")
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -107,6 +108,18 @@ def targets(res: dict) -> list[dict]:
         detail=t.get("xdpguard_vs_xdp_drop_detail", "") + other)
     add("flood: 10M spoofed sources no more than 10% below 1 source",
         t.get("spoof_vs_single"), 0.9, kind="min", unit="x", detail=t.get("spoof_vs_single_detail", "") + other)
+
+    add("flood: 10M spoofed into a per-source limit >= 0.8x blocklist deny (Mpps/core)",
+        t.get("spoofed_limit_vs_deny"), 0.8, kind="min", unit="x", detail=t.get("spoofed_limit_detail", "") + other)
+    add("flood: 10M spoofed into a per-source limit admit new_sources within 5%",
+        t.get("spoofed_limit_admitted_error"), 0.05, unit="", detail=t.get("spoofed_limit_detail", ""))
+
+    sf = res.get("synflood", {})
+    add("SYN flood: legit connections with syncookies >= 95% of no attack",
+        _get(sf, "targets", "syncookies_vs_baseline"), 0.95, kind="min", unit="x",
+        detail=_get(sf, "targets", "detail") or "")
+    add("SYN flood: spoofed SYNs reaching the stack with syncookies",
+        _get(sf, "targets", "syncookies_syns_to_stack"), 0, unit="", detail="the nftables counter of xdpguard's table")
 
     lim = res.get("limiter", {})
     add("limiter within 5% of configured rate", lim.get("worst_error"), 0.05,

@@ -83,8 +83,8 @@ static __always_inline int xgb_rewrite(void *data, void *end, u64 *c)
     *c += 1;
 #if XGB_FAMILY == 4
     struct iphdr *ip = data + 14;
-    struct udphdr *udp = data + 14 + 20;
-    if ((void *)(udp + 1) > end)
+    __u16 *l4sum = data + 14 + 20 + XGB_CSUM_OFF;
+    if ((void *)(l4sum + 1) > end)
         return -1;
     v = __builtin_bswap32(0x0a000000U + idx);
     old = ip->saddr;
@@ -93,18 +93,19 @@ static __always_inline int xgb_rewrite(void *data, void *end, u64 *c)
     xgb_csum(&ip->check, old >> 16, v >> 16);
 #else
     struct ipv6hdr *ip6 = data + 14;
-    struct udphdr *udp = data + 14 + 40;
-    if ((void *)(udp + 1) > end)
+    __u16 *l4sum = data + 14 + 40 + XGB_CSUM_OFF;
+    if ((void *)(l4sum + 1) > end)
         return -1;
     v = __builtin_bswap32(idx);
     old = ip6->saddr.in6_u.u6_addr32[1];
     ip6->saddr.in6_u.u6_addr32[1] = v;
 #endif
-    if (udp->check) {
-        xgb_csum(&udp->check, old & 0xffff, v & 0xffff);
-        xgb_csum(&udp->check, old >> 16, v >> 16);
-        if (!udp->check)
-            udp->check = 0xffff;
+    /* UDP (XGB_CSUM_OFF 6): 0 is no checksum; TCP (16) always has one. */
+    if (*l4sum || XGB_CSUM_OFF != 6) {
+        xgb_csum(l4sum, old & 0xffff, v & 0xffff);
+        xgb_csum(l4sum, old >> 16, v >> 16);
+        if (!*l4sum && XGB_CSUM_OFF == 6)
+            *l4sum = 0xffff;
     }
     return 0;
 }
@@ -164,12 +165,29 @@ def pool_sources(family: int, pool: int, limit: int | None = None) -> list[str]:
     return [str(ipaddress.IPv6Address(base | (i << 64) | 1)) for i in range(n)]
 
 
-def template(lab: Lab, family: int) -> bytes:
-    """60/62-byte UDP frame a -> b (b's real MAC and address, port 9)."""
-    if family == 4:
-        f = packet.build("10.0.0.0", Lab.RECV_V4, "udp", sport=40000, dport=9, payload=bytes(18))
+# The generator's frames: UDP to port 9 (no socket), or TCP SYNs to port 80.
+PROTOS = ("udp", "syn")
+_CSUM_OFF = {"udp": 6, "syn": 16}
+
+
+def template(lab: Lab, family: int, proto: str = "udp") -> bytes:
+    """UDP: a 60/62-byte frame a -> b (b's real MAC and address, port 9);
+    syn: a SYN to port 80 with MSS, SACK, timestamp and window scale, as
+    a client's."""
+    src = "10.0.0.0" if family == 4 else "2001:db8::1"
+    dst = Lab.RECV_V4 if family == 4 else Lab.RECV_V6
+    if proto == "syn":
+        from scapy.layers.inet import IP, TCP
+        from scapy.layers.inet6 import IPv6
+        ip = IP(src=src, dst=dst) if family == 4 else IPv6(src=src, dst=dst)
+        f = bytes(b"\0" * 12 + b"\x08\x00" if family == 4 else b"\0" * 12 + b"\x86\xdd") + bytes(
+            ip / TCP(sport=40000, dport=80, flags="S", seq=1, window=64240,
+                     options=[("MSS", 1460), ("SAckOK", b""), ("Timestamp", (1, 0)), ("NOP", None),
+                              ("WScale", 7)]))
+    elif family == 4:
+        f = packet.build(src, dst, "udp", sport=40000, dport=9, payload=bytes(18))
     else:
-        f = packet.build("2001:db8::1", Lab.RECV_V6, "udp", sport=40000, dport=9)
+        f = packet.build(src, dst, "udp", sport=40000, dport=9)
     mac_b = bytes.fromhex(lab.mac_b.replace(":", ""))
     mac_a = bytes.fromhex(lab.mac_a.replace(":", ""))
     return mac_b + mac_a + f[12:]
@@ -279,11 +297,12 @@ class Sender:
         log(f"flood generator: {self.generator} ({self.why})")
         ensure_sigusr1()
 
-    def prog(self, family: int, pool: int):
-        key = (family, pool)
+    def prog(self, family: int, pool: int, proto: str = "udp"):
+        key = (family, pool, proto)
         if key not in self._progs:
             from bcc import BPF
-            b = BPF(text=SENDER_SRC, cflags=["-w", f"-DXGB_FAMILY={family}", f"-DXGB_POOL={pool}ULL"])
+            b = BPF(text=SENDER_SRC, cflags=["-w", f"-DXGB_FAMILY={family}", f"-DXGB_POOL={pool}ULL",
+                                             f"-DXGB_CSUM_OFF={_CSUM_OFF[proto]}"])
             if self.generator == LIVE_FRAMES:
                 fn = b.load_func(b"xgb_send", BPF.XDP)
             else:
@@ -296,20 +315,20 @@ class Sender:
             b.cleanup()
         self._progs.clear()
 
-    def sent(self, family: int, pool: int) -> int:
+    def sent(self, family: int, pool: int, proto: str = "udp") -> int:
         """Frames handed to the device so far by that sender program."""
-        b, _ = self.prog(family, pool)
+        b, _ = self.prog(family, pool, proto)
         t = b[b"xgb_n"]
         return sum(int(v) for v in t[t.Key(0)])
 
     def send(self, lab: Lab, family: int, pool: int, count: int, seconds: float,
-             rate: float | None = None, cpu: int = 0, monitor=None) -> dict:
+             rate: float | None = None, cpu: int = 0, monitor=None, proto: str = "udp") -> dict:
         """Transmit up to `count` frames for at most `seconds` (rate: frames/s,
         paced; else as fast as the CPU goes). monitor() runs meanwhile in
         the calling thread. Returns the frames transmitted, the time the
         sender ran, and (af_packet) the frames veth refused."""
-        b, fn = self.prog(family, pool)
-        frame = template(lab, family)
+        b, fn = self.prog(family, pool, proto)
+        frame = template(lab, family, proto)
         sched: dict = {}
         extra: dict = {}
 
@@ -338,7 +357,7 @@ class Sender:
                 finally:
                     sched["1"] = schedstat("/proc/thread-self/schedstat")
 
-        sent0 = self.sent(family, pool)
+        sent0 = self.sent(family, pool, proto)
         with ExitStack() as stack:
             if self.generator == AF_PACKET:
                 self._prepare_afp(lab)
@@ -347,7 +366,7 @@ class Sender:
                 stack.callback(self._tc_detach, lab)
             r = run_bounded(call, seconds + 0.05, monitor=monitor)
         (c0, w0), (c1, w1) = sched.get("0", (0, 0)), sched.get("1", (0, 0))
-        return {"sent": self.sent(family, pool) - sent0, "seconds": r["t1"] - r["t0"],
+        return {"sent": self.sent(family, pool, proto) - sent0, "seconds": r["t1"] - r["t0"],
                 "interrupted": r["interrupted"], "cpu_s": (c1 - c0) / 1e9, "wait_s": (w1 - w0) / 1e9,
                 "generator": self.generator, **extra}
 
@@ -430,7 +449,7 @@ def stack_counts(lab: Lab) -> dict:
 
 
 def measure(lab: Lab, sender: Sender, family: int, pool: int, count: int, seconds: float,
-            dropped_fn, rate: float | None = None, settle: float = 0.05) -> dict:
+            dropped_fn, rate: float | None = None, settle: float = 0.05, proto: str = "udp") -> dict:
     """One flood with before/after counters. dropped_fn() -> packets the
     receiver under test dropped so far (its own counters)."""
     napi = set_threaded_napi(lab, cpu=1 % NCPU)
@@ -440,7 +459,7 @@ def measure(lab: Lab, sender: Sender, family: int, pool: int, count: int, second
         return sum(x[0] for x in xs), sum(x[1] for x in xs)
     v0, s0, d0, c0, n0 = veth_counts(lab), stack_counts(lab), dropped_fn(), cpu_times(), napi_sched()
     st0 = steal_times()
-    res = sender.send(lab, family, pool, count, seconds, rate=rate)
+    res = sender.send(lab, family, pool, count, seconds, rate=rate, proto=proto)
     st1 = steal_times()
     time.sleep(settle)   # let the receiver drain its ring
     c1, n1, v1, s1, d1 = cpu_times(), napi_sched(), veth_counts(lab), stack_counts(lab), dropped_fn()

@@ -155,11 +155,12 @@ def test_limiter_and_control_shape(quick_run):
 def test_targets_listed(quick_run):
     res = json.loads(quick_run[1].read_text())
     tg = res["targets"]
-    assert len(tg) == 14
+    assert len(tg) == 18
     for t in tg:
         assert t["status"] in ("PASS", "MISS", "n/a")
-    # The feedback-loop section runs in full runs only.
+    # The feedback-loop and SYN flood sections run in full runs only.
     assert [t["status"] for t in tg if t["target"].startswith(("watch", "legit"))] == ["n/a"] * 3
+    assert [t["status"] for t in tg if t["target"].startswith("SYN flood")] == ["n/a"] * 2
 
 
 def test_nothing_left_behind(quick_run):
