@@ -146,6 +146,8 @@ def test_removed_meta_pin(pair):
     xg(pair, "apply", policy(pair, "pa", "allow"))
     xg(pair, "ban", "192.0.2.7")
     os.unlink(directory(pair) / "meta")
+    cp = subprocess.run([*xdpguard_cmd(), "status", "--netns", pair.ns_a], capture_output=True, text=True)
+    assert "pins without a record" in cp.stderr, cp.stderr
     cp = xg(pair, "apply", policy(pair, "pb", "deny"))
     assert "no record describes" in cp.stdout + cp.stderr
     consistent(pair)
@@ -166,6 +168,28 @@ def test_meta_replaced_by_another_map(pair):
         assert cp.returncode != 0 and "Traceback" not in cp.stderr and "not an xdpguard record" in cp.stderr
     xg(pair, "detach")
     assert running_off(pair)
+
+
+def test_kill_ban_between_note_and_map(pair):
+    """A ban killed after bans.json and before the map: not in force, and
+    the next ban and unban of it succeed."""
+    xg(pair, "apply", policy(pair, "pa", "allow"))
+    xg(pair, "ban", "192.0.2.5", kill="ban-noted")
+    assert "192.0.2.5" not in xg(pair, "bans").stdout
+    xg(pair, "ban", "192.0.2.5")
+    assert "192.0.2.5" in xg(pair, "bans").stdout
+    xg(pair, "unban", "192.0.2.5")
+
+
+def test_kill_rollback_of_a_reload(pair):
+    """rollback to the program a reload replaced, killed after attaching
+    it and before the pins swap: the next rollback finishes it."""
+    xg(pair, "apply", policy(pair, "pa", "allow"))
+    xg(pair, "apply", policy(pair, "big", "deny", rules=70))
+    xg(pair, "rollback", kill="rollback-attached")
+    cp = xg(pair, "rollback")
+    assert "'pa'" in cp.stdout
+    assert consistent(pair).policy.name == "pa"
 
 
 def test_manual_ban_keeps_max_bans(pair):

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from xdpguard import bpfsys, pins
+from xdpguard import bpfsys, killpoint, pins
 from xdpguard.layout import C
 
 STATE_ROOT = Path(os.environ.get("XDPGUARD_STATE_DIR", "/var/lib/xdpguard"))
@@ -323,6 +323,7 @@ class BanMaps:
             if strict:
                 raise OSError(e.errno, f"{e.strerror}; {net} not banned") from None
             failed = f"{e.strerror}; {net} banned without its record"
+        killpoint.step("ban-noted")
         insert(m, self.state, net.version, k, v)
         return failed
 

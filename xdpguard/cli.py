@@ -271,6 +271,9 @@ def cmd_status(args) -> int:
     for _ns_name, _ifc, d in stats.select(args.netns, getattr(args, "iface", None)):
         rec = pins.read_record(d)
         rows.append(stats.read_status(d, rec))
+    for d in pins.unrecorded():
+        print(f"warning: {d}: pins without a record ('meta' removed); 'xdpguard detach' "
+              f"removes them, 'xdpguard apply' replaces them", file=sys.stderr)
     if args.json:
         emit_json({"schema_version": stats.SCHEMA_VERSION, "interfaces": rows})
         return EXIT_OK

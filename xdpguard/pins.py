@@ -362,6 +362,16 @@ def all_pinned() -> list[tuple[str, str, Path]]:
     return out
 
 
+def unrecorded() -> list[Path]:
+    """Interface directories with pins but no record (a removed `meta`):
+    `detach` removes them, `apply` replaces them."""
+    if not ROOT.is_dir():
+        return []
+    return [ifd for ns in sorted(ROOT.iterdir()) if not ns.name.startswith("@") and ns.is_dir()
+            for ifd in sorted(ns.iterdir())
+            if "@" not in ifd.name and ifd.is_dir() and not (ifd / "meta").exists() and any(ifd.iterdir())]
+
+
 # ---------------------------------------------------------------- maps
 
 _CTYPES = {
