@@ -436,6 +436,26 @@ def test_check_json_shape(capsys, tmp_path):
     assert s["mitigation"] is False and s["valid"] is True and s["warnings"] == []
 
 
+@pytest.mark.parametrize("text, rule, field", [
+    (GOOD_RULE.replace("443", "99999"), "rule 'first' (rule 1)", "dport"),
+    ('[policy]\nname = "x"\nbogus = 1\n' + GOOD_RULE, None, None),
+    ("[[rule]\n", None, None),
+])
+def test_check_json_invalid(capsys, tmp_path, text, rule, field):
+    """An invalid policy under --json: one JSON document on stdout, exit 2."""
+    p = write(tmp_path, text)
+    code, out, err = run(capsys, "check", p, "-j")
+    assert code == 2 and err == ""
+    s = json.loads(out)
+    assert s["valid"] is False and len(s["errors"]) == 1
+    e = s["errors"][0]
+    assert set(e) == {"file", "rule", "field", "message", "where"}
+    assert e["file"] == str(p) and e["rule"] == rule and e["field"] == field and e["message"]
+    # the same words as the one line without --json
+    code, out, err = run(capsys, "check", p)
+    assert code == 2 and e["message"] in err
+
+
 def test_explain_json_shape(capsys, tmp_path):
     p = write(tmp_path, '[policy]\ndefault = "deny"\n' + GOOD_RULE)
     code, out, err = run(capsys, "explain", p, "--src", "192.0.2.1", "--proto", "tcp", "--dport", 443, "--json")

@@ -32,8 +32,17 @@ LEAST_REFRESH = 0.1
 
 def cmd_check(args) -> int:
     from xdpguard.compiler import compile_policy, find_unreachable
-    policy = load_policy(args.policy)
-    tables = compile_policy(policy)
+    from xdpguard.policy import PolicyError
+    try:
+        policy = load_policy(args.policy)
+        tables = compile_policy(policy)
+    except PolicyError as e:
+        if not args.json:
+            raise
+        error = e.as_dict()
+        error["file"] = error["file"] or str(args.policy)
+        emit_json({"valid": False, "errors": [error]})
+        return EXIT_USAGE
     warnings = policy.warnings + find_unreachable(policy)
     if tables.syncookies:
         # The kernel decides (a probe program); loading one needs root.
@@ -396,6 +405,11 @@ PACKET = (arg("--dst", help="destination address (default 198.51.100.1 / 2001:db
           arg("--tcp-flags", choices=["syn"], help="syn: a new connection (SYN without ACK)"),
           arg("--icmp-type", type=int, help="ICMP / ICMPv6 type"))
 
+# Short forms of long flags, given wherever the long one exists (nft/iptables
+# habits); argparse refuses a short flag that a command already uses for
+# something else, so a collision fails every command at once, in every test.
+SHORT = {"--json": "-j", "--netns": "-n", "--iface": "-i"}
+
 # Every command, in the order of `xdpguard --help`; each also gets --json.
 COMMANDS = (
     Command("check", cmd_check, "validate and compile a policy; print a summary and warnings",
@@ -455,7 +469,7 @@ COMMANDS = (
 EPILOGS = {
     "check": """examples:
   xdpguard check policies/shared-web-host.toml
-  xdpguard check policy.toml --json""",
+  xdpguard check policy.toml --json       # invalid: {"valid": false, "errors": [...]}, exit 2""",
     "explain": """examples:
   xdpguard explain policy.toml --src 203.0.113.9 --proto tcp --dport 22
   xdpguard explain policy.toml --src 2001:db8::1 --proto udp --sport 53 --dport 4444 --json""",
@@ -473,7 +487,8 @@ EPILOGS = {
     "stats": """examples:
   xdpguard stats
   xdpguard stats --iface eth1 --watch 1
-  xdpguard stats --iface veth0 --netns lab --json""",
+  xdpguard stats --iface veth0 --netns lab --json
+  xdpguard stats -i veth0 -n lab -j       # the same, short""",
     "test": """examples:
   xdpguard test policy.toml --src 192.0.2.9 --proto tcp --dport 22 --tcp-flags syn
   xdpguard test policy.toml --src 198.51.100.1 --dport 80 --count 1000 --json
@@ -526,6 +541,35 @@ examples:
 }
 
 
+class _Version(argparse.Action):
+    """--version: computed when asked (importing bcc would slow every command)."""
+
+    def __init__(self, option_strings, dest, **kw):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())
+        parser.exit(EXIT_OK)
+
+
+def version_text() -> str:
+    """xdpguard's version, the pin layout it reads and writes, bcc's version, the kernel."""
+    from importlib import metadata
+
+    from xdpguard.layout import C
+    try:
+        own = metadata.version("xdpguard")
+    except metadata.PackageNotFoundError:
+        own = "unknown (not installed)"
+    try:
+        import bcc
+        bcc_version = getattr(bcc, "__version__", "unknown")
+    except ImportError:
+        bcc_version = "not installed"
+    return (f"xdpguard {own}\npin layout {C.XG_LAYOUT_VERSION}\n"
+            f"bcc {bcc_version}\nkernel {os.uname().release}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every command in COMMANDS."""
     ap = argparse.ArgumentParser(
@@ -535,15 +579,17 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="exit status: 0 success, 1 system failure, 2 invalid policy or usage,\n"
                "3 apply --confirm not confirmed (previous policy restored)\n"
                "see 'xdpguard COMMAND --help' for examples")
+    ap.add_argument("-V", "--version", action=_Version,
+                    help="print the versions of xdpguard, its pin layout, bcc and the kernel")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for c in COMMANDS:
         p = sub.add_parser(c.name, help=c.help, description=c.help, epilog=EPILOGS[c.name],
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.set_defaults(func=c.run)
-        p.add_argument("--json", action="store_true", help="machine-readable output")
-        for flags, kw in c.args:
-            p.add_argument(*flags, **kw)
+        for flags, kw in ((("--json",), {"action": "store_true", "help": "machine-readable output"}),
+                          *c.args):
+            p.add_argument(*[SHORT[f] for f in flags if f in SHORT], *flags, **kw)
     return ap
 
 

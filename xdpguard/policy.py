@@ -43,7 +43,23 @@ _TOP_KEYS = ("policy", "sets", "rule", "mitigation")
 
 
 class PolicyError(Exception):
-    """A mistake in a policy: the message is meant for the operator."""
+    """A mistake in a policy: the message is meant for the operator; file,
+    where (rule, set or section) and detail (the message without them) are
+    set when the reader knows them (`check --json`)."""
+
+    def __init__(self, message: str, file: str | None = None, where: str | None = None,
+                 detail: str | None = None):
+        super().__init__(message)
+        self.file, self.where, self.detail = file, where, detail
+
+    def as_dict(self) -> dict:
+        """file, rule, field, message (None where not known), and where."""
+        detail = self.detail or str(self)
+        word = detail.split(" ", 1)[0].strip("'[]")
+        keys = _RULE_KEYS + _POLICY_KEYS + _MITIGATION_KEYS + _PER_SOURCE_KEYS
+        rule = self.where if self.where and self.where.startswith("rule") else None
+        return {"file": self.file, "rule": rule, "field": word if word in keys else None,
+                "message": detail, "where": self.where}
 
 
 class Prefix(NamedTuple):
@@ -171,7 +187,8 @@ class _Reader:
         self.warnings: list[str] = []
 
     def fail(self, where: str, msg: str):
-        raise PolicyError(f"{self.fname}: {where}: {msg}" if where else f"{self.fname}: {msg}")
+        raise PolicyError(f"{self.fname}: {where}: {msg}" if where else f"{self.fname}: {msg}",
+                          file=self.fname, where=where or None, detail=msg)
 
     def warn(self, where: str, msg: str):
         self.warnings.append(f"{self.fname}: {where}: {msg}" if where else f"{self.fname}: {msg}")
