@@ -46,8 +46,8 @@ FLOOD_DOC6 = "2001:db8::/32"
 
 def read_netset(path: Path) -> list[tuple[int, int, int]]:
     """(family, value, plen) of every entry of a blocklist file."""
-    prefixes = read_set_lines(path.read_text().splitlines(), path, lambda msg: None)
-    return [(p.family, p.value, p.plen) for p in prefixes]
+    v4, v6, _bad = read_set_lines(path.read_text().splitlines(), path, lambda msg: None)
+    return [(4, k >> 8, k & 0xFF) for k in v4] + [(6, k >> 8, k & 0xFF) for k in v6]
 
 
 def _text(fam: int, value: int, plen: int) -> str:

@@ -426,7 +426,9 @@ def test_check_json_shape(capsys, tmp_path):
     assert out.count("\n") == 1
     s = json.loads(out)
     assert set(s) == {"policy", "default", "rules", "sets", "prefixes_v4", "prefixes_v6", "maps",
-                      "vector_words", "mitigation", "valid", "warnings"}
+                      "vector_words", "map_memory_bytes", "map_memory", "mitigation", "valid", "warnings"}
+    assert set(s["map_memory"]) == {"lpm4", "lpm6", "srctab", "vecs", "rules", "ports"}
+    assert s["map_memory_bytes"] == sum(s["map_memory"].values()) > 0
     assert set(s["maps"]) == {"lpm4", "lpm6", "vecs", "rules", "port_classes"}
     assert s["policy"] == "shape" and s["default"] == "deny"
     assert s["rules"] == 2 and s["sets"] == 1

@@ -32,7 +32,8 @@ LEAST_REFRESH = 0.1
 
 def cmd_check(args) -> int:
     from xdpguard.compiler import compile_policy, find_unreachable
-    from xdpguard.policy import PolicyError
+    from xdpguard.loader import describe_memory, policy_map_memory
+    from xdpguard.policy import PolicyError, PrefixSet
     try:
         policy = load_policy(args.policy)
         tables = compile_policy(policy)
@@ -52,13 +53,15 @@ def cmd_check(args) -> int:
         else:
             warnings.append(f"{policy.source}: syncookies: the kernel's support was not probed (needs root)")
     s = tables.summary()
-    v4 = sum(1 for p in _all_prefixes(policy) if p.family == 4)
-    v6 = sum(1 for p in _all_prefixes(policy) if p.family == 6)
+    mem = policy_map_memory(tables)
+    listed = PrefixSet.union(ps for r in policy.rules for ps in (r.src, r.dst) if ps is not None)
+    v4, v6 = len(listed.keys(4)), len(listed.keys(6))
     summary = {"policy": policy.name, "default": policy.default, "rules": len(policy.rules),
                "sets": len(policy.sets), "prefixes_v4": v4, "prefixes_v6": v6,
                "maps": {"lpm4": s["lpm4_entries"], "lpm6": s["lpm6_entries"], "vecs": s["vectors"],
                         "rules": s["rules"], "port_classes": s["port_classes"]},
                "vector_words": s["vector_words"],
+               "map_memory_bytes": sum(mem.values()), "map_memory": mem,
                "mitigation": policy.mitigation.enabled,
                "valid": True, "warnings": warnings}
     if args.json:
@@ -69,18 +72,10 @@ def cmd_check(args) -> int:
     print(f"  map entries: lpm4 {s['lpm4_entries']}, lpm6 {s['lpm6_entries']}, "
           f"vectors {s['vectors']} x {s['vector_words']} words, rules {s['rules']}, "
           f"port classes {s['port_classes']}")
+    print(f"  {describe_memory(mem)}")
     for w in warnings:
         print(f"warning: {w}")
     return EXIT_OK
-
-
-def _all_prefixes(policy):
-    seen = set()
-    for r in policy.rules:
-        for ps in (r.src, r.dst):
-            for p in ps or ():
-                seen.add(p)
-    return seen
 
 
 def _packet_fields(args) -> dict:
@@ -226,8 +221,9 @@ def cmd_apply(args) -> int:
         for p in guard.problems:
             print(f"warning: --force: {p}", file=sys.stderr)
     log = (lambda m: None) if args.json else print
+    mem: dict[str, int] = {}
     rec = loader.apply(policy, tables, args.iface, netns=netns_of(args), mode=args.mode,
-                       dry_run=args.dry_run, force=args.force, log=log)
+                       dry_run=args.dry_run, force=args.force, log=log, memory=mem.update)
     outcome = None
     if args.confirm and not args.dry_run:
         outcome = _await_confirm(args, rec, log)
@@ -235,6 +231,7 @@ def cmd_apply(args) -> int:
         emit_json({"iface": args.iface, "netns": args.netns or "host", "policy": policy.name,
                    "sha256": policy.sha256, "dry_run": args.dry_run,
                    "mode": rec.mode if rec else None, "prog_id": rec.prog_id if rec else None,
+                   "map_memory_bytes": sum(mem.values()), "map_memory": mem,
                    **({"confirm": outcome} if outcome else {})})
     return EXIT_NOT_CONFIRMED if outcome == "rolled_back" else EXIT_OK
 
@@ -594,6 +591,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from xdpguard import progress
+    progress.enable(sys.stderr if sys.stderr.isatty() else None)
     from xdpguard.errors import LoadError, NetnsError, UsageError
     from xdpguard.pins import PinError
     from xdpguard.policy import PolicyError

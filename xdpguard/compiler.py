@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from array import array
 from bisect import bisect_right
+from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import repeat
-from operator import countOf, itemgetter, lshift, or_
+from itertools import compress, repeat
+from operator import countOf, eq, itemgetter, lshift, or_
 
+from xdpguard import progress
 from xdpguard.layout import C
-from xdpguard.policy import Policy, Rule
+from xdpguard.policy import Policy, PrefixSet, Rule, sorted_unique
 
 _ACTION = {"allow": C.XG_ACT_ALLOW, "deny": C.XG_ACT_DENY, "limit": C.XG_ACT_LIMIT}
 
@@ -51,6 +53,55 @@ class RuleRecord:
     syncookies: bool = False
 
 
+class LpmEntries(Sequence):
+    """Classifier trie entries (dim, value, plen, vec) of one family, as
+    columns: 10 bytes an IPv4 entry, where a tuple and its ints take ~100
+    (a blocklist brings millions). Indexing and iterating give tuples."""
+    __slots__ = ("dim", "value", "plen", "vec")
+
+    def __init__(self, family: int):
+        self.dim, self.plen, self.vec = array("B"), array("B"), array("I")
+        self.value = array("I") if family == 4 else []
+
+    def append(self, entry) -> None:
+        dim, value, plen, vec = entry
+        self.dim.append(dim)
+        self.value.append(value)
+        self.plen.append(plen)
+        self.vec.append(vec)
+
+    def extend(self, other: "LpmEntries") -> None:
+        self.dim += other.dim
+        self.value += other.value
+        self.plen += other.plen
+        self.vec += other.vec
+
+    def vecs_of(self, dim: int) -> set[int]:
+        """The vector indexes of one dimension's entries."""
+        return set(compress(self.vec, map(eq, self.dim, repeat(dim))))
+
+    def __len__(self) -> int:
+        return len(self.vec)
+
+    def __getitem__(self, i):
+        """An entry's tuple; a slice is an LpmEntries of its own."""
+        if isinstance(i, slice):
+            part = LpmEntries(4 if isinstance(self.value, array) else 6)
+            part.dim, part.value, part.plen, part.vec = self.dim[i], self.value[i], self.plen[i], self.vec[i]
+            return part
+        return self.dim[i], self.value[i], self.plen[i], self.vec[i]
+
+    def __iter__(self):
+        return zip(self.dim, self.value, self.plen, self.vec)
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, (LpmEntries, list, tuple)):
+            return NotImplemented
+        return len(self) == len(other) and all(map(eq, self, map(tuple, other)))
+
+    __hash__ = None
+
+
 @dataclass
 class Tables:
     """The classifier of one policy. lpm lists each family's entries sorted
@@ -61,7 +112,7 @@ class Tables:
     default_action: int
     flags: int
     vecs: list[int]                                  # rule bit vectors (Python ints)
-    lpm: dict[int, list[tuple[int, int, int, int]]]  # family -> [(dim, value, plen, vec)]
+    lpm: dict[int, LpmEntries]                       # family -> (dim, value, plen, vec) entries
     ports: dict[int, array]                          # port dim -> 65536 vector indexes
     rules: list[RuleRecord]
     universal: int                                   # universal_rules
@@ -110,14 +161,21 @@ class _Vectors:
         return idx
 
 
-def _sort_keys(prefixes, family: int, bits: int, shift: int, tag: int) -> list[int]:
+def _sort_keys(prefixes, family: int, bits: int, shift: int, tag: int):
     """``(value << 8 | plen) << shift | tag`` for the prefixes of one family.
 
     Such keys sort like the tuples (value, plen, tag) (plen <= 128 fits in 8
     bits, tag < 1 << shift), but one int sorts several times faster than a
     tuple. The columns are taken with C-level maps, not a Python loop per
-    prefix: one rule may bring a million prefixes.
+    prefix: one rule may bring millions of prefixes (a PrefixSet's keys
+    are value << 8 | plen already).
     """
+    if isinstance(prefixes, PrefixSet):
+        keys = prefixes.keys(family)
+        if not shift:
+            return keys
+        return (array("Q", map(or_, map(lshift, keys, repeat(shift)), repeat(tag))) if family == 4
+                else [k << shift | tag for k in keys])
     n = countOf(map(_FAMILY, prefixes), family)
     if n == 0:
         return []
@@ -128,7 +186,7 @@ def _sort_keys(prefixes, family: int, bits: int, shift: int, tag: int) -> list[i
                     map(tails.__getitem__, map(_PLEN, prefixes))))
 
 
-def _address_entries(rules: list[Rule], family: int, dim: int, attr: str, vectors: _Vectors):
+def _address_entries(rules: list[Rule], family: int, dim: int, attr: str, vectors: _Vectors) -> LpmEntries:
     """LPM entries of one (family, dimension): each prefix carries the rules
     of every prefix that contains it, so the longest match is exact."""
     bits = 32 if family == 4 else 128
@@ -137,23 +195,29 @@ def _address_entries(rules: list[Rule], family: int, dim: int, attr: str, vector
     # keys, whose rule bits are merged below. (A dict keyed by such ints
     # would be slow too: an int hashes to itself, and its low bits (rule
     # index, length, zero host bits) are much the same for every prefix.)
+    # IPv4 keys fit 64 bits (32 + 8 + 13 for 4,096 rules): an array of them
+    # takes 8 bytes a key where a list of ints takes ~40.
     shift = max((r.index for r in rules), default=0).bit_length()
     rule_of = (1 << shift) - 1
     root_bits = 0                         # rules with no constraint: the 0/0 entry
-    keys: list[int] = []
+    keys = array("Q") if family == 4 else []
     for r in rules:
         prefixes = getattr(r, attr)
         if prefixes is None:
             root_bits |= 1 << r.index
         else:
-            keys += _sort_keys(prefixes, family, bits, shift, r.index)
-    keys.sort()
+            keys.extend(_sort_keys(prefixes, family, bits, shift, r.index))
+    if family == 4:
+        keys = sorted_unique(keys)        # a repeated (prefix, rule) merges to the same bits
+    else:
+        keys.sort()
     # A key above every prefix's: flushes the last prefix, is never output.
     keys.append(1 << (bits + 9 + shift))
     hostmask = [(1 << (bits - plen)) - 1 for plen in range(bits + 1)]
     # Interning inlined (see _Vectors.intern): this loop runs once per prefix.
     index, vecs = vectors.index, vectors.vecs
-    out = []
+    out = LpmEntries(family)
+    out_value, out_plen, out_vec = out.value.append, out.plen.append, out.vec.append
     # The prefix output last (cur_*) and the innermost prefix that contains
     # it (cont_*: last address, accumulated mask) live in locals, the ones
     # around those on the stack. Prefixes nest or are disjoint, so a prefix
@@ -164,33 +228,40 @@ def _address_entries(rules: list[Rule], family: int, dim: int, attr: str, vector
     stack: list[tuple[int, int]] = []
     pfx, own = 0, root_bits               # the prefix being gathered (key >> shift), its rules
     last_own = last_cont = idx = None
-    for key in keys:
-        k = key >> shift
-        if k == pfx:                      # the same prefix, listed by one more rule
-            own |= 1 << (key & rule_of)
-            continue
-        # `pfx` is complete: output it.
-        value = pfx >> 8
-        if value <= cur_last:             # inside the prefix output last
-            stack.append((cont_last, cont_mask))
-            cont_last, cont_mask = cur_last, cur_mask
-        else:
-            while cont_last < value:
-                cont_last, cont_mask = stack.pop()
-        # Neighbours mostly have the same rules and the same container, hence
-        # the same vector: skip the OR and the hash of a mask that may be
-        # thousands of bits wide.
-        if own != last_own or cont_mask != last_cont:
-            last_own, last_cont = own, cont_mask
-            cur_mask = own | cont_mask
-            idx = index.get(cur_mask)
-            if idx is None:
-                idx = index[cur_mask] = len(vecs)
-                vecs.append(cur_mask)
-        plen = pfx & 0xFF
-        cur_last = value | hostmask[plen]
-        out.append((dim, value, plen, idx))
-        pfx, own = k, 1 << (key & rule_of)
+    with progress.task(f"compiling IPv{family} {'source' if dim == C.XG_DIM_SRC else 'destination'} "
+                       f"prefixes", len(keys)) as tick:
+        for n, key in enumerate(keys):
+            k = key >> shift
+            if k == pfx:                      # the same prefix, listed by one more rule
+                own |= 1 << (key & rule_of)
+                continue
+            # `pfx` is complete: output it.
+            value = pfx >> 8
+            if value <= cur_last:             # inside the prefix output last
+                stack.append((cont_last, cont_mask))
+                cont_last, cont_mask = cur_last, cur_mask
+            else:
+                while cont_last < value:
+                    cont_last, cont_mask = stack.pop()
+            # Neighbours mostly have the same rules and the same container, hence
+            # the same vector: skip the OR and the hash of a mask that may be
+            # thousands of bits wide.
+            if own != last_own or cont_mask != last_cont:
+                last_own, last_cont = own, cont_mask
+                cur_mask = own | cont_mask
+                idx = index.get(cur_mask)
+                if idx is None:
+                    idx = index[cur_mask] = len(vecs)
+                    vecs.append(cur_mask)
+            plen = pfx & 0xFF
+            cur_last = value | hostmask[plen]
+            out_value(value)
+            out_plen(plen)
+            out_vec(idx)
+            pfx, own = k, 1 << (key & rule_of)
+            if not n & 0xFFFF:
+                tick(0x10000)
+    out.dim.extend(repeat(dim, len(out.vec)))
     return out
 
 
@@ -259,7 +330,7 @@ def universal_rules(nrules: int, vecs: list[int], ports: dict[int, array], lpm: 
             u &= vecs[idx]
     if has_dst:
         for fam in (4, 6):
-            for idx in {vec for dim, _v, _p, vec in lpm[fam] if dim == C.XG_DIM_DST}:
+            for idx in lpm[fam].vecs_of(C.XG_DIM_DST):
                 u &= vecs[idx]
     return u
 
@@ -292,7 +363,7 @@ def compile_policy(policy: Policy) -> Tables:
     for fam in (4, 6):
         entries = _address_entries(rules, fam, C.XG_DIM_SRC, "src", vectors)
         if has_dst:
-            entries += _address_entries(rules, fam, C.XG_DIM_DST, "dst", vectors)
+            entries.extend(_address_entries(rules, fam, C.XG_DIM_DST, "dst", vectors))
         lpm[fam] = entries
     ports = {C.XG_PORT_SPORT: _port_table(rules, "sport", vectors),
              C.XG_PORT_DPORT: _port_table(rules, "dport", vectors)}
@@ -334,6 +405,8 @@ def _covers(outer, inner, within) -> bool:
 
 
 def _prefixes_within(outer, inner) -> bool:
+    if outer is inner:                    # a set of millions, named by two rules
+        return True
     m = merged_intervals(outer)
     for p in inner:
         firsts, lasts = m[p.family]
@@ -348,7 +421,11 @@ def _ranges_within(outer, inner) -> bool:
 
 
 def _families(prefixes) -> set[int]:
-    return {4, 6} if prefixes is None else {p.family for p in prefixes}
+    if prefixes is None:
+        return {4, 6}
+    if isinstance(prefixes, PrefixSet):
+        return {f for f in (4, 6) if prefixes.keys(f)}
+    return {p.family for p in prefixes}
 
 
 def find_unreachable(policy: Policy) -> list[str]:
@@ -359,7 +436,8 @@ def find_unreachable(policy: Policy) -> list[str]:
     for j, rj in enumerate(rules):
         fams = _families(rj.src) & _families(rj.dst)
         if not fams:
-            what = "an empty address set" if (rj.src == () or rj.dst == ()) else "src and dst of different address families"
+            empty = any(a is not None and not len(a) for a in (rj.src, rj.dst))
+            what = "an empty address set" if empty else "src and dst of different address families"
             out.append(f"{policy.source}: {rj.label}: can never match: {what}")
             continue
         cj = set(rule_classes(rj))

@@ -10,8 +10,12 @@ from __future__ import annotations
 import ctypes
 import re
 import struct
+import sys
+from array import array
 from functools import lru_cache
 from importlib import resources
+from itertools import repeat
+from operator import add
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -37,6 +41,34 @@ def _constants() -> SimpleNamespace:
 
 
 C = _constants()
+
+_STRUCT = re.compile(r"struct\s+(xg_\w+)\s*\{(.*?)\};", re.S)
+_FIELD = re.compile(r"(__u8|__u16|__u32|__u64|struct\s+\w+)\s+\w+\s*(?:\[(\w+)\])?\s*;")
+_SCALAR = {"__u8": 1, "__u16": 2, "__u32": 4, "__u64": 8}
+
+
+def sizeof(name: str, **defines: int) -> tuple[int, int]:
+    """(size, alignment) of struct `name` of bpf/xdpguard.h, as the C
+    compiler lays it out (natural alignment); defines: the -D flags its
+    arrays use (XG_NWORDS). For memory estimates without bcc; the loader
+    takes the layouts themselves from bcc."""
+    structs = _struct_bodies()
+    size = align = 0
+    for ftype, dim in _FIELD.findall(structs[name]):
+        if ftype in _SCALAR:
+            fsize = falign = _SCALAR[ftype]
+        else:
+            fsize, falign = sizeof(ftype.split()[1], **defines)
+        count = 1 if not dim else int(dim) if dim.isdigit() else defines.get(dim, getattr(C, dim, None))
+        size = -(-size // falign) * falign + fsize * count
+        align = max(align, falign)
+    return -(-size // align) * align, align
+
+
+@lru_cache(maxsize=None)
+def _struct_bodies() -> dict[str, str]:
+    text = re.sub(r"/\*.*?\*/", "", (bpf_dir() / "xdpguard.h").read_text(), flags=re.S)
+    return dict(_STRUCT.findall(text))
 
 
 # ---------------------------------------------------------------- map entries
@@ -81,18 +113,37 @@ def struct_of(ctype) -> struct.Struct:
     return st
 
 
-def lpm_entries(tmpl, entries, family: int) -> tuple[bytes, bytes]:
+def lpm_entries(tmpl, entries, family: int) -> tuple[bytearray, bytes]:
     """Packed keys and values of a classifier trie of one family (tmpl:
     map lpm4_inner or lpm6_inner, for the types), from (dim, value, plen,
-    vec) entries."""
-    kst, vst = struct_of(tmpl.Key), struct_of(tmpl.Leaf)
+    vec) entries: compiler.LpmEntries columns, or tuples. Packed a field
+    at a time into strided slices, never a bytes object per entry (a
+    blocklist brings millions)."""
+    K = tmpl.Key
     # Field order of struct xg_lpm*_key: prefixlen, dim, addr.
-    assert [f[0] for f in tmpl.Key._fields_ if not f[0].startswith("__pad")] == ["prefixlen", "dim", "addr"]
+    assert [f[0] for f in K._fields_ if not f[0].startswith("__pad")] == ["prefixlen", "dim", "addr"]
+    assert (K.prefixlen.size, K.dim.size) == (4, 1) and [f[0] for f in tmpl.Leaf._fields_] == ["vec"]
+    if hasattr(entries, "vec"):
+        dims, values, plens, vecs = entries.dim, entries.value, entries.plen, entries.vec
+    else:
+        dims, values, plens, vecs = (list(c) for c in zip(*entries)) if entries else ([], [], [], [])
     nbytes = 4 if family == 4 else 16
-    keys = b"".join([kst.pack(8 + plen, dim, value.to_bytes(nbytes, "big"))
-                     for dim, value, plen, _vec in entries])
-    vals = b"".join([vst.pack(vec) for _d, _v, _p, vec in entries])
-    return keys, vals
+    if family == 4:
+        addr = array("I", values)          # network byte order below
+        if sys.byteorder == "little":
+            addr.byteswap()
+        addr = addr.tobytes()
+    else:
+        addr = b"".join(map(int.to_bytes, values, repeat(16), repeat("big")))
+    ks = ctypes.sizeof(K)
+    keys = bytearray(ks * len(vecs))
+    for off, width, column in ((K.prefixlen.offset, 4, array("I", map(add, plens, repeat(8))).tobytes()),
+                               (K.dim.offset, 1, bytes(dims)), (K.addr.offset, nbytes, addr)):
+        for b in range(width):
+            keys[off + b::ks] = column[b::width]
+    vals = array("I", vecs)
+    assert vals.itemsize == ctypes.sizeof(tmpl.Leaf)
+    return keys, vals.tobytes()
 
 
 def _rows(m, gen: int, per_gen: int, n: int):
@@ -122,7 +173,6 @@ def vec_entries(maps, tables, gen: int, vec_per_gen: int, slots: dict[str, int])
 
 
 def port_entries(tables, gen: int):
-    from array import array
     keys = array("I", range(gen * 2 * C.XG_NPORTS, (gen + 1) * 2 * C.XG_NPORTS))
     vals = tables.ports[C.XG_PORT_SPORT] + tables.ports[C.XG_PORT_DPORT]
     return keys, vals

@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import mmap
 import os
+import re
 import socket
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from xdpguard import bans, bpfsys, killpoint, layout, pins, plan, syncookies
+from xdpguard import bans, bpfsys, killpoint, layout, pins, plan, progress, syncookies
 from xdpguard.compiler import Tables
 from xdpguard.errors import LoadError, UsageError  # noqa: F401 (re-exported)
 from xdpguard.layout import C, PERSISTENT_MAPS, POLICY_MAPS
@@ -88,6 +90,56 @@ class Shape:
         return True
 
 
+# ---------------------------------------------------------------- map memory
+
+# Kernel memory of the maps a policy fills, as the kernel accounts it
+# (memlock in fdinfo, map_mem_usage of kernel 6.4+; older kernels round
+# differently). A classifier trie element is a struct lpm_trie_node (two
+# child pointers, prefixlen, flags: 24 bytes, and an rcu_head before 6.14
+# moved the trie to the BPF memory allocator) followed by the key's data
+# (the key minus its prefixlen) and the value.
+_LPM_PREFIXLEN = 4
+
+
+def _lpm_node_bytes() -> int:
+    release = tuple(int(x) for x in re.findall(r"\d+", os.uname().release)[:2])
+    return 24 if release >= (6, 14) else 40
+
+
+def map_memory(shape: Shape, sources: plan.Plan) -> dict[str, int]:
+    """Bytes of each map the policy fills: its classifier tries (one
+    generation's), and the arrays of both generations the shape sizes
+    (bpf/xdpguard.c). Known before anything is loaded."""
+    def row(struct: str, **defines) -> int:         # an array element: rounded to 8 bytes
+        return -(-layout.sizeof(struct, **defines)[0] // 8) * 8
+    out = {}
+    for fam in (4, 6):
+        elem = _lpm_node_bytes() + layout.sizeof(f"xg_lpm{fam}_key")[0] - _LPM_PREFIXLEN + layout.sizeof("xg_class")[0]
+        out[f"lpm{fam}"] = len(sources.trie[fam]) * elem
+    page = mmap.PAGESIZE
+    out["srctab"] = -(-2 * (shape.dir4_nodes + shape.dir6_nodes) * row("xg_dirnode") // page) * page
+    out["vecs"] = 2 * shape.vec_per_gen * row("xg_vec", XG_NWORDS=shape.nwords)
+    out["rules"] = 2 * shape.rules_per_gen * row("xg_rule")
+    out["ports"] = 2 * 2 * C.XG_NPORTS * row("xg_class")
+    return out
+
+
+def policy_map_memory(tables: Tables) -> dict[str, int]:
+    """map_memory of these tables in the program a first apply loads."""
+    sizes = plan.measure(tables)
+    shape = Shape.for_tables(tables, sizes)
+    return map_memory(shape, plan.build(tables, shape.dir_nodes, None, sizes))
+
+
+def describe_memory(mem: dict[str, int]) -> str:
+    """'map memory: 781.5 MiB (classifier tries 650.5 MiB, ...)': one
+    unit for every part, so that they add up at a glance."""
+    parts = (("classifier tries", mem["lpm4"] + mem["lpm6"]), ("source tables", mem["srctab"]),
+             ("vectors", mem["vecs"]), ("rules", mem["rules"]), ("ports", mem["ports"]))
+    return (f"map memory: {sum(mem.values()) / 2**20:.1f} MiB ("
+            + ", ".join(f"{name} {n / 2**20:.1f}" for name, n in parts) + ")")
+
+
 # ---------------------------------------------------------------- compile + load
 
 def program_cflags(shape: Shape, stage: int | None = None, test: bool = False) -> list[str]:
@@ -142,6 +194,9 @@ def bcc_types(b, names) -> dict:
 
 # ---------------------------------------------------------------- generations
 
+_BATCH = 1 << 18      # trie entries packed and written at a time
+
+
 def _lpm_update(fd: int, ks: int, vs: int, keys: bytes, vals: bytes) -> None:
     n = len(keys) // ks
     if not n:
@@ -160,15 +215,19 @@ def _put_trie(maps: dict, family: int, gen: int, entries: list) -> None:
     """A new classifier trie of one family for one generation, filled and
     put in its slot of the per-generation array (map lpm4 / lpm6). The
     trie it replaces (the generation before the running one) is freed by
-    the kernel: nothing is deleted entry by entry."""
+    the kernel: nothing is deleted entry by entry. Entries are packed a
+    batch at a time: the keys of millions never exist at once."""
     tmpl = maps[f"lpm{family}_inner"]
     ks, vs = ctypes.sizeof(tmpl.Key), ctypes.sizeof(tmpl.Leaf)
-    keys, vals = layout.lpm_entries(tmpl, entries, family)
     # Type, flags and BTF must be the template's; the size may differ (LPM
     # tries are not inlined into the program like arrays).
     fd = bpfsys.map_create_like(tmpl.fd, f"xg_lpm{family}_g{gen}", max(1, len(entries)))
     try:
-        _lpm_update(fd, ks, vs, keys, vals)
+        with progress.task(f"filling IPv{family} classifier trie", len(entries)) as tick:
+            for i in range(0, len(entries), _BATCH):
+                part = entries[i:i + _BATCH]
+                _lpm_update(fd, ks, vs, *layout.lpm_entries(tmpl, part, family))
+                tick(len(part))
         bpfsys.map_update(maps[f"lpm{family}"].fd, bytes(ctypes.c_uint32(gen)), bytes(ctypes.c_uint32(fd)))
     finally:
         os.close(fd)
@@ -330,19 +389,25 @@ def _record(policy: Policy, tables: Tables, fill: Fill, *, netns: str | None, if
 
 def apply(policy: Policy, tables: Tables, iface: str, netns: str | None = None,
           mode: str = "auto", dry_run: bool = False, force: bool = False,
-          log=print) -> pins.Record | None:
+          log=print, memory=lambda mem: None) -> pins.Record | None:
     """Apply compiled tables to an interface. Returns the new record (None
-    for a dry run)."""
+    for a dry run). memory gets map_memory() before anything is loaded
+    (log gets it described)."""
     pins.ensure_bpffs()
     ifindex = ifindex_of(iface, netns)
     if tables.syncookies:
         syncookies.require()
     if dry_run:
         slots, _ = assign_slots(tables, None)
-        shape = Shape.for_tables(tables)
+        sizes = plan.measure(tables)
+        shape = Shape.for_tables(tables, sizes)
+        sources = plan.build(tables, shape.dir_nodes, slots, sizes)
+        mem = map_memory(shape, sources)
+        log(describe_memory(mem))
+        memory(mem)
         b, fn = compile_program(shape)
         maps = bcc_maps(b, shape.map_names())
-        write_gen(maps, tables, 0, shape, slots, plan.build(tables, shape.dir_nodes, slots))
+        write_gen(maps, tables, 0, shape, slots, sources)
         set_active(maps, 0)
         log(f"dry run: policy '{policy.name}' compiled, loaded and verified; nothing attached")
         b.cleanup()
@@ -378,7 +443,7 @@ def apply(policy: Policy, tables: Tables, iface: str, netns: str | None = None,
         cookies = _cookies_on(policy, tables, netns, iface, ifindex, directory, before)
         try:
             rec = _apply_fill(policy, tables, Site(netns, iface, ifindex, directory, record, q, ours),
-                              slots, fresh, cookies, mode, log)
+                              slots, fresh, cookies, mode, log, memory)
         except BaseException:
             if cookies and not before:
                 _cookies_off(netns, directory, cookies)
@@ -399,22 +464,28 @@ def _prog_fd(record: pins.Record) -> int:
     return bpfsys.prog_get_fd_by_id(record.prog_id)
 
 
-def _apply_fill(policy, tables, site: Site, slots, fresh, cookies, mode, log) -> pins.Record:
+def _apply_fill(policy, tables, site: Site, slots, fresh, cookies, mode, log, memory) -> pins.Record:
     """apply's program and maps, under the pin lock: in place when the
     running program's shape fits, else a new program."""
     record = site.record
     # The shape and the source tables, computed once and passed down.
     sizes = plan.measure(tables)
+
+    def fill_of(shape: Shape) -> Fill:
+        fill = Fill(shape, slots, fresh, plan.build(tables, shape.dir_nodes, slots, sizes), cookies)
+        mem = map_memory(shape, fill.sources)
+        log(describe_memory(mem))
+        memory(mem)
+        return fill
+
     if site.ours:
         shape = Shape(**record.shape)
         if shape.fits(tables, sizes):
-            fill = Fill(shape, slots, fresh, plan.build(tables, shape.dir_nodes, slots, sizes), cookies)
-            return _reapply_in_place(policy, tables, site.directory, record, fill, log)
+            return _reapply_in_place(policy, tables, site.directory, record, fill_of(shape), log)
     shape = Shape.for_tables(tables, sizes)
     if record:
         shape = replace(shape, nwords=max(shape.nwords, record.shape["nwords"]))
-    fill = Fill(shape, slots, fresh, plan.build(tables, shape.dir_nodes, slots, sizes), cookies)
-    rec = _load_and_attach(policy, tables, site, fill, mode, log)
+    rec = _load_and_attach(policy, tables, site, fill_of(shape), mode, log)
     # Pins die with a reboot and with a detach; the state directory
     # keeps the bans, which go back into ban maps that came new.
     try:

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 from array import array
 from dataclasses import dataclass
+from itertools import compress, repeat, tee
+from operator import and_, eq, gt, ne, rshift
 from typing import Mapping
 
-from xdpguard.compiler import Tables
+from xdpguard import progress
+from xdpguard.compiler import LpmEntries, Tables
 from xdpguard.layout import C
 
 FAMILIES = (4, 6)
@@ -41,13 +44,21 @@ class Plan:
     (array of u32, nodes x 256, node 0 first) and the (dim, value, plen,
     vec) entries of the classifier trie that goes with it."""
     table: Mapping[int, array]
-    trie: Mapping[int, list]
+    trie: Mapping[int, LpmEntries]
 
 
 def _levels(tables: Tables, family: int) -> tuple[int, ...]:
     bits, depth = _BITS[family], _TABLE_BITS[family]
-    src = [(value, plen) for dim, value, plen, _vec in tables.lpm[family] if dim == C.XG_DIM_SRC]
-    return tuple(len({v >> (bits - d) for v, p in src if p > d}) for d in range(16, depth, 8))
+    e = tables.lpm[family]
+    out = []
+    for d in range(16, depth, 8):
+        # The /d of each source prefix longer than /d, in address order (the
+        # entries' order): count where it changes, without a set of them.
+        longer = compress(e.value, map(and_, map(eq, e.dim, repeat(C.XG_DIM_SRC)), map(gt, e.plen, repeat(d))))
+        tops, ahead = tee(map(rshift, longer, repeat(bits - d)))
+        first = next(ahead, None)
+        out.append(0 if first is None else 1 + sum(map(ne, tops, ahead)))
+    return tuple(out)
 
 
 def measure(tables: Tables) -> Sizes:
@@ -85,7 +96,7 @@ def build(tables: Tables, nodes: Mapping[int, int], slots: dict[str, int] | None
 
 
 def source_table(tables: Tables, family: int, nodes: int, codes: list[int] | None = None,
-                 sizes: Sizes | None = None) -> tuple[array, list]:
+                 sizes: Sizes | None = None) -> tuple[array, LpmEntries]:
     """One generation of a family's source table in `nodes` nodes, and the
     trie entries of that family that must go with it.
 
@@ -113,7 +124,9 @@ def source_table(tables: Tables, family: int, nodes: int, codes: list[int] | Non
     MASK = NODE - 1
     bits, depth = _BITS[family], _TABLE_BITS[family]
     table = array("I", bytes(1024 * nodes))
-    trie = []
+    trie = LpmEntries(family)
+    # The trie's columns, appended to directly: this loop runs once per entry.
+    t_dim, t_value, t_plen, t_vec = trie.dim.append, trie.value.append, trie.plen.append, trie.vec.append
     fills: dict[int, array] = {}       # value -> a node of it (most nodes share a few)
     free = C.XG_DIR_ROOT_NODES
     # room[L]: nodes that may still be made at levels L and deeper, with
@@ -124,41 +137,56 @@ def source_table(tables: Tables, family: int, nodes: int, codes: list[int] | Non
     # code -> a vector with that code (the trie needs vectors, not codes).
     vec_of = {} if codes is None else {c: v for v, c in enumerate(codes)}
     keep_all = family == 6
-    for e in tables.lpm[family]:
-        dim, value, plen, vec = e
-        if dim != SRC or value <= trie_until:
-            keep_all or trie.append(e)
-            continue
-        if codes is not None:
-            vec = codes[vec]
-        # slot: the entry of the /d holding the prefix (root entries are /16s).
-        slot, d = value >> (bits - 16), 16
-        while plen > d:
-            cur = table[slot]
-            if not cur & NODE:
-                level = (d - 16) >> 3
-                if d >= depth or room[level] <= 0:
-                    if not keep_all:
-                        trie.append((SRC, value >> (bits - d) << (bits - d), d, vec_of.get(cur, cur)))
-                        trie.append(e)
-                    table[slot] = TRIE
-                    trie_until = value | ((1 << (bits - d)) - 1)
-                    break
-                n, free = free, free + 1
-                room[0] -= 1
-                for lv in range(1, level + 1):
-                    room[lv] -= 1
-                fill = fills.get(cur)
-                if fill is None:
-                    fill = fills[cur] = array("I", [cur]) * 256
-                table[n << 8:(n + 1) << 8] = fill
-                table[slot] = cur = NODE | n
-            d += 8
-            slot = (cur & MASK) << 8 | (value >> (bits - d)) & 255
-        else:
-            width = 1 << (d - plen)
-            if width == 1:
-                table[slot] = vec
+    entries = tables.lpm[family]
+    with progress.task(f"planning IPv{family} source table", len(entries)) as tick:
+        for n, e in enumerate(entries):
+            if not n & 0xFFFF:
+                tick(0x10000)
+            dim, value, plen, vec = e
+            if dim != SRC or value <= trie_until:
+                if not keep_all:
+                    t_dim(dim)
+                    t_value(value)
+                    t_plen(plen)
+                    t_vec(vec)
+                continue
+            if codes is not None:
+                vec = codes[vec]
+            # slot: the entry of the /d holding the prefix (root entries are /16s).
+            slot, d = value >> (bits - 16), 16
+            while plen > d:
+                cur = table[slot]
+                if not cur & NODE:
+                    level = (d - 16) >> 3
+                    if d >= depth or room[level] <= 0:
+                        if not keep_all:
+                            # the slot's own prefix, then the entry
+                            t_dim(SRC)
+                            t_value(value >> (bits - d) << (bits - d))
+                            t_plen(d)
+                            t_vec(vec_of.get(cur, cur))
+                            t_dim(SRC)
+                            t_value(value)
+                            t_plen(plen)
+                            t_vec(e[3])
+                        table[slot] = TRIE
+                        trie_until = value | ((1 << (bits - d)) - 1)
+                        break
+                    n_node, free = free, free + 1
+                    room[0] -= 1
+                    for lv in range(1, level + 1):
+                        room[lv] -= 1
+                    fill = fills.get(cur)
+                    if fill is None:
+                        fill = fills[cur] = array("I", [cur]) * 256
+                    table[n_node << 8:(n_node + 1) << 8] = fill
+                    table[slot] = cur = NODE | n_node
+                d += 8
+                slot = (cur & MASK) << 8 | (value >> (bits - d)) & 255
             else:
-                table[slot:slot + width] = array("I", [vec]) * width
-    return table, (list(tables.lpm[family]) if keep_all else trie)
+                width = 1 << (d - plen)
+                if width == 1:
+                    table[slot] = vec
+                else:
+                    table[slot:slot + width] = array("I", [vec]) * width
+    return table, (entries if keep_all else trie)

@@ -7,19 +7,22 @@ Nothing here touches the kernel.
 from __future__ import annotations
 
 import difflib
-import gc
 import hashlib
+import os
 import re
 import socket
 import struct
 import tomllib
-from contextlib import contextmanager
+from array import array
+from bisect import bisect_left
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from itertools import repeat
-from operator import and_, itemgetter
+from itertools import chain, compress, islice, repeat
+from operator import and_, itemgetter, le, lshift, ne, or_
 from pathlib import Path
 from typing import NamedTuple
 
+from xdpguard import progress
 from xdpguard.units import Rate, parse_duration, parse_rate
 
 PROTOS = ("tcp", "udp", "icmp", "icmpv6")
@@ -86,13 +89,113 @@ class Prefix(NamedTuple):
         return f"{socket.inet_ntop(fam, raw)}/{self.plen}"
 
 
+class PrefixSet(Sequence):
+    """Prefixes, sorted and without repeats, as integer keys value << 8 |
+    plen: IPv4 in an array of 8-byte integers (a Prefix object and its
+    ints cost ~100 bytes; a blocklist may hold 7 million), IPv6 in a tuple
+    (their lists are short). Iterating gives Prefix objects, IPv4 first;
+    the compiler reads the keys."""
+    __slots__ = ("v4", "v6")
+
+    def __init__(self, v4: array = None, v6: tuple[int, ...] = ()):
+        self.v4 = array("Q") if v4 is None else v4
+        self.v6 = v6
+
+    @classmethod
+    def of(cls, prefixes) -> "PrefixSet":
+        """The set of some Prefix objects."""
+        v4, v6 = set(), set()
+        for p in prefixes:
+            (v4 if p.family == 4 else v6).add(p.value << 8 | p.plen)
+        return cls(array("Q", sorted(v4)), tuple(sorted(v6)))
+
+    @classmethod
+    def union(cls, sets) -> "PrefixSet":
+        """The union of PrefixSets (one of them itself, not a copy)."""
+        sets = list({id(s): s for s in sets}.values())
+        if len(sets) == 1:
+            return sets[0]
+        v4 = array("Q")
+        for s in sets:
+            v4 += s.v4
+        return cls(sorted_unique(v4), tuple(sorted(set().union(*(s.v6 for s in sets)))))
+
+    def keys(self, family: int):
+        """The sorted keys of one family."""
+        return self.v4 if family == 4 else self.v6
+
+    def __len__(self) -> int:
+        return len(self.v4) + len(self.v6)
+
+    def __getitem__(self, i: int) -> Prefix:
+        n4 = len(self.v4)
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        fam, key = (4, self.v4[i]) if i < n4 else (6, self.v6[i - n4])
+        return Prefix(fam, key >> 8, key & 0xFF)
+
+    def __iter__(self):
+        for fam, keys in ((4, self.v4), (6, self.v6)):
+            for k in keys:
+                yield Prefix(fam, k >> 8, k & 0xFF)
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, PrefixSet):
+            return self.v4 == other.v4 and self.v6 == other.v6
+        if isinstance(other, (tuple, list)):
+            return tuple(self) == tuple(other)
+        return NotImplemented
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return f"PrefixSet({len(self.v4)} IPv4, {len(self.v6)} IPv6)"
+
+
+# Keys sorted at a time by sorted_unique.
+_RUN = 1 << 18
+
+
+def sorted_unique(keys: array) -> array:
+    """array('Q') of keys -> a new one sorted, without repeats, built run
+    by run: sorting a Python list of every key would take ~40 bytes a key."""
+    n = len(keys)
+    if all(map(le, keys, islice(keys, 1, None))):        # already sorted (FireHOL lists are)
+        return _unique_sorted(keys)
+    if n <= _RUN:
+        return _unique_sorted(sorted(keys))
+    runs = [array("Q", sorted(keys[i:i + _RUN])) for i in range(0, n, _RUN)]
+    # Bounds at quantiles of a sample: buckets of about _RUN keys whatever
+    # the keys' spread. A key and its repeats fall in one bucket.
+    sample = sorted(chain.from_iterable(r[::64] for r in runs))
+    step = max(1, _RUN // 64)
+    bounds = sample[step::step] + [1 << 64]
+    out = array("Q")
+    lo = [0] * len(runs)
+    for bound in bounds:
+        bucket = array("Q")
+        for j, r in enumerate(runs):
+            hi = bisect_left(r, bound, lo[j])
+            bucket += r[lo[j]:hi]
+            lo[j] = hi
+        out += _unique_sorted(sorted(bucket))
+    return out
+
+
+def _unique_sorted(keys) -> array:
+    """Sorted keys without repeats (compared with the next one, in C)."""
+    return array("Q", compress(keys, chain((True,), map(ne, islice(keys, 1, None), keys))))
+
+
 @dataclass
 class Rule:
     name: str
     index: int                       # 0-based position in the file
     action: str
-    src: tuple[Prefix, ...] | None   # None = any
-    dst: tuple[Prefix, ...] | None
+    src: PrefixSet | None            # None = any (tests may give a tuple of Prefix)
+    dst: PrefixSet | None
     protos: frozenset[str] | None    # None = any
     sport: tuple[tuple[int, int], ...] | None
     dport: tuple[tuple[int, int], ...] | None
@@ -124,7 +227,7 @@ class Mitigation:
     window: float = 3.0
     ban: float = 600.0
     ban_max: float = 86400.0
-    allow: tuple[Prefix, ...] = ()
+    allow: PrefixSet | tuple = ()
     max_bans: int = 100000
     prefix4: int = 32
     prefix6: int = 64
@@ -136,7 +239,7 @@ class Policy:
     name: str
     default: str
     rules: list[Rule]
-    sets: dict[str, tuple[Prefix, ...]]
+    sets: dict[str, PrefixSet]
     mitigation: Mitigation
     protect: tuple[tuple[Prefix, int | None], ...] = ()
     log_rate: int = 10
@@ -210,26 +313,7 @@ class _Reader:
         return p
 
 
-@contextmanager
-def _gc_paused():
-    """Hold off the cyclic garbage collector while sets are built.
-
-    Prefix is a tuple subclass, so the collector tracks every one of them
-    (it stops tracking only plain tuples of atoms) and each automatic full
-    collection walks them all again: with the collector on, reading a
-    million-prefix set takes about 0.5 s longer. Prefixes hold only ints and
-    form no cycles; the collector runs as usual once it is back on.
-    """
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
-# Fast path of set files, by the column (see _plain_ipv4_set).
+# Fast path of set files, by the column (see _plain_ipv4_keys).
 _PLAIN4_CHARS = b"0123456789./\n"
 # What follows the "/" (nothing when there is none) -> prefix length. Any
 # other text ("33", or "08", which parse_prefix reads as 8) leaves the fast path.
@@ -237,10 +321,10 @@ _PLEN4 = {"": 32, **{str(n): n for n in range(33)}}
 _HOST4 = [(1 << (32 - n)) - 1 for n in range(33)]
 
 
-def _plain_ipv4_set(lines: list[str]) -> list[Prefix] | None:
-    """The prefixes of a set file whose lines are all plain IPv4 ``a.b.c.d``
-    or ``a.b.c.d/n`` (no spaces, no host bits), blank, or whole-line
-    comments; None if any line needs the per-line parser.
+def _plain_ipv4_keys(lines: list[str]) -> array | None:
+    """The keys (see PrefixSet) of lines that are all plain IPv4
+    ``a.b.c.d`` or ``a.b.c.d/n`` (no spaces, no host bits), blank, or
+    whole-line comments; None if any line needs the per-line parser.
 
     Each step runs over a whole column in C (str.partition, inet_pton,
     struct.unpack) instead of a Python call per line: that is what makes a
@@ -256,8 +340,7 @@ def _plain_ipv4_set(lines: list[str]) -> list[Prefix] | None:
     # Only digits, dots and slashes: nothing for strip() or a "#" to remove,
     # no ":" (IPv6), and inet_pton checks each address as parse_prefix does.
     # A line ending in "/" would look like one without (length 32).
-    if (not entries or joined.encode().translate(None, _PLAIN4_CHARS)
-            or "/\n" in joined or joined.endswith("/")):
+    if joined.encode().translate(None, _PLAIN4_CHARS) or "/\n" in joined or joined.endswith("/"):
         return None
     parts = list(map(str.partition, entries, repeat("/")))
     try:
@@ -268,37 +351,73 @@ def _plain_ipv4_set(lines: list[str]) -> list[Prefix] | None:
     values = struct.unpack(f">{len(entries)}I", packed)
     if any(map(and_, values, map(_HOST4.__getitem__, plens))):
         return None
-    # tuple.__new__ is what Prefix(...) calls, without a Python-level call per item.
-    return list(map(tuple.__new__, repeat(Prefix), zip(repeat(4), values, plens)))
+    return array("Q", map(or_, map(lshift, values, repeat(8)), plens))
 
 
-def _read_set_file(rd: _Reader, setname: str, spec: dict) -> list[Prefix]:
+# Bytes of a set file read, decoded and parsed at a time.
+_CHUNK = 4 << 20
+
+
+def _read_set_file(rd: _Reader, setname: str, spec: dict) -> PrefixSet:
+    """A set file, read a chunk of lines at a time into integer keys: a
+    100 MB list never lives as text and objects at once."""
     where = f"set '{setname}'"
     rd.check_keys(where, spec, ("file",))
     if "file" not in spec or not isinstance(spec["file"], str):
         rd.fail(where, "expected a list of addresses or { file = \"path\" }")
     path = (rd.path.parent / spec["file"]).resolve()
+    v4, v6 = array("Q"), []
+    lineno = bad = 0
     try:
-        raw = path.read_bytes()
+        f = open(path, "rb")
+        size = os.fstat(f.fileno()).st_size
     except OSError as e:
         rd.fail(where, f"cannot read set file '{spec['file']}' ({path}): {e.strerror or e}")
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        rd.fail(where, f"set file '{spec['file']}' ({path}) is not UTF-8 text (line {line})")
-    return read_set_lines(text.splitlines(), path, lambda msg: rd.warn("", msg))
+    with f, progress.task(f"reading set '{setname}'", size) as tick:
+        rest = b""
+        while True:
+            try:
+                block = f.read(_CHUNK)
+            except OSError as e:
+                rd.fail(where, f"cannot read set file '{spec['file']}' ({path}): {e.strerror or e}")
+            tick(len(block))
+            if block:
+                # Whole lines only; the rest waits for the next block.
+                cut = block.rfind(b"\n") + 1
+                if not cut:
+                    rest += block
+                    continue
+                raw, rest = rest + block[:cut], block[cut:]
+            elif rest:
+                raw, rest = rest, b""
+            else:
+                break
+            try:
+                # utf-8-sig: a byte order mark, as some Windows editors write, is no error.
+                text = raw.decode("utf-8" if lineno else "utf-8-sig")
+            except UnicodeDecodeError as e:
+                line = lineno + raw.count(b"\n", 0, e.start) + 1
+                rd.fail(where, f"set file '{spec['file']}' ({path}) is not UTF-8 text (line {line})")
+            lines = text.splitlines()
+            keys4, keys6, bad = read_set_lines(lines, path, lambda msg: rd.warn("", msg), lineno, bad)
+            v4 += keys4
+            v6 += keys6
+            lineno += len(lines)
+    if bad > 20:
+        rd.warn("", f"{path}: {bad - 20} more lines that are not addresses were skipped")
+    return PrefixSet(sorted_unique(v4), tuple(sorted(set(v6))))
 
 
-def read_set_lines(lines: list[str], path, warn) -> list[Prefix]:
-    """The prefixes of a set file's lines (one address or CIDR a line,
-    '#' comments); a line that is none is skipped, with a warning."""
-    fast = _plain_ipv4_set(lines)
+def read_set_lines(lines: list[str], path, warn, lineno: int = 0, bad: int = 0) -> tuple[array, list[int], int]:
+    """The keys (see PrefixSet) of a set file's lines (one address or CIDR
+    a line, '#' comments), IPv4 and IPv6, in file order; a line that is
+    none is skipped with a warning (the first 20; bad: how many so far,
+    also returned). lineno: lines of the file before these."""
+    fast = _plain_ipv4_keys(lines)
     if fast is not None:
-        return fast
-    out = []
-    bad = 0
-    for lineno, line in enumerate(lines, 1):
+        return fast, [], bad
+    v4, v6 = array("Q"), []
+    for lineno, line in enumerate(lines, lineno + 1):
         item = line.split("#", 1)[0].strip()
         if not item:
             continue
@@ -311,45 +430,42 @@ def read_set_lines(lines: list[str], path, warn) -> list[Prefix]:
             continue
         if host_bits:
             warn(f"{path}:{lineno}: '{item}' has host bits set; using {p}")
-        out.append(p)
-    if bad > 20:
-        warn(f"{path}: {bad - 20} more lines that are not addresses were skipped")
-    return out
+        (v4 if p.family == 4 else v6).append(p.value << 8 | p.plen)
+    return v4, v6, bad
 
 
-def _read_sets(rd: _Reader, sets) -> dict[str, tuple[Prefix, ...]]:
+def _read_sets(rd: _Reader, sets) -> dict[str, PrefixSet]:
     if not isinstance(sets, dict):
         rd.fail("[sets]", "expected a table of named address sets")
     out = {}
-    with _gc_paused():
-        for name, spec in sets.items():
-            where = f"set '{name}'"
-            if isinstance(spec, list):
-                prefixes = [rd.prefix(where, "entry", item) for item in spec]
-            elif isinstance(spec, dict):
-                prefixes = _read_set_file(rd, name, spec)
-            else:
-                rd.fail(where, "expected a list of addresses or { file = \"path\" }")
-            if not prefixes:
-                rd.warn(where, "set is empty")
-            out[name] = tuple(dict.fromkeys(prefixes))
+    for name, spec in sets.items():
+        where = f"set '{name}'"
+        if isinstance(spec, list):
+            prefixes = PrefixSet.of(rd.prefix(where, "entry", item) for item in spec)
+        elif isinstance(spec, dict):
+            prefixes = _read_set_file(rd, name, spec)
+        else:
+            rd.fail(where, "expected a list of addresses or { file = \"path\" }")
+        if not prefixes:
+            rd.warn(where, "set is empty")
+        out[name] = prefixes
     return out
 
 
-def _addresses(rd, where, fld, value, sets) -> tuple[Prefix, ...]:
+def _addresses(rd, where, fld, value, sets) -> PrefixSet:
     items = value if isinstance(value, list) else [value]
-    out: list[Prefix] = []
+    parts, inline = [], []
     for item in items:
         if isinstance(item, str) and item.startswith("@"):
             if item[1:] not in sets:
                 known = ", ".join("@" + s for s in sets) or "none defined"
                 rd.fail(where, f"{fld} names unknown set '{item}' (sets: {known})")
-            out.extend(sets[item[1:]])
+            parts.append(sets[item[1:]])
         else:
-            out.append(rd.prefix(where, fld, item))
-    # One item is free of duplicates already (a set is deduplicated when it
-    # is read): skip a second pass over what may be a million prefixes.
-    return tuple(out if len(items) == 1 else dict.fromkeys(out))
+            inline.append(rd.prefix(where, fld, item))
+    if inline:
+        parts.append(PrefixSet.of(inline))
+    return PrefixSet.union(parts)
 
 
 def _ports(rd, where, fld, value) -> tuple[tuple[int, int], ...]:
