@@ -208,7 +208,7 @@ def _address_entries(rules: list[Rule], family: int, dim: int, attr: str, vector
         else:
             keys.extend(_sort_keys(prefixes, family, bits, shift, r.index))
     if family == 4:
-        keys = sorted_unique(keys)        # a repeated (prefix, rule) merges to the same bits
+        keys = sorted_unique(keys, "sorting IPv4 prefixes")   # a repeated (prefix, rule) merges alike
     else:
         keys.sort()
     # A key above every prefix's: flushes the last prefix, is never output.

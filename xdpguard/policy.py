@@ -158,7 +158,7 @@ class PrefixSet(Sequence):
 _RUN = 1 << 18
 
 
-def sorted_unique(keys: array) -> array:
+def sorted_unique(keys: array, label: str = "sorting") -> array:
     """array('Q') of keys -> a new one sorted, without repeats, built run
     by run: sorting a Python list of every key would take ~40 bytes a key."""
     n = len(keys)
@@ -166,21 +166,26 @@ def sorted_unique(keys: array) -> array:
         return _unique_sorted(keys)
     if n <= _RUN:
         return _unique_sorted(sorted(keys))
-    runs = [array("Q", sorted(keys[i:i + _RUN])) for i in range(0, n, _RUN)]
-    # Bounds at quantiles of a sample: buckets of about _RUN keys whatever
-    # the keys' spread. A key and its repeats fall in one bucket.
-    sample = sorted(chain.from_iterable(r[::64] for r in runs))
-    step = max(1, _RUN // 64)
-    bounds = sample[step::step] + [1 << 64]
-    out = array("Q")
-    lo = [0] * len(runs)
-    for bound in bounds:
-        bucket = array("Q")
-        for j, r in enumerate(runs):
-            hi = bisect_left(r, bound, lo[j])
-            bucket += r[lo[j]:hi]
-            lo[j] = hi
-        out += _unique_sorted(sorted(bucket))
+    with progress.task(label, 2 * n) as tick:
+        runs = []
+        for i in range(0, n, _RUN):
+            runs.append(array("Q", sorted(keys[i:i + _RUN])))
+            tick(len(runs[-1]))
+        # Bounds at quantiles of a sample: buckets of about _RUN keys whatever
+        # the keys' spread. A key and its repeats fall in one bucket.
+        sample = sorted(chain.from_iterable(r[::64] for r in runs))
+        step = max(1, _RUN // 64)
+        bounds = sample[step::step] + [1 << 64]
+        out = array("Q")
+        lo = [0] * len(runs)
+        for bound in bounds:
+            bucket = array("Q")
+            for j, r in enumerate(runs):
+                hi = bisect_left(r, bound, lo[j])
+                bucket += r[lo[j]:hi]
+                lo[j] = hi
+            out += _unique_sorted(sorted(bucket))
+            tick(len(bucket))
     return out
 
 
@@ -405,7 +410,7 @@ def _read_set_file(rd: _Reader, setname: str, spec: dict) -> PrefixSet:
             lineno += len(lines)
     if bad > 20:
         rd.warn("", f"{path}: {bad - 20} more lines that are not addresses were skipped")
-    return PrefixSet(sorted_unique(v4), tuple(sorted(set(v6))))
+    return PrefixSet(sorted_unique(v4, f"sorting set '{setname}'"), tuple(sorted(set(v6))))
 
 
 def read_set_lines(lines: list[str], path, warn, lineno: int = 0, bad: int = 0) -> tuple[array, list[int], int]:
