@@ -273,6 +273,25 @@ def test_map_memory_is_what_the_kernel_accounts(tmp_path):
         rig.close()
 
 
+@pytest.mark.kernel
+def test_apply_dry_run_reports_map_memory(tmp_path, capsys):
+    """apply --dry-run prints the estimate before loading, and --json has it."""
+    from conftest import require_kernel
+    require_kernel()
+    from testing.lab import VethPair
+    from xdpguard import cli
+    p = _write_policy(tmp_path, n=2000)
+    want = loader.policy_map_memory(compile_policy(load(p)))
+    with VethPair("xgls", split=False) as lab:
+        assert cli.main(["apply", str(p), "--iface", lab.b, "--netns", lab.ns_b, "--dry-run", "--json"]) == 0
+        d = json.loads(capsys.readouterr().out)
+        assert d["dry_run"] is True and d["map_memory"] == want
+        assert d["map_memory_bytes"] == sum(want.values())
+        assert cli.main(["apply", str(p), "--iface", lab.b, "--netns", lab.ns_b, "--dry-run"]) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert out[0] == loader.describe_memory(want) and out[-1].startswith("dry run:")
+
+
 # ---------------------------------------------------------------- progress
 
 def test_progress_only_on_a_terminal_after_a_second(tmp_path, monkeypatch, capsys):
