@@ -53,7 +53,7 @@ STAGES = [
      "vs ? XDP_DROP : XDP_PASS"),
     (4, "+ l4, port vectors", "before", r"\tif \(vl && vs && vd && vsp && vdp\) \{\n",
      "(vl && vs && vd && vsp && vdp) ? XDP_DROP : XDP_PASS"),
-    (5, "+ AND loop", "before", r"\tif \(rule == ~0U\) \{\n", "rule != ~0U ? XDP_DROP : XDP_PASS"),
+    (5, "+ AND loop", "before", r"\tif \(rule == XG_NO_RULE\) \{\n", "rule != XG_NO_RULE ? XDP_DROP : XDP_PASS"),
 ]
 GENERAL, FULL = 6, 7
 FAST_CALL = "int rc = xg_fast(ctx);\n"

@@ -92,9 +92,7 @@ def _check(ctx, rig: BenchRig, tables, subject: Subject, classes) -> None:
             got = rig.verdict(c.frame)
         ok = got == c.expect
         if rig.test:
-            d = rig.run(c.frame)
-            name = None if d["rule"] is None else tables.rules[d["rule"]].name
-            ok = ok and name == c.expect_rule
+            ok = ok and rig.run(c.frame).rule == c.expect_rule
         subject.verdicts_ok[c.name] = ok
         if not ok:
             log(f"percpu: {subject.label}: {c.name}: verdict {got}, expected {c.expect}")

@@ -9,9 +9,15 @@
 #ifndef XDPGUARD_PARSE_H
 #define XDPGUARD_PARSE_H
 
+/* xg_parse's result: XG_PARSE_OK, XG_PARSE_NONIP, or for a malformed
+ * frame the counter slot of its cause (XG_SLOT_TRUNCATED,
+ * XG_SLOT_BAD_HEADER, XG_SLOT_VLANS, XG_SLOT_EXTHDRS), which the caller
+ * counts the drop in. */
 #define XG_PARSE_OK 0
 #define XG_PARSE_NONIP 1
-#define XG_PARSE_MALFORMED 2
+_Static_assert(XG_SLOT_TRUNCATED > XG_PARSE_NONIP && XG_SLOT_BAD_HEADER > XG_PARSE_NONIP &&
+	       XG_SLOT_VLANS > XG_PARSE_NONIP && XG_SLOT_EXTHDRS > XG_PARSE_NONIP,
+	       "a malformed frame's cause is never read as OK or non-IP");
 
 #define XG_ETH_P_IP 0x0800
 #define XG_ETH_P_IPV6 0x86DD
@@ -58,7 +64,7 @@ static __always_inline int xg_parse(struct xdp_md *ctx, struct xg_pkt *pkt)
 	int i;
 
 	if ((void *)(eth + 1) > data_end)
-		return XG_PARSE_MALFORMED;
+		return XG_SLOT_TRUNCATED;
 	h_proto = eth->h_proto;
 
 	/* The frame of most floods first: untagged IPv4 without options, not
@@ -100,26 +106,26 @@ static __always_inline int xg_parse(struct xdp_md *ctx, struct xg_pkt *pkt)
 			break;
 		vh = data + off;
 		if ((void *)(vh + 1) > data_end)
-			return XG_PARSE_MALFORMED;
+			return XG_SLOT_TRUNCATED;
 		h_proto = vh->proto;
 		if (i == 0)
 			pkt->vlan = bpf_ntohs(vh->tci) & 0x0fff;
 		off += sizeof(*vh);
 	}
 	if (xg_is_vlan(h_proto))
-		return XG_PARSE_MALFORMED;   /* a third tag: we would not see the L3 */
+		return XG_SLOT_VLANS;   /* a third tag: we would not see the L3 */
 
 	if (h_proto == bpf_htons(XG_ETH_P_IP)) {
 		struct iphdr *iph = data + off;
 		__u32 ihl;
 
 		if ((void *)(iph + 1) > data_end)
-			return XG_PARSE_MALFORMED;
+			return XG_SLOT_TRUNCATED;
 		if (iph->version != 4 || iph->ihl < 5)
-			return XG_PARSE_MALFORMED;
+			return XG_SLOT_BAD_HEADER;
 		ihl = iph->ihl * 4;
 		if (data + off + ihl > data_end)
-			return XG_PARSE_MALFORMED;
+			return XG_SLOT_TRUNCATED;
 		pkt->family = 4;
 		__builtin_memcpy(pkt->src, &iph->saddr, 4);
 		__builtin_memcpy(pkt->dst, &iph->daddr, 4);
@@ -130,9 +136,9 @@ static __always_inline int xg_parse(struct xdp_md *ctx, struct xg_pkt *pkt)
 		struct ipv6hdr *ip6 = data + off;
 
 		if ((void *)(ip6 + 1) > data_end)
-			return XG_PARSE_MALFORMED;
+			return XG_SLOT_TRUNCATED;
 		if (ip6->version != 6)
-			return XG_PARSE_MALFORMED;
+			return XG_SLOT_BAD_HEADER;
 		pkt->family = 6;
 		__builtin_memcpy(pkt->src, &ip6->saddr, 16);
 		__builtin_memcpy(pkt->dst, &ip6->daddr, 16);
@@ -146,7 +152,7 @@ static __always_inline int xg_parse(struct xdp_md *ctx, struct xg_pkt *pkt)
 			if (!xg_is_exthdr(proto))
 				break;
 			if ((void *)(h + 8) > data_end)
-				return XG_PARSE_MALFORMED;
+				return XG_SLOT_TRUNCATED;
 			if (proto == 44) {
 				proto = h[0];
 				if (((h[2] << 8) | h[3]) & 0xfff8) {
@@ -160,7 +166,7 @@ static __always_inline int xg_parse(struct xdp_md *ctx, struct xg_pkt *pkt)
 			}
 		}
 		if (!nonfirst && xg_is_exthdr(proto))
-			return XG_PARSE_MALFORMED;
+			return XG_SLOT_EXTHDRS;
 		l4off = off;
 	} else {
 		return XG_PARSE_NONIP;
@@ -186,7 +192,7 @@ static __always_inline int xg_parse(struct xdp_md *ctx, struct xg_pkt *pkt)
 		struct tcphdr *th = data + l4off;
 
 		if ((void *)(th + 1) > data_end)
-			return XG_PARSE_MALFORMED;
+			return XG_SLOT_TRUNCATED;
 		pkt->sport = bpf_ntohs(th->source);
 		pkt->dport = bpf_ntohs(th->dest);
 		pkt->has_ports = 1;
@@ -196,7 +202,7 @@ static __always_inline int xg_parse(struct xdp_md *ctx, struct xg_pkt *pkt)
 		struct udphdr *uh = data + l4off;
 
 		if ((void *)(uh + 1) > data_end)
-			return XG_PARSE_MALFORMED;
+			return XG_SLOT_TRUNCATED;
 		pkt->sport = bpf_ntohs(uh->source);
 		pkt->dport = bpf_ntohs(uh->dest);
 		pkt->has_ports = 1;
@@ -205,7 +211,7 @@ static __always_inline int xg_parse(struct xdp_md *ctx, struct xg_pkt *pkt)
 		__u8 *type = data + l4off;
 
 		if ((void *)(type + 1) > data_end)
-			return XG_PARSE_MALFORMED;
+			return XG_SLOT_TRUNCATED;
 		pkt->l4 = (pkt->family == 6 && *type >= 133 && *type <= 137) ? XG_L4_ND : XG_L4_ICMPV6;
 	} else if (proto == IPPROTO_ICMP) {
 		pkt->l4 = XG_L4_ICMP;

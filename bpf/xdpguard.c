@@ -405,7 +405,7 @@ static __always_inline int xg_fast(struct xdp_md *ctx)
 		 * up only for a frame the lane keeps, so no frame walks the
 		 * trie twice. */
 		if (st->v4 && xg_banned4(ip + 12, len))
-			return xg_finish(0, XG_SLOT_BAN, ~0U, gen, len, 1, 0);
+			return xg_finish(0, XG_SLOT_BAN, XG_NO_RULE, gen, len, 1, 0);
 	} else if (h_proto == bpf_htons(XG_ETH_P_IPV6)) {
 		__u8 nh;
 
@@ -419,7 +419,7 @@ static __always_inline int xg_fast(struct xdp_md *ctx)
 		if (!(e & XG_DIR_FAST))
 			return -1;
 		if (st->v6 && xg_banned6(ip + 8, len))
-			return xg_finish(0, XG_SLOT_BAN, ~0U, gen, len, 1, 0);
+			return xg_finish(0, XG_SLOT_BAN, XG_NO_RULE, gen, len, 1, 0);
 	} else {
 		return -1;
 	}
@@ -450,25 +450,32 @@ static __always_inline int xg_limit(struct xg_pkt *pkt, struct xg_rule *r, __u32
 			struct xg_bucket fresh = {};
 			struct xg_bucket *nb = nbuckets.lookup(&slot);
 
+			if (!nb)
+				return xg_finish(pkt, XG_SLOT_NO_ENTRY, rule, gen, len, 1, 0);
 			/* A source the rule has not seen (or whose bucket the
 			 * LRU evicted) costs one token of the budget; without
 			 * it, nothing is inserted. */
-			if (!nb || !xg_gcra(nb, now, 1, r->new_cost_fp, r->new_burst_ns))
+			if (!xg_gcra(nb, now, 1, r->new_cost_fp, r->new_burst_ns))
 				return xg_finish(pkt, XG_SLOT_NEWSRC, rule, gen, len, 1, r->log);
 			/* NOEXIST: a bucket another CPU just inserted stays. */
 			sbuckets.insert(&k, &fresh);
 			b = sbuckets.lookup(&k);
 		}
 	}
-	/* No bucket (map full and racing): drop, never fail open. */
-	if (!b || !xg_gcra(b, now, units, r->cost_fp, r->burst_ns))
+	/* No bucket (map full and racing): drop, never fail open, and
+	 * count it apart from the rule's own drops over its rate. */
+	if (!b)
+		return xg_finish(pkt, XG_SLOT_NO_ENTRY, rule, gen, len, 1, 0);
+	if (!xg_gcra(b, now, units, r->cost_fp, r->burst_ns))
 		return xg_finish(pkt, slot, rule, gen, len, 1, r->log);
 	if (r->total_cost_fp) {
 		/* Second line: what the sources' own buckets admitted, capped
 		 * in aggregate. Checked after the source's bucket, so sources
 		 * over their own rate spend none of the aggregate. */
 		b = rbuckets.lookup(&slot);
-		if (!b || !xg_gcra(b, now, units, r->total_cost_fp, r->total_burst_ns))
+		if (!b)
+			return xg_finish(pkt, XG_SLOT_NO_ENTRY, rule, gen, len, 1, 0);
+		if (!xg_gcra(b, now, units, r->total_cost_fp, r->total_burst_ns))
 			return xg_finish(pkt, slot, rule, gen, len, 1, r->log);
 	}
 	return -1;
@@ -689,7 +696,7 @@ static __always_inline int xg_general(struct xdp_md *ctx)
 {
 	struct xg_pkt *pkt;
 	__u64 len = ctx->data_end - ctx->data;
-	__u32 zero = 0, gen, rule = ~0U, idx, i;
+	__u32 zero = 0, gen, rule = XG_NO_RULE, idx, i;
 	struct xg_vec *vl, *vs, *vd, *vsp, *vdp;
 	struct xg_rule *r;
 	__u64 *genp;
@@ -721,12 +728,12 @@ static __always_inline int xg_general(struct xdp_md *ctx)
 	 * decides never is: one cache line fewer on the hot path. */
 	genp = active.lookup(&zero);
 	if (!genp)
-		return XDP_DROP;
+		return xg_finish(pkt, XG_SLOT_NO_ENTRY, rule, 0, len, 1, 0);
 	word = *genp;
 	gen = word & 1;
 	flags = word >> XG_ACTIVE_FLAGS_SHIFT;
-	if (rc == XG_PARSE_MALFORMED)
-		return xg_finish(pkt, XG_SLOT_MALFORMED, rule, gen, len, 1, 0);
+	if (rc != XG_PARSE_OK)   /* malformed: rc is its cause's slot */
+		return xg_finish(pkt, rc, rule, gen, len, 1, 0);
 	if (xg_banned(pkt, len))
 		return xg_finish(pkt, XG_SLOT_BAN, rule, gen, len, 1, flags & XG_GEN_LOG_BANS);
 	if (flags & XG_GEN_MITIGATE) {
@@ -789,14 +796,14 @@ static __always_inline int xg_general(struct xdp_md *ctx)
 		}
 	}
 
-	if (rule == ~0U) {
+	if (rule == XG_NO_RULE) {
 		if (pkt->l4 == XG_L4_ND)
 			return xg_finish(pkt, XG_SLOT_ND, rule, gen, len, 0, 0);
 		{
 			struct xg_gen *g = gens.lookup(&gen);
 
 			if (!g)
-				return XDP_DROP;
+				return xg_finish(pkt, XG_SLOT_NO_ENTRY, rule, gen, len, 1, 0);
 			return xg_finish(pkt, XG_SLOT_DEFAULT, rule, gen, len,
 					 g->default_action != XG_ACT_ALLOW, flags & XG_GEN_LOG_DEFAULT);
 		}
@@ -806,7 +813,7 @@ decided:
 	idx = gen * XG_RULES_PER_GEN + (rule & (XG_RULES_PER_GEN - 1));
 	r = rules.lookup(&idx);
 	if (!r)
-		return XDP_DROP;
+		return xg_finish(pkt, XG_SLOT_NO_ENTRY, rule, gen, len, 1, 0);
 	if (r->action != XG_ACT_ALLOW && r->action != XG_ACT_LIMIT)
 		return xg_finish(pkt, r->slot, rule, gen, len, 1, r->log);
 	if (r->action == XG_ACT_LIMIT) {

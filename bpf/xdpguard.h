@@ -6,7 +6,8 @@
  * Python reads the integer "#define XG_*" lines of this file
  * (xdpguard/layout.py) and takes struct layouts from bcc (table.Key /
  * table.Leaf), so nothing here is ever copied by hand into Python.
- * Only integer constants may be defined with "#define XG_" here.
+ * Only integer constants (decimal, U suffix allowed) may be defined with
+ * "#define XG_" here.
  *
  * Numbers in this file are part of the pinned ABI: a number, once used,
  * is never reused for something else. Bump XG_LAYOUT_VERSION when a
@@ -15,7 +16,7 @@
 #ifndef XDPGUARD_H
 #define XDPGUARD_H
 
-#define XG_LAYOUT_VERSION 8
+#define XG_LAYOUT_VERSION 9
 
 /* Rule actions (struct xg_rule.action, default action). */
 #define XG_ACT_ALLOW 0
@@ -31,13 +32,16 @@
 #define XG_UNIT_BYTES 1
 
 /*
- * Counter slots. Slots below XG_SLOT_FIRST_RULE are fixed verdict reasons;
- * rules get stable slots from XG_SLOT_FIRST_RULE on, kept across re-apply
- * by rule name, so counters and per-rule buckets survive a policy change.
+ * Counter slots. Slots below XG_SLOT_FIRST_RULE, and from
+ * XG_SLOT_END_RULES on, are fixed verdict reasons; rules get stable slots
+ * between them, kept across re-apply by rule name, so counters and
+ * per-rule buckets survive a policy change. A malformed IP frame is
+ * dropped and counted by its cause (bpf/parse.h); until layout 9, slot 2
+ * counted every malformed frame.
  */
 #define XG_SLOT_DEFAULT 0    /* no rule matched: the policy default */
 #define XG_SLOT_BAN 1        /* source is in the ban map */
-#define XG_SLOT_MALFORMED 2  /* truncated or malformed IP frame: dropped */
+#define XG_SLOT_TRUNCATED 2  /* malformed: the frame ends inside a header */
 #define XG_SLOT_ND 3         /* IPv6 ND/RA passed because no rule names icmpv6 */
 #define XG_SLOT_NEWSRC 4     /* per-source limit: a source without a bucket
 			      * found its rule's new-source budget empty:
@@ -47,7 +51,17 @@
 			      * cookie, or SYN with RST or FIN: dropped */
 #define XG_SLOT_FIRST_RULE 8
 #define XG_MAX_RULES_LIMIT 4096  /* rules per policy */
-#define XG_MAX_SLOTS 8200        /* 2 generations of rules + fixed slots */
+#define XG_SLOT_END_RULES 8200   /* rule slots end here: 2 generations of rules */
+#define XG_SLOT_BAD_HEADER 8200  /* malformed: IP version not the ethertype's, or IPv4 IHL under 5 */
+#define XG_SLOT_VLANS 8201       /* malformed: a VLAN tag after XG_MAX_VLANS */
+#define XG_SLOT_EXTHDRS 8202     /* malformed: an IPv6 extension header after XG_MAX_EXTHDRS */
+/* Dropped for want of a map entry: a per-source bucket the LRU could not
+ * insert (a limiter never fails open), or an array element the verifier
+ * makes the program check for and which is always there. */
+#define XG_SLOT_NO_ENTRY 8203
+#define XG_MAX_SLOTS 8216        /* all slots; free: 7, 8204..8215 */
+#define XG_NO_SLOT 4294967295U   /* a frame no slot counts: non-IP, passed */
+#define XG_NO_RULE 4294967295U   /* no rule decided (xg_logev.rule, xg_debug.rule) */
 
 /*
  * L4 classes: the proto/flags dimension of the classifier. The vector
@@ -257,7 +271,7 @@ struct xg_counter {
 struct xg_logev {
 	__u64 ts_ns;        /* CLOCK_BOOTTIME */
 	__u32 slot;
-	__u32 rule;         /* rule index in the generation, or ~0 */
+	__u32 rule;         /* rule index in the generation, or XG_NO_RULE */
 	__u32 len;
 	__u16 sport;
 	__u16 dport;
@@ -312,10 +326,12 @@ struct xg_lastsrc {
 	struct xg_last v6;
 };
 
-/* Which rule decided, for BPF_PROG_TEST_RUN (test builds only). */
+/* Which rule decided, for BPF_PROG_TEST_RUN (test builds only). The
+ * test rig fills it with XG_NO_SLOT before a run: a frame that no slot
+ * counts leaves it so. */
 struct xg_debug {
 	__u32 slot;
-	__u32 rule;        /* rule index in the generation, or ~0 */
+	__u32 rule;        /* rule index in the generation, or XG_NO_RULE */
 	__u32 verdict;     /* XG_V_* */
 	__u32 gen;
 	__u32 fast;        /* 1: decided in the fast lane (xg_fast) */

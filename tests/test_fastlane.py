@@ -17,17 +17,14 @@ from contextlib import contextmanager
 import pytest
 
 from conftest import require_kernel
-from xdpguard import bans as xgbans, bpfsys
+from testrun import outcome, run
+from xdpguard import bans as xgbans, bpfsys, lookup, packet
 from xdpguard.compiler import compile_policy
 from xdpguard.layout import C
-from xdpguard.lookup import decide
-from xdpguard import packet
 from xdpguard.packet import build
 from xdpguard.policy import load
 
 pytestmark = pytest.mark.kernel
-
-XDP_DROP, XDP_PASS = 1, 2
 
 POLICY = """
 [policy]
@@ -103,25 +100,6 @@ def rig():
     r.close()
 
 
-def _expect(tables, frame):
-    p = packet.parse(frame)
-    if p is packet.MALFORMED:
-        return "drop", "malformed"
-    d = decide(tables, p.family, int(p.src), int(p.dst), p.l4, p.sport, p.dport)
-    # One packet of a limit rule is within its burst.
-    return ("pass" if d.verdict == "limit" else d.verdict), d.rule
-
-
-def _got(rig, res):
-    verdict = {XDP_DROP: "drop", XDP_PASS: "pass"}[res["retval"]]
-    if res["rule"] is not None:
-        name = rig.tables.rules[res["rule"]].name
-        assert res["slot"] == rig.slots[name]
-        return verdict, name
-    return verdict, {C.XG_SLOT_DEFAULT: None, C.XG_SLOT_MALFORMED: "malformed",
-                     C.XG_SLOT_BAN: "ban"}[res["slot"]]
-
-
 LANE = [
     # (description, frame, takes the fast lane)
     ("blocklisted v4 UDP", udp(BLOCKED), True),
@@ -171,9 +149,10 @@ def _frame(desc, frame):
 @pytest.mark.parametrize("desc,frame,fast", LANE, ids=[r[0] for r in LANE])
 def test_lane_and_verdict(rig, desc, frame, fast):
     frame = _frame(desc, frame)
-    res = rig.run(frame)
-    assert res["fast"] == fast, desc
-    assert _got(rig, res) == _expect(rig.tables, frame), desc
+    res = run(rig, frame)
+    assert res.fast == fast, desc
+    # One packet of a limit rule is within its burst.
+    assert res == lookup.verdict(frame, rig.tables), desc
 
 
 def test_lane_counts_like_the_general_path(rig):
@@ -182,8 +161,8 @@ def test_lane_counts_like_the_general_path(rig):
                                     ("trusted", tcp(TRUSTED, flags="ack"), 3, False)):
         slot = rig.slots[name]
         before = rig.counter(slot)
-        res = rig.run(frame, repeat=n)
-        assert res["fast"]
+        res = run(rig, frame, repeat=n)
+        assert res.fast
         after = rig.counter(slot)
         assert after["packets"] - before["packets"] == n
         assert after["bytes"] - before["bytes"] == n * len(frame)
@@ -211,23 +190,23 @@ def test_bans_in_the_lane(rig):
     try:
         before = rig.counter(C.XG_SLOT_BAN)
         frame = tcp(TRUSTED, flags="ack")
-        res = rig.run(frame, repeat=4)
-        assert (res["fast"], _got(rig, res)) == (True, ("drop", "ban"))
+        res = run(rig, frame, repeat=4)
+        assert (res.fast, res) == (True, outcome("drop", "ban"))
         after = rig.counter(C.XG_SLOT_BAN)
         assert after["dropped_packets"] - before["dropped_packets"] == 4
         assert after["dropped_bytes"] - before["dropped_bytes"] == 4 * len(frame)
         v = ban4.lookup(key)
         assert (v.packets, v.bytes) == (4, 4 * len(frame))
-        res = rig.run(udp(BLOCKED))
-        assert (res["fast"], _got(rig, res)) == (True, ("drop", "blocklist"))
+        res = run(rig, udp(BLOCKED))
+        assert (res.fast, res) == (True, outcome("drop", "blocklist"))
         # A frame the lane leaves walks the ban trie once, on the general path.
-        res = rig.run(udp(TRUSTED, vlans=(3,)))
-        assert (res["fast"], _got(rig, res)) == (False, ("drop", "ban"))
+        res = run(rig, udp(TRUSTED, vlans=(3,)))
+        assert (res.fast, res) == (False, outcome("drop", "ban"))
         assert ban4.lookup(key).packets == 5
     finally:
         xgbans.delete(ban4, state, 4, key)
     assert state.lookup(ctypes.c_uint32(0)).v4 == 0
-    assert _got(rig, rig.run(tcp(TRUSTED, flags="ack"))) == ("pass", "trusted")
+    assert run(rig, tcp(TRUSTED, flags="ack")) == outcome("pass", "trusted")
 
 
 def test_ipv6_bans_in_the_lane(rig):
@@ -238,19 +217,19 @@ def test_ipv6_bans_in_the_lane(rig):
     try:
         assert state.lookup(ctypes.c_uint32(0)).v4 == 0
         frame = build(TRUSTED6, DST6, "tcp", tcp_flags="ack")
-        res = rig.run(frame, repeat=3)
-        assert (res["fast"], _got(rig, res)) == (True, ("drop", "ban"))
+        res = run(rig, frame, repeat=3)
+        assert (res.fast, res) == (True, outcome("drop", "ban"))
         v = ban6.lookup(key)
         assert (v.packets, v.bytes) == (3, 3 * len(frame))
-        res = rig.run(udp6(BLOCKED6))
-        assert (res["fast"], _got(rig, res)) == (True, ("drop", "blocklist"))
-        res = rig.run(tcp(TRUSTED, flags="ack"))
-        assert (res["fast"], _got(rig, res)) == (True, ("pass", "trusted"))
+        res = run(rig, udp6(BLOCKED6))
+        assert (res.fast, res) == (True, outcome("drop", "blocklist"))
+        res = run(rig, tcp(TRUSTED, flags="ack"))
+        assert (res.fast, res) == (True, outcome("pass", "trusted"))
     finally:
         xgbans.delete(ban6, state, 6, key)
     assert state.lookup(ctypes.c_uint32(0)).v6 == 0
-    res = rig.run(build(TRUSTED6, DST6, "tcp", tcp_flags="ack"))
-    assert (res["fast"], _got(rig, res)) == (True, ("pass", "trusted"))
+    res = run(rig, build(TRUSTED6, DST6, "tcp", tcp_flags="ack"))
+    assert (res.fast, res) == (True, outcome("pass", "trusted"))
 
 
 def test_logged_bans_leave_the_lane():
@@ -262,13 +241,13 @@ def test_logged_bans_leave_the_lane():
     text = POLICY.replace('default = "allow"', 'default = "allow"\nlog_bans = true', 1)
     r = TestRig(compile_policy(load("fastlane-logbans.toml", text=text)))
     try:
-        assert r.run(udp(BLOCKED))["fast"]             # no ban yet
+        assert run(r, udp(BLOCKED)).fast             # no ban yet
         key = _ban(r, TRUSTED)
         try:
-            res = r.run(tcp(TRUSTED, flags="ack"))
-            assert (res["fast"], _got(r, res)) == (False, ("drop", "ban"))
-            assert not r.run(udp(BLOCKED))["fast"]
-            assert r.run(udp6(BLOCKED6))["fast"]
+            res = run(r, tcp(TRUSTED, flags="ack"))
+            assert (res.fast, res) == (False, outcome("drop", "ban"))
+            assert not run(r, udp(BLOCKED)).fast
+            assert run(r, udp6(BLOCKED6)).fast
         finally:
             xgbans.delete(r.maps["ban4"], r.maps["banstate"], 4, key)
     finally:
@@ -283,8 +262,8 @@ def test_mitigation_turns_the_lane_off():
     r = TestRig(compile_policy(load("fastlane-mit.toml", text=POLICY + MITIGATION)))
     try:
         assert r.tables.flags & C.XG_GEN_MITIGATE
-        res = r.run(udp(BLOCKED))
-        assert (res["fast"], _got(r, res)) == (False, ("drop", "blocklist"))
+        res = run(r, udp(BLOCKED))
+        assert (res.fast, res) == (False, outcome("drop", "blocklist"))
         m = r.maps["srcstat"]
         assert len(list(bpfsys.map_keys(m.fd, ctypes.sizeof(m.Key)))) >= 1
     finally:
@@ -300,15 +279,15 @@ def test_lane_follows_the_active_generation(rig):
     old = rig.tables
     rig.load(compile_policy(load("fastlane2.toml", text=swapped)))
     try:
-        res = rig.run(udp(BLOCKED))
-        assert res["fast"]
-        assert _got(rig, res) == ("pass", "blocklist-old")
-        res = rig.run(udp6(BLOCKED6))
-        assert (res["fast"], _got(rig, res)) == (True, ("pass", "blocklist-old"))
+        res = run(rig, udp(BLOCKED))
+        assert res.fast
+        assert res == outcome("pass", "blocklist-old")
+        res = run(rig, udp6(BLOCKED6))
+        assert (res.fast, res) == (True, outcome("pass", "blocklist-old"))
     finally:
         rig.load(old)
-    res = rig.run(udp(BLOCKED))
-    assert (res["fast"], _got(rig, res)) == (True, ("drop", "blocklist"))
+    res = run(rig, udp(BLOCKED))
+    assert (res.fast, res) == (True, outcome("drop", "blocklist"))
 
 
 def test_nd_from_a_source_that_decides():
@@ -323,18 +302,18 @@ def test_nd_from_a_source_that_decides():
     echo = build(BLOCKED6, DST6, "icmpv6")
     r = TestRig(compile_policy(load("fastlane-nd.toml", text=text)))
     try:
-        res = r.run(nd)
-        assert (res["fast"], _got(r, res)) == (False, ("pass", "icmp-v6"))
-        res = r.run(echo)
-        assert (res["fast"], _got(r, res)) == (False, ("drop", "blocklist"))
-        assert r.run(udp6(BLOCKED6))["fast"]
+        res = run(r, nd)
+        assert (res.fast, res) == (False, outcome("pass", "icmp-v6"))
+        res = run(r, echo)
+        assert (res.fast, res) == (False, outcome("drop", "blocklist"))
+        assert run(r, udp6(BLOCKED6)).fast
     finally:
         r.close()
     res = None
     r = TestRig(compile_policy(load("fastlane-nd2.toml", text=POLICY)))
     try:
-        res = r.run(nd)
-        assert res["fast"] is False and res["retval"] == XDP_PASS and res["slot"] == C.XG_SLOT_ND
+        res = run(r, nd)
+        assert (res.fast, res, res.slot) == (False, outcome("pass", "nd"), C.XG_SLOT_ND)
     finally:
         r.close()
 
@@ -370,20 +349,20 @@ def test_lane_remembers_the_last_source(rig):
     with _one_cpu() as cpu:
         for src, frame in ((BLOCKED, udp(BLOCKED)), (BLOCKED6, udp6(BLOCKED6))):
             fam = ipaddress.ip_address(src).version
-            assert rig.run(frame)["fast"]
+            assert run(rig, frame).fast
             last = _last(rig, cpu, fam)
             packed = ipaddress.ip_address(src).packed
             assert bytes(last.addr)[:len(packed)] == packed
             assert last.word == _word(rig) and last.e & C.XG_DIR_FAST and last.e & C.XG_DIR_DROP
             before = rig.counter(rig.slots["blocklist"])
-            res = rig.run(frame, repeat=100)
-            assert (res["fast"], _got(rig, res)) == (True, ("drop", "blocklist"))
+            res = run(rig, frame, repeat=100)
+            assert (res.fast, res) == (True, outcome("drop", "blocklist"))
             after = rig.counter(rig.slots["blocklist"])
             assert after["packets"] - before["packets"] == 100
             assert after["dropped_bytes"] - before["dropped_bytes"] == 100 * len(frame)
         for _ in range(2):
-            res = rig.run(udp(WEB))
-            assert (res["fast"], _got(rig, res)) == (False, _expect(rig.tables, udp(WEB)))
+            res = run(rig, udp(WEB))
+            assert (res.fast, res) == (False, lookup.verdict(udp(WEB), rig.tables))
         assert not _last(rig, cpu, 4).e & C.XG_DIR_FAST
 
 
@@ -402,8 +381,8 @@ def test_lane_memory_never_outlives_its_fill():
     try:
         with _one_cpu() as cpu:
             for frame, fam in ((udp(BLOCKED), 4), (udp6(BLOCKED6), 6)):
-                res = r.run(frame)
-                assert (res["fast"], _got(r, res)) == (True, ("drop", "blocklist"))
+                res = run(r, frame)
+                assert (res.fast, res) == (True, outcome("drop", "blocklist"))
             remembered = _last(r, cpu, 4).word
             r.load(compile_policy(load("fastlane.toml", text=POLICY)))
             r.load(compile_policy(load("fastlane-allowed.toml", text=allowed)))
@@ -413,7 +392,7 @@ def test_lane_memory_never_outlives_its_fill():
             # Nothing ran since: the memory still holds the old fill's entry.
             assert _last(r, cpu, 4).word == remembered == _last(r, cpu, 6).word
             for frame in (udp(BLOCKED), udp6(BLOCKED6)):
-                res = r.run(frame)
-                assert (res["fast"], _got(r, res)) == (True, ("pass", "blocklist-old"))
+                res = run(r, frame)
+                assert (res.fast, res) == (True, outcome("pass", "blocklist-old"))
     finally:
         r.close()

@@ -1,7 +1,9 @@
 """Differential fuzzing: the real XDP program (BPF_PROG_TEST_RUN, one frame
-per run) against the Python reference (packet.parse + bans + lookup.decide).
+per run) against the Python reference (lookup.verdict: parse, bans,
+classifier).
 
-Every frame's verdict AND deciding slot / rule must agree; any difference
+Every frame's outcome (verdict, reason, deciding rule) must agree, and the
+kernel's counter slot must be that outcome's; any difference
 is a bug in one of the two sides (docs/design.md decides which), never
 something to whitelist.
 
@@ -10,11 +12,9 @@ XG_FUZZ_FRAMES sets the number of frames (default 20000; `make fuzz` runs
 """
 from __future__ import annotations
 
-import ctypes
 import ipaddress
 import os
 import random
-import struct
 import sys
 import time
 
@@ -22,18 +22,17 @@ import pytest
 
 from conftest import require_kernel
 from testing.fuzzgen import mutate, random_frame
-from xdpguard import bans, bpfsys, packet
+from testrun import ban_key
+from xdpguard import bans, bpfsys, lookup, packet
+from xdpguard.bpfsys import XDP_DROP, XDP_PASS
 from xdpguard.compiler import compile_policy
-from xdpguard.layout import C
-from xdpguard.lookup import decide
-from xdpguard.packet import MALFORMED, NON_IP, build
+from xdpguard.layout import MALFORMED_SLOTS, SLOT_REASONS, C
+from xdpguard.lookup import Outcome
+from xdpguard.packet import build
 from xdpguard.policy import load
 
 pytestmark = pytest.mark.kernel
 
-XDP_DROP, XDP_PASS = 1, 2
-NO_SLOT = 0xFFFFFFFF
-NO_RULE = 0xFFFFFFFF
 FRAMES = int(os.environ.get("XG_FUZZ_FRAMES", "20000"))
 SEED = int(os.environ.get("XG_FUZZ_SEED", "0") or 0) or random.SystemRandom().getrandbits(32)
 MAX_REPORTED = 20
@@ -197,14 +196,6 @@ BANS = [("10.9.0.0/16", 0), ("2001:db8:9::/48", 0), ("10.8.0.0/16", -1), ("2001:
         ("10.9.9.0/24", -1)]
 
 
-def _ban_key(m, net):
-    k = m.Key()
-    k.prefixlen = net.prefixlen
-    raw = net.network_address.packed
-    ctypes.memmove(ctypes.addressof(k) + type(k).addr.offset, raw, len(raw))
-    return k
-
-
 class Fuzzer:
     def __init__(self):
         require_kernel()
@@ -214,13 +205,7 @@ class Fuzzer:
             self.tables[name] = compile_policy(load(f"fuzz-{name}.toml", text=text))
         self.rig = TestRig(self.tables["deny"], Shape(nwords=1, vec_per_gen=256))
         self.fd = self.rig.fn.fd
-        dbg = self.rig.maps["debug"]
-        self.dbg_fd, self.dbg_size = dbg.fd, ctypes.sizeof(dbg.Leaf)
-        empty = dbg.Leaf()
-        empty.slot, empty.rule = NO_SLOT, NO_RULE
-        self.empty = bytes(empty)
-        self.key0 = bytes(4)
-        # Bans, and their reference: (family, network, expires_ns) longest match first.
+        # Bans, and their reference: (network, expires_ns).
         now = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
         self.bans = []
         for cidr, exp in BANS:
@@ -228,9 +213,8 @@ class Fuzzer:
             m = self.rig.maps["ban4" if net.version == 4 else "ban6"]
             v = m.Leaf()
             v.expires_ns = now - 1_000_000_000 if exp < 0 else exp
-            bans.insert(m, self.rig.maps["banstate"], net.version, _ban_key(m, net), v)
+            bans.insert(m, self.rig.maps["banstate"], net.version, ban_key(m, net), v)
             self.bans.append((net, v.expires_ns))
-        self.bans.sort(key=lambda b: -b[0].prefixlen)
         self.policy = None
         self.linear = self._linear_size()
 
@@ -256,48 +240,21 @@ class Fuzzer:
         self.rig.load(self.tables[name])
         self.policy = name
 
-    def kernel(self, frame: bytes):
-        """(retval, slot, rule) of one frame through the real program."""
-        bpfsys.map_update(self.dbg_fd, self.key0, self.empty)
-        retval, _, _ = bpfsys.prog_test_run(self.fd, frame, 1, data_out_size=0)
-        slot, rule, verdict, _gen = struct.unpack_from("=4I", bpfsys.map_lookup(self.dbg_fd, self.key0,
-                                                                                self.dbg_size))
-        if slot != NO_SLOT:
-            assert verdict == (retval == XDP_DROP), f"debug verdict {verdict} vs retval {retval}"
-        return retval, slot, rule
+    def kernel(self, frame: bytes) -> Outcome:
+        """The outcome of one frame through the real program; a slot other
+        than the outcome's own makes the reason "slot N"."""
+        res = self.rig.run(frame)
+        if res.slot != res.counter_slot(self.rig.slots):
+            return Outcome(res.retval, f"slot {res.slot}", res.rule)
+        return res
 
-    def banned(self, p) -> bool:
-        now = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
-        for net, exp in self.bans:            # LPM: the longest match decides alone
-            if net.version == p.family and p.src in net:
-                return not (exp and exp <= now)
-        return False
+    def reference(self, frame: bytes) -> Outcome:
+        return lookup.verdict(frame[:self.linear], self.rig.tables, self.bans)
 
-    def reference(self, frame: bytes):
-        """(retval, slot, rule) from packet.parse + bans + lookup.decide."""
-        p = packet.parse(frame[:self.linear])
-        if p is MALFORMED:
-            return XDP_DROP, C.XG_SLOT_MALFORMED, NO_RULE
-        if p is NON_IP:
-            return XDP_PASS, NO_SLOT, NO_RULE
-        if self.banned(p):
-            return XDP_DROP, C.XG_SLOT_BAN, NO_RULE
-        t = self.rig.tables
-        d = decide(t, p.family, int(p.src), int(p.dst), p.l4, p.sport, p.dport)
-        retval = XDP_PASS if d.verdict == "pass" else XDP_DROP
-        if d.rule is None:
-            return retval, (C.XG_SLOT_ND if p.l4 == C.XG_L4_ND else C.XG_SLOT_DEFAULT), NO_RULE
-        return retval, self.rig.slots[d.rule], d.index
-
-    def describe(self, res) -> str:
-        retval, slot, rule = res
-        v = {XDP_DROP: "drop", XDP_PASS: "pass"}.get(retval, retval)
-        if slot == NO_SLOT:
-            return f"{v} (non-ip, no slot)"
-        fixed = {C.XG_SLOT_DEFAULT: "default", C.XG_SLOT_BAN: "ban", C.XG_SLOT_MALFORMED: "malformed",
-                 C.XG_SLOT_ND: "nd"}
-        what = fixed.get(slot) or f"rule {rule} '{self.rig.by_slot.get(slot, '?')}'"
-        return f"{v} slot {slot} ({what})"
+    @staticmethod
+    def describe(res: Outcome) -> str:
+        v = {XDP_DROP: "drop", XDP_PASS: "pass"}.get(res.retval, res.retval)
+        return f"{v} ({res.reason})" + (f" '{res.rule}'" if res.rule else "")
 
 
 def _valid_frame(rng) -> bytes:
@@ -363,9 +320,9 @@ def test_fuzz_kernel_matches_reference(fuzzer):
         ref = fuzzer.reference(frame)
         if len(frame) < 14:
             # BPF_PROG_TEST_RUN refuses frames under ETH_HLEN (XDP never sees
-            # one); the reference must call them malformed.
+            # one); the reference must call them truncated.
             short += 1
-            if ref != (XDP_DROP, C.XG_SLOT_MALFORMED, NO_RULE):
+            if ref != Outcome(XDP_DROP, "truncated"):
                 mismatches.append((frame, "not run (< 14 bytes)", fuzzer.describe(ref)))
             continue
         got = fuzzer.kernel(frame)
@@ -392,7 +349,8 @@ def test_fuzz_kernel_matches_reference(fuzzer):
             for r in tables.rules:
                 assert any(k.startswith(f"{pol}:") and f"'{r.name}'" in k for k in seen), \
                     f"policy {pol}: rule {r.name} never decided a fuzzed frame"
-            for what in ("non-ip", "(malformed)", "(ban)", "(nd)", "(default)"):
+            for what in ("(non-ip)", "(ban)", "(nd)", "(default)",
+                         *(f"({SLOT_REASONS[s]})" for s in MALFORMED_SLOTS)):
                 assert any(k.startswith(f"{pol}:") and what in k for k in seen), \
                     f"policy {pol}: no fuzzed frame was {what}"
 
@@ -403,17 +361,16 @@ def test_long_frames_show_their_linear_part(fuzzer):
     fuzzer.use("deny")                         # rule 'dns' passes udp :53
     pad = [("hop", 255)]                       # 2048 bytes of options
     inside = build("2001:db8:1::5", "2001:db8::1", "udp", dport=53, ipv6_exthdrs=pad, payload=bytes(6000))
-    assert fuzzer.kernel(inside) == fuzzer.reference(inside)
-    assert fuzzer.kernel(inside)[0] == XDP_PASS
+    assert fuzzer.kernel(inside) == fuzzer.reference(inside) == Outcome(XDP_PASS, "rule", "dns")
     beyond = build("2001:db8:1::5", "2001:db8::1", "udp", dport=53, ipv6_exthdrs=pad * 2, payload=bytes(6000))
-    assert len(beyond) > fuzzer.linear and packet.parse(beyond) is not MALFORMED
-    assert fuzzer.kernel(beyond) == fuzzer.reference(beyond) == (XDP_DROP, C.XG_SLOT_MALFORMED, NO_RULE)
+    assert len(beyond) > fuzzer.linear and packet.parse(beyond) not in packet.MALFORMED
+    assert fuzzer.kernel(beyond) == fuzzer.reference(beyond) == Outcome(XDP_DROP, "truncated")
 
 
 def test_fuzz_frames_under_14_bytes_are_refused(fuzzer):
     """The kernel will not run XDP on less than an Ethernet header; the
-    Python parser calls such frames malformed (the C bounds check agrees)."""
+    Python parser calls such frames truncated (the C bounds check agrees)."""
     for n in range(14):
-        assert packet.parse(bytes(n)) is MALFORMED
+        assert packet.parse(bytes(n)) is packet.TRUNCATED
         with pytest.raises(OSError):
             bpfsys.prog_test_run(fuzzer.fd, bytes(n), 1, data_out_size=0)

@@ -19,13 +19,14 @@ from scapy.layers.l2 import Ether
 
 from conftest import require_kernel
 from xdpguard import bpfsys
+from xdpguard.bpfsys import XDP_DROP, XDP_PASS
 from xdpguard.compiler import compile_policy
 from xdpguard.layout import C
+from xdpguard.lookup import Outcome
 from xdpguard.policy import load
 
 pytestmark = pytest.mark.kernel
 
-XDP_DROP, XDP_PASS = 1, 2
 
 POLICY = """
 [policy]
@@ -116,9 +117,8 @@ def test_overflow_drops_without_inserting(rig):
     got = [rig.run(frame(s, 80)) for s in srcs]
     # Three tokens (new_sources_burst) at 1/s: the first three sources get
     # a bucket, the other seven are dropped as overflow.
-    assert [g["retval"] for g in got] == [XDP_PASS] * 3 + [XDP_DROP] * 7
-    assert [g["slot"] for g in got] == [slot] * 3 + [C.XG_SLOT_NEWSRC] * 7
-    assert all(g["rule"] == 0 for g in got)
+    assert got == [Outcome(XDP_PASS, "rule", "web")] * 3 + [Outcome(XDP_DROP, "new_source_overflow", "web")] * 7
+    assert [g.slot for g in got] == [slot] * 3 + [C.XG_SLOT_NEWSRC] * 7
     assert buckets(rig) == {(slot, addr(s)) for s in srcs[:3]}
     assert rig.counter(C.XG_SLOT_NEWSRC)["dropped_packets"] == 7
     assert rig.counter(C.XG_SLOT_NEWSRC)["packets"] == 7
@@ -127,10 +127,10 @@ def test_overflow_drops_without_inserting(rig):
     # (4 more), whatever the budget says; then its rate decides.
     res = rig.run(frame(srcs[0], 80), repeat=6)
     assert rig.counter(slot) == {**rig.counter(slot), "packets": 9, "dropped_packets": 2}
-    assert res["slot"] == slot
+    assert res.slot == slot
     # Another family, same budget (it is the rule's): still empty.
     res = rig.run(frame("2001:db8:1::1", 80))
-    assert (res["retval"], res["slot"]) == (XDP_DROP, C.XG_SLOT_NEWSRC)
+    assert (res.retval, res.slot) == (XDP_DROP, C.XG_SLOT_NEWSRC)
     assert len(buckets(rig)) == 3
 
 
@@ -140,8 +140,8 @@ def test_budget_refills(rig):
         rig.run(frame(f"10.2.0.{i}", 80))
     assert len(buckets(rig)) == 3
     time.sleep(1.1)          # one token at 1/s
-    assert rig.run(frame("10.2.0.9", 80))["retval"] == XDP_PASS
-    assert rig.run(frame("10.2.0.10", 80))["slot"] == C.XG_SLOT_NEWSRC
+    assert rig.run(frame("10.2.0.9", 80)).retval == XDP_PASS
+    assert rig.run(frame("10.2.0.10", 80)).slot == C.XG_SLOT_NEWSRC
     assert len(buckets(rig)) == 4
 
 
@@ -170,7 +170,7 @@ def test_established_client_keeps_its_rate_in_a_spoofed_flood(rig):
     slot = rig.slots["busy"]
     client = "198.51.100.7"
     cf = frame(client, 443)
-    assert rig.run(cf)["retval"] == XDP_PASS
+    assert rig.run(cf).retval == XDP_PASS
     n_flood = 20_000
     # The template with its source overwritten (the program reads no
     # checksum): scapy would take longer than the flood.
@@ -187,7 +187,7 @@ def test_established_client_keeps_its_rate_in_a_spoofed_flood(rig):
             break
         if now >= next_client:
             client_sent += 1
-            client_dropped += rig.run(cf)["retval"] != XDP_PASS
+            client_dropped += rig.run(cf).retval != XDP_PASS
             # From now: after a preemption the client does not catch up
             # in a burst, it keeps to half its rate.
             next_client = now + interval
@@ -265,7 +265,7 @@ def test_kernel_agrees_with_the_limiter_model():
             want.append(model.verdict(rec, rig.slots[rec.name], 4, int(ipaddress.IPv4Address(src)), len(f),
                                       time.monotonic_ns()))
             res = rig.run(f)
-            got.append(({XDP_PASS: "pass", XDP_DROP: "drop"}[res["retval"]], res["slot"]))
+            got.append(({XDP_PASS: "pass", XDP_DROP: "drop"}[res.retval], res.slot))
         assert got == want
         # Every outcome was seen: the test tells something.
         assert {w for w in want} >= {("pass", rig.slots["a"]), ("drop", rig.slots["a"]), ("drop", C.XG_SLOT_NEWSRC),

@@ -16,9 +16,11 @@ from scapy.layers.inet6 import (ICMPv6EchoReply, ICMPv6EchoRequest, ICMPv6ND_NA,
 from scapy.layers.l2 import ARP, Dot1AD, Dot1Q, Ether
 from scapy.packet import Raw
 
-from xdpguard.layout import C
 from testing.fuzzgen import mutate, random_frame
-from xdpguard.packet import MALFORMED, NON_IP, Packet, Verdict, build, from_fields, parse
+from xdpguard import layout
+from xdpguard.layout import C
+from xdpguard.packet import (BAD_HEADER, EXTHDRS, MALFORMED, NON_IP, TRUNCATED, VLANS, Packet, Verdict,
+                             build, from_fields, parse)
 
 S4, D4 = "192.0.2.10", "198.51.100.20"
 S6, D6 = "2001:db8::10", "2001:db8:1::20"
@@ -44,7 +46,7 @@ def P(frame, family, proto, l4, sport=None, dport=None, nonfirst=False, vlans=()
 
 
 def fx(desc, pkt, expect):
-    """A fixture row: expect is MALFORMED, NON_IP or a function frame -> Packet."""
+    """A fixture row: expect is NON_IP, a malformed frame's cause or a function frame -> Packet."""
     frame = bytes(pkt)
     return pytest.param(frame, expect if isinstance(expect, Verdict) else expect(frame), id=desc)
 
@@ -65,8 +67,8 @@ def _rows():
         fx("lldp-ethertype", E(type=0x88CC) / Raw(b"\0" * 30), NON_IP),
         fx("802.3-length", E(type=46) / Raw(b"\0" * 46), NON_IP),
         fx("eth-only-14-bytes-arp", E(type=0x0806), NON_IP),
-        fx("eth-only-14-bytes-ipv4", E(type=0x0800), MALFORMED),
-        fx("eth-only-14-bytes-ipv6", E(type=0x86DD), MALFORMED),
+        fx("eth-only-14-bytes-ipv4", E(type=0x0800), TRUNCATED),
+        fx("eth-only-14-bytes-ipv6", E(type=0x86DD), TRUNCATED),
         fx("vlan-arp", E() / Dot1Q(vlan=7) / ARP(), NON_IP),
         fx("vlan-tcp", E() / Dot1Q(vlan=7) / I4() / TCP(sport=1, dport=2, flags="S"),
            lambda f: P(f, 4, 6, C.XG_L4_TCP_SYN, 1, 2, vlans=(7,))),
@@ -83,10 +85,10 @@ def _rows():
         fx("qinq-inner-8021ad", E() / Dot1Q(vlan=1) / Dot1AD(vlan=2) / I4() / ICMP(),
            lambda f: P(f, 4, 1, C.XG_L4_ICMP, vlans=(1, 2))),
         fx("qinq-arp", E() / Dot1AD(vlan=1) / Dot1Q(vlan=2) / ARP(), NON_IP),
-        fx("triple-tag", E() / Dot1AD(vlan=1) / Dot1Q(vlan=2) / Dot1Q(vlan=3) / I4() / TCP(), MALFORMED),
-        fx("triple-tag-arp", E() / Dot1AD(vlan=1) / Dot1Q(vlan=2) / Dot1Q(vlan=3) / ARP(), MALFORMED),
-        fx("triple-tag-truncated", bytes(E() / Dot1AD(vlan=1) / Dot1Q(vlan=2) / Dot1Q(vlan=3))[:34], MALFORMED),
-        fx("qinq-ipv4-missing", E() / Dot1AD(vlan=1) / Dot1Q(vlan=2, type=0x0800), MALFORMED),
+        fx("triple-tag", E() / Dot1AD(vlan=1) / Dot1Q(vlan=2) / Dot1Q(vlan=3) / I4() / TCP(), VLANS),
+        fx("triple-tag-arp", E() / Dot1AD(vlan=1) / Dot1Q(vlan=2) / Dot1Q(vlan=3) / ARP(), VLANS),
+        fx("triple-tag-truncated", bytes(E() / Dot1AD(vlan=1) / Dot1Q(vlan=2) / Dot1Q(vlan=3))[:34], VLANS),
+        fx("qinq-ipv4-missing", E() / Dot1AD(vlan=1) / Dot1Q(vlan=2, type=0x0800), TRUNCATED),
         # ---- IPv4
         fx("ipv4-tcp-syn", E() / I4() / TCP(sport=1234, dport=80, flags="S"),
            tcp4(l4=C.XG_L4_TCP_SYN, sport=1234, dport=80)),
@@ -104,10 +106,10 @@ def _rows():
            tcp4(l4=C.XG_L4_TCP_SYN, sport=1, dport=2)),
         fx("ipv4-tcp-payload", E() / I4() / TCP(sport=1, dport=2, flags="PA") / Raw(b"x" * 100),
            tcp4(l4=C.XG_L4_TCP, sport=1, dport=2)),
-        fx("ipv4-tcp-19-bytes", bytes(E() / I4() / TCP(flags="S"))[:14 + 20 + 19], MALFORMED),
+        fx("ipv4-tcp-19-bytes", bytes(E() / I4() / TCP(flags="S"))[:14 + 20 + 19], TRUNCATED),
         fx("ipv4-udp", E() / I4() / UDP(sport=53, dport=5353),
            lambda f: P(f, 4, 17, C.XG_L4_UDP, 53, 5353)),
-        fx("ipv4-udp-7-bytes", bytes(E() / I4() / UDP())[:14 + 20 + 7], MALFORMED),
+        fx("ipv4-udp-7-bytes", bytes(E() / I4() / UDP())[:14 + 20 + 7], TRUNCATED),
         fx("ipv4-udp-ports-0", E() / I4() / UDP(sport=0, dport=0), lambda f: P(f, 4, 17, C.XG_L4_UDP, 0, 0)),
         fx("ipv4-udp-ports-max", E() / I4() / UDP(sport=65535, dport=65535),
            lambda f: P(f, 4, 17, C.XG_L4_UDP, 65535, 65535)),
@@ -119,22 +121,22 @@ def _rows():
         fx("ipv4-icmpv6-type-135-not-nd", E() / I4(proto=58) / Raw(b"\x87\0\0\0"),
            lambda f: P(f, 4, 58, C.XG_L4_ICMPV6)),
         fx("ipv4-icmpv6-1-byte", E() / I4(proto=58) / Raw(b"\x80"), lambda f: P(f, 4, 58, C.XG_L4_ICMPV6)),
-        fx("ipv4-icmpv6-0-bytes", E() / I4(proto=58), MALFORMED),
+        fx("ipv4-icmpv6-0-bytes", E() / I4(proto=58), TRUNCATED),
         fx("ipv4-options", E() / I4(options=[IPOption_NOP()] * 4) / TCP(sport=7, dport=8, flags="S"),
            tcp4(l4=C.XG_L4_TCP_SYN, sport=7, dport=8)),
         fx("ipv4-options-max-ihl-15", E() / I4(options=[IPOption_NOP()] * 40) / UDP(sport=7, dport=8),
            lambda f: P(f, 4, 17, C.XG_L4_UDP, 7, 8)),
         fx("ipv4-options-then-short-tcp",
-           bytes(E() / I4(options=[IPOption_NOP()] * 8) / TCP())[:14 + 28 + 19], MALFORMED),
-        fx("ipv4-ihl-4", E() / I4(ihl=4) / TCP(), MALFORMED),
-        fx("ipv4-ihl-0", E() / I4(ihl=0) / TCP(), MALFORMED),
-        fx("ipv4-ihl-6-only-20-bytes", bytes(E() / I4(ihl=6))[:34], MALFORMED),
-        fx("ipv4-ihl-15-header-truncated", bytes(E() / I4(ihl=15) / Raw(b"\0" * 39)), MALFORMED),
+           bytes(E() / I4(options=[IPOption_NOP()] * 8) / TCP())[:14 + 28 + 19], TRUNCATED),
+        fx("ipv4-ihl-4", E() / I4(ihl=4) / TCP(), BAD_HEADER),
+        fx("ipv4-ihl-0", E() / I4(ihl=0) / TCP(), BAD_HEADER),
+        fx("ipv4-ihl-6-only-20-bytes", bytes(E() / I4(ihl=6))[:34], TRUNCATED),
+        fx("ipv4-ihl-15-header-truncated", bytes(E() / I4(ihl=15) / Raw(b"\0" * 39)), TRUNCATED),
         fx("ipv4-ihl-15-header-exact", bytes(E() / I4(ihl=15, proto=47) / Raw(b"\0" * 40)),
            lambda f: P(f, 4, 47, C.XG_L4_OTHER)),
-        fx("ipv4-version-6-in-0800", E(type=0x0800) / I6() / TCP(), MALFORMED),
-        fx("ipv4-version-5", E() / I4(version=5) / TCP(), MALFORMED),
-        fx("ipv4-version-0", E() / I4(version=0) / TCP(), MALFORMED),
+        fx("ipv4-version-6-in-0800", E(type=0x0800) / I6() / TCP(), BAD_HEADER),
+        fx("ipv4-version-5", E() / I4(version=5) / TCP(), BAD_HEADER),
+        fx("ipv4-version-0", E() / I4(version=0) / TCP(), BAD_HEADER),
         fx("ipv4-total-length-short-not-checked", E() / I4(len=20) / TCP(sport=1, dport=2, flags="A"),
            tcp4(l4=C.XG_L4_TCP, sport=1, dport=2)),
         fx("ipv4-total-length-long-not-checked", E() / I4(len=1500) / TCP(sport=1, dport=2, flags="A"),
@@ -148,7 +150,7 @@ def _rows():
            tcp4(l4=C.XG_L4_TCP_SYN, sport=1, dport=2)),
         fx("ipv4-df-tcp", E() / I4(flags="DF") / TCP(sport=1, dport=2, flags="S"),
            tcp4(l4=C.XG_L4_TCP_SYN, sport=1, dport=2)),
-        fx("ipv4-first-fragment-short-tcp", E() / I4(flags="MF", proto=6) / Raw(b"\0" * 8), MALFORMED),
+        fx("ipv4-first-fragment-short-tcp", E() / I4(flags="MF", proto=6) / Raw(b"\0" * 8), TRUNCATED),
         fx("ipv4-nonfirst-tcp", E() / I4(frag=185, proto=6) / Raw(b"\x02" * 40),
            lambda f: P(f, 4, 6, C.XG_L4_TCP, nonfirst=True)),
         fx("ipv4-nonfirst-tcp-no-bytes", E() / I4(frag=1, proto=6, flags="MF"),
@@ -168,9 +170,9 @@ def _rows():
            lambda f: P(f, 6, 6, C.XG_L4_TCP, 1, 22)),
         fx("ipv6-tcp-ack", E() / I6() / TCP(sport=1, dport=22, flags="A"),
            lambda f: P(f, 6, 6, C.XG_L4_TCP, 1, 22)),
-        fx("ipv6-tcp-19-bytes", bytes(E() / I6() / TCP())[:14 + 40 + 19], MALFORMED),
+        fx("ipv6-tcp-19-bytes", bytes(E() / I6() / TCP())[:14 + 40 + 19], TRUNCATED),
         fx("ipv6-udp", E() / I6() / UDP(sport=1, dport=53), lambda f: P(f, 6, 17, C.XG_L4_UDP, 1, 53)),
-        fx("ipv6-udp-7-bytes", bytes(E() / I6() / UDP())[:14 + 40 + 7], MALFORMED),
+        fx("ipv6-udp-7-bytes", bytes(E() / I6() / UDP())[:14 + 40 + 7], TRUNCATED),
         fx("ipv6-icmpv6-echo", E() / I6() / ICMPv6EchoRequest(), lambda f: P(f, 6, 58, C.XG_L4_ICMPV6)),
         fx("ipv6-icmpv6-echo-reply", E() / I6() / ICMPv6EchoReply(), lambda f: P(f, 6, 58, C.XG_L4_ICMPV6)),
         fx("ipv6-icmpv6-ptb", E() / I6() / ICMPv6PacketTooBig(), lambda f: P(f, 6, 58, C.XG_L4_ICMPV6)),
@@ -182,15 +184,15 @@ def _rows():
         fx("ipv6-icmpv6-132-not-nd", E() / I6() / ICMPv6Unknown(type=132), lambda f: P(f, 6, 58, C.XG_L4_ICMPV6)),
         fx("ipv6-icmpv6-138-not-nd", E() / I6() / ICMPv6Unknown(type=138), lambda f: P(f, 6, 58, C.XG_L4_ICMPV6)),
         fx("ipv6-nd-type-only-1-byte", E() / I6(nh=58) / Raw(b"\x87"), lambda f: P(f, 6, 58, C.XG_L4_ND)),
-        fx("ipv6-icmpv6-0-bytes", E() / I6(nh=58), MALFORMED),
+        fx("ipv6-icmpv6-0-bytes", E() / I6(nh=58), TRUNCATED),
         fx("ipv6-icmp4-proto-1", E() / I6(nh=1), lambda f: P(f, 6, 1, C.XG_L4_ICMP)),
         fx("ipv6-gre", E() / I6() / GRE(), lambda f: P(f, 6, 47, C.XG_L4_OTHER)),
         fx("ipv6-esp", E() / I6(nh=50) / Raw(b"\0" * 16), lambda f: P(f, 6, 50, C.XG_L4_OTHER)),
         fx("ipv6-ah", E() / I6(nh=51) / Raw(b"\0" * 16), lambda f: P(f, 6, 51, C.XG_L4_OTHER)),
         fx("ipv6-no-next-header", E() / I6(nh=59), lambda f: P(f, 6, 59, C.XG_L4_OTHER)),
-        fx("ipv6-39-bytes", bytes(E() / I6(nh=59))[:14 + 39], MALFORMED),
-        fx("ipv6-version-4-in-86dd", E(type=0x86DD) / I4() / Raw(b"\0" * 40), MALFORMED),
-        fx("ipv6-version-7", E() / I6(version=7) / UDP(), MALFORMED),
+        fx("ipv6-39-bytes", bytes(E() / I6(nh=59))[:14 + 39], TRUNCATED),
+        fx("ipv6-version-4-in-86dd", E(type=0x86DD) / I4() / Raw(b"\0" * 40), BAD_HEADER),
+        fx("ipv6-version-7", E() / I6(version=7) / UDP(), BAD_HEADER),
         fx("ipv6-payload-length-not-checked", E() / I6(plen=3) / UDP(sport=1, dport=2),
            lambda f: P(f, 6, 17, C.XG_L4_UDP, 1, 2)),
         # IPv6 extension headers
@@ -209,7 +211,7 @@ def _rows():
            lambda f: P(f, 6, 58, C.XG_L4_ND)),
         fx("ipv6-hop-then-nd", E() / I6() / IPv6ExtHdrHopByHop() / ICMPv6ND_RA(),
            lambda f: P(f, 6, 58, C.XG_L4_ND)),
-        fx("ipv6-hop-7-bytes", bytes(E() / I6() / IPv6ExtHdrHopByHop(nh=59))[:14 + 40 + 7], MALFORMED),
+        fx("ipv6-hop-7-bytes", bytes(E() / I6() / IPv6ExtHdrHopByHop(nh=59))[:14 + 40 + 7], TRUNCATED),
         fx("ipv6-hop-8-bytes-no-next", E() / I6() / IPv6ExtHdrHopByHop(nh=59),
            lambda f: P(f, 6, 59, C.XG_L4_OTHER)),
         # only the first 8 bytes of an extension header must be present
@@ -217,9 +219,9 @@ def _rows():
            bytes(E() / I6(nh=0) / Raw(bytes((59, 4)) + b"\x01\x04" + b"\0" * 4)),
            lambda f: P(f, 6, 59, C.XG_L4_OTHER)),
         fx("ipv6-hop-long-truncated-then-tcp",
-           bytes(E() / I6(nh=0) / Raw(bytes((6, 4)) + b"\x01\x04" + b"\0" * 4)) + b"\0" * 30, MALFORMED),
+           bytes(E() / I6(nh=0) / Raw(bytes((6, 4)) + b"\x01\x04" + b"\0" * 4)) + b"\0" * 30, TRUNCATED),
         fx("ipv6-hop-long-truncated-then-ext", bytes(E() / I6(nh=0) / Raw(bytes((60, 1)) + b"\x01\x04" + b"\0" * 12)),
-           MALFORMED),
+           TRUNCATED),
         fx("ipv6-hop-hdrlen-1", E() / I6() / IPv6ExtHdrHopByHop(nh=6, len=1, autopad=0, options=[]) / Raw(b"\x01\x0c" + b"\0" * 12)
            / TCP(sport=9, dport=10, flags="A"),
            lambda f: P(f, 6, 6, C.XG_L4_TCP, 9, 10)),
@@ -227,10 +229,10 @@ def _rows():
            lambda f: P(f, 6, 6, C.XG_L4_TCP_SYN, 1, 2)),
         fx("ipv6-frag-atomic", E() / I6() / IPv6ExtHdrFragment(offset=0, m=0) / UDP(sport=1, dport=2),
            lambda f: P(f, 6, 17, C.XG_L4_UDP, 1, 2)),
-        fx("ipv6-frag-first-short-tcp", E() / I6() / IPv6ExtHdrFragment(m=1, nh=6) / Raw(b"\0" * 19), MALFORMED),
+        fx("ipv6-frag-first-short-tcp", E() / I6() / IPv6ExtHdrFragment(m=1, nh=6) / Raw(b"\0" * 19), TRUNCATED),
         fx("ipv6-frag-res-bits-not-offset", E() / I6() / IPv6ExtHdrFragment(res2=3, m=1) / UDP(sport=1, dport=2),
            lambda f: P(f, 6, 17, C.XG_L4_UDP, 1, 2)),
-        fx("ipv6-frag-7-bytes", bytes(E() / I6() / IPv6ExtHdrFragment(nh=59))[:14 + 40 + 7], MALFORMED),
+        fx("ipv6-frag-7-bytes", bytes(E() / I6() / IPv6ExtHdrFragment(nh=59))[:14 + 40 + 7], TRUNCATED),
         fx("ipv6-frag-nonfirst-tcp", E() / I6() / IPv6ExtHdrFragment(offset=100, nh=6) / Raw(b"\x02" * 8),
            lambda f: P(f, 6, 6, C.XG_L4_TCP, nonfirst=True)),
         fx("ipv6-frag-nonfirst-no-bytes", E() / I6() / IPv6ExtHdrFragment(offset=1, nh=17),
@@ -260,18 +262,18 @@ def _rows():
            lambda f: P(f, 6, 6, C.XG_L4_TCP_SYN, 1, 2)),
         fx("ipv6-6-ext-no-next", E() / I6() / six.copy() / Raw(b""),
            lambda f: P(f, 6, 59, C.XG_L4_OTHER)),
-        fx("ipv6-7-ext-tcp", E() / I6() / six.copy() / IPv6ExtHdrDestOpt() / TCP(), MALFORMED),
+        fx("ipv6-7-ext-tcp", E() / I6() / six.copy() / IPv6ExtHdrDestOpt() / TCP(), EXTHDRS),
         fx("ipv6-7-ext-all-hop", E() / I6() / (IPv6ExtHdrHopByHop() / IPv6ExtHdrHopByHop() / IPv6ExtHdrHopByHop()
                                                / IPv6ExtHdrHopByHop() / IPv6ExtHdrHopByHop() / IPv6ExtHdrHopByHop()
-                                               / IPv6ExtHdrHopByHop()) / UDP(), MALFORMED),
+                                               / IPv6ExtHdrHopByHop()) / UDP(), EXTHDRS),
         # the 7th is judged by its number alone, even with no bytes present
         fx("ipv6-6-ext-then-ext-number-no-bytes",
            E() / I6() / (IPv6ExtHdrDestOpt() / IPv6ExtHdrDestOpt() / IPv6ExtHdrDestOpt() / IPv6ExtHdrDestOpt()
-                         / IPv6ExtHdrDestOpt() / IPv6ExtHdrDestOpt(nh=43)), MALFORMED),
+                         / IPv6ExtHdrDestOpt() / IPv6ExtHdrDestOpt(nh=43)), EXTHDRS),
         fx("ipv6-6-ext-then-frag-number", E() / I6() / (IPv6ExtHdrDestOpt() / IPv6ExtHdrDestOpt()
                                                        / IPv6ExtHdrDestOpt() / IPv6ExtHdrDestOpt()
                                                        / IPv6ExtHdrDestOpt() / IPv6ExtHdrDestOpt())
-           / IPv6ExtHdrFragment(offset=7, nh=6), MALFORMED),
+           / IPv6ExtHdrFragment(offset=7, nh=6), EXTHDRS),
         fx("ipv6-5-ext-then-nonfirst-frag", E() / I6() / (IPv6ExtHdrDestOpt() / IPv6ExtHdrDestOpt()
                                                          / IPv6ExtHdrDestOpt() / IPv6ExtHdrDestOpt()
                                                          / IPv6ExtHdrDestOpt())
@@ -280,24 +282,24 @@ def _rows():
     ]
     # frames of 0..13 bytes
     for n in range(14):
-        rows.append(fx(f"short-frame-{n}", TCP4[:n], MALFORMED))
+        rows.append(fx(f"short-frame-{n}", TCP4[:n], TRUNCATED))
     # truncated tag (14..17 bytes) and truncated QinQ second tag (18..21)
     vlan = bytes(E() / Dot1AD(vlan=1) / Dot1Q(vlan=2) / I4() / TCP())
     for n in range(14, 22):
-        rows.append(fx(f"truncated-tag-{n}", vlan[:n], MALFORMED))
-    rows.append(fx("qinq-ipv4-absent-22-bytes", vlan[:22], MALFORMED))
+        rows.append(fx(f"truncated-tag-{n}", vlan[:n], TRUNCATED))
+    rows.append(fx("qinq-ipv4-absent-22-bytes", vlan[:22], TRUNCATED))
     # IPv4 header truncated at each length
     opt = bytes(E() / I4(options=[IPOption_NOP()] * 8) / TCP())
     for n in range(20):
-        rows.append(fx(f"ipv4-header-{n}-bytes", TCP4[:14 + n], MALFORMED))
+        rows.append(fx(f"ipv4-header-{n}-bytes", TCP4[:14 + n], TRUNCATED))
     for n in range(20, 28):
-        rows.append(fx(f"ipv4-ihl7-header-{n}-bytes", opt[:14 + n], MALFORMED))
+        rows.append(fx(f"ipv4-ihl7-header-{n}-bytes", opt[:14 + n], TRUNCATED))
     for n in range(20):
-        rows.append(fx(f"ipv4-tcp-{n}-bytes", TCP4[:34 + n], MALFORMED))
+        rows.append(fx(f"ipv4-tcp-{n}-bytes", TCP4[:34 + n], TRUNCATED))
     for n in range(40):
-        rows.append(fx(f"ipv6-header-{n}-bytes", TCP6[:14 + n], MALFORMED))
+        rows.append(fx(f"ipv6-header-{n}-bytes", TCP6[:14 + n], TRUNCATED))
     for n in range(20):
-        rows.append(fx(f"ipv6-tcp-{n}-bytes", TCP6[:54 + n], MALFORMED))
+        rows.append(fx(f"ipv6-tcp-{n}-bytes", TCP6[:54 + n], TRUNCATED))
     return rows
 
 
@@ -307,9 +309,12 @@ def test_parse_fixtures(frame, expected):
 
 
 def test_verdict_singletons():
-    assert parse(b"") is MALFORMED
+    assert parse(b"") is TRUNCATED
     assert parse(ARP_FRAME) is NON_IP
-    assert MALFORMED is Verdict.MALFORMED and NON_IP is Verdict.NON_IP
+    assert MALFORMED == {TRUNCATED, BAD_HEADER, VLANS, EXTHDRS} == set(Verdict) - {NON_IP}
+    # A cause is the counter slot the program counts it in.
+    assert sorted(v.value for v in MALFORMED) == sorted(layout.MALFORMED_SLOTS)
+    assert NON_IP.value == C.XG_NO_SLOT
 
 
 def test_l4_classes_match_header():
@@ -406,7 +411,7 @@ def test_build_parse_round_trip(kw):
 def test_build_long_chains_malformed(kw, n):
     assume(ip_address(kw["src"]).version == 6)
     kw["ipv6_exthdrs"] = [("dst",)] * n
-    assert parse(build(**kw)) is MALFORMED
+    assert parse(build(**kw)) is EXTHDRS
 
 
 # --------------------------------------------------------------------------
@@ -545,7 +550,7 @@ def test_build_defaults():
     assert (p.l4, p.vlans) == (C.XG_L4_ND, (1, 2))
     f = build("192.0.2.1", "198.51.100.2", vlans=(1, 2, 3))
     assert f[12:14] == b"\x88\xa8" and f[16:18] == b"\x88\xa8" and f[20:22] == b"\x81\x00"
-    assert parse(f) is MALFORMED
+    assert parse(f) is VLANS
     f = build("192.0.2.1", "198.51.100.2", vlans=((0x8100, 1), (0x88A8, 2)))
     assert f[12:14] == b"\x81\x00" and f[16:18] == b"\x88\xa8" and parse(f).vlans == (1, 2)
     # IPv6 fragment= appends a fragment header
@@ -656,7 +661,7 @@ def test_random_frame_coverage():
             seen.add(r)
         else:
             seen.add((r.family, r.l4, r.nonfirst_fragment, len(r.vlans)))
-    assert {MALFORMED, NON_IP} <= seen
+    assert NON_IP in seen and seen & MALFORMED
     for fam in (4, 6):
         for nv in (0, 1, 2):
             for l4 in (C.XG_L4_OTHER, C.XG_L4_TCP, C.XG_L4_TCP_SYN, C.XG_L4_UDP, C.XG_L4_ICMP,
@@ -686,8 +691,8 @@ def test_mutate():
             b""]
     out = [mutate(rng, base[i % 3]) for i in range(60_000)]
     assert all(isinstance(f, bytes) for f in out)
-    results = {parse(f) if isinstance(parse(f), Verdict) else "packet" for f in out}
-    assert results == {MALFORMED, NON_IP, "packet"}
+    results = {"malformed" if r in MALFORMED else r if r is NON_IP else "packet" for r in map(parse, out)}
+    assert results == {"malformed", NON_IP, "packet"}
     # truncation hits every length
     lengths = {len(f) for f in out[::3]}
     assert set(range(len(base[0]) + 1)) <= lengths

@@ -83,7 +83,7 @@ def run(rig, frame):
     """(retval, slot, output frame) of one test run."""
     res = rig.run(bytes(frame))
     _, _, out = bpfsys.prog_test_run(rig.fn.fd, bytes(frame))
-    return res["retval"], res["slot"], Ether(out)
+    return res.retval, res.slot, Ether(out)
 
 
 def checksums_ok(pkt) -> bool:
@@ -133,18 +133,18 @@ def test_synack_is_well_formed_and_its_cookie_validates(rig, src, dst):
     # The cookie validates: the ACK that echoes it passes (SYNPROXY then
     # opens the connection), one with another acknowledgment is dropped.
     ack = the_ack(sa)
-    assert rig.run(bytes(ack))["retval"] == XDP_PASS
+    assert rig.run(bytes(ack)).retval == XDP_PASS
     forged = ack.copy()
     forged[TCP].ack = (forged[TCP].ack + 12345) & 0xffffffff
     res = rig.run(bytes(forged))
-    assert (res["retval"], res["slot"]) == (XDP_DROP, C.XG_SLOT_BADCOOKIE)
+    assert (res.retval, res.slot) == (XDP_DROP, C.XG_SLOT_BADCOOKIE)
 
 
 @pytest.mark.kernel
 def test_synack_without_options(rig):
     rv, _, sa = run(rig, syn(opts=[]))
     assert rv == XDP_TX and sa[TCP].options == [("MSS", C.XG_COOKIE_MSS4)] and checksums_ok(sa)
-    assert rig.run(bytes(the_ack(sa)))["retval"] == XDP_PASS
+    assert rig.run(bytes(the_ack(sa))).retval == XDP_PASS
     # Timestamps without window scale or SACK: NOP NOP, no window scale.
     rv, _, sa = run(rig, syn(opts=[("Timestamp", (7, 0))]))
     assert [o[0] for o in sa[TCP].options] == ["MSS", "NOP", "NOP", "Timestamp"]
@@ -157,12 +157,12 @@ def test_what_the_cookie_path_leaves_alone(rig):
     # VLAN-tagged: the normal path (nftables' SYNPROXY answers it).
     tagged = Ether(src=CMAC, dst=SMAC) / Dot1Q(vlan=5) / IP(src="192.0.2.1", dst="198.51.100.1") / TCP(
         dport=80, flags="S")
-    assert (rig.run(bytes(tagged))["retval"], rig.run(bytes(tagged))["slot"]) == (XDP_PASS, web)
+    assert (rig.run(bytes(tagged)).retval, rig.run(bytes(tagged)).slot) == (XDP_PASS, web)
     # A rule without syncookies.
-    assert rig.run(bytes(syn(dport=22)))["retval"] == XDP_PASS
+    assert rig.run(bytes(syn(dport=22))).retval == XDP_PASS
     # RST, and SYN-ACK: not checked; SYN with FIN: dropped.
     for flags, want in (("R", XDP_PASS), ("RA", XDP_PASS), ("SA", XDP_PASS), ("SF", XDP_DROP)):
-        assert rig.run(bytes(syn(flags=flags)))["retval"] == want, flags
+        assert rig.run(bytes(syn(flags=flags))).retval == want, flags
 
 
 @pytest.mark.kernel
@@ -171,8 +171,8 @@ def test_limit_comes_before_the_cookie(rig):
     bpfsys.map_update(rig.maps["rbuckets"].fd, bytes(ctypes.c_uint32(rig.slots["limited"])), zero)
     first = rig.run(bytes(syn(dport=8080)))
     second = rig.run(bytes(syn(dport=8080)))
-    assert (first["retval"], first["slot"]) == (XDP_TX, C.XG_SLOT_COOKIE)
-    assert (second["retval"], second["slot"]) == (XDP_DROP, rig.slots["limited"])
+    assert (first.retval, first.slot) == (XDP_TX, C.XG_SLOT_COOKIE)
+    assert (second.retval, second.slot) == (XDP_DROP, rig.slots["limited"])
 
 
 # ---------------------------------------------------------------- a real client, in a lab

@@ -126,10 +126,10 @@ def _describe(pkt) -> str:
 # ---------------------------------------------------------------- test (real kernel)
 
 def cmd_test(args) -> int:
+    from xdpguard.bpfsys import XDP_DROP
     from xdpguard.compiler import compile_policy
     from xdpguard.layout import C
     from xdpguard.loader import TestRig
-    from xdpguard.lookup import Decision
     policy = load_policy(args.policy)
     tables = compile_policy(policy)
     if args.packets:
@@ -156,23 +156,21 @@ def cmd_test(args) -> int:
         items = [(_parse_fields(_packet_fields(args), "packet")[0], args.count)]
 
     rig = TestRig(tables)
-    names = {0: "allow", 1: "deny", 2: "limit"}
     try:
         for frame, count in items:
-            before = None
-            res = rig.run(frame, repeat=count) if count == 1 else None
+            res = rig.run(frame)
             if count > 1:
-                slot_probe = rig.run(frame)       # find the slot, then measure the rest
-                before = rig.counter(slot_probe["slot"]) if slot_probe["slot"] != 0xFFFFFFFF else None
+                # The first run finds the slot; its counter measures the rest.
+                first_dropped = res.retval == XDP_DROP
+                slot = res.counter_slot(rig.slots)
+                before = rig.counter(slot) if slot != C.XG_NO_SLOT else None
                 res = rig.run(frame, repeat=count - 1)
-                res["first"] = slot_probe
-            out = _test_result(rig, tables, res, names, C, Decision)
-            if count > 1:
-                after = rig.counter(res["slot"]) if res["slot"] != 0xFFFFFFFF else None
-                first_dropped = res["first"]["retval"] == 1
-                if before and after:
-                    out["passed"] = (after["packets"] - after["dropped_packets"]) - (before["packets"] - before["dropped_packets"]) + (0 if first_dropped else 1)
-                    out["dropped"] = after["dropped_packets"] - before["dropped_packets"] + (1 if first_dropped else 0)
+            out = res.as_json(tables)
+            if count > 1 and before:
+                after = rig.counter(slot)
+                dropped = after["dropped_packets"] - before["dropped_packets"]
+                out["passed"] = after["packets"] - before["packets"] - dropped + (not first_dropped)
+                out["dropped"] = dropped + first_dropped
             if args.json:
                 emit_json(out)
             else:
@@ -181,25 +179,6 @@ def cmd_test(args) -> int:
     finally:
         rig.close()
     return EXIT_OK
-
-
-def _test_result(rig, tables, res, names, C, Decision) -> dict:
-    result = "drop" if res["retval"] == 1 else "pass"
-    slot = res["slot"]
-    if slot == 0xFFFFFFFF:
-        return {"rule": None, "action": "allow", "verdict": "pass", "result": result, "reason": "non-ip"}
-    if res["rule"] is not None:
-        rec = tables.rules[res["rule"]]
-        verdict = {0: "pass", 1: "drop", 2: "limit"}[rec.action]
-        return {"rule": rec.name, "action": names[rec.action], "verdict": verdict, "result": result}
-    if slot == C.XG_SLOT_MALFORMED:
-        return {"rule": None, "action": "deny", "verdict": "drop", "result": result, "reason": "malformed"}
-    if slot == C.XG_SLOT_BAN:
-        return {"rule": None, "action": "deny", "verdict": "drop", "result": result, "reason": "ban"}
-    if slot == C.XG_SLOT_ND:
-        return {"rule": None, "action": "allow", "verdict": "pass", "result": result, "reason": "nd"}
-    act = names[tables.default_action]
-    return {"rule": None, "action": act, "verdict": "pass" if act == "allow" else "drop", "result": result}
 
 
 # ---------------------------------------------------------------- apply / detach
@@ -310,27 +289,33 @@ def cmd_status(args) -> int:
     return EXIT_OK
 
 
+def _fixed_rows(snap) -> list[tuple[str, dict, str]]:
+    """The rows after the rules': the fixed slots (name, counts, action);
+    all but the cookie SYN-ACKs (answered, not dropped) are drops."""
+    m = snap["malformed"]
+    return ([("(bans)", snap["bans"], "deny"), ("(malformed)", m, "deny")]
+            + [(f"(malformed: {cause})", v, "deny") for cause, v in m["causes"].items()]
+            + [("(new-source overflow)", snap["new_source_overflow"], "deny"),
+               ("(syncookie SYN-ACKs)", snap["syncookie_synacks"], "cookie"),
+               ("(syncookie bad ACKs)", snap["syncookie_bad_acks"], "deny"),
+               ("(no map entry)", snap["no_entry"], "deny")])
+
+
+def _fixed_row(name: str, v: dict, action: str) -> dict:
+    dropped = action == "deny"
+    return {"rule": name, "action": action, "packets": v["packets"], "bytes": v["bytes"],
+            "dropped_packets": v["packets"] if dropped else 0, "dropped_bytes": v["bytes"] if dropped else 0}
+
+
 def _stats_rows(snap, prev=None, dt=None):
     rows = []
     prev_by = {r["rule"]: r for r in prev["rules"]} if prev else {}
-    # Fixed slots: (row name, key of the stats snapshot, action); all but
-    # the cookie SYN-ACKs (answered, not dropped) are drops.
-    fixed = (("(bans)", "bans", "deny"), ("(malformed)", "malformed", "deny"),
-             ("(new-source overflow)", "new_source_overflow", "deny"),
-             ("(syncookie SYN-ACKs)", "syncookie_synacks", "cookie"),
-             ("(syncookie bad ACKs)", "syncookie_bad_acks", "deny"))
-    for r in snap["rules"] + [{"rule": name, "action": action, "packets": snap[key]["packets"],
-                               "bytes": snap[key]["bytes"],
-                               "dropped_packets": snap[key]["packets"] if action == "deny" else 0,
-                               "dropped_bytes": snap[key]["bytes"] if action == "deny" else 0}
-                              for name, key, action in fixed]:
+    if prev:
+        prev_by.update({name: _fixed_row(name, v, action) for name, v, action in _fixed_rows(prev)})
+    for r in snap["rules"] + [_fixed_row(*f) for f in _fixed_rows(snap)]:
         row = [r["rule"], r["action"], r["packets"], r["bytes"], r["dropped_packets"], r["dropped_bytes"]]
         if prev is not None:
             p = prev_by.get(r["rule"]) or {}
-            for name, key, action in fixed:
-                if r["rule"] == name:
-                    p = {"packets": prev[key]["packets"],
-                         "dropped_packets": prev[key]["packets"] if action == "deny" else 0}
             row += [round((r["packets"] - p.get("packets", 0)) / dt), round((r["dropped_packets"] - p.get("dropped_packets", 0)) / dt)]
         rows.append(row)
     return rows

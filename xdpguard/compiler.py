@@ -15,10 +15,10 @@ from itertools import compress, repeat
 from operator import countOf, eq, itemgetter, lshift, or_
 
 from xdpguard import progress
-from xdpguard.layout import C
+from xdpguard.layout import ACTION_NAMES, C
 from xdpguard.policy import Policy, PrefixSet, Rule, sorted_unique
 
-_ACTION = {"allow": C.XG_ACT_ALLOW, "deny": C.XG_ACT_DENY, "limit": C.XG_ACT_LIMIT}
+_ACTION = {name: act for act, name in ACTION_NAMES.items()}
 
 # Which l4 classes a protocol name admits (tcp_flags narrows tcp to SYN).
 _PROTO_CLASSES = {

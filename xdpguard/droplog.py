@@ -13,11 +13,9 @@ import time
 from pathlib import Path
 
 from xdpguard import bpfsys, pins
-from xdpguard.layout import C
+from xdpguard.layout import SLOT_REASONS, C
 
 _PROTO = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}
-_SPECIAL = {C.XG_SLOT_DEFAULT: "default", C.XG_SLOT_BAN: "ban", C.XG_SLOT_MALFORMED: "malformed",
-            C.XG_SLOT_NEWSRC: "new-source overflow"}
 
 
 class DropLog:
@@ -44,7 +42,7 @@ class DropLog:
         self.events.append({
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.offset + ev.ts_ns / 1e9))
                     + f".{int(ev.ts_ns / 1e3) % 1000000:06d}",
-            "rule": self.names.get(ev.slot, _SPECIAL.get(ev.slot, f"slot {ev.slot}")),
+            "rule": self.names.get(ev.slot, SLOT_REASONS.get(ev.slot, f"slot {ev.slot}")),
             "verdict": "drop",
             "src": str(src), "dst": str(dst),
             "proto": _PROTO.get(ev.proto, str(ev.proto)),

@@ -19,7 +19,7 @@ from operator import add
 from pathlib import Path
 from types import SimpleNamespace
 
-_DEFINE = re.compile(r"^#define\s+(XG_\w+)\s+(\d+)\s*(?:/\*.*)?$")
+_DEFINE = re.compile(r"^#define\s+(XG_\w+)\s+(\d+)U?\s*(?:/\*.*)?$")
 
 
 def bpf_dir() -> Path:
@@ -41,6 +41,28 @@ def _constants() -> SimpleNamespace:
 
 
 C = _constants()
+
+# Rule and default actions (struct xg_rule.action) by their policy names.
+ACTION_NAMES = {C.XG_ACT_ALLOW: "allow", C.XG_ACT_DENY: "deny", C.XG_ACT_LIMIT: "limit"}
+
+# What each fixed counter slot counts (bpf/xdpguard.h), by the name the
+# reference verdict (xdpguard.lookup), `stats` and the drop log give it.
+SLOT_REASONS = {
+    C.XG_SLOT_DEFAULT: "default",
+    C.XG_SLOT_BAN: "ban",
+    C.XG_SLOT_ND: "nd",
+    C.XG_SLOT_NEWSRC: "new_source_overflow",
+    C.XG_SLOT_COOKIE: "syncookie_synack",
+    C.XG_SLOT_BADCOOKIE: "syncookie_bad_ack",
+    C.XG_SLOT_TRUNCATED: "truncated",
+    C.XG_SLOT_BAD_HEADER: "bad_header",
+    C.XG_SLOT_VLANS: "vlans",
+    C.XG_SLOT_EXTHDRS: "exthdrs",
+    C.XG_SLOT_NO_ENTRY: "no_entry",
+}
+# The causes of a malformed frame: dropped before the ban map and the rules.
+MALFORMED_SLOTS = (C.XG_SLOT_TRUNCATED, C.XG_SLOT_BAD_HEADER, C.XG_SLOT_VLANS, C.XG_SLOT_EXTHDRS)
+
 
 _STRUCT = re.compile(r"struct\s+(xg_\w+)\s*\{(.*?)\};", re.S)
 _FIELD = re.compile(r"(__u8|__u16|__u32|__u64|struct\s+\w+)\s+\w+\s*(?:\[(\w+)\])?\s*;")

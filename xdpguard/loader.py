@@ -12,12 +12,14 @@ import re
 import socket
 import time
 from dataclasses import asdict, dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 from xdpguard import bans, bpfsys, killpoint, layout, pins, plan, progress, syncookies
 from xdpguard.compiler import Tables
 from xdpguard.errors import LoadError, UsageError  # noqa: F401 (re-exported)
 from xdpguard.layout import C, PERSISTENT_MAPS, POLICY_MAPS
+from xdpguard.lookup import Outcome, kernel_outcome
 from xdpguard.netns import exists as netns_exists, in_netns
 from xdpguard.policy import Policy
 
@@ -313,9 +315,9 @@ def assign_slots(tables: Tables, previous: dict[str, int] | None) -> tuple[dict[
             continue
         while nxt in taken:
             nxt += 1
-        if nxt >= C.XG_MAX_SLOTS:
+        if nxt >= C.XG_SLOT_END_RULES:
             # Wrap into slots the old policy used but the new one does not.
-            free = sorted(set(range(C.XG_SLOT_FIRST_RULE, C.XG_MAX_SLOTS)) - set(slots.values()))
+            free = sorted(set(range(C.XG_SLOT_FIRST_RULE, C.XG_SLOT_END_RULES)) - set(slots.values()))
             nxt = free[0]
         slots[r.name] = nxt
         fresh.append(nxt)
@@ -373,7 +375,7 @@ def _record(policy: Policy, tables: Tables, fill: Fill, *, netns: str | None, if
         policy=pins.PolicyInfo(policy.name, policy.sha256, policy.source, time.time(),
                                policy.default, len(policy.rules)),
         shape=asdict(fill.shape),
-        rules=[pins.RuleSlot(r.name, {0: "allow", 1: "deny", 2: "limit"}[r.action], fill.slots[r.name])
+        rules=[pins.RuleSlot(r.name, layout.ACTION_NAMES[r.action], fill.slots[r.name])
                for r in tables.rules],
         slots=fill.slots,
         # Trie entries of the generation (what the source tables left).
@@ -760,6 +762,9 @@ def rollback(iface: str, netns: str | None = None, log=print,
 
 # ---------------------------------------------------------------- test rig
 
+_KEY0 = bytes(4)
+
+
 class TestRig:
     """The real program, loaded but not attached, for BPF_PROG_TEST_RUN."""
 
@@ -792,18 +797,21 @@ class TestRig:
         vals = self.maps["counters"].lookup(ctypes.c_uint32(slot))
         return {f: sum(getattr(v, f) for v in vals) for f in ("packets", "bytes", "dropped_packets", "dropped_bytes")}
 
-    def run(self, frame: bytes, repeat: int = 1) -> dict:
-        """Run one frame; returns the debug record and retval."""
+    @cached_property
+    def _debug(self):
+        """The debug map's fd and type, and the record a run starts from."""
         dbg = self.maps["debug"]
-        empty = dbg.Leaf()
-        empty.slot = 0xFFFFFFFF
-        empty.rule = 0xFFFFFFFF
-        empty.fast = 0
-        dbg.update(ctypes.c_uint32(0), empty)
-        retval, duration, _ = bpfsys.prog_test_run(self.fn.fd, frame, repeat=repeat)
-        d = dbg.lookup(ctypes.c_uint32(0))
-        return {"retval": retval, "duration_ns": duration, "slot": d.slot,
-                "rule": None if d.rule == 0xFFFFFFFF else d.rule, "fast": bool(d.fast)}
+        return dbg.fd, dbg.Leaf, bytes(dbg.Leaf(slot=C.XG_NO_SLOT, rule=C.XG_NO_RULE))
+
+    def run(self, frame: bytes, repeat: int = 1) -> Outcome:
+        """Run one frame (repeat times): the program's outcome, from its
+        return value and debug record, with the lane and the kernel's
+        average duration."""
+        fd, leaf, empty = self._debug
+        bpfsys.map_update(fd, _KEY0, empty)
+        retval, duration, _ = bpfsys.prog_test_run(self.fn.fd, frame, repeat=repeat, data_out_size=0)
+        d = leaf.from_buffer_copy(bpfsys.map_lookup(fd, _KEY0, ctypes.sizeof(leaf)))
+        return kernel_outcome(self.tables, retval, d.slot, d.rule, fast=bool(d.fast), duration_ns=duration)
 
     def close(self) -> None:
         self.b.cleanup()

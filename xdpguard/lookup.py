@@ -1,18 +1,28 @@
-"""The classifier lookup, written once in Python exactly as bpf/xdpguard.c runs it.
+"""The verdict, written once in Python exactly as bpf/xdpguard.c gives it.
 
-``explain`` uses it on freshly compiled tables; tests compare it with a
-direct first-match evaluation of the rules and with the kernel program.
+``decide`` is the classifier on a parsed packet (``explain`` uses it on
+freshly compiled tables); ``verdict`` is the whole program on a frame:
+parse, bans, classifier, action. Tests compare it with a direct
+first-match evaluation of the rules and with the kernel program, whose
+test build reports the same ``Outcome`` (``loader.TestRig.run``).
 """
 from __future__ import annotations
 
+import time
 from bisect import bisect_right
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from xdpguard import packet
+from xdpguard.bpfsys import XDP_DROP, XDP_PASS, XDP_TX
 from xdpguard.compiler import Tables
-from xdpguard.layout import C
+from xdpguard.layout import ACTION_NAMES, MALFORMED_SLOTS, SLOT_REASONS, C
 
-_ACTION_NAME = {C.XG_ACT_ALLOW: "allow", C.XG_ACT_DENY: "deny", C.XG_ACT_LIMIT: "limit"}
 _VERDICT = {C.XG_ACT_ALLOW: "pass", C.XG_ACT_DENY: "drop", C.XG_ACT_LIMIT: "limit"}
+_RESULT = {XDP_DROP: "drop", XDP_PASS: "pass", XDP_TX: "tx"}
+# Outcome.reason besides the fixed slots' (layout.SLOT_REASONS).
+RULE, NON_IP = "rule", "non-ip"
+_SLOT_OF = {reason: slot for slot, reason in SLOT_REASONS.items()}
+MALFORMED_REASONS = frozenset(SLOT_REASONS[s] for s in MALFORMED_SLOTS)
 
 
 @dataclass(frozen=True)
@@ -24,6 +34,57 @@ class Decision:
 
     def as_json(self) -> dict:
         return {"rule": self.rule, "action": self.action, "verdict": self.verdict}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the program does with a frame: its return value, why (RULE,
+    NON_IP or a fixed counter slot's reason: layout.SLOT_REASONS) and the
+    deciding rule. Equal outcomes are the same verdict; the fields after
+    `rule` are what the test build measured, and compare as equal."""
+    retval: int                  # XDP_PASS, XDP_DROP, XDP_TX (a cookie SYN-ACK)
+    reason: str
+    rule: str | None = None      # reason RULE, or "no_entry" under a limit rule
+    slot: int | None = field(default=None, compare=False)   # the counter the kernel used
+    fast: bool = field(default=False, compare=False)        # decided in the fast lane
+    duration_ns: int = field(default=0, compare=False)
+
+    @property
+    def malformed(self) -> bool:
+        return self.reason in MALFORMED_REASONS
+
+    def counter_slot(self, slots: dict[str, int]) -> int:
+        """The counter slot the program counts this outcome in (slots: the
+        rules' slots, loader.assign_slots); XG_NO_SLOT for none."""
+        if self.reason == RULE:
+            return slots[self.rule]
+        return C.XG_NO_SLOT if self.reason == NON_IP else _SLOT_OF[self.reason]
+
+    def as_json(self, tables: Tables) -> dict:
+        """The `xdpguard test` line: explain's rule, action and verdict, the
+        kernel's result, and the reason of a verdict no rule or default gave
+        (a malformed frame's cause apart)."""
+        if self.rule is not None:
+            act = next(r.action for r in tables.rules if r.name == self.rule)
+        elif self.reason == "default":
+            act = tables.default_action
+        else:
+            act = C.XG_ACT_ALLOW if self.reason in (NON_IP, "nd") else C.XG_ACT_DENY
+        out = {"rule": self.rule, "action": ACTION_NAMES[act], "verdict": _VERDICT[act],
+               "result": _RESULT[self.retval]}
+        if self.malformed:
+            out.update(reason="malformed", cause=self.reason)
+        elif self.reason not in (RULE, "default"):
+            out["reason"] = self.reason
+        return out
+
+
+def kernel_outcome(tables: Tables, retval: int, slot: int, rule: int, **measured) -> Outcome:
+    """The Outcome of a test build's run: its return value and debug
+    record (struct xg_debug's slot and rule)."""
+    name = None if rule == C.XG_NO_RULE else tables.rules[rule].name
+    reason = NON_IP if slot == C.XG_NO_SLOT else SLOT_REASONS.get(slot, RULE)
+    return Outcome(retval, reason, name, slot=slot, **measured)
 
 
 def _lpm(tables: Tables, family: int, dim: int, addr: int) -> int:
@@ -77,9 +138,43 @@ def decide(tables: Tables, family: int, src: int, dst: int, l4: int,
         if l4 == C.XG_L4_ND:
             return Decision(None, None, "allow", "pass")
         act = tables.default_action
-        return Decision(None, None, _ACTION_NAME[act], _VERDICT[act])
+        return Decision(None, None, ACTION_NAMES[act], _VERDICT[act])
     rec = tables.rules[idx]
-    return Decision(rec.name, idx, _ACTION_NAME[rec.action], _VERDICT[rec.action])
+    return Decision(rec.name, idx, ACTION_NAMES[rec.action], _VERDICT[rec.action])
+
+
+def banned(bans, family: int, src) -> bool:
+    """Whether the ban map holds a source: bans are (network, expires_ns)
+    pairs (CLOCK_BOOTTIME, 0: never), and the longest network holding the
+    source decides alone, as an LPM lookup does: an expired entry is
+    ignored even where a shorter one holds."""
+    best = None
+    for net, expires in bans:
+        if net.version == family and src in net and (best is None or net.prefixlen > best[0].prefixlen):
+            best = (net, expires)
+    if best is None:
+        return False
+    return not best[1] or best[1] > time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+
+
+def verdict(frame: bytes, tables: Tables, bans=(), over_rate: bool = False) -> Outcome:
+    """The Outcome of one frame: parse, ban map (bans: see `banned`),
+    classifier, action, in the program's order (docs/design.md). The
+    reference keeps no buckets: a limit rule passes the frame unless
+    over_rate says its bucket is spent."""
+    p = packet.parse(frame)
+    if p is packet.NON_IP:
+        return Outcome(XDP_PASS, NON_IP)
+    if p in packet.MALFORMED:
+        return Outcome(XDP_DROP, SLOT_REASONS[p.value])
+    if bans and banned(bans, p.family, p.src):
+        return Outcome(XDP_DROP, "ban")
+    d = decide(tables, p.family, int(p.src), int(p.dst), p.l4, p.sport, p.dport)
+    drop = d.verdict == "drop" or (d.verdict == "limit" and over_rate)
+    retval = XDP_DROP if drop else XDP_PASS
+    if d.rule is not None:
+        return Outcome(retval, RULE, d.rule)
+    return Outcome(retval, "nd" if p.l4 == C.XG_L4_ND else "default")
 
 
 # ---------------------------------------------------------------- limiter state

@@ -4,6 +4,9 @@
 byte-level decision here is one the C makes too, by the rules in
 docs/design.md, "Packet parsing" (the one place they are written down);
 the fuzz test pushes random frames through both and compares.
+A malformed frame gets its cause (one of MALFORMED: TRUNCATED,
+BAD_HEADER, VLANS, EXTHDRS), whose value is the counter slot the program
+counts it in.
 """
 from __future__ import annotations
 
@@ -17,7 +20,8 @@ from ipaddress import IPv4Address, IPv6Address
 from xdpguard.layout import C
 
 __all__ = [
-    "Packet", "Verdict", "NON_IP", "MALFORMED", "parse", "build", "from_fields", "PROTO_NUMBERS",
+    "Packet", "Verdict", "NON_IP", "MALFORMED", "TRUNCATED", "BAD_HEADER", "VLANS", "EXTHDRS",
+    "parse", "build", "from_fields", "PROTO_NUMBERS",
 ]
 
 ETH_P_IP = 0x0800
@@ -52,16 +56,21 @@ _EXT_HDRS = frozenset((IPV6_EXT_HOP, IPV6_EXT_ROUTING, IPV6_EXT_DSTOPTS, IPV6_EX
 
 
 class Verdict(enum.Enum):
-    """Outcome of parse() for frames that never reach the classifier."""
-    NON_IP = "non-ip"          # pass, uncounted
-    MALFORMED = "malformed"    # drop, slot XG_SLOT_MALFORMED
+    """Outcome of parse() for frames that never reach the classifier: the
+    counter slot the program counts them in."""
+    NON_IP = C.XG_NO_SLOT                  # pass, uncounted
+    TRUNCATED = C.XG_SLOT_TRUNCATED        # the rest: malformed, dropped
+    BAD_HEADER = C.XG_SLOT_BAD_HEADER
+    VLANS = C.XG_SLOT_VLANS
+    EXTHDRS = C.XG_SLOT_EXTHDRS
 
     def __repr__(self) -> str:
         return self.name
 
 
 NON_IP = Verdict.NON_IP
-MALFORMED = Verdict.MALFORMED
+TRUNCATED, BAD_HEADER, VLANS, EXTHDRS = Verdict.TRUNCATED, Verdict.BAD_HEADER, Verdict.VLANS, Verdict.EXTHDRS
+MALFORMED = frozenset((TRUNCATED, BAD_HEADER, VLANS, EXTHDRS))
 
 
 @dataclass(frozen=True)
@@ -85,24 +94,28 @@ def parse(frame: bytes) -> Packet | Verdict:
     """Parse an Ethernet frame exactly as the XDP program does."""
     n = len(frame)
     if n < 14:
-        return MALFORMED
+        return TRUNCATED
     etype = frame[12] << 8 | frame[13]
     off = 14
     vlans: tuple[int, ...] = ()
     while etype == ETH_P_8021Q or etype == ETH_P_8021AD:
-        if len(vlans) == _MAX_VLANS or off + 4 > n:
-            return MALFORMED
+        if len(vlans) == _MAX_VLANS:
+            return VLANS
+        if off + 4 > n:
+            return TRUNCATED
         vlans += (((frame[off] << 8) | frame[off + 1]) & 0x0FFF,)
         etype = frame[off + 2] << 8 | frame[off + 3]
         off += 4
 
     if etype == ETH_P_IP:
         if off + 20 > n:
-            return MALFORMED
+            return TRUNCATED
         b0 = frame[off]
         ihl = b0 & 0x0F
-        if b0 >> 4 != 4 or ihl < 5 or off + ihl * 4 > n:
-            return MALFORMED
+        if b0 >> 4 != 4 or ihl < 5:
+            return BAD_HEADER
+        if off + ihl * 4 > n:
+            return TRUNCATED
         family = 4
         nonfirst = ((frame[off + 6] << 8) | frame[off + 7]) & 0x1FFF != 0
         proto = frame[off + 9]
@@ -110,8 +123,10 @@ def parse(frame: bytes) -> Packet | Verdict:
         dst = IPv4Address(frame[off + 16:off + 20])
         p = off + ihl * 4
     elif etype == ETH_P_IPV6:
-        if off + 40 > n or frame[off] >> 4 != 6:
-            return MALFORMED
+        if off + 40 > n:
+            return TRUNCATED
+        if frame[off] >> 4 != 6:
+            return BAD_HEADER
         family = 6
         nonfirst = False
         proto = frame[off + 6]
@@ -121,11 +136,11 @@ def parse(frame: bytes) -> Packet | Verdict:
         for _ in range(_MAX_EXTHDRS):
             if proto in _EXT_LEN_HDRS:
                 if p + 8 > n:
-                    return MALFORMED
+                    return TRUNCATED
                 proto, p = frame[p], p + (frame[p + 1] + 1) * 8
             elif proto == IPV6_EXT_FRAGMENT:
                 if p + 8 > n:
-                    return MALFORMED
+                    return TRUNCATED
                 proto = frame[p]
                 if ((frame[p + 2] << 8) | frame[p + 3]) & 0xFFF8:
                     nonfirst = True
@@ -135,7 +150,7 @@ def parse(frame: bytes) -> Packet | Verdict:
                 break
         else:
             if proto in _EXT_HDRS:
-                return MALFORMED
+                return EXTHDRS
     else:
         return NON_IP
 
@@ -144,19 +159,19 @@ def parse(frame: bytes) -> Packet | Verdict:
         l4 = _FRAG_CLASS.get(proto, _L4_OTHER)
     elif proto == IPPROTO_TCP:
         if p + 20 > n:
-            return MALFORMED
+            return TRUNCATED
         sport = frame[p] << 8 | frame[p + 1]
         dport = frame[p + 2] << 8 | frame[p + 3]
         l4 = _L4_TCP_SYN if frame[p + 13] & 0x12 == 0x02 else _L4_TCP
     elif proto == IPPROTO_UDP:
         if p + 8 > n:
-            return MALFORMED
+            return TRUNCATED
         sport = frame[p] << 8 | frame[p + 1]
         dport = frame[p + 2] << 8 | frame[p + 3]
         l4 = _L4_UDP
     elif proto == IPPROTO_ICMPV6:
         if p + 1 > n:
-            return MALFORMED
+            return TRUNCATED
         l4 = _L4_ND if family == 6 and 133 <= frame[p] <= 137 else _L4_ICMPV6
     elif proto == IPPROTO_ICMP:
         l4 = _L4_ICMP

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from xdpguard import bpfsys, pins
-from xdpguard.layout import C
+from xdpguard.layout import MALFORMED_SLOTS, SLOT_REASONS, C
 
 SCHEMA_VERSION = 1
 _FIELDS = ("packets", "bytes", "dropped_packets", "dropped_bytes")
@@ -42,29 +42,32 @@ def read_stats(directory: Path, record: pins.Record | None = None) -> dict:
             return _sum_counter(counters.lookup(ctypes.c_uint32(s)))
         rules = [{"rule": r.name, "action": r.action, **slot(r.slot)} for r in record.rules]
         rules.append({"rule": "default", "action": record.policy.default, **slot(C.XG_SLOT_DEFAULT)})
-        ban = slot(C.XG_SLOT_BAN)
-        malformed = slot(C.XG_SLOT_MALFORMED)
-        nd = slot(C.XG_SLOT_ND)
-        newsrc = slot(C.XG_SLOT_NEWSRC)
-        cookie, badcookie = slot(C.XG_SLOT_COOKIE), slot(C.XG_SLOT_BADCOOKIE)
+        fixed = {s: slot(s) for s in SLOT_REASONS if s != C.XG_SLOT_DEFAULT}
     finally:
         counters.close()
+
+    def pb(s):
+        return {"packets": fixed[s]["packets"], "bytes": fixed[s]["bytes"]}
+    causes = {SLOT_REASONS[s]: pb(s) for s in MALFORMED_SLOTS}
     return {
         "schema_version": SCHEMA_VERSION,
         "iface": record.iface,
         "netns": record.netns,
         "policy": record.policy.name,
         "rules": rules,
-        "bans": {"packets": ban["packets"], "bytes": ban["bytes"]},
-        "malformed": {"packets": malformed["packets"], "bytes": malformed["bytes"]},
-        "nd_passed": {"packets": nd["packets"], "bytes": nd["bytes"]},
+        "bans": pb(C.XG_SLOT_BAN),
+        # Every malformed frame, and by cause.
+        "malformed": {"packets": sum(c["packets"] for c in causes.values()),
+                      "bytes": sum(c["bytes"] for c in causes.values()), "causes": causes},
+        "nd_passed": pb(C.XG_SLOT_ND),
+        "no_entry": pb(C.XG_SLOT_NO_ENTRY),
         # Per-source limits: sources without a bucket dropped because their
         # rule's new-source budget was empty (no bucket was inserted).
-        "new_source_overflow": {"packets": newsrc["packets"], "bytes": newsrc["bytes"]},
+        "new_source_overflow": pb(C.XG_SLOT_NEWSRC),
         # syncookies: SYNs answered from XDP with a cookie SYN-ACK, and ACKs
         # (of no known connection) without a valid cookie, dropped.
-        "syncookie_synacks": {"packets": cookie["packets"], "bytes": cookie["bytes"]},
-        "syncookie_bad_acks": {"packets": badcookie["packets"], "bytes": badcookie["bytes"]},
+        "syncookie_synacks": pb(C.XG_SLOT_COOKIE),
+        "syncookie_bad_acks": pb(C.XG_SLOT_BADCOOKIE),
     }
 
 
