@@ -125,10 +125,17 @@ def own_addresses(netns: str | None) -> list[tuple[str, str]]:
                 + [(g, "a default gateway of this host") for g in rtnl.default_gateways()])
 
 
+def covering(net, protected) -> str | None:
+    """Why a ban of net would cover a protected network (of
+    protected_networks), or None."""
+    return next((f"covers {p}, {why}" for p, why in protected
+                 if p.version == net.version and p.overlaps(net)), None)
+
+
 def check_bannable(net, record: pins.Record) -> None:
-    for p, why in protected_networks(record):
-        if p.version == net.version and (p.overlaps(net)):
-            raise BanError(f"refusing to ban {net}: it covers {p}, {why}")
+    why = covering(net, protected_networks(record))
+    if why:
+        raise BanError(f"refusing to ban {net}: it {why}")
 
 
 # ---------------------------------------------------------------- map access
@@ -162,11 +169,86 @@ def delete(trie, state, family: int, key) -> bool:
     return gone
 
 
-def parse_target(text: str):
+def parse_target(text: str, warn=None):
+    """An address or CIDR to ban; host bits are cleared, and said through
+    warn(message), as the policy parser does."""
     try:
-        return ipaddress.ip_network(text, strict=False)
+        net = ipaddress.ip_network(text, strict=False)
     except ValueError:
         raise BanError(f"'{text}' is not an address or CIDR") from None
+    if warn and "/" in text and net.network_address != ipaddress.ip_address(text.split("/", 1)[0]):
+        warn(f"'{text}' has host bits set; banning {net}")
+    return net
+
+
+def parse_ttl(text: str) -> float | None:
+    """A ban's duration in seconds (units.parse_duration's forms); None
+    for "0" and "never": no expiry."""
+    from xdpguard.units import parse_duration
+    if text.strip() in ("0", "never"):
+        return None
+    try:
+        return parse_duration(text)
+    except ValueError as e:
+        raise BanError(str(e)) from None
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """A ban to make: what `ban` and `ban --from-file` ask for."""
+    net: ipaddress.IPv4Network | ipaddress.IPv6Network
+    ttl: float | None            # seconds; None: never expires
+    reason: str
+
+
+def read_ban_file(path, ttl: float | None, reason: str, warn) -> list[Wanted]:
+    """The bans of a `ban --from-file` file (docs/xdpguard.8.md, ban):
+    one a line, "ADDR[/LEN] [TTL [REASON...]]"; TTL and REASON default to
+    the command line's; blank lines and lines starting with '#' are
+    skipped. A `bans --json` document is read too (its unexpired bans,
+    with the time they have left). Any bad line is a BanError naming it."""
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise BanError(f"{path}: cannot read: {getattr(e, 'strerror', None) or e}") from None
+    if text.lstrip().startswith("{"):
+        return _read_export(path, text)
+    out: dict[str, Wanted] = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        parts = line.strip().split(None, 2)
+        if not parts or parts[0].startswith("#"):
+            continue
+        where = f"{path}:{n}"
+        try:
+            net = parse_target(parts[0], lambda m: warn(f"{where}: {m}"))
+            line_ttl = parse_ttl(parts[1]) if len(parts) > 1 else ttl
+        except BanError as e:
+            raise BanError(f"{where}: {e}") from None
+        out[str(net)] = Wanted(net, line_ttl, parts[2] if len(parts) > 2 else reason)
+    if not out:
+        raise BanError(f"{path}: no address in the file")
+    return list(out.values())
+
+
+def _read_export(path, text: str) -> list[Wanted]:
+    """The unexpired bans of a `bans --json` document (the longest of a
+    prefix banned on several interfaces)."""
+    try:
+        doc = json.loads(text)
+        rows = doc["bans"]
+        now, out = time.time(), {}
+        for b in rows:
+            net = ipaddress.ip_network(b["prefix"])
+            expires = b["expires"]
+            if expires is not None and expires <= now:
+                continue
+            w = Wanted(net, None if expires is None else expires - now, str(b["reason"]))
+            old = out.get(str(net))
+            if old is None or old.ttl is not None and (w.ttl is None or w.ttl > old.ttl):
+                out[str(net)] = w
+    except (ValueError, KeyError, TypeError) as e:
+        raise BanError(f"{path}: not a 'bans --json' document ({e!r})") from None
+    return list(out.values())
 
 
 @dataclass(frozen=True)
@@ -245,9 +327,7 @@ def plan_restore(records: dict[str, BanRecord], automatic_until: dict[str, float
                              -(t[1].expires if t[1].expires is not None else float("inf"))))
     order = []
     for prefix, r in live:
-        net = ipaddress.ip_network(prefix)
-        why = next((f"covers {p}, {why}" for p, why in protected
-                    if p.version == net.version and p.overlaps(net)), None)
+        why = covering(ipaddress.ip_network(prefix), protected)
         if why:
             done.refused[prefix] = why
         elif r.code != C.XG_BAN_MANUAL and len(order) >= max_bans:
@@ -306,38 +386,60 @@ class BanMaps:
         """Ban a prefix (renewing keeps its counters); hold pins.locked().
         When bans.json cannot be written: OSError, not banned; or with
         strict=False (watch) banned anyway, the error returned."""
-        now = time.time()
-        m, k, v = self._entry(net, 0 if not ttl_s else boot_ns() + int(ttl_s * 1e9), reason)
-        old = m.lookup(k)
-        if old is not None:      # keep the drop counters of a renewed ban
-            v.packets, v.bytes = old.packets, old.bytes
+        return self.add_many([Wanted(net, ttl_s or None, text or REASONS.get(reason, "manual"))],
+                             reason, strict)
+
+    def add_many(self, wanted: list[Wanted], reason: int = C.XG_BAN_MANUAL,
+                 strict: bool = True) -> str | None:
+        """Ban prefixes as add does, bans.json written once for all."""
+        now, boot = time.time(), boot_ns()
+        records = self.records()
+        entries = []
+        for w in wanted:
+            m, k, v = self._entry(w.net, 0 if not w.ttl else boot + int(w.ttl * 1e9), reason)
+            old = m.lookup(k)
+            if old is not None:      # keep the drop counters of a renewed ban
+                v.packets, v.bytes = old.packets, old.bytes
+            entries.append((w.net, m, k, v))
+            records[str(w.net)] = BanRecord(w.reason, reason, now, None if not w.ttl else now + w.ttl)
         # The note first: when bans.json cannot be written (disk full),
         # the ban is not put in force and the error says so.
-        records = self.records()
-        records[str(net)] = BanRecord(text or REASONS.get(reason, "manual"), reason, now,
-                                      None if not ttl_s else now + ttl_s)
+        what = str(wanted[0].net) if len(wanted) == 1 else f"{len(wanted)} prefixes"
         failed = None
         try:
             self._save(records)
         except OSError as e:
             if strict:
-                raise OSError(e.errno, f"{e.strerror}; {net} not banned") from None
-            failed = f"{e.strerror}; {net} banned without its record"
+                raise OSError(e.errno, f"{e.strerror}; {what} not banned") from None
+            failed = f"{e.strerror}; {what} banned without its record"
         killpoint.step("ban-noted")
-        insert(m, self.state, net.version, k, v)
+        for net, m, k, v in entries:
+            insert(m, self.state, net.version, k, v)
         return failed
 
     def remove(self, net) -> bool:
         """Lift a ban; hold pins.locked()."""
-        m = self.maps[net.version]
-        # The note first (as add): a failed write leaves the ban in force.
-        records = self.records()
-        if records.pop(str(net), None) is not None:
+        return bool(self.remove_many([net]))
+
+    def remove_many(self, nets) -> list[str]:
+        """Lift bans, bans.json written once (first, as in add: a failed
+        write leaves the bans in force); returns the prefixes that were in
+        the map. Hold pins.locked()."""
+        records, changed = self.records(), False
+        for net in nets:
+            changed = records.pop(str(net), None) is not None or changed
+        if changed:
             try:
                 self._save(records)
             except OSError as e:
-                raise OSError(e.errno, f"{e.strerror}; the ban on {net} stays in force") from None
-        return delete(m, self.state, net.version, _key(m, net))
+                what = f"the ban on {nets[0]} stays" if len(nets) == 1 else f"the bans on {len(nets)} prefixes stay"
+                raise OSError(e.errno, f"{e.strerror}; {what} in force") from None
+        lifted = []
+        for net in nets:
+            m = self.maps[net.version]
+            if delete(m, self.state, net.version, _key(m, net)):
+                lifted.append(str(net))
+        return lifted
 
     def empty(self) -> bool:
         return all(bpfsys.map_get_next_key(m.fd, None, ctypes.sizeof(m.Key)) is None
@@ -375,7 +477,7 @@ class BanMaps:
         return done
 
     def entries(self) -> list[dict]:
-        now = boot_ns()
+        now, wall = boot_ns(), time.time()
         records = self.records()
         out = []
         for fam, m in self.maps.items():
@@ -388,16 +490,17 @@ class BanMaps:
                             "source": "manual" if v.reason == C.XG_BAN_MANUAL else "metric",
                             "metric": REASONS.get(v.reason), "remaining_s": remaining,
                             "expired": remaining is not None and remaining <= 0,
+                            # Wall clock, for an export (`ban --from-file` reads it back).
+                            "since": rec.since if rec else None,
+                            "expires": None if remaining is None else wall + remaining,
                             "packets": v.packets, "bytes": v.bytes})
         return sorted(out, key=lambda e: e["prefix"])
 
     def expire(self) -> list[str]:
         """Delete expired bans; returns their prefixes. Hold pins.locked()."""
-        gone = []
-        for e in self.entries():
-            if e["expired"]:
-                self.remove(ipaddress.ip_network(e["prefix"]))
-                gone.append(e["prefix"])
+        gone = [e["prefix"] for e in self.entries() if e["expired"]]
+        if gone:
+            self.remove_many([ipaddress.ip_network(p) for p in gone])
         return gone
 
 

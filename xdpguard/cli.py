@@ -392,6 +392,11 @@ PACKET = (arg("--dst", help="destination address (default 198.51.100.1 / 2001:db
 # something else, so a collision fails every command at once, in every test.
 SHORT = {"--json": "-j", "--netns": "-n", "--iface": "-i"}
 
+# Where ban and unban act: one interface, unless --all says every one.
+BAN_SCOPE = (arg("--iface", help="the interface (needed where xdpguard runs on more than one)"),
+             arg("--netns", help="network namespace of --iface"),
+             arg("--all", action="store_true", help="every interface --iface/--netns select (default: all)"))
+
 # Every command, in the order of `xdpguard --help`; each also gets --json.
 COMMANDS = (
     Command("check", cmd_check, "validate and compile a policy; print a summary and warnings",
@@ -425,12 +430,16 @@ COMMANDS = (
              arg("--interval", default="1s", help="evaluation interval (default 1s)"),
              arg("--metrics", type=host_port, metavar="HOST:PORT", help="serve Prometheus metrics"))),
     Command("ban", cli_mitigation.cmd_ban, "ban an address or prefix at XDP",
-            (arg("target", metavar="ADDR[/LEN]"),
+            (arg("target", metavar="ADDR[/LEN]", nargs="?"),
              arg("--ttl", default="10m", help="ban duration: 10m, 1h30m, 1w ... (default 10m; 0 = no expiry)"),
              arg("--reason", help="free text shown by 'bans'"),
-             arg("--iface", help="only this interface (default: every applied interface)"), NETNS)),
+             arg("--from-file", metavar="FILE",
+                 help="ban every line's 'ADDR[/LEN] [TTL [REASON]]' (or a 'bans --json' export)"),
+             *BAN_SCOPE)),
     Command("unban", cli_mitigation.cmd_unban, "lift a ban at once",
-            (arg("target", metavar="ADDR[/LEN]"), arg("--iface"), NETNS)),
+            (arg("target", metavar="ADDR[/LEN]", nargs="?"), *BAN_SCOPE[:2],
+             arg("--all", action="store_true",
+                 help="every interface the filters select; without ADDR, every ban there"))),
     Command("bans", cli_mitigation.cmd_bans, "list bans: prefix, reason, remaining time, packets dropped",
             (arg("--iface"), NETNS)),
     Command("top", cli_mitigation.cmd_top, "live view: top sources, destinations, bans, rule drop rates",
@@ -481,16 +490,30 @@ packet lines: {"src": "10.0.0.1", "dst": "10.0.0.2", "proto": "tcp", "sport": 12
   xdpguard watch /etc/xdpguard/eth1.toml --iface eth1
   xdpguard watch policy.toml --iface veth0 --netns lab --interval 0.5s --json
   xdpguard watch policy.toml --iface eth1 --metrics 127.0.0.1:9101""",
-    "ban": """examples:
+    "ban": """Where xdpguard runs on more than one interface, name one (--iface, with
+--netns for a namespace) or say --all: a ban never reaches another
+namespace by default.
+
+--from-file lines: ADDR[/LEN] [TTL [REASON...]]; TTL as --ttl (0: no expiry),
+both default to the command line's; '#' starts a comment line:
+  203.0.113.7
+  198.51.100.0/24 1h scanner from the abuse report
+  2001:db8:bad::/48 0 by hand, permanent
+
+examples:
   xdpguard ban 203.0.113.7 --ttl 10m --reason "credential stuffing"
   xdpguard ban 2001:db8:bad::/48 --iface eth1 --ttl 1h30m
-  xdpguard ban 198.51.100.0/24 --ttl 0      # no expiry""",
+  xdpguard ban 198.51.100.0/24 --iface eth0 --netns tenant7 --ttl 0      # no expiry
+  xdpguard ban --from-file incident.txt --all
+  xdpguard bans --iface eth1 --json > bans.json; xdpguard ban --from-file bans.json --iface eth2""",
     "unban": """examples:
   xdpguard unban 203.0.113.7
-  xdpguard unban 2001:db8:bad::/48 --iface eth1""",
+  xdpguard unban 2001:db8:bad::/48 --iface eth1
+  xdpguard unban --all --iface eth1        # every ban on eth1
+  xdpguard unban 203.0.113.7 --all         # on every interface""",
     "bans": """examples:
   xdpguard bans
-  xdpguard bans --iface eth1 --json""",
+  xdpguard bans --iface eth1 --json        # an export: 'ban --from-file' reads it""",
     "top": """examples:
   xdpguard top --iface eth1
   xdpguard top --iface veth0 --netns lab --once --json""",

@@ -1,6 +1,7 @@
 """Commands of the feedback loop: watch, ban, unban, bans, top."""
 from __future__ import annotations
 
+import ipaddress
 import sys
 import time
 
@@ -8,62 +9,107 @@ from xdpguard.cliutil import (CliError, applied, check_names, emit_json, human_b
                               load_policy, netns_of, table, warn)
 
 
+def _scope(args) -> list:
+    """(pin directory, record) of the interfaces a ban or unban acts on:
+    those --iface / --netns select; more than one only with --all, so
+    that no ban reaches another tenant's namespace by default."""
+    from xdpguard import stats
+    # Counted by their pins, before any record is read: another
+    # interface's unreadable record is no reason to fail here.
+    selected = stats.select(args.netns, args.iface)
+    if len(selected) > 1 and not args.all:
+        names = ", ".join(f"{ns}/{ifc}" for ns, ifc, _d in selected)
+        raise CliError(f"xdpguard runs on {len(selected)} interfaces here ({names}): name one with "
+                       f"--iface IF [--netns NS], or act on all of them with --all")
+    return applied(args)
+
+
+def _where(targets) -> list[str]:
+    return [f"{r.netns}/{r.iface}" for _d, r in targets]
+
+
 def cmd_ban(args) -> int:
     from xdpguard import bans, pins
-    from xdpguard.units import parse_duration
+
+    def say(msg):
+        print(f"warning: {msg}", file=sys.stderr)
     check_names(args)
     try:
-        net = bans.parse_target(args.target)
-        ttl = None if args.ttl in ("0", "never") else parse_duration(args.ttl)
-    except (bans.BanError, ValueError) as e:
+        ttl = bans.parse_ttl(args.ttl)
+        if args.from_file:
+            if args.target:
+                raise CliError("give an address or --from-file, not both")
+            wanted = bans.read_ban_file(args.from_file, ttl, args.reason or "manual", say)
+        elif args.target:
+            wanted = [bans.Wanted(bans.parse_target(args.target, say), ttl, args.reason or "manual")]
+        else:
+            raise CliError("ban needs ADDR[/LEN] or --from-file FILE")
+    except bans.BanError as e:
         raise CliError(str(e))
-    done = []
     with pins.locked():
-        targets = applied(args)
+        targets = _scope(args)
+        # Every prefix on every interface is checked before any is banned:
+        # a refusal changes nothing.
         for d, rec in targets:
-            try:
-                bans.check_bannable(net, rec)
-            except bans.BanError as e:
-                raise CliError(f"{rec.netns}/{rec.iface}: {e}")
+            protected = bans.protected_networks(rec)
+            for w in wanted:
+                why = bans.covering(w.net, protected)
+                if why:
+                    raise CliError(f"{rec.netns}/{rec.iface}: refusing to ban {w.net}: it {why}")
             limit = rec.mitigation.max_bans
             if limit is not None:
                 # The policy's max_bans holds for manual bans too (watch's
                 # and restore's count the same entries); a re-ban is no new one.
                 with bans.BanMaps(d, rec) as bm:
                     held = {e["prefix"] for e in bm.entries() if not e["expired"]}
-                if str(net) not in held and len(held) >= limit:
-                    raise CliError(f"{rec.netns}/{rec.iface}: max_bans ({limit}) reached; "
-                                   f"unban one first, or raise max_bans in the policy")
+                new = {str(w.net) for w in wanted} - held
+                if new and len(held) + len(new) > limit:
+                    raise CliError(f"{rec.netns}/{rec.iface}: max_bans ({limit}) reached"
+                                   + (f" ({len(held)} held, {len(new)} new)" if len(new) > 1 else "")
+                                   + "; unban one first, or raise max_bans in the policy")
         for d, rec in targets:
             with bans.BanMaps(d, rec) as bm:
-                bm.add(net, ttl, text=args.reason or "manual")
-            done.append(f"{rec.netns}/{rec.iface}")
+                bm.add_many(wanted)
+    done = _where(targets)
     if args.json:
-        emit_json({"banned": str(net), "ttl": ttl, "interfaces": done})
+        if args.from_file:
+            emit_json({"banned": [{"prefix": str(w.net), "ttl": w.ttl, "reason": w.reason} for w in wanted],
+                       "from": args.from_file, "interfaces": done})
+        else:
+            emit_json({"banned": str(wanted[0].net), "ttl": ttl, "interfaces": done})
+    elif args.from_file:
+        print(f"banned {len(wanted)} prefix{'es' * (len(wanted) != 1)} from {args.from_file} on {', '.join(done)}")
     else:
-        print(f"banned {net} for {human_duration(ttl) if ttl else 'ever'} on {', '.join(done)}")
+        print(f"banned {wanted[0].net} for {human_duration(ttl) if ttl else 'ever'} on {', '.join(done)}")
     return 0
 
 
 def cmd_unban(args) -> int:
     from xdpguard import bans, pins
     check_names(args)
+    if not args.target and not args.all:
+        raise CliError("unban needs ADDR[/LEN], or --all to lift every ban")
     try:
-        net = bans.parse_target(args.target)
+        net = bans.parse_target(args.target, lambda m: print(f"warning: {m}", file=sys.stderr)) \
+            if args.target else None
     except bans.BanError as e:
         raise CliError(str(e))
-    lifted = []
+    lifted = {}
     with pins.locked():
-        for d, rec in applied(args):
+        targets = _scope(args)
+        for d, rec in targets:
             with bans.BanMaps(d, rec) as bm:
-                if bm.remove(net):
-                    lifted.append(f"{rec.netns}/{rec.iface}")
+                nets = [net] if net else [ipaddress.ip_network(e["prefix"]) for e in bm.entries()]
+                lifted[f"{rec.netns}/{rec.iface}"] = bm.remove_many(nets)
     if args.json:
-        emit_json({"unbanned": str(net), "interfaces": lifted})
-    elif lifted:
-        print(f"unbanned {net} on {', '.join(lifted)}")
+        emit_json({"unbanned": str(net) if net else "all", "lifted": lifted,
+                   "interfaces": [w for w, p in lifted.items() if p]})
+    elif net is None:
+        print("; ".join(f"lifted {len(p)} ban{'s' * (len(p) != 1)} on {w}" for w, p in lifted.items()))
+    elif any(lifted.values()):
+        print(f"unbanned {net} on {', '.join(w for w, p in lifted.items() if p)}")
     else:
-        raise CliError(f"{net} is not banned (see 'xdpguard bans')")
+        raise CliError(f"{net} is not banned on {', '.join(lifted)} (see 'xdpguard bans')")
     return 0
 
 
