@@ -254,7 +254,12 @@ def cmd_status(args) -> int:
     from xdpguard import pins, stats
     rows = []
     for _ns_name, _ifc, d in stats.select(args.netns, getattr(args, "iface", None)):
-        rec = pins.read_record(d)
+        try:
+            rec = pins.read_record(d)
+        except pins.PinError as e:
+            # One unreadable record (another version's) hides no other.
+            print(f"warning: {e}", file=sys.stderr)
+            continue
         rows.append(stats.read_status(d, rec))
     for d in pins.unrecorded():
         print(f"warning: {d}: pins without a record ('meta' removed); 'xdpguard detach' "
