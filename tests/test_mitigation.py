@@ -266,6 +266,36 @@ def test_expiry_doubling_restart_kill_unban(lab, tmp_path):
     assert lab.run("client", ping).returncode == 0
 
 
+def test_offences_are_forgotten(lab, tmp_path):
+    """[mitigation] forget: a source banned again after its last ban ended
+    more than `forget` ago is a first offender (test_expiry_doubling: one
+    banned again sooner is a second)."""
+    lab.detach(check=False)
+    src, ban = f"{EXTRA4[7]}/32", 2.0
+    pol = lab.write_policy("m-forget", web_policy(
+        "mitigate", syn_rate="200/s", window=f"{WINDOW:g}s", ban=f"{ban:g}s", ban_max="1m", forget="1s"))
+    w = Watcher(lab, pol, tmp_path)
+    try:
+        p = _syn_flood(lab, EXTRA4[7], 500, flood_seconds())
+        first = w.wait_for(lambda: w.bans(src), flood_seconds())
+        lab.stop(p)
+        assert first and first[0]["offence"] == 1, f"not banned; watch said {w.lines} {w.err}"
+        unban = w.wait_for(lambda: [d for d in w.lines if d["action"] == "unban" and d["source"] == src],
+                           ban + slack())
+        assert unban, "the ban did not expire"
+        # The ban ended; a flood now is banned no sooner than a window from
+        # now, more than `forget` after that end.
+        wait_until(lambda: not json.loads((tmp_path / lab.server_ns / lab.server_if / "watch.json")
+                                          .read_text())["offenders"], scaled(10), interval=0.2)
+        p = _syn_flood(lab, EXTRA4[7], 500, flood_seconds())
+        second = w.wait_for(lambda: w.bans(src)[1:], flood_seconds())
+        lab.stop(p)
+        assert second and (second[0]["offence"], second[0]["duration"]) == (1, ban), w.lines
+    finally:
+        w.stop()
+        lab.xdpguard("unban", src, "--iface", lab.server_if, "--netns", lab.server_ns, check=False)
+
+
 def test_policy_of_its_default_and_mitigation_alone(lab, tmp_path):
     """No [[rule]]: "allow everything, ban abusers", the commonest shared
     host. It applies, serves, and watch bans a SYN flood."""

@@ -234,7 +234,28 @@ class Mitigator:
         net = ipaddress.ip_network(prefix)
         return any(p.version == net.version and p.overlaps(net) for p, _why in self.protected)
 
-    def evaluate(self, now: float, dt: float, sources: dict[str, dict], active: set[str]) -> list[Decision]:
+    def offences(self, prefix: str, wall: float) -> int:
+        """The offences of a source that count at wall-clock time `wall`:
+        none once [mitigation] forget has passed since its last ban ended."""
+        o = self.state["offenders"].get(prefix)
+        if not isinstance(o, dict):
+            return 0
+        if self.m.forget is not None and wall >= _ban_end(o) + self.m.forget:
+            return 0
+        return int(o.get("offences", 0))
+
+    def forget_old(self, wall: float) -> list[str]:
+        """Drop the offenders whose offences no longer count (watch.json
+        stays the size of the recent offenders); returns them."""
+        gone = [p for p in self.state["offenders"] if not self.offences(p, wall)]
+        for p in gone:
+            del self.state["offenders"][p]
+        return gone
+
+    def evaluate(self, now: float, dt: float, sources: dict[str, dict], active: set[str],
+                 wall: float | None = None) -> list[Decision]:
+        """Bans due at monotonic time `now` (wall: the wall clock, for
+        offence decay; default the current time)."""
         out = []
         seen = set()
         thresholds = self.thresholds()
@@ -251,7 +272,7 @@ class Mitigator:
                     continue
                 if self.is_protected(prefix):
                     continue
-                off = self.state["offenders"].get(prefix, {}).get("offences", 0)
+                off = self.offences(prefix, time.time() if wall is None else wall)
                 duration = min(self.m.ban * (2 ** off), self.m.ban_max)
                 out.append(Decision("ban", prefix, name, rates[name], thr, duration, off + 1,
                                     dry_run=self.m.dry_run))
@@ -262,11 +283,19 @@ class Mitigator:
         return out
 
     def record_ban(self, d: Decision) -> None:
-        self.state["offenders"][d.source] = {"offences": d.offence, "last_ban": d.time}
+        self.state["offenders"][d.source] = {"offences": d.offence, "last_ban": d.time,
+                                             "until": d.time + d.duration}
         self.state["bans"][d.source] = {"until": d.time + d.duration, "metric": d.metric,
                                         "offence": d.offence}
         for key in [k for k in self.over_since if k[0] == d.source]:
             del self.over_since[key]
+
+
+def _ban_end(offender: dict) -> float:
+    """When an offender's last ban ended (wall clock; older watch.json
+    entries have only its start)."""
+    end = offender.get("until", offender.get("last_ban", 0.0))
+    return float(end) if isinstance(end, (int, float)) else 0.0
 
 
 # ---------------------------------------------------------------- the daemon
@@ -358,6 +387,8 @@ class Watch:
         for prefix in expired:
             self.log(Decision("unban", prefix, reason="expired"))
             mit.state["bans"].pop(prefix, None)
+            changed = True
+        if mit.forget_old(time.time()):
             changed = True
         dt, sources, _dests = sampler.sample()
         if dt <= 0 or not self.policy.mitigation.enabled:

@@ -41,7 +41,7 @@ NEW_SOURCES_LEAST = 10.0
 # A byte rate counts full-size frames when the default is derived.
 FULL_FRAME = 1514
 _MITIGATION_KEYS = ("enabled", "syn_rate", "conn_rate", "pps", "bps", "window", "ban",
-                    "ban_max", "allow", "max_bans", "prefix4", "prefix6", "dry_run")
+                    "ban_max", "forget", "allow", "max_bans", "prefix4", "prefix6", "dry_run")
 _TOP_KEYS = ("policy", "sets", "rule", "mitigation")
 
 
@@ -232,6 +232,9 @@ class Mitigation:
     window: float = 3.0
     ban: float = 600.0
     ban_max: float = 86400.0
+    # Offences decay: a source not banned again this long after its last
+    # ban ended starts over at offence 1 (None: never; fail2ban's dbpurgeage).
+    forget: float | None = 604800.0
     allow: PrefixSet | tuple = ()
     max_bans: int = 100000
     prefix4: int = 32
@@ -700,6 +703,14 @@ def _read_mitigation(rd: _Reader, raw, sets) -> Mitigation:
                 setattr(m, key, parse_duration(raw[key]))
             except ValueError as e:
                 rd.fail(where, f"{key} {e}")
+    if "forget" in raw:
+        if raw["forget"] == "never":
+            m.forget = None
+        else:
+            try:
+                m.forget = parse_duration(raw["forget"])
+            except ValueError as e:
+                rd.fail(where, f"forget {e} (or \"never\")")
     if "ban_max" not in raw:
         m.ban_max = max(m.ban_max, m.ban)
     if m.ban_max < m.ban:
