@@ -52,6 +52,15 @@ static __always_inline int xg_is_exthdr(__u8 nh)
 	return nh == 0 || nh == 43 || nh == 60 || nh == 44;
 }
 
+/* The ports: the first 4 bytes of a TCP or UDP header, which the caller
+ * has checked are present. */
+static __always_inline void xg_ports(struct xg_pkt *pkt, const __u8 *l4)
+{
+	pkt->sport = (l4[0] << 8) | l4[1];
+	pkt->dport = (l4[2] << 8) | l4[3];
+	pkt->has_ports = 1;
+}
+
 static __always_inline int xg_parse(struct xdp_md *ctx, struct xg_pkt *pkt)
 {
 	void *data = (void *)(long)ctx->data;
@@ -84,9 +93,7 @@ static __always_inline int xg_parse(struct xdp_md *ctx, struct xg_pkt *pkt)
 				__builtin_memcpy(pkt->src, ip + 12, 4);
 				__builtin_memcpy(pkt->dst, ip + 16, 4);
 				pkt->proto = proto;
-				pkt->sport = (l4[0] << 8) | l4[1];
-				pkt->dport = (l4[2] << 8) | l4[3];
-				pkt->has_ports = 1;
+				xg_ports(pkt, l4);
 				if (proto == IPPROTO_UDP) {
 					pkt->l4 = XG_L4_UDP;
 				} else {
@@ -193,9 +200,7 @@ static __always_inline int xg_parse(struct xdp_md *ctx, struct xg_pkt *pkt)
 
 		if ((void *)(th + 1) > data_end)
 			return XG_SLOT_TRUNCATED;
-		pkt->sport = bpf_ntohs(th->source);
-		pkt->dport = bpf_ntohs(th->dest);
-		pkt->has_ports = 1;
+		xg_ports(pkt, (const __u8 *)th);
 		pkt->syn = th->syn && !th->ack;
 		pkt->l4 = pkt->syn ? XG_L4_TCP_SYN : XG_L4_TCP;
 	} else if (proto == IPPROTO_UDP) {
@@ -203,9 +208,7 @@ static __always_inline int xg_parse(struct xdp_md *ctx, struct xg_pkt *pkt)
 
 		if ((void *)(uh + 1) > data_end)
 			return XG_SLOT_TRUNCATED;
-		pkt->sport = bpf_ntohs(uh->source);
-		pkt->dport = bpf_ntohs(uh->dest);
-		pkt->has_ports = 1;
+		xg_ports(pkt, (const __u8 *)uh);
 		pkt->l4 = XG_L4_UDP;
 	} else if (proto == IPPROTO_ICMPV6) {
 		__u8 *type = data + l4off;

@@ -253,6 +253,13 @@ static __always_inline __u32 xg_srctab(__u32 base, __u8 *addr, const int nbytes)
 #define xg_srctab6(gen, addr) \
 	xg_srctab(2 * XG_DIR4_NODES + (gen) * XG_DIR6_NODES, (addr), XG_DIR_V6_BYTES)
 
+static __always_inline __u32 xg_remember(struct xg_last *l, __u64 w, __u32 e)
+{
+	l->word = w;
+	l->e = e;
+	return e;
+}
+
 /* The source-table entry of a frame's source, for the fast lane: from the
  * CPU's last-source memory when the source is the one looked up last
  * under the same active word (struct xg_lastsrc), else from the table,
@@ -261,30 +268,23 @@ static __always_inline __u32 xg_srctab(__u32 base, __u8 *addr, const int nbytes)
  * it names, are at hand before the frame arrives. */
 static __always_inline __u32 xg_lane4(struct xg_last *l, __u64 w, __u32 gen, __u8 *src)
 {
-	__u32 a = *(__u32 *)src, e;
+	__u32 a = *(__u32 *)src;
 
 	if (l->word == w && *(__u32 *)l->addr == a)
 		return l->e;
-	e = xg_srctab4(gen, src);
-	l->word = w;
-	l->e = e;
 	*(__u32 *)l->addr = a;
-	return e;
+	return xg_remember(l, w, xg_srctab4(gen, src));
 }
 
 static __always_inline __u32 xg_lane6(struct xg_last *l, __u64 w, __u32 gen, __u8 *src)
 {
 	__u64 a = *(__u64 *)src, b = *(__u64 *)(src + 8);
-	__u32 e;
 
 	if (l->word == w && *(__u64 *)l->addr == a && *(__u64 *)(l->addr + 8) == b)
 		return l->e;
-	e = xg_srctab6(gen, src);
-	l->word = w;
-	l->e = e;
 	*(__u64 *)l->addr = a;
 	*(__u64 *)(l->addr + 8) = b;
-	return e;
+	return xg_remember(l, w, xg_srctab6(gen, src));
 }
 
 /* Class vector index of an address in a dimension, from the trie. */
@@ -368,6 +368,7 @@ static __always_inline int xg_fast(struct xdp_md *ctx)
 	__u8 *ip = data + sizeof(struct ethhdr);
 	__u64 len = data_end - data;
 	__u32 zero = 0, word, gen, logbans, e;
+	int banned;
 	struct xg_banstate *st;
 	struct xg_lastsrc *last;
 	__u64 *ap, w;
@@ -399,13 +400,10 @@ static __always_inline int xg_fast(struct xdp_md *ctx)
 			return -1;
 		/* The table entry itself holds the verdict (XG_DIR_FAST): no vector. */
 		e = xg_lane4(&last->v4, w, gen, ip + 12);
-		if (!(e & XG_DIR_FAST))
-			return -1;
 		/* A ban comes before any rule, as on the general path; looked
 		 * up only for a frame the lane keeps, so no frame walks the
 		 * trie twice. */
-		if (st->v4 && xg_banned4(ip + 12, len))
-			return xg_finish(0, XG_SLOT_BAN, XG_NO_RULE, gen, len, 1, 0);
+		banned = (e & XG_DIR_FAST) && st->v4 && xg_banned4(ip + 12, len);
 	} else if (h_proto == bpf_htons(XG_ETH_P_IPV6)) {
 		__u8 nh;
 
@@ -416,13 +414,14 @@ static __always_inline int xg_fast(struct xdp_md *ctx)
 		    (nh == IPPROTO_TCP && (void *)(ip + 60) > data_end))
 			return -1;
 		e = xg_lane6(&last->v6, w, gen, ip + 8);
-		if (!(e & XG_DIR_FAST))
-			return -1;
-		if (st->v6 && xg_banned6(ip + 8, len))
-			return xg_finish(0, XG_SLOT_BAN, XG_NO_RULE, gen, len, 1, 0);
+		banned = (e & XG_DIR_FAST) && st->v6 && xg_banned6(ip + 8, len);
 	} else {
 		return -1;
 	}
+	if (!(e & XG_DIR_FAST))
+		return -1;
+	if (banned)
+		return xg_finish(0, XG_SLOT_BAN, XG_NO_RULE, gen, len, 1, 0);
 	return xg_finish_fast(0, e, gen, len);
 }
 
