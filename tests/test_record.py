@@ -78,11 +78,14 @@ def test_round_trip_through_json_text():
                       rules=[pins.RuleSlot("r", "deny", 8)], slots={"r": 8}, lpm={"4": 1, "6": 0},
                       types={"x": {"key": "int", "leaf": "int"}},
                       mitigation=pins.MitigationInfo(True, 24, 48, ["10.0.0.0/8"]),
-                      protect=[pins.Protect("10.0.0.1/32", 22)], confirm=pins.Confirm(1.5))
+                      protect=[pins.Protect("10.0.0.1/32", 22)], confirm=pins.Confirm(1.5),
+                      history=[pins.PolicyInfo("o", "11" * 32, "p.toml", 1.25, "deny", 3),
+                               pins.PolicyInfo("oo", "22" * 32, "q.toml", 0.5, "allow", 0)])
     rec.previous = rec.as_previous("gen", gen=1)
     back = pins.Record.from_json(json.loads(json.dumps(rec.to_json())))
-    assert back == rec
+    assert back == rec and [p.name for p in back.history] == ["o", "oo"]
     assert back.previous.record.previous is None and back.previous.record.confirm is None
+    assert back.previous.record.history == []          # the running record keeps it, once
     assert "types" not in rec.to_json()["previous"]
 
 

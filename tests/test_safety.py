@@ -224,10 +224,11 @@ def test_refuses_foreign_xdp_program(lab):
         lab.run("server", ["xdp-filter", "unload", lab.server_if])
 
 
-def test_failed_reapply_keeps_the_running_policy_and_refuses_rollback(lab, monkeypatch):
+def test_failed_reapply_keeps_the_running_policy_and_rollback_recompiles(lab, monkeypatch):
     """A re-apply that fails while writing the inactive generation (here:
     no memory for a trie) changes nothing that runs; that generation was
-    the rollback target and is half written, so rollback refuses."""
+    the rollback target and is half written, so rollback never flips to
+    it: it compiles that policy again from the copy kept at its apply."""
     import errno
 
     from xdpguard import loader
@@ -250,9 +251,13 @@ def test_failed_reapply_keeps_the_running_policy_and_refuses_rollback(lab, monke
     assert lab.status()[0]["policy"] == "pol-b"
     assert _loss(lab.run("client", ["ping", "-q", "-c", "3", "-i", "0.05", "-W", "1", SERVER4]).stdout) == 0
     cp = lab.xdpguard("rollback", "--iface", lab.server_if, "--netns", lab.server_ns, check=False)
-    assert cp.returncode == 2 and "no previous policy" in cp.stderr, cp.stdout + cp.stderr
+    assert cp.returncode == 0 and "applied in place" in cp.stdout, cp.stdout + cp.stderr
+    assert lab.status()[0]["policy"] == "pol-a"
+    names = [r["rule"] for r in lab.stats()["rules"]]
+    assert "a-only" in names and "b-only" not in names and "c-only" not in names
+    assert _loss(lab.run("client", ["ping", "-q", "-c", "3", "-i", "0.05", "-W", "1", SERVER4]).stdout) == 0
     lab.apply(pol["c"])
     assert lab.status()[0]["policy"] == "pol-c"
     lab.xdpguard("rollback", "--iface", lab.server_if, "--netns", lab.server_ns)
-    assert lab.status()[0]["policy"] == "pol-b"
+    assert lab.status()[0]["policy"] == "pol-a"
     lab.detach()

@@ -201,16 +201,20 @@ def cmd_apply(args) -> int:
             print(f"warning: --force: {p}", file=sys.stderr)
     log = (lambda m: None) if args.json else print
     mem: dict[str, int] = {}
+    started = time.time()
     rec = loader.apply(policy, tables, args.iface, netns=netns_of(args), mode=args.mode,
                        dry_run=args.dry_run, force=args.force, log=log, memory=mem.update)
+    # The running record comes back untouched for a policy already running
+    # (same sha256): applied before this apply started.
+    unchanged = rec is not None and rec.policy.applied_at < started
     outcome = None
-    if args.confirm and not args.dry_run:
+    if args.confirm and not args.dry_run and not unchanged:
         outcome = _await_confirm(args, rec, log)
     if args.json:
         emit_json({"iface": args.iface, "netns": args.netns or "host", "policy": policy.name,
                    "sha256": policy.sha256, "dry_run": args.dry_run,
                    "mode": rec.mode if rec else None, "prog_id": rec.prog_id if rec else None,
-                   "map_memory_bytes": sum(mem.values()), "map_memory": mem,
+                   "map_memory_bytes": sum(mem.values()), "map_memory": mem, "unchanged": unchanged,
                    **({"confirm": outcome} if outcome else {})})
     return EXIT_NOT_CONFIRMED if outcome == "rolled_back" else EXIT_OK
 
@@ -281,6 +285,10 @@ def cmd_status(args) -> int:
         if s.get("confirm_deadline"):
             left = s["confirm_deadline"] - time.time()
             print(f"  PENDING CONFIRMATION: rolls back in {max(0, left):.0f}s unless 'xdpguard confirm' runs")
+        if s["history"]:
+            print("  history (rollback goes to the first): " + ", ".join(
+                f"'{h['policy']}' {h['sha256'][:8]} {time.strftime('%m-%d %H:%M:%S', time.localtime(h['applied_at']))}"
+                for h in s["history"]))
         if s.get("probes"):
             print(f"  probes: {s['probes']}")
         sc = s.get("syncookies")
@@ -453,7 +461,8 @@ COMMANDS = (
                  help="refresh interval (default 1s; 500ms, 2s)"))),
     Command("confirm", cli_safety.cmd_confirm, "confirm a policy applied with --confirm (stops the rollback)",
             (arg("--iface", required=True), NETNS)),
-    Command("rollback", cli_safety.cmd_rollback, "go back to the previous applied policy (one level)",
+    Command("rollback", cli_safety.cmd_rollback,
+            "go back one step in the history of applied policies (again: one step further)",
             (arg("--iface", required=True), NETNS)),
     Command("log", cli_safety.cmd_log, "sampled dropped packets (rules with log = true)",
             (arg("--iface"), NETNS, arg("--follow", action="store_true", help="keep printing new events"))),

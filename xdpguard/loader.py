@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, replace
 from functools import cached_property
 from pathlib import Path
 
-from xdpguard import bans, bpfsys, killpoint, layout, pins, plan, progress, syncookies
+from xdpguard import bans, bpfsys, history, killpoint, layout, pins, plan, progress, syncookies
 from xdpguard.compiler import Tables
 from xdpguard.errors import LoadError, UsageError  # noqa: F401 (re-exported)
 from xdpguard.layout import C, PERSISTENT_MAPS, POLICY_MAPS
@@ -366,6 +366,19 @@ class Fill:
     fresh: list[int]
     sources: plan.Plan
     cookies: pins.Syncookies | None = None   # syncookies' table and saved sysctls
+    back: bool = False                       # a rollback: see _follow
+
+
+def _follow(rec: pins.Record, record: pins.Record | None, previous: pins.Previous | None,
+            back: bool) -> None:
+    """rec replaces record: record's policy goes first in the history, and
+    previous says where rollback finds it at once. A rollback (back) goes
+    the other way: record's first history entry comes off, and nothing is
+    previous, so that a second rollback goes further back, never forward."""
+    if back:
+        rec.history, rec.previous = list(record.history[1:]), None
+    elif record is not None:
+        rec.history, rec.previous = ([record.policy] + record.history)[:pins.HISTORY], previous
 
 
 def _record(policy: Policy, tables: Tables, fill: Fill, *, netns: str | None, iface: str,
@@ -391,10 +404,11 @@ def _record(policy: Policy, tables: Tables, fill: Fill, *, netns: str | None, if
 
 def apply(policy: Policy, tables: Tables, iface: str, netns: str | None = None,
           mode: str = "auto", dry_run: bool = False, force: bool = False,
-          log=print, memory=lambda mem: None) -> pins.Record | None:
+          log=print, memory=lambda mem: None, back: bool = False) -> pins.Record | None:
     """Apply compiled tables to an interface. Returns the new record (None
-    for a dry run). memory gets map_memory() before anything is loaded
-    (log gets it described)."""
+    for a dry run); the running one, untouched, when it is this policy
+    already (same sha256). memory gets map_memory() before anything is
+    loaded (log gets it described). back: a rollback's apply (_follow)."""
     pins.ensure_bpffs()
     ifindex = ifindex_of(iface, netns)
     if tables.syncookies:
@@ -438,6 +452,8 @@ def apply(policy: Policy, tables: Tables, iface: str, netns: str | None = None,
             # would leave a moment without the filter.
             raise UsageError(f"{iface}: xdpguard runs in {record.mode} mode here; changing to "
                              f"{mode} cannot be atomic: detach first, then apply --mode {mode}")
+        if ours and not back and record.policy.sha256 == policy.sha256:
+            return _unchanged(directory, record, log)
         slots, fresh = assign_slots(tables, record.slots if record else None)
         # The nftables table and sysctls syncookies need come before the
         # program answers a SYN, and go after it stops.
@@ -445,7 +461,7 @@ def apply(policy: Policy, tables: Tables, iface: str, netns: str | None = None,
         cookies = _cookies_on(policy, tables, netns, iface, ifindex, directory, before)
         try:
             rec = _apply_fill(policy, tables, Site(netns, iface, ifindex, directory, record, q, ours),
-                              slots, fresh, cookies, mode, log, memory)
+                              slots, fresh, cookies, mode, log, memory, back)
         except BaseException:
             if cookies and not before:
                 _cookies_off(netns, directory, cookies)
@@ -466,15 +482,43 @@ def _prog_fd(record: pins.Record) -> int:
     return bpfsys.prog_get_fd_by_id(record.prog_id)
 
 
-def _apply_fill(policy, tables, site: Site, slots, fresh, cookies, mode, log, memory) -> pins.Record:
+def _unchanged(directory: Path, record: pins.Record, log) -> pins.Record:
+    """apply of the running policy: nothing changes (not the history, not
+    the rollback target), but a flip a kill cut short is finished."""
+    maps = _open_maps(directory, record, ("active", "gens"))
+    try:
+        settle(maps, record)
+    finally:
+        for m in maps.values():
+            m.close()
+    log(f"{record.iface}: policy '{record.policy.name}' unchanged (sha256 {record.policy.sha256[:16]}...); "
+        f"nothing done")
+    return record
+
+
+def _apply_fill(policy, tables, site: Site, slots, fresh, cookies, mode, log, memory,
+                back=False) -> pins.Record:
     """apply's program and maps, under the pin lock: in place when the
-    running program's shape fits, else a new program."""
+    running program's shape fits, else a new program; and the copy of the
+    policy that a later rollback may need (history.py)."""
+    warning = history.save(policy, site.netns, site.iface)     # before a record names it
+    if warning:
+        log(f"warning: {site.iface}: {warning}")
+    rec = _fill(policy, tables, site, slots, fresh, cookies, mode, log, memory, back)
+    try:
+        history.prune(site.netns, site.iface, rec)
+    except OSError as e:
+        log(f"warning: {site.iface}: old policy copies not removed: {e}")
+    return rec
+
+
+def _fill(policy, tables, site: Site, slots, fresh, cookies, mode, log, memory, back) -> pins.Record:
     record = site.record
     # The shape and the source tables, computed once and passed down.
     sizes = plan.measure(tables)
 
     def fill_of(shape: Shape) -> Fill:
-        fill = Fill(shape, slots, fresh, plan.build(tables, shape.dir_nodes, slots, sizes), cookies)
+        fill = Fill(shape, slots, fresh, plan.build(tables, shape.dir_nodes, slots, sizes), cookies, back)
         mem = map_memory(shape, fill.sources)
         log(describe_memory(mem))
         memory(mem)
@@ -547,7 +591,7 @@ def _reapply_in_place(policy, tables, directory, record: pins.Record, fill: Fill
         rec = _record(policy, tables, fill, netns=record.ns, iface=record.iface,
                       ifindex=record.ifindex, mode=record.mode, prog_id=record.prog_id,
                       types=record.types)
-        rec.previous = record.as_previous("gen", gen=old)
+        _follow(rec, record, record.as_previous("gen", gen=old), fill.back)
         rec.generation = new
         # Record, then flip: a kill between leaves a record naming a whole
         # generation, which the next writer flips to (settle).
@@ -601,8 +645,7 @@ def _load_and_attach(policy, tables, site: Site, fill: Fill, mode, log) -> pins.
                       ifindex=site.ifindex, mode=attached, prog_id=prog_id,
                       types=bcc_types(b, names + ("logfmt",)))
         rec.generation = 0
-        if site.ours:
-            rec.previous = record.as_previous("dir")
+        _follow(rec, record, record.as_previous("dir") if site.ours else None, fill.back)
         meta = pins.create_meta(rec)
         try:
             bpfsys.obj_pin(meta, str(stage / "meta"))
@@ -613,9 +656,11 @@ def _load_and_attach(policy, tables, site: Site, fill: Fill, mode, log) -> pins.
             pins.exchange(stage, directory)
             killpoint.step("reload-exchanged")
             if site.ours:
-                # The replaced program and its maps stay for rollback.
+                # The replaced program and its maps stay for rollback (not
+                # after a rollback: it went forward from them).
                 pins.remove_dir(prev_dir(directory))
-                os.rename(stage, prev_dir(directory))
+                if not fill.back:
+                    os.rename(stage, prev_dir(directory))
         else:
             directory.parent.mkdir(parents=True, exist_ok=True)
             os.rename(stage, directory)
@@ -702,9 +747,13 @@ def detach(iface: str, netns: str | None = None, log=print) -> None:
 
 def rollback(iface: str, netns: str | None = None, log=print,
              expect_token: float | None = None) -> pins.Record:
-    """Go back to the policy before the running one (one level), atomically,
-    keeping bans and counters. expect_token: only if the running policy is
-    still the one applied at that time (used by `apply --confirm`)."""
+    """Go back one step in the record's history, keeping bans and counters:
+    to the policy applied before the running one; a second rollback goes
+    to the one before that, never forward again. At once (atomically) when
+    the program still holds it (the other generation, the @prev pins),
+    else compiled again from its kept copy (history.py). expect_token:
+    only if the running policy is still the one applied at that time (used
+    by `apply --confirm`)."""
     with pins.locked():
         directory = pins.iface_dir(netns, iface)
         record = pins.read_record(directory)
@@ -714,34 +763,59 @@ def rollback(iface: str, netns: str | None = None, log=print,
                                          or record.confirm is None):
             raise UsageError(f"{iface}: confirmed or changed since; not rolling back")
         prev = record.previous
-        if not prev:
-            raise UsageError(f"{iface}: no previous policy to go back to")
+        # Records of versions before the history name only `previous`.
+        target = record.history[0] if record.history else prev.record.policy if prev else None
+        if target is None:
+            raise UsageError(f"{iface}: no earlier policy to go back to (the history is in "
+                             f"'xdpguard status')")
+        back = None
+        if prev is not None and prev.record.policy == target:
+            back = _rollback_held(iface, netns, directory, record)
+            if back is not None:
+                try:
+                    history.prune(netns, iface, back)
+                except OSError as e:
+                    log(f"warning: {iface}: old policy copies not removed: {e}")
+        if back is None:
+            from xdpguard.compiler import compile_policy
+            policy = history.load_kept(netns, iface, target)
+            back = apply(policy, compile_policy(policy), iface, netns, log=log, back=True)
+    log(f"{iface}: rolled back to policy '{back.policy.name}'")
+    return back
+
+
+def _rollback_held(iface, netns, directory, record: pins.Record) -> pins.Record | None:
+    """rollback to record.previous where the program holds it: the record
+    that then runs, or None when that generation is no longer whole (an
+    apply that failed while writing it). Hold the pin lock."""
+    prev = record.previous
+    maps = None
+    if prev.kind == "gen":
+        maps = _open_maps(directory, record, ("active", "gens"))
+        settle(maps, record)
+        if prev.gen not in (0, 1) or prev.gen == read_active(maps):
+            for m in maps.values():
+                m.close()
+            return None
+    elif pins.read_record(prev_dir(directory)) is None:
+        return None
+    rest = list(record.history[1:])
+    try:
         # The previous policy's syncookies table and sysctls, back before
         # its program answers a SYN (a re-apply without them removed them).
         want = prev.record.syncookies
         cookies = want and syncookies.install(netns, iface, record.ifindex, want.ports, record.syncookies,
                                               _netns_cookies(netns, directory))
-        if prev.kind == "gen":
-            maps = _open_maps(directory, record, ("active", "gens"))
-            try:
-                settle(maps, record)
-                if prev.gen not in (0, 1) or prev.gen == read_active(maps):
-                    raise UsageError(f"{iface}: the previous policy's generation is not whole; "
-                                     f"re-apply it instead")
-                # Record, then flip (as apply in place).
-                back = pins.modify_record(directory, lambda cur: replace(
-                    prev.record, types=cur.types, previous=cur.as_previous("gen", gen=1 - prev.gen),
-                    policy=replace(prev.record.policy, applied_at=time.time()), syncookies=cookies,
-                    generation=prev.gen))
-                killpoint.step("rollback-record")
-                set_active(maps, prev.gen)
-            finally:
-                for m in maps.values():
-                    m.close()
+        if maps is not None:
+            # Record, then flip (as apply in place).
+            back = pins.modify_record(directory, lambda cur: replace(
+                prev.record, types=cur.types, previous=None, history=rest,
+                policy=replace(prev.record.policy, applied_at=time.time()), syncookies=cookies,
+                generation=prev.gen))
+            killpoint.step("rollback-record")
+            set_active(maps, prev.gen)
         else:
             pdir = prev_dir(directory)
-            if pins.read_record(pdir) is None:
-                raise UsageError(f"{iface}: the previous program is gone ({pdir})")
             ifindex = ifindex_of(iface, netns)
             with in_netns(netns):
                 # Already attached: a rollback killed before it swapped the pins.
@@ -751,12 +825,16 @@ def rollback(iface: str, netns: str | None = None, log=print,
                         bpfsys.xdp_attach(ifindex, new_fd, MODES[record.mode], old_prog_fd=old_fd)
             killpoint.step("rollback-attached")
             back = pins.modify_record(pdir, lambda b: replace(
-                b, mode=record.mode, previous=record.as_previous("dir"), confirm=None,
+                b, mode=record.mode, previous=None, history=rest, confirm=None,
                 policy=replace(b.policy, applied_at=time.time()), syncookies=cookies))
             pins.exchange(pdir, directory)
-        if record.syncookies and not cookies:
-            _cookies_off(netns, directory, record.syncookies)
-    log(f"{iface}: rolled back to policy '{back.policy.name}'")
+            # What ran until now is no rollback target: gone forward from.
+            pins.remove_dir(pdir)
+    finally:
+        for m in (maps or {}).values():
+            m.close()
+    if record.syncookies and not cookies:
+        _cookies_off(netns, directory, record.syncookies)
     return back
 
 

@@ -125,9 +125,15 @@ def exchange(a: Path, b: Path) -> None:
 
 # ---------------------------------------------------------------- the record
 
+# Policies the record remembers before the running one (`rollback` goes
+# back through them one step at a time): at least 3, the issue asked.
+HISTORY = 5
+
+
 @dataclass
 class PolicyInfo:
-    """The applied policy as the record names it."""
+    """The applied policy as the record names it (and an entry of its
+    history)."""
     name: str = ""
     sha256: str = ""
     source: str = ""
@@ -211,6 +217,9 @@ class Record:
     # a writer that finds them apart (a kill in between) flips it
     # (loader.settle). None: a record written before it was kept (0).
     generation: int | None = None
+    # The policies applied before this one, newest first, at most HISTORY:
+    # `rollback` goes to the first and drops it (history.py keeps copies).
+    history: list[PolicyInfo] = field(default_factory=list)
 
     @property
     def ns(self) -> str | None:
@@ -218,7 +227,7 @@ class Record:
         return None if self.netns == "host" else self.netns
 
     def as_previous(self, kind: str, gen: int | None = None) -> Previous:
-        return Previous(kind, replace(self, types={}, previous=None, confirm=None), gen)
+        return Previous(kind, replace(self, types={}, previous=None, confirm=None, history=[]), gen)
 
     def to_json(self) -> dict:
         doc = {"layout": self.layout, "netns": self.netns, "iface": self.iface,
@@ -242,6 +251,8 @@ class Record:
             doc["syncookies"] = asdict(self.syncookies)
         if self.generation is not None:
             doc["generation"] = self.generation
+        if self.history:
+            doc["history"] = [asdict(p) for p in self.history]
         return doc
 
     @classmethod
@@ -272,10 +283,11 @@ class Record:
                    protect=[Protect(**_known(Protect, p)) for p in doc.get("protect", [])],
                    previous=prev,
                    confirm=None if confirm is None else Confirm(**_known(Confirm, confirm)),
-                   syncookies=None if cookies is None else Syncookies(**_known(Syncookies, cookies)))
+                   syncookies=None if cookies is None else Syncookies(**_known(Syncookies, cookies)),
+                   history=[PolicyInfo(**_known(PolicyInfo, p)) for p in doc.get("history", [])])
 
 
-_NESTED = {"policy", "rules", "mitigation", "protect", "previous", "confirm", "syncookies"}
+_NESTED = {"policy", "rules", "mitigation", "protect", "previous", "confirm", "syncookies", "history"}
 
 
 def _known(cls, doc: dict) -> dict:

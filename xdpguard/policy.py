@@ -254,8 +254,13 @@ class Policy:
     log_default: bool = False
     log_bans: bool = False
     source: str = ""
+    # Of the policy file and the set files it read (inputs): the same
+    # sha256 is the same policy, which apply then leaves alone.
     sha256: str = ""
     warnings: list[str] = field(default_factory=list)
+    text: bytes = b""            # the policy file's bytes
+    # Set files as read: their "file" string -> (path, sha256 of the bytes).
+    inputs: dict[str, tuple[str, str]] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- addresses
@@ -292,10 +297,12 @@ def parse_prefix(text: str) -> tuple[Prefix, bool]:
 class _Reader:
     """Carries the file name and collects warnings while a policy is read."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, set_files: dict[str, str] | None = None):
         self.path = path
         self.fname = str(path)
         self.warnings: list[str] = []
+        self.set_files = set_files           # "file" string -> path to read instead
+        self.inputs: dict[str, tuple[str, str]] = {}
 
     def fail(self, where: str, msg: str):
         raise PolicyError(f"{self.fname}: {where}: {msg}" if where else f"{self.fname}: {msg}",
@@ -373,9 +380,13 @@ def _read_set_file(rd: _Reader, setname: str, spec: dict) -> PrefixSet:
     rd.check_keys(where, spec, ("file",))
     if "file" not in spec or not isinstance(spec["file"], str):
         rd.fail(where, "expected a list of addresses or { file = \"path\" }")
-    path = (rd.path.parent / spec["file"]).resolve()
+    if rd.set_files is not None and spec["file"] in rd.set_files:
+        path = Path(rd.set_files[spec["file"]])
+    else:
+        path = (rd.path.parent / spec["file"]).resolve()
     v4, v6 = array("Q"), []
     lineno = bad = 0
+    digest = hashlib.sha256()
     try:
         f = open(path, "rb")
         size = os.fstat(f.fileno()).st_size
@@ -389,6 +400,7 @@ def _read_set_file(rd: _Reader, setname: str, spec: dict) -> PrefixSet:
             except OSError as e:
                 rd.fail(where, f"cannot read set file '{spec['file']}' ({path}): {e.strerror or e}")
             tick(len(block))
+            digest.update(block)
             if block:
                 # Whole lines only; the rest waits for the next block.
                 cut = block.rfind(b"\n") + 1
@@ -413,6 +425,7 @@ def _read_set_file(rd: _Reader, setname: str, spec: dict) -> PrefixSet:
             lineno += len(lines)
     if bad > 20:
         rd.warn("", f"{path}: {bad - 20} more lines that are not addresses were skipped")
+    rd.inputs[spec["file"]] = (str(path), digest.hexdigest())
     return PrefixSet(sorted_unique(v4, f"sorting set '{setname}'"), tuple(sorted(set(v6))))
 
 
@@ -774,10 +787,12 @@ def _single_rule_hint(text: str) -> str:
     return ""
 
 
-def load(path, text: str | None = None) -> Policy:
-    """Read and validate a policy file. Raises PolicyError."""
+def load(path, text: str | None = None, set_files: dict[str, str] | None = None) -> Policy:
+    """Read and validate a policy file. Raises PolicyError. set_files:
+    paths to read set files from instead, by their "file" string (a
+    policy kept for rollback: history.py)."""
     path = Path(path)
-    rd = _Reader(path)
+    rd = _Reader(path, set_files)
     if text is None:
         try:
             data_bytes = path.read_bytes()
@@ -834,4 +849,15 @@ def load(path, text: str | None = None) -> Policy:
     protect = _read_protect(rd, head["protect"]) if "protect" in head else ()
     return Policy(name=name, default=default, rules=rules, sets=sets, mitigation=mitigation,
                   protect=protect, log_rate=log_rate, **log_flags, source=str(path.resolve()) if text is None else str(path),
-                  sha256=hashlib.sha256(data_bytes).hexdigest(), warnings=rd.warnings)
+                  sha256=policy_sha256(data_bytes, {k: h for k, (_p, h) in rd.inputs.items()}),
+                  warnings=rd.warnings, text=data_bytes, inputs=rd.inputs)
+
+
+def policy_sha256(text: bytes, sets: dict[str, str]) -> str:
+    """The sha256 of a policy: of its file's bytes alone when it reads no
+    set file (what sha256sum says), else also of each set file's name and
+    sha256."""
+    h = hashlib.sha256(text)
+    for name in sorted(sets):
+        h.update(b"\0" + name.encode() + b"\0" + sets[name].encode())
+    return h.hexdigest()

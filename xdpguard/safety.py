@@ -144,7 +144,7 @@ def timer_main(iface: str, netns: str, token: float, deadline: float) -> int:
     record = pins.read_record(directory)
     if not pending(record, token):
         return 0
-    if record.previous:
+    if record.history or record.previous:
         loader.rollback(iface, ns, log=lambda m: None, expect_token=token)
     else:
         loader.detach(iface, ns, log=lambda m: None)

@@ -134,6 +134,9 @@ def read_status(directory: Path, record: pins.Record) -> dict:
         "applied_at": record.policy.applied_at,
         "source": record.policy.source,
         "confirm_deadline": record.confirm.deadline if record.confirm else None,
+        # Newest first: where `rollback` goes, one step each.
+        "history": [{"policy": p.name, "sha256": p.sha256, "applied_at": p.applied_at, "source": p.source}
+                    for p in record.history],
         "probes": record.probes,
         "syncookies": _syncookies(record),
         "maps": maps,
