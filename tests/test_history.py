@@ -149,13 +149,22 @@ def test_sha256_covers_the_set_files(tmp_path):
     assert load(plain).sha256 == hashlib.sha256(plain.read_bytes()).hexdigest()   # sha256sum's
 
 
-def test_kept_copy_survives_edits(tmp_path, monkeypatch):
-    from xdpguard import bans, history
-    from xdpguard.policy import load
+@pytest.fixture
+def files(tmp_path, monkeypatch):
+    """A policy reading a set file, both in tmp_path, and a state directory
+    of the test's own."""
+    from xdpguard import bans
     monkeypatch.setattr(bans, "STATE_ROOT", tmp_path / "state")
     p, s = tmp_path / "p.toml", tmp_path / "bl.netset"
     p.write_text(SET_POLICY)
     s.write_text("192.0.2.0/24\n2001:db8::/32\n")
+    return p, s
+
+
+def test_kept_copy_survives_edits(files):
+    from xdpguard import history
+    from xdpguard.policy import load
+    p, s = files
     pol = load(p)
     assert history.save(pol, "ns", "eth0") is None
     p.write_text(text("b"))
@@ -172,13 +181,10 @@ def test_kept_copy_survives_edits(tmp_path, monkeypatch):
     assert list((history.history_dir("ns", "eth0") / "blobs").iterdir()) == []
 
 
-def test_a_set_file_changed_before_its_copy_is_said(tmp_path, monkeypatch):
-    from xdpguard import bans, history
+def test_a_set_file_changed_before_its_copy_is_said(files):
+    from xdpguard import history
     from xdpguard.policy import load
-    monkeypatch.setattr(bans, "STATE_ROOT", tmp_path / "state")
-    p, s = tmp_path / "p.toml", tmp_path / "bl.netset"
-    p.write_text(SET_POLICY)
-    s.write_text("192.0.2.0/24\n")
+    p, s = files
     pol = load(p)
     s.write_text("198.51.100.0/24\n")         # between reading and keeping
     assert "changed since it was read" in history.save(pol, "ns", "eth0")

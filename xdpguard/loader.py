@@ -11,6 +11,7 @@ import os
 import re
 import socket
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from functools import cached_property
 from pathlib import Path
@@ -485,12 +486,8 @@ def _prog_fd(record: pins.Record) -> int:
 def _unchanged(directory: Path, record: pins.Record, log) -> pins.Record:
     """apply of the running policy: nothing changes (not the history, not
     the rollback target), but a flip a kill cut short is finished."""
-    maps = _open_maps(directory, record, ("active", "gens"))
-    try:
+    with _opened(directory, record, ("active", "gens")) as maps:
         settle(maps, record)
-    finally:
-        for m in maps.values():
-            m.close()
     log(f"{record.iface}: policy '{record.policy.name}' unchanged (sha256 {record.policy.sha256[:16]}...); "
         f"nothing done")
     return record
@@ -568,6 +565,17 @@ def _netns_cookies(netns, directory) -> pins.Syncookies | None:
 
 def _open_maps(directory: Path, record: pins.Record, names) -> dict[str, pins.Map]:
     return {n: pins.open_map(directory, n, record) for n in names}
+
+
+@contextmanager
+def _opened(directory: Path, record: pins.Record, names):
+    """_open_maps for a with block, closed at its end."""
+    maps = _open_maps(directory, record, names)
+    try:
+        yield maps
+    finally:
+        for m in maps.values():
+            m.close()
 
 
 def _reapply_in_place(policy, tables, directory, record: pins.Record, fill: Fill,
