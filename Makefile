@@ -1,8 +1,18 @@
 # xdpguard: every target sets the machine up first (idempotent, needs root).
 PY := .venv/bin/python
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
+# make install PREFIX=/usr DESTDIR=/tmp/root: the command, man page and
+# completion under PREFIX, the unit and xdpguard/ under SYSCONFDIR, all
+# inside DESTDIR (a staging root: nothing is reloaded then).
+PREFIX ?= /usr/local
+SYSCONFDIR ?= /etc
+DESTDIR ?=
+MAN8DIR := $(PREFIX)/share/man/man8
+# bash-completion looks in <dir>/bash-completion/completions for each dir of
+# XDG_DATA_DIRS (default /usr/local/share:/usr/share) when a command is completed.
+BASHCOMPDIR := $(PREFIX)/share/bash-completion/completions
 
-.PHONY: setup demo test test-quick bench bench-quick fuzz install clean vm-smoke vm-test vm-image
+.PHONY: setup demo test test-quick bench bench-quick fuzz install install-files man clean vm-smoke vm-test vm-image
 
 setup:
 	@bash scripts/setup.sh
@@ -36,11 +46,26 @@ vm-test:
 vm-image:
 	for g in $$(awk '!/^#/ && NF {print $$1}' vm/guests.conf); do bash vm/image.sh $$g || exit 1; done
 
-install: setup
-	install -D -m 0644 systemd/xdpguard@.service /etc/systemd/system/xdpguard@.service
-	install -d /etc/xdpguard
-	ln -sf $(CURDIR)/.venv/bin/xdpguard /usr/local/sbin/xdpguard
-	systemctl daemon-reload
+install: setup install-files
+	@if [ -z "$(DESTDIR)" ]; then systemctl daemon-reload; command -v mandb >/dev/null && mandb -q || true; fi
+
+# What install copies, without set-up (tests/test_manpage.py installs into a
+# temporary PREFIX). The unit names the command and the policies by path.
+UNIT := $(DESTDIR)$(SYSCONFDIR)/systemd/system/xdpguard@.service
+install-files:
+	install -d $(dir $(UNIT)) $(DESTDIR)$(SYSCONFDIR)/xdpguard $(DESTDIR)$(PREFIX)/sbin \
+		$(DESTDIR)$(MAN8DIR) $(DESTDIR)$(BASHCOMPDIR)
+	sed -e 's|/usr/local/sbin/xdpguard|$(PREFIX)/sbin/xdpguard|g' -e 's|/etc/xdpguard/|$(SYSCONFDIR)/xdpguard/|g' \
+		systemd/xdpguard@.service > $(UNIT)
+	chmod 0644 $(UNIT)
+	ln -sf $(CURDIR)/.venv/bin/xdpguard $(DESTDIR)$(PREFIX)/sbin/xdpguard
+	install -m 0644 docs/xdpguard.8 $(DESTDIR)$(MAN8DIR)/xdpguard.8
+	$(PY) -m xdpguard.cli completion bash > $(DESTDIR)$(BASHCOMPDIR)/xdpguard.tmp
+	mv $(DESTDIR)$(BASHCOMPDIR)/xdpguard.tmp $(DESTDIR)$(BASHCOMPDIR)/xdpguard
+
+# docs/xdpguard.8 from docs/xdpguard.8.md (pandoc); commit both.
+man:
+	@bash scripts/manpage.sh
 
 clean:
 	rm -rf .venv *.egg-info .pytest_cache .hypothesis

@@ -18,9 +18,12 @@ while [ $# -gt 0 ]; do
     esac
 done
 
+# pandoc: `make man` and the test that docs/xdpguard.8 is current; man-db:
+# the test that man finds the page `make install` puts in place.
 PKGS=(python3-bpfcc bpfcc-tools bpftool xdp-tools libbpf1 linux-headers-amd64
       python3-venv python3-pip iproute2 iputils-ping nftables iptables hping3
-      nginx-light curl wrk iperf3 netsniff-ng util-linux procps make git)
+      nginx-light curl wrk iperf3 netsniff-ng util-linux procps make git
+      pandoc man-db)
 
 if [ "$(id -u)" != 0 ]; then
     echo "setup.sh: run as root (BPF and network namespaces need it)" >&2

@@ -50,7 +50,8 @@ def test_short_flags_parse(name):
     """The short forms give the same namespace as the long ones."""
     cmd = next(c for c in cli.COMMANDS if c.name == name)
     flags = {f for fl, _ in cmd.args for f in fl} | {"--json"}
-    positional = [f"x{i}" for i, (fl, _) in enumerate(cmd.args) if not fl[0].startswith("-")]
+    positional = [kw["choices"][0] if "choices" in kw else f"x{i}"
+                  for i, (fl, kw) in enumerate(cmd.args) if not fl[0].startswith("-")]
     required = [f for fl, kw in cmd.args for f in fl[:1] if kw.get("required") and f not in cli.SHORT]
     base = [name, *positional, *[x for f in required for x in (f, "203.0.113.1")]]
     long_argv, short_argv = list(base), list(base)

@@ -379,6 +379,40 @@ def cmd_doctor(args) -> int:
     return cmd_doctor(args)
 
 
+# `completion`: what TAB offers for an argument's value, by its dest (files
+# for policies and packet or ban lists; the names /sys/class/net and
+# /run/netns hold, as `ip link` and `ip netns` list them).
+COMPLETE_FILES = {"policy", "packets", "from_file"}
+COMPLETE_BASH = r'''
+_xdpguard_ifaces() { compgen -W "$(ls /sys/class/net 2>/dev/null)" -- "$1"; }
+_xdpguard_netns() { compgen -W "host $(ls /run/netns 2>/dev/null)" -- "$1"; }
+'''
+
+
+def cmd_completion(args) -> int:
+    """The shell's completion script, made from build_parser's tree: every
+    command and flag of COMMANDS, with no second list to keep in step."""
+    try:
+        import shtab
+    except ImportError:
+        raise CliError("completion needs the Python package shtab (pip install shtab)", EXIT_SYSTEM)
+    parser = build_parser()
+    named = {"iface": {"bash": "_xdpguard_ifaces"}, "netns": {"bash": "_xdpguard_netns"}}
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for p in subs.choices.values():
+        for a in p._actions:
+            if a.dest in COMPLETE_FILES:
+                a.complete = shtab.FILE
+            elif a.dest in named:
+                a.complete = named[a.dest]
+    script = shtab.complete(parser, shell=args.shell, preamble=COMPLETE_BASH)
+    if args.json:
+        emit_json({"shell": args.shell, "script": script})
+    else:
+        print(script)
+    return EXIT_OK
+
+
 def arg(*flags, **kw) -> tuple:
     """One argument of a command: add_argument's own parameters."""
     return flags, kw
@@ -469,6 +503,8 @@ COMMANDS = (
     Command("doctor", cmd_doctor, "check that this machine can run xdpguard, and how to fix what is missing",
             (arg("--iface", help="also check native XDP support and foreign programs on this interface"),
              arg("--netns", help="network namespace of --iface (/run/netns/NAME)"))),
+    Command("completion", cmd_completion, "print a shell completion script (make install installs bash's)",
+            (arg("shell", choices=["bash"]),)),
 )
 
 EPILOGS = {
@@ -557,6 +593,9 @@ examples:
   xdpguard doctor
   xdpguard doctor --iface eth1
   xdpguard doctor --iface veth0 --netns lab --json""",
+    "completion": """examples:
+  xdpguard completion bash > /usr/local/share/bash-completion/completions/xdpguard
+  source <(xdpguard completion bash)      # this shell only""",
 }
 
 
