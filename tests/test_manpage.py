@@ -122,7 +122,25 @@ def test_examples_parse():
     used = {w for _, argv in examples for w in argv}
     # The short forms and the units of issue 17 are shown, not only the old ones.
     assert {"-j", "-i", "-n"} <= used
-    assert {"10/m", "1h30m"} & used or "1h30m" in SOURCE.read_text()
+    assert {"1h30m", "500ms", "2m30s"} <= used
+    assert 'rate = "10/m"' in SOURCE.read_text()
+    top = cli.build_parser().format_help()
+    assert "-V, --version" in top and "1h30m" in top and "-j --json" in top
+
+
+def test_example_policy_is_valid(tmp_path):
+    """The POLICY FORMAT example loads and compiles, rates and durations in
+    the forms the page's table lists."""
+    from xdpguard.compiler import compile_policy
+    from xdpguard.policy import load
+    text = SOURCE.read_text().split("\n## Example\n", 1)[1].split("\n# ", 1)[0]
+    body = "\n".join(ln[4:] for ln in text.splitlines() if ln.startswith("    ") or not ln.strip())
+    path = tmp_path / "example.toml"
+    path.write_text(body)
+    policy = load(path)
+    compile_policy(policy)
+    assert policy.mitigation.enabled and policy.mitigation.ban == 5400
+    assert next(r for r in policy.rules if r.action == "limit").rate is not None
 
 
 def test_page_renders(tmp_path):

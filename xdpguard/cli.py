@@ -510,7 +510,8 @@ COMMANDS = (
 EPILOGS = {
     "check": """examples:
   xdpguard check policies/shared-web-host.toml
-  xdpguard check policy.toml --json       # invalid: {"valid": false, "errors": [...]}, exit 2""",
+  xdpguard check policy.toml --json       # invalid: {"valid": false, "errors": [...]}, exit 2
+  xdpguard check policy.toml -j""",
     "explain": """examples:
   xdpguard explain policy.toml --src 203.0.113.9 --proto tcp --dport 22
   xdpguard explain policy.toml --src 2001:db8::1 --proto udp --sport 53 --dport 4444 --json""",
@@ -518,16 +519,19 @@ EPILOGS = {
   xdpguard apply policy.toml --iface eth1
   xdpguard apply policy.toml --iface veth0 --netns lab --mode generic
   xdpguard apply policy.toml --iface eth1 --dry-run
-  xdpguard apply policy.toml --iface eth0 --confirm 60   # then: xdpguard confirm --iface eth0""",
+  xdpguard apply policy.toml --iface eth0 --confirm 60   # then: xdpguard confirm --iface eth0
+  xdpguard apply policy.toml -i veth0 -n lab --confirm 2m30s""",
     "detach": """examples:
   xdpguard detach --iface eth1
   xdpguard detach --iface veth0 --netns lab""",
     "status": """examples:
   xdpguard status
-  xdpguard status --json""",
+  xdpguard status --json
+  xdpguard status -n lab -j""",
     "stats": """examples:
   xdpguard stats
   xdpguard stats --iface eth1 --watch 1
+  xdpguard stats -i eth1 --watch 500ms
   xdpguard stats --iface veth0 --netns lab --json
   xdpguard stats -i veth0 -n lab -j       # the same, short""",
     "test": """examples:
@@ -563,10 +567,12 @@ examples:
   xdpguard unban 203.0.113.7 --all         # on every interface""",
     "bans": """examples:
   xdpguard bans
-  xdpguard bans --iface eth1 --json        # an export: 'ban --from-file' reads it""",
+  xdpguard bans --iface eth1 --json        # an export: 'ban --from-file' reads it
+  xdpguard bans -i veth0 -n lab -j""",
     "top": """examples:
   xdpguard top --iface eth1
-  xdpguard top --iface veth0 --netns lab --once --json""",
+  xdpguard top --iface veth0 --netns lab --once --json
+  xdpguard top -i eth1 --interval 2s""",
     "confirm": """examples:
   xdpguard apply new.toml --iface eth0 --confirm 60   # then, from another shell:
   xdpguard confirm --iface eth0""",
@@ -636,7 +642,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="exit status: 0 success, 1 system failure, 2 invalid policy or usage,\n"
                "3 apply --confirm not confirmed (previous policy restored)\n"
-               "see 'xdpguard COMMAND --help' for examples")
+               "short forms: -j --json, -i --iface, -n --netns; durations and rates:\n"
+               "90s, 1h30m, 1w, 10/m, 20kpps, 100Mbit/s (man xdpguard)\n"
+               "see 'xdpguard COMMAND --help' for examples, 'xdpguard -V' for versions")
     ap.add_argument("-V", "--version", action=_Version,
                     help="print the versions of xdpguard, its pin layout, bcc and the kernel")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
