@@ -2,7 +2,7 @@
 # The systemd unit's life in a guest (vm/run.py test): run as root in the
 # guest's /xdpguard, once before a reboot and once after it.
 #
-#   before: make install; a veth xgs0 made at every boot (its peer xgc0 in
+#   before: make install (the man page found); a veth xgs0 made at every boot (its peer xgc0 in
 #           namespace xgc, the client); /etc/xdpguard/xgs0.toml;
 #           systemctl enable --now xdpguard@xgs0; reload after a policy
 #           change; restart; a permanent ban of the client
@@ -51,6 +51,9 @@ case "${1:-}" in
 before)
     step "make install"
     make install
+    step "the unit's Documentation=man:xdpguard(8) resolves; the completion is in place"
+    man -w 8 xdpguard || fail "man -w 8 xdpguard after make install"
+    [ -s /usr/local/share/bash-completion/completions/xdpguard ] || fail "no bash completion after make install"
     step "a veth made at every boot, before the unit"
     cat >/etc/systemd/system/xg-lab-veth.service <<UNIT
 [Unit]
