@@ -43,7 +43,8 @@ MODES_FULL = ("pass", "xdp-drop", "xdp-read-drop", "xdpguard-native", "xdpguard-
 MODES_QUICK = ("pass", "xdp-drop", "xdp-read-drop", "xdpguard-native", "nft-drop")
 LIMIT_RATE, LIMIT_BURST, LIMIT_SIZE = 100, 100, 262144
 # Fixed counter slots of `stats` that only drop (outside the rules' rows).
-FIXED_DROPS = ("bans", "malformed", "new_source_overflow", "syncookie_bad_acks", "no_entry")
+FIXED_DROPS = ("bans", "malformed", "new_source_overflow", "syncookie_bad_acks", "syncookie_cannot_happen",
+               "no_entry")
 
 
 def _attach(lab: Lab, fd: int) -> None:

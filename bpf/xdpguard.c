@@ -76,6 +76,12 @@ XG_MAP("lpm_trie", struct xg_ban6_key, struct xg_ban, ban6, XG_BAN_MAX, BPF_F_NO
 XG_MAP("array", __u32, struct xg_banstate, banstate, 1, 0);
 XG_MAP("lru_percpu_hash", struct xg_srcstat_key, struct xg_srcstat, srcstat, XG_SRCSTAT_MAX, 0);
 XG_MAP("array", __u32, struct xg_bucket, logbuckets, XG_MAX_SLOTS, 0);
+/* [mitigation] syncookies = "auto" (xg_cookies_on): the ports `watch`
+ * has turned cookies on for, one bit each; the SYNs per port it reads;
+ * why it turned them on (for `status` only). */
+XG_MAP("array", __u32, __u64, cookieports, XG_COOKIEPORT_WORDS, 0);
+XG_MAP("lru_percpu_hash", __u32, __u64, synports, XG_SYNPORTS_MAX, 0);
+XG_MAP("hash", __u32, struct xg_cookiewhy, cookiewhy, XG_COOKIEWHY_MAX, 0);
 BPF_RINGBUF_OUTPUT(droplog, XG_DROPLOG_BYTES / 4096);
 /* Never used by the program: it carries struct xg_logev to user space as a
  * bcc leaf type, so `xdpguard log` reads events without a second layout. */
@@ -587,7 +593,8 @@ static __always_inline int xg_cookie(struct xdp_md *ctx, struct xg_pkt *pkt, __u
 		data_end = (void *)(long)ctx->data_end;
 		if ((void *)((__u8 *)data + XG_SYNACK_MAXLEN + 14 + 40 + 20) > data_end) {
 			if ((void *)((__u8 *)data + XG_SYNACK_MAXLEN + 14 + 20 + 20) > data_end || iplen != 20)
-				return XDP_DROP;      /* cannot be: the SYN had them */
+				/* cannot be: the SYN had them */
+				return xg_finish(pkt, XG_SLOT_COOKIE_MOVED, rule, gen, len, 1, 0);
 			xg_pull(data, 14 + 20 + 20);
 		} else if (iplen == 20) {
 			xg_pull(data, 14 + 20 + 20);
@@ -600,12 +607,12 @@ static __always_inline int xg_cookie(struct xdp_md *ctx, struct xg_pkt *pkt, __u
 	ip = (__u8 *)data + 14;
 	if (iplen == 20) {
 		th = ip + 20;
-		if ((void *)(th + XG_SYNACK_MAXLEN) > data_end)
-			return XDP_DROP;     /* cannot be: grown above */
+		if ((void *)(th + XG_SYNACK_MAXLEN) > data_end)   /* cannot be: grown above */
+			return xg_finish(pkt, XG_SLOT_COOKIE_ROOM4, rule, gen, len, 1, 0);
 	} else {
 		th = ip + 40;
 		if ((void *)(th + XG_SYNACK_MAXLEN) > data_end)
-			return XDP_DROP;
+			return xg_finish(pkt, XG_SLOT_COOKIE_ROOM6, rule, gen, len, 1, 0);
 	}
 	if (cb->ts) {
 		ts = (__u32)(bpf_ktime_get_ns() / 1000000) & ~((1U << XG_TS_BITS) - 1);
@@ -667,9 +674,32 @@ static __always_inline int xg_cookie(struct xdp_md *ctx, struct xg_pkt *pkt, __u
 	 * data_end, which the verifier refuses. */
 	asm volatile("" : "+r"(frame));
 	if (bpf_xdp_adjust_tail(ctx, (int)(14 + iplen + tcplen) - (int)frame))
-		return XDP_DROP;     /* the frame is ours now: never pass it on */
+		/* cannot be (it only shrinks); the frame is ours now: never pass it on */
+		return xg_finish(pkt, XG_SLOT_COOKIE_TRIM, rule, gen, len, 1, 0);
 	xg_finish(pkt, XG_SLOT_COOKIE, rule, gen, len, 0, 0);
 	return XDP_TX;
+}
+
+/* Whether the cookie path takes a packet a rule with cookies passes: a
+ * syncookies = true rule's always; an "auto" rule's when `watch` has set
+ * its destination port's bit, and its SYNs are counted per port for
+ * `watch` to see the rate, cookies on or off. */
+static __always_inline int xg_cookies_on(struct xg_pkt *pkt, struct xg_rule *r)
+{
+	__u32 port = pkt->dport, w = port / 64;
+	__u64 *bits, one = 1, *n;
+
+	if (r->cookies != XG_COOKIES_AUTO)
+		return 1;
+	if (pkt->syn) {
+		n = synports.lookup(&port);
+		if (n)
+			*n += 1;      /* per CPU */
+		else
+			synports.update(&port, &one);
+	}
+	bits = cookieports.lookup(&w);
+	return bits && ((*bits >> (port & 63)) & 1);
 }
 
 /* Tail-called by xg_general for a packet a `syncookies` rule passes, with
@@ -821,7 +851,7 @@ decided:
 			return rc;
 	}
 #ifdef XG_SYNCOOKIES
-	if (r->cookies) {
+	if (r->cookies && xg_cookies_on(pkt, r)) {
 		struct xg_cookiebuf *cb = cookiebuf.lookup(&zero);
 
 		if (cb) {

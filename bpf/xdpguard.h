@@ -59,7 +59,14 @@
  * insert (a limiter never fails open), or an array element the verifier
  * makes the program check for and which is always there. */
 #define XG_SLOT_NO_ENTRY 8203
-#define XG_MAX_SLOTS 8216        /* all slots; free: 7, 8204..8215 */
+/* The SYN cookie path's drops that cannot happen (bpf/xdpguard.c:
+ * xg_cookie): each a bound the verifier wants checked that the frame
+ * always meets. Counted, so that one that does happen shows. */
+#define XG_SLOT_COOKIE_MOVED 8204  /* the SYN's headers short after moving them for room */
+#define XG_SLOT_COOKIE_ROOM4 8205  /* no room for the SYN-ACK's TCP header after growing, IPv4 */
+#define XG_SLOT_COOKIE_ROOM6 8206  /* the same, IPv6 */
+#define XG_SLOT_COOKIE_TRIM 8207   /* the SYN-ACK not cut to its size (bpf_xdp_adjust_tail) */
+#define XG_MAX_SLOTS 8216        /* all slots; free: 7, 8208..8215 */
 #define XG_NO_SLOT 4294967295U   /* a frame no slot counts: non-IP, passed */
 #define XG_NO_RULE 4294967295U   /* no rule decided (xg_logev.rule, xg_debug.rule) */
 
@@ -166,6 +173,18 @@
 #define XG_COOKIE_WSCALE 7
 #define XG_COOKIE_TTL 64
 
+/* struct xg_rule.cookies: off, on (syncookies = true), or per port as
+ * `watch` switches them ([mitigation] syncookies = "auto"): the bit of
+ * the destination port in map cookieports (XG_COOKIEPORT_WORDS words of
+ * 64 ports), which `watch` sets while the port's SYN rate (map synports,
+ * SYNs such a rule passes, per port) is over syn_rate_total. */
+#define XG_COOKIES_OFF 0
+#define XG_COOKIES_ON 1
+#define XG_COOKIES_AUTO 2
+#define XG_COOKIEPORT_WORDS 1024
+#define XG_SYNPORTS_MAX 4096
+#define XG_COOKIEWHY_MAX 1024   /* ports with cookies on at once */
+
 /* ---- structs (bcc turns these into table.Key / table.Leaf) ---- */
 
 /* Key of an IPv4 classifier trie (one trie per generation): prefixlen
@@ -229,8 +248,8 @@ struct xg_rule {
 	__u8 prefix4;      /* source grouping for per-source buckets */
 	__u8 prefix6;
 	__u8 log;          /* sample drops into the drop log */
-	__u8 cookies;      /* what the rule passes: SYNs answered with a
-			    * cookie, ACKs checked (bpf/syncookie.h) */
+	__u8 cookies;      /* XG_COOKIES_*: what the rule passes: SYNs answered
+			    * with a cookie, ACKs checked (bpf/syncookie.h) */
 	__u8 pad;
 	__u64 cost_fp;     /* ns per unit << 16 (GCRA emission interval) */
 	__u64 burst_ns;    /* burst x cost: how far ahead the bucket may run */
@@ -305,6 +324,14 @@ struct xg_srcstat {
 	__u64 packets;
 	__u64 bytes;
 	__u64 syns;
+};
+
+/* Why `watch` turned on the cookies of a port (map cookiewhy, by port;
+ * [mitigation] syncookies = "auto"): for `status`, never read at XDP. */
+struct xg_cookiewhy {
+	__u64 since;       /* wall clock, seconds */
+	__u64 syn_rate;    /* the port's SYNs per second then */
+	__u64 threshold;   /* syn_rate_total, per second */
 };
 
 /* The fast lane's memory of the last source it looked up, per CPU and

@@ -293,10 +293,18 @@ def cmd_status(args) -> int:
             print(f"  probes: {s['probes']}")
         sc = s.get("syncookies")
         if sc:
-            ports = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in sc["ports"])
+            def ranges(rs):
+                return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in rs)
             changed = ", ".join(f"{k}={v} (was {sc['sysctls_before'].get(k, '?')})" for k, v in sc["sysctls"].items())
-            print(f"  syncookies: tcp ports {ports}; nftables table inet {sc['table']}"
+            print(f"  syncookies: tcp ports {ranges(sc['ports']) or '-'}; nftables table inet {sc['table']}"
                   f"{'' if sc['table_present'] else ' MISSING'}; {changed}")
+            if sc.get("auto_ports"):
+                on = [f"{o['port']}" + ("" if o["since"] is None else
+                                        f" (SYN {o['syn_rate']}/s over {o['threshold']}/s since "
+                                        f"{time.strftime('%m-%d %H:%M:%S', time.localtime(o['since']))})")
+                      for o in sc["auto_on"]]
+                print(f"  syncookies auto (watch): tcp ports {ranges(sc['auto_ports'])}; on: "
+                      + (", ".join(on) or "none"))
         mrows = [[n, "-" if m["entries"] is None else m["entries"], m["capacity"]] for n, m in s["maps"].items()]
         print("  " + table(["map", "entries", "capacity"], mrows, right={1, 2}).replace("\n", "\n  "))
     return EXIT_OK
@@ -311,6 +319,7 @@ def _fixed_rows(snap) -> list[tuple[str, dict, str]]:
             + [("(new-source overflow)", snap["new_source_overflow"], "deny"),
                ("(syncookie SYN-ACKs)", snap["syncookie_synacks"], "cookie"),
                ("(syncookie bad ACKs)", snap["syncookie_bad_acks"], "deny"),
+               ("(syncookie cannot happen)", snap["syncookie_cannot_happen"], "deny"),
                ("(no map entry)", snap["no_entry"], "deny")])
 
 

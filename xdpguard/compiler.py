@@ -50,7 +50,7 @@ class RuleRecord:
     new_burst_ns: int = 0
     total_cost_fp: int = 0     # rate_total; 0: none
     total_burst_ns: int = 0
-    syncookies: bool = False
+    syncookies: int = C.XG_COOKIES_OFF    # XG_COOKIES_*
 
 
 class LpmEntries(Sequence):
@@ -123,7 +123,8 @@ class Tables:
 
     @property
     def syncookies(self) -> bool:
-        """Whether a rule asks for SYN cookies (the program needs them compiled in)."""
+        """Whether a rule has SYN cookies, on or "auto" (the program needs
+        them compiled in)."""
         return any(r.syncookies for r in self.rules)
 
     def summary(self) -> dict:
@@ -297,7 +298,10 @@ def gcra(rate, burst: int) -> tuple[int, int]:
     return max(1, round(1e9 * 65536 / per_second)), round(burst * 1e9 / per_second)
 
 
-def _record(rule: Rule) -> RuleRecord:
+_COOKIES = {None: C.XG_COOKIES_OFF, "on": C.XG_COOKIES_ON, "auto": C.XG_COOKIES_AUTO}
+
+
+def _record(rule: Rule, cookies: str | None) -> RuleRecord:
     cost_fp = burst_ns = 0
     unit = C.XG_UNIT_PACKETS
     extra = {}
@@ -311,7 +315,7 @@ def _record(rule: Rule) -> RuleRecord:
     return RuleRecord(name=rule.name, index=rule.index, action=_ACTION[rule.action],
                       per=C.XG_PER_RULE if rule.per == "rule" else C.XG_PER_SOURCE,
                       unit=unit, prefix4=rule.prefix4, prefix6=rule.prefix6,
-                      cost_fp=cost_fp, burst_ns=burst_ns, log=rule.log, syncookies=rule.syncookies,
+                      cost_fp=cost_fp, burst_ns=burst_ns, log=rule.log, syncookies=_COOKIES[cookies],
                       **extra)
 
 
@@ -373,7 +377,7 @@ def compile_policy(policy: Policy) -> Tables:
              | (C.XG_GEN_LOG_DEFAULT if policy.log_default else 0) | (C.XG_GEN_LOG_BANS if policy.log_bans else 0))
     return Tables(nrules=len(rules), nwords=max(1, (len(rules) + 63) // 64),
                   default_action=_ACTION[policy.default], flags=flags, vecs=vectors.vecs,
-                  lpm=lpm, ports=ports, rules=[_record(r) for r in rules], universal=universal,
+                  lpm=lpm, ports=ports, rules=[_record(r, policy.cookies(r)) for r in rules], universal=universal,
                   decides=[decides(v, universal) for v in vectors.vecs],
                   mit_prefix4=policy.mitigation.prefix4, mit_prefix6=policy.mitigation.prefix6,
                   log_rate=policy.log_rate)

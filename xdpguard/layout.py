@@ -59,7 +59,14 @@ SLOT_REASONS = {
     C.XG_SLOT_VLANS: "vlans",
     C.XG_SLOT_EXTHDRS: "exthdrs",
     C.XG_SLOT_NO_ENTRY: "no_entry",
+    C.XG_SLOT_COOKIE_MOVED: "syncookie_moved_short",
+    C.XG_SLOT_COOKIE_ROOM4: "syncookie_no_room4",
+    C.XG_SLOT_COOKIE_ROOM6: "syncookie_no_room6",
+    C.XG_SLOT_COOKIE_TRIM: "syncookie_not_trimmed",
 }
+# The SYN cookie path's drops that cannot happen (bpf/xdpguard.h).
+COOKIE_BUG_SLOTS = (C.XG_SLOT_COOKIE_MOVED, C.XG_SLOT_COOKIE_ROOM4, C.XG_SLOT_COOKIE_ROOM6,
+                    C.XG_SLOT_COOKIE_TRIM)
 # The causes of a malformed frame: dropped before the ban map and the rules.
 MALFORMED_SLOTS = (C.XG_SLOT_TRUNCATED, C.XG_SLOT_BAD_HEADER, C.XG_SLOT_VLANS, C.XG_SLOT_EXTHDRS)
 
@@ -99,7 +106,8 @@ def _struct_bodies() -> dict[str, str]:
 # are bcc's (``Map.Key`` / ``Map.Leaf``), never declared here.
 
 # Maps that outlive a policy shape: reused when a new program is loaded.
-PERSISTENT_MAPS = ("counters", "rbuckets", "nbuckets", "sbuckets", "ban4", "ban6", "banstate", "srcstat", "logbuckets")
+PERSISTENT_MAPS = ("counters", "rbuckets", "nbuckets", "sbuckets", "ban4", "ban6", "banstate", "srcstat", "logbuckets",
+                   "cookieports", "synports", "cookiewhy")
 # Maps of the classifier, sized by the shape.
 # lpm4 / lpm6 are arrays of per-generation tries; lpm*_inner, their
 # template, gives the tries' key and value types.

@@ -469,7 +469,23 @@ def apply(policy: Policy, tables: Tables, iface: str, netns: str | None = None,
             raise
         if before and not cookies:
             _cookies_off(netns, directory, before)
+        if before and before.auto and not (cookies and cookies.auto):
+            _auto_cookies_off(directory, rec)
         return rec
+
+
+def _auto_cookies_off(directory: Path, record: pins.Record) -> None:
+    """A policy without syncookies = "auto": no port's switch stays on
+    (a later "auto" policy starts with all off)."""
+    from xdpguard.cookieswitch import PortSwitch
+    try:
+        sw = PortSwitch.open(directory, record)
+    except (OSError, KeyError):
+        return        # pins of a program without the maps
+    try:
+        sw.clear()
+    finally:
+        sw.close()
 
 
 def is_xdpguard(prog_id: int) -> bool:
@@ -544,7 +560,7 @@ def _cookies_on(policy, tables, netns, iface, ifindex, directory, before) -> pin
     if not tables.syncookies:
         return None
     return syncookies.install(netns, iface, ifindex, syncookies.port_ranges(policy), before,
-                              _netns_cookies(netns, directory))
+                              _netns_cookies(netns, directory), syncookies.port_ranges(policy, "auto"))
 
 
 def _cookies_off(netns, directory, cookies: pins.Syncookies) -> None:
@@ -813,7 +829,7 @@ def _rollback_held(iface, netns, directory, record: pins.Record) -> pins.Record 
         # its program answers a SYN (a re-apply without them removed them).
         want = prev.record.syncookies
         cookies = want and syncookies.install(netns, iface, record.ifindex, want.ports, record.syncookies,
-                                              _netns_cookies(netns, directory))
+                                              _netns_cookies(netns, directory), want.auto)
         if maps is not None:
             # Record, then flip (as apply in place).
             back = pins.modify_record(directory, lambda cur: replace(

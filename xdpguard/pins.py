@@ -177,6 +177,8 @@ class Syncookies:
     table: str
     ports: list[list[int]] = field(default_factory=list)
     sysctls: dict[str, str] = field(default_factory=dict)
+    # [mitigation] syncookies = "auto": the ports `watch` may switch.
+    auto: list[list[int]] = field(default_factory=list)
 
 
 @dataclass

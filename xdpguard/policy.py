@@ -41,7 +41,8 @@ NEW_SOURCES_LEAST = 10.0
 # A byte rate counts full-size frames when the default is derived.
 FULL_FRAME = 1514
 _MITIGATION_KEYS = ("enabled", "syn_rate", "conn_rate", "pps", "bps", "window", "ban",
-                    "ban_max", "forget", "allow", "max_bans", "prefix4", "prefix6", "dry_run")
+                    "ban_max", "forget", "allow", "max_bans", "prefix4", "prefix6", "dry_run",
+                    "syncookies", "syn_rate_total", "syncookies_hold")
 _TOP_KEYS = ("policy", "sets", "rule", "mitigation")
 
 
@@ -214,12 +215,20 @@ class Rule:
     new_sources_burst: int | None = None  # ... and its burst (sources)
     rate_total: Rate | None = None        # per-source limits: aggregate cap ...
     burst_total: int | None = None        # ... and its burst (rate's unit)
-    syncookies: bool = False              # SYNs it passes answered from XDP
+    # SYNs it passes answered from XDP: True, False, or None (not said:
+    # [mitigation] syncookies = "auto" may switch them, see Policy.cookies)
+    syncookies: bool | None = None
     log: bool = False
 
     @property
     def label(self) -> str:
         return f"rule '{self.name}' (rule {self.index + 1})"
+
+    @property
+    def takes_cookies(self) -> bool:
+        """Whether SYN cookies can serve this rule: TCP to listening ports,
+        packets passed."""
+        return self.protos == frozenset({"tcp"}) and self.dport is not None and self.action != "deny"
 
 
 @dataclass
@@ -240,6 +249,12 @@ class Mitigation:
     prefix4: int = 32
     prefix6: int = 64
     dry_run: bool = False
+    # syncookies = "auto": `watch` turns SYN cookies on for a port whose
+    # SYN rate (all sources) goes over syn_rate_total, and off once it has
+    # stayed at or under it for syncookies_hold (seconds).
+    syncookies: str | None = None
+    syn_rate_total: Rate | None = None
+    syncookies_hold: float = 60.0
 
 
 @dataclass
@@ -258,6 +273,16 @@ class Policy:
     # sha256 is the same policy, which apply then leaves alone.
     sha256: str = ""
     warnings: list[str] = field(default_factory=list)
+
+    def cookies(self, rule: Rule) -> str | None:
+        """A rule's SYN cookies: "on" (syncookies = true), "auto" (a rule
+        that can take them, not saying syncookies, under [mitigation]
+        syncookies = "auto": per port, as `watch` switches them) or None."""
+        if rule.syncookies:
+            return "on"
+        if rule.syncookies is None and self.mitigation.syncookies == "auto" and rule.takes_cookies:
+            return "auto"
+        return None
     text: bytes = b""            # the policy file's bytes
     # Set files as read: their "file" string -> (path, sha256 of the bytes).
     inputs: dict[str, tuple[str, str]] = field(default_factory=dict)
@@ -738,7 +763,34 @@ def _read_mitigation(rd: _Reader, raw, sets) -> Mitigation:
         m.prefix6 = _int_in(rd, where, "prefix6", raw["prefix6"], 16, 128)
     if m.enabled and not any((m.syn_rate, m.conn_rate, m.pps, m.bps)):
         rd.warn(where, "enabled, but no threshold (syn_rate, conn_rate, pps, bps) is set")
+    _read_auto_cookies(rd, where, raw, m)
     return m
+
+
+def _read_auto_cookies(rd: _Reader, where: str, raw: dict, m: Mitigation) -> None:
+    """syncookies = "auto" with its threshold syn_rate_total (SYNs per
+    second to one port, all sources) and syncookies_hold (a duration)."""
+    if "syncookies" in raw:
+        if raw["syncookies"] not in ("auto", False):
+            rd.fail(where, f"syncookies {raw['syncookies']!r} is not valid (expected \"auto\" or false; "
+                           f"syncookies = true goes on a rule)")
+        m.syncookies = raw["syncookies"] or None
+    if "syn_rate_total" in raw:
+        m.syn_rate_total = _rate(rd, where, "syn_rate_total", raw["syn_rate_total"], "packets",
+                                 "a SYN rate like \"5k/s\"")
+    if "syncookies_hold" in raw:
+        try:
+            m.syncookies_hold = parse_duration(raw["syncookies_hold"])
+        except ValueError as e:
+            rd.fail(where, f"syncookies_hold {e}")
+    if m.syncookies == "auto":
+        if m.syn_rate_total is None:
+            rd.fail(where, "syncookies = \"auto\" needs syn_rate_total (the SYN rate to one port, "
+                           "like \"5k/s\", over which watch turns its cookies on)")
+    else:
+        for key in ("syn_rate_total", "syncookies_hold"):
+            if key in raw:
+                rd.fail(where, f"{key} is only for syncookies = \"auto\"")
 
 
 def _read_protect(rd: _Reader, raw) -> tuple[tuple[Prefix, int | None], ...]:
@@ -846,6 +898,9 @@ def load(path, text: str | None = None, set_files: dict[str, str] | None = None)
     names: dict[str, int] = {}
     rules = [_read_rule(rd, i, r, sets, names) for i, r in enumerate(raw_rules)]
     mitigation = _read_mitigation(rd, doc["mitigation"], sets) if "mitigation" in doc else Mitigation()
+    if mitigation.syncookies == "auto" and not any(r.syncookies is None and r.takes_cookies for r in rules):
+        rd.fail("[mitigation]", "syncookies = \"auto\", but no rule can take SYN cookies (one with "
+                                "proto = \"tcp\", dport and action \"allow\" or \"limit\", not saying syncookies)")
     protect = _read_protect(rd, head["protect"]) if "protect" in head else ()
     return Policy(name=name, default=default, rules=rules, sets=sets, mitigation=mitigation,
                   protect=protect, log_rate=log_rate, **log_flags, source=str(path.resolve()) if text is None else str(path),

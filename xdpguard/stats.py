@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from xdpguard import bpfsys, pins
-from xdpguard.layout import MALFORMED_SLOTS, SLOT_REASONS, C
+from xdpguard.layout import COOKIE_BUG_SLOTS, MALFORMED_SLOTS, SLOT_REASONS, C
 
 SCHEMA_VERSION = 1
 _FIELDS = ("packets", "bytes", "dropped_packets", "dropped_bytes")
@@ -49,6 +49,7 @@ def read_stats(directory: Path, record: pins.Record | None = None) -> dict:
     def pb(s):
         return {"packets": fixed[s]["packets"], "bytes": fixed[s]["bytes"]}
     causes = {SLOT_REASONS[s]: pb(s) for s in MALFORMED_SLOTS}
+    bugs = {SLOT_REASONS[s]: pb(s) for s in COOKIE_BUG_SLOTS}
     return {
         "schema_version": SCHEMA_VERSION,
         "iface": record.iface,
@@ -68,6 +69,10 @@ def read_stats(directory: Path, record: pins.Record | None = None) -> dict:
         # (of no known connection) without a valid cookie, dropped.
         "syncookie_synacks": pb(C.XG_SLOT_COOKIE),
         "syncookie_bad_acks": pb(C.XG_SLOT_BADCOOKIE),
+        # SYNs the cookie path dropped where a bound it checks cannot fail
+        # (bpf/xdpguard.h): all zero, or a bug to report; by cause.
+        "syncookie_cannot_happen": {"packets": sum(c["packets"] for c in bugs.values()),
+                                    "bytes": sum(c["bytes"] for c in bugs.values()), "causes": bugs},
     }
 
 
@@ -138,14 +143,17 @@ def read_status(directory: Path, record: pins.Record) -> dict:
         "history": [{"policy": p.name, "sha256": p.sha256, "applied_at": p.applied_at, "source": p.source}
                     for p in record.history],
         "probes": record.probes,
-        "syncookies": _syncookies(record),
+        "syncookies": _syncookies(directory, record),
         "maps": maps,
     }
 
 
-def _syncookies(record: pins.Record) -> dict | None:
-    """The nftables table and sysctls xdpguard owns for SYN cookies."""
+def _syncookies(directory: Path, record: pins.Record) -> dict | None:
+    """The nftables table and sysctls xdpguard owns for SYN cookies, and
+    the "auto" ports whose cookies `watch` has on, with why."""
     if not record.syncookies:
         return None
-    from xdpguard import syncookies
-    return syncookies.state(record.ns, record.syncookies)
+    from xdpguard import cookieswitch, syncookies
+    out = syncookies.state(record.ns, record.syncookies)
+    out["auto_on"] = cookieswitch.status(directory, record) if record.syncookies.auto else []
+    return out

@@ -87,10 +87,11 @@ def require() -> None:
         raise UsageError(f"syncookies = true cannot run here: {why}; remove it from the policy")
 
 
-def port_ranges(policy) -> list[list[int]]:
-    """The destination port ranges of the rules with syncookies, merged."""
+def port_ranges(policy, mode: str = "on") -> list[list[int]]:
+    """The destination port ranges of the rules whose cookies are `mode`
+    (policy.Policy.cookies: "on" or "auto"), merged."""
     out: list[list[int]] = []
-    for lo, hi in sorted(rng for r in policy.rules if r.syncookies for rng in r.dport):
+    for lo, hi in sorted(rng for r in policy.rules if policy.cookies(r) == mode for rng in r.dport):
         if out and lo <= out[-1][1] + 1:
             out[-1][1] = max(out[-1][1], hi)
         else:
@@ -106,17 +107,25 @@ def _set(ranges: list[list[int]]) -> str:
     return "{ " + ", ".join(str(int(lo)) if lo == hi else f"{int(lo)}-{int(hi)}" for lo, hi in ranges) + " }"
 
 
-def ruleset(table: str, iface: str, ports_: list[list[int]]) -> str:
-    """The nftables table (nft -f text), re-created whole each time."""
+def ruleset(table: str, iface: str, ports_: list[list[int]], auto: list[list[int]] = ()) -> str:
+    """The nftables table (nft -f text), re-created whole each time.
+    ports_: syncookies = true; auto: the ports `watch` may switch. An auto
+    port's SYNs stay tracked: with its cookies off the stack and conntrack
+    handle the handshake as without xdpguard; with them on, the XDP path
+    answers the SYN, so the ACK (of no tracked connection, invalid) goes to
+    SYNPROXY like a true port's."""
     check_name(iface, "iface")
-    match = f'iifname "{iface}" tcp dport {_set(ports_)}'
+    every = sorted([list(r) for r in ports_] + [list(r) for r in auto])
+    match = f'iifname "{iface}" tcp dport {_set(every)}'
     opts = f"wscale {C.XG_COOKIE_WSCALE} timestamp sack-perm"
+    notrack = (f'iifname "{iface}" tcp dport {_set(ports_)} tcp flags & (fin | syn | rst | ack) == syn '
+               f"counter notrack" if ports_ else "")
     return f"""table inet {table}
 delete table inet {table}
 table inet {table} {{
     chain pre {{
         type filter hook prerouting priority raw; policy accept;
-        {match} tcp flags & (fin | syn | rst | ack) == syn counter notrack
+        {notrack}
     }}
     chain in {{
         type filter hook input priority filter; policy accept;
@@ -163,15 +172,18 @@ def write_sysctls(netns: str | None, values: dict[str, str]) -> None:
 
 
 def install(netns: str | None, iface: str, ifindex: int, ports_: list[list[int]],
-            previous: Syncookies | None, inherited: Syncookies | None) -> Syncookies:
-    """Table and sysctls in place; returns what the record keeps. previous:
-    this interface's (its sysctls were set by us); inherited: another
-    interface's of the namespace, which has set them already."""
+            previous: Syncookies | None, inherited: Syncookies | None,
+            auto: list[list[int]] = ()) -> Syncookies:
+    """Table and sysctls in place; returns what the record keeps. ports_:
+    syncookies = true's, auto: those [mitigation] syncookies = "auto" may
+    switch. previous: this interface's (its sysctls were set by us);
+    inherited: another interface's of the namespace, which has set them
+    already."""
     saved = (previous and previous.sysctls) or (inherited and inherited.sysctls) or read_sysctls(netns)
     table = table_name(ifindex)
-    _nft(netns, ruleset(table, iface, ports_))
+    _nft(netns, ruleset(table, iface, ports_, auto))
     write_sysctls(netns, SYSCTLS)
-    return Syncookies(table, [list(r) for r in ports_], dict(saved))
+    return Syncookies(table, [list(r) for r in ports_], dict(saved), [list(r) for r in auto])
 
 
 def remove(netns: str | None, rec: Syncookies, others_use: bool) -> None:
@@ -196,5 +208,5 @@ def state(netns: str | None, rec: Syncookies) -> dict:
         now = read_sysctls(netns)
     except OSError:
         now = {}
-    return {"table": rec.table, "table_present": present, "ports": rec.ports,
+    return {"table": rec.table, "table_present": present, "ports": rec.ports, "auto_ports": rec.auto,
             "sysctls": now, "sysctls_before": rec.sysctls}
