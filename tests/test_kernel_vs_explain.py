@@ -223,7 +223,8 @@ def test_cli_test_matches_explain(tmp_path):
     assert out.returncode == 0, out.stderr
     lines = [json.loads(ln) for ln in out.stdout.splitlines() if ln.strip()]
     assert len(lines) == len(CLI_PACKETS) + 1
-    assert lines.pop() == CLI_VLANS[1]
+    assert lines.pop() == {"packet": CLI_VLANS[0], **CLI_VLANS[1]}
+    assert [ln["packet"] for ln in lines] == CLI_PACKETS     # each line names its packet
     _, tables = compile_text(ALLOW_POLICY)
     for d, got in zip(CLI_PACKETS, lines):
         d = dict(d)

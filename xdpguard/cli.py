@@ -24,6 +24,8 @@ from xdpguard.cliutil import (EXIT_NOT_CONFIRMED, EXIT_OK, EXIT_SYSTEM, EXIT_USA
 # `test`: packets a line of --packets or --count may send (BPF_PROG_TEST_RUN
 # repeats in the kernel: a bound keeps one call short).
 MAX_COUNT = 10_000_000
+# `test`: a packet did not get its expect (1 as diff(1) and cmp(1) say "differs").
+EXIT_MISMATCH = 1
 # Refresh intervals of `stats --watch` and `top`: below this they only burn CPU.
 LEAST_REFRESH = 0.1
 
@@ -45,6 +47,13 @@ def cmd_check(args) -> int:
         emit_json({"valid": False, "errors": [error]})
         return EXIT_USAGE
     warnings = policy.warnings + find_unreachable(policy)
+    if policy.protect:
+        # apply's lockout guard, for the protect entries only, to this
+        # host's addresses: apply refuses what is warned of here.
+        from xdpguard import safety
+        guard = safety.lockouts(policy, tables, None, protect_only=True)
+        warnings += [f"{policy.source}: [policy] protect: {p} (apply refuses it without --force)"
+                     for p in guard.problems]
     if tables.syncookies:
         # The kernel decides (a probe program); loading one needs root.
         if os.geteuid() == 0:
@@ -107,12 +116,42 @@ def cmd_explain(args) -> int:
     tables = compile_policy(policy)
     _frame, pkt = _parse_fields(_packet_fields(args), "packet")
     dec = decide(tables, pkt.family, int(pkt.src), int(pkt.dst), pkt.l4, pkt.sport, pkt.dport)
+    limit = _limit_of(policy.rules[dec.index]) if dec.index is not None and dec.action == "limit" else None
     if args.json:
-        emit_json(dec.as_json())
+        emit_json({**dec.as_json(), **({"limit": limit} if limit else {})})
     else:
-        who = f"rule '{dec.rule}' (rule {dec.index + 1})" if dec.rule else "no rule matched: policy default"
-        print(f"{_describe(pkt)}: {who}: {dec.action} -> {dec.verdict}")
+        who = (f"rule '{dec.rule}' (rule {dec.index + 1})" if dec.rule
+               else "rule 'default' (no rule matched: the policy default)" if dec.default
+               else "no rule matched: IPv6 neighbour discovery passes")
+        print(f"{_describe(pkt)}: {who}: {dec.action}{_describe_limit(limit) if limit else ''} -> {dec.verdict}")
     return EXIT_OK
+
+
+def _limit_of(rule) -> dict:
+    """A limit rule's rate, burst and scope as explain shows them (rates as
+    written, and per second; bursts in the rate's unit)."""
+    out = {"rate": rule.rate.text, "rate_per_second": rule.rate.per_second, "unit": rule.rate.unit,
+           "burst": rule.burst, "per": rule.per}
+    if rule.per == "source":
+        out.update(prefix4=rule.prefix4, prefix6=rule.prefix6)
+        if rule.new_sources is not None:
+            out.update(new_sources=rule.new_sources.text, new_sources_burst=rule.new_sources_burst)
+        if rule.rate_total is not None:
+            out.update(rate_total=rule.rate_total.text, burst_total=rule.burst_total)
+    return out
+
+
+def _describe_limit(limit: dict) -> str:
+    unit = "bytes" if limit["unit"] == "bytes" else "packets"
+    text = f" {limit['rate']} burst {limit['burst']} {unit}"
+    if limit["per"] == "rule":
+        return text + " (one bucket for the rule)"
+    text += f" per source (/{limit['prefix4']}, IPv6 /{limit['prefix6']})"
+    if "new_sources" in limit:
+        text += f", new sources {limit['new_sources']} burst {limit['new_sources_burst']}"
+    if "rate_total" in limit:
+        text += f", total {limit['rate_total']} burst {limit['burst_total']} {unit}"
+    return text
 
 
 def _describe(pkt) -> str:
@@ -133,31 +172,17 @@ def cmd_test(args) -> int:
     policy = load_policy(args.policy)
     tables = compile_policy(policy)
     if args.packets:
-        try:
-            with open(args.packets) as f:
-                lines = [(i + 1, ln) for i, ln in enumerate(f) if ln.strip()]
-        except OSError as e:
-            raise CliError(f"{args.packets}: {e.strerror}")
-        items = []
-        for n, ln in lines:
-            try:
-                d = json.loads(ln)
-            except json.JSONDecodeError as e:
-                raise CliError(f"{args.packets}:{n}: not JSON: {e}")
-            if not isinstance(d, dict):
-                raise CliError(f"{args.packets}:{n}: expected a JSON object")
-            count = d.pop("count", 1)
-            if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= MAX_COUNT:
-                raise CliError(f"{args.packets}:{n}: count must be an integer 1..{MAX_COUNT}")
-            items.append((_parse_fields(d, f"{args.packets}:{n}")[0], count))
+        items = _read_packets(args.packets, {r.name for r in policy.rules})
     else:
         if not args.src:
             raise CliError("test needs --src ADDR or --packets FILE")
-        items = [(_parse_fields(_packet_fields(args), "packet")[0], args.count)]
+        fields = _packet_fields(args)
+        items = [("packet", fields, _parse_fields(fields, "packet")[0], args.count, None)]
 
     rig = TestRig(tables)
+    mismatches = 0
     try:
-        for frame, count in items:
+        for where, fields, frame, count, expect in items:
             res = rig.run(frame)
             if count > 1:
                 # The first run finds the slot; its counter measures the rest.
@@ -165,20 +190,83 @@ def cmd_test(args) -> int:
                 slot = res.counter_slot(rig.slots)
                 before = rig.counter(slot) if slot != C.XG_NO_SLOT else None
                 res = rig.run(frame, repeat=count - 1)
-            out = res.as_json(tables)
+            out = {"packet": fields, **res.as_json(tables)}
             if count > 1 and before:
                 after = rig.counter(slot)
                 dropped = after["dropped_packets"] - before["dropped_packets"]
                 out["passed"] = after["packets"] - before["packets"] - dropped + (not first_dropped)
                 out["dropped"] = dropped + first_dropped
+            missed = _missed(expect, out)
+            if expect is not None:
+                out["expect"], out["ok"] = expect, not missed
+                mismatches += bool(missed)
             if args.json:
                 emit_json(out)
             else:
                 extra = f" (passed {out['passed']}, dropped {out['dropped']} of {count})" if "passed" in out else ""
-                print(f"{out['rule'] or '-'}: {out['action']} -> {out['verdict']} [kernel: {out['result']}]{extra}")
+                rule = out["rule"] or f"({out.get('cause') or out.get('reason')})"
+                verdict = f"{rule}: {out['action']} -> {out['verdict']} [kernel: {out['result']}]{extra}"
+                mark = f"  MISMATCH: expected {', '.join(missed)}" if missed else "  ok" if expect else ""
+                print(f"{where} {json.dumps(fields)}: {verdict}{mark}")
     finally:
         rig.close()
+    if mismatches:
+        print(f"error: {mismatches} of {len(items)} packets did not get their expect", file=sys.stderr)
+        return EXIT_MISMATCH
     return EXIT_OK
+
+
+VERDICTS = ("pass", "drop", "limit")
+
+
+def _read_packets(path: str, rules: set[str]) -> list[tuple]:
+    """The lines of a --packets file: (where, packet fields as written,
+    frame, count, expect as {"verdict", "rule"} or None)."""
+    try:
+        with open(path) as f:
+            lines = [(i + 1, ln) for i, ln in enumerate(f) if ln.strip()]
+    except OSError as e:
+        raise CliError(f"{path}: {e.strerror}")
+    items = []
+    for n, ln in lines:
+        where = f"{path}:{n}"
+        try:
+            d = json.loads(ln)
+        except json.JSONDecodeError as e:
+            raise CliError(f"{where}: not JSON: {e}")
+        if not isinstance(d, dict):
+            raise CliError(f"{where}: expected a JSON object")
+        fields = dict(d)
+        count = d.pop("count", 1)
+        if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= MAX_COUNT:
+            raise CliError(f"{where}: count must be an integer 1..{MAX_COUNT}")
+        expect = _expect(d.pop("expect", None), where, rules) if "expect" in d else None
+        items.append((where, fields, _parse_fields(d, where)[0], count, expect))
+    return items
+
+
+def _expect(value, where: str, rules: set[str]) -> dict:
+    """A packet's expect: "pass" | "drop" | "limit", or {"verdict": ...,
+    "rule": NAME} with either or both; a rule the policy lacks is a typo,
+    refused rather than a mismatch on every run."""
+    from xdpguard.lookup import DEFAULT
+    want = {"verdict": value} if isinstance(value, str) else value
+    if not isinstance(want, dict) or not want or set(want) - {"verdict", "rule"}:
+        raise CliError(f"{where}: expect {json.dumps(value)} is not valid (expected \"pass\", \"drop\", "
+                       f"\"limit\" or {{\"verdict\": ..., \"rule\": NAME}})")
+    if "verdict" in want and want["verdict"] not in VERDICTS:
+        raise CliError(f"{where}: expect verdict {json.dumps(want['verdict'])} is not valid "
+                       f"(expected \"pass\", \"drop\" or \"limit\")")
+    if "rule" in want and want["rule"] not in rules | {DEFAULT}:
+        raise CliError(f"{where}: expect rule {json.dumps(want['rule'])} is not a rule of the policy "
+                       f"(rules: {', '.join(sorted(rules)) or 'none'}, or \"{DEFAULT}\")")
+    return want
+
+
+def _missed(expect: dict | None, out: dict) -> list[str]:
+    """What of expect the packet did not get, each as "verdict drop (got pass)"."""
+    return [f"{k} {expect[k]} (got {out[k]})" for k in ("verdict", "rule")
+            if expect and k in expect and out[k] != expect[k]]
 
 
 # ---------------------------------------------------------------- apply / detach
@@ -547,8 +635,11 @@ EPILOGS = {
   xdpguard test policy.toml --src 192.0.2.9 --proto tcp --dport 22 --tcp-flags syn
   xdpguard test policy.toml --src 198.51.100.1 --dport 80 --count 1000 --json
   xdpguard test policy.toml --packets packets.jsonl --json
+  xdpguard test new.toml --packets expected.jsonl       # exit 1: a packet missed its expect
 packet lines: {"src": "10.0.0.1", "dst": "10.0.0.2", "proto": "tcp", "sport": 1234,
-               "dport": 80, "tcp_flags": "syn", "vlan": [100], "count": 1}""",
+               "dport": 80, "tcp_flags": "syn", "vlan": [100], "count": 1}
+  "expect": "pass" | "drop" | "limit", or {"verdict": ..., "rule": NAME or "default"}:
+  exit 1 when a packet gets another verdict or rule""",
     "watch": """examples:
   xdpguard watch /etc/xdpguard/eth1.toml --iface eth1
   xdpguard watch policy.toml --iface veth0 --netns lab --interval 0.5s --json

@@ -21,6 +21,9 @@ _VERDICT = {C.XG_ACT_ALLOW: "pass", C.XG_ACT_DENY: "drop", C.XG_ACT_LIMIT: "limi
 _RESULT = {XDP_DROP: "drop", XDP_PASS: "pass", XDP_TX: "tx"}
 # Outcome.reason besides the fixed slots' (layout.SLOT_REASONS).
 RULE, NON_IP = "rule", "non-ip"
+# The policy default's name wherever a rule's name is shown (stats' row,
+# explain, test; policy.py reserves it).
+DEFAULT = "default"
 _SLOT_OF = {reason: slot for slot, reason in SLOT_REASONS.items()}
 MALFORMED_REASONS = frozenset(SLOT_REASONS[s] for s in MALFORMED_SLOTS)
 
@@ -31,9 +34,10 @@ class Decision:
     index: int | None
     action: str
     verdict: str           # "pass" | "drop" | "limit"
+    default: bool = False  # the policy default decided (not ND's pass)
 
     def as_json(self) -> dict:
-        return {"rule": self.rule, "action": self.action, "verdict": self.verdict}
+        return {"rule": DEFAULT if self.default else self.rule, "action": self.action, "verdict": self.verdict}
 
 
 @dataclass(frozen=True)
@@ -70,7 +74,7 @@ class Outcome:
             act = tables.default_action
         else:
             act = C.XG_ACT_ALLOW if self.reason in (NON_IP, "nd") else C.XG_ACT_DENY
-        out = {"rule": self.rule, "action": ACTION_NAMES[act], "verdict": _VERDICT[act],
+        out = {"rule": DEFAULT if self.reason == "default" else self.rule, "action": ACTION_NAMES[act], "verdict": _VERDICT[act],
                "result": _RESULT[self.retval]}
         if self.malformed:
             out.update(reason="malformed", cause=self.reason)
@@ -138,7 +142,7 @@ def decide(tables: Tables, family: int, src: int, dst: int, l4: int,
         if l4 == C.XG_L4_ND:
             return Decision(None, None, "allow", "pass")
         act = tables.default_action
-        return Decision(None, None, ACTION_NAMES[act], _VERDICT[act])
+        return Decision(None, None, ACTION_NAMES[act], _VERDICT[act], default=True)
     rec = tables.rules[idx]
     return Decision(rec.name, idx, ACTION_NAMES[rec.action], _VERDICT[rec.action])
 

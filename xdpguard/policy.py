@@ -219,6 +219,10 @@ class Rule:
     # [mitigation] syncookies = "auto" may switch them, see Policy.cookies)
     syncookies: bool | None = None
     log: bool = False
+    # src and dst as written, sorted ("@set" names and canonical prefixes):
+    # what policydiff compares, a set's own changes apart.
+    src_text: tuple[str, ...] | None = None
+    dst_text: tuple[str, ...] | None = None
 
     @property
     def label(self) -> str:
@@ -514,6 +518,15 @@ def _addresses(rd, where, fld, value, sets) -> PrefixSet:
     return PrefixSet.union(parts)
 
 
+def _written(value) -> tuple[str, ...] | None:
+    """Addresses as written (see Rule.src_text), checked by _addresses
+    already; None when absent."""
+    if value is None:
+        return None
+    items = value if isinstance(value, list) else [value]
+    return tuple(sorted({item if item.startswith("@") else str(parse_prefix(item)[0]) for item in items}))
+
+
 def _ports(rd, where, fld, value) -> tuple[tuple[int, int], ...]:
     items = value if isinstance(value, list) else [value]
     if not items:
@@ -614,7 +627,9 @@ def _read_rule(rd: _Reader, i: int, raw, sets, names: dict) -> Rule:
         syn_only = True
 
     rule = Rule(name=name, index=i, action=action, src=src, dst=dst, protos=protos,
-                sport=sport, dport=dport, syn_only=syn_only)
+                sport=sport, dport=dport, syn_only=syn_only,
+                src_text=_written(raw.get("src")),
+                dst_text=_written(raw.get("dst")))
 
     limit_keys = [k for k in ("rate", "burst", "per", "prefix4", "prefix6") + _PER_SOURCE_KEYS if k in raw]
     if action != "limit":

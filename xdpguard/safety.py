@@ -65,13 +65,15 @@ def _ssh_endpoints(env, unchecked: list[str]) -> list[Endpoint]:
 
 
 def endpoints(policy: Policy, netns: str | None, env=os.environ,
-              unchecked: list[str] | None = None) -> list[Endpoint]:
+              unchecked: list[str] | None = None, protect_only: bool = False) -> list[Endpoint]:
     """Packets that must keep passing for the operator to keep access;
-    what cannot be checked is said in `unchecked`."""
+    what cannot be checked is said in `unchecked`. protect_only: the
+    policy's protect entries alone (`check`: the SSH session and the
+    gateways are this machine's, not necessarily the target's)."""
     from xdpguard.bans import own_addresses
     from xdpguard.errors import NetnsError
     unchecked = [] if unchecked is None else unchecked
-    out = _ssh_endpoints(env, unchecked)
+    out = [] if protect_only else _ssh_endpoints(env, unchecked)
     where = f"network namespace '{netns}'" if netns else "this host"
     try:
         addrs = own_addresses(netns)
@@ -81,7 +83,7 @@ def endpoints(policy: Policy, netns: str | None, env=os.environ,
                          f"ICMP from the gateways was not checked"
                          + (", protect entries only without a destination" if policy.protect else ""))
     own = [a for a, why in addrs if why.startswith("an address") and not ipaddress.ip_address(a).is_loopback]
-    for gw in (a for a, why in addrs if "gateway" in why):
+    for gw in (a for a, why in addrs if "gateway" in why and not protect_only):
         # ICMP from the gateway carries path-MTU and unreachable errors.
         dst = next((a for a in own if (":" in a) == (":" in gw)), None)
         out.append(Endpoint(f"ICMP from the default gateway {gw}", gw, dst,
@@ -103,11 +105,12 @@ def endpoints(policy: Policy, netns: str | None, env=os.environ,
     return out
 
 
-def lockouts(policy: Policy, tables: Tables, netns: str | None, env=os.environ) -> Guard:
+def lockouts(policy: Policy, tables: Tables, netns: str | None, env=os.environ,
+             protect_only: bool = False) -> Guard:
     """Every must-pass endpoint the policy would drop, and what could not
-    be checked."""
+    be checked (protect_only: see endpoints)."""
     guard = Guard([], [])
-    for e in endpoints(policy, netns, env, guard.unchecked):
+    for e in endpoints(policy, netns, env, guard.unchecked, protect_only):
         fam, src = _int(e.src)
         if e.dst is not None and _int(e.dst)[0] == fam:
             dst = _int(e.dst)[1]
@@ -116,7 +119,9 @@ def lockouts(policy: Policy, tables: Tables, netns: str | None, env=os.environ) 
         d = decide(tables, fam, src, dst, e.l4, e.sport, e.dport)
         if d.verdict == "drop":
             who = f"rule '{d.rule}' (rule {d.index + 1})" if d.rule else f"the default ({policy.default})"
-            guard.problems.append(f"{who} would drop {e.what}")
+            problem = f"{who} would drop {e.what}"
+            if problem not in guard.problems:          # a SYN and the connection's packets
+                guard.problems.append(problem)
     return guard
 
 
