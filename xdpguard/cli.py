@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 from xdpguard import cli_mitigation, cli_safety
-from xdpguard.cliutil import (EXIT_NOT_CONFIRMED, EXIT_OK, EXIT_SYSTEM, EXIT_USAGE, CliError, applied,
-                              check_names, duration_type, emit_json, host_port, int_type, load_policy,
-                              netns_of, table, warn)
+from xdpguard.cliutil import (EXIT_NOT_CONFIRMED, EXIT_OK, EXIT_SYSTEM, EXIT_USAGE, CliError, Numbers,
+                              applied, check_names, colour, duration_type, emit_json, host_port, int_type,
+                              load_policy, netns_of, new_frame, paint, table, warn)
 
 # `test`: packets a line of --packets or --count may send (BPF_PROG_TEST_RUN
 # repeats in the kernel: a bound keeps one call short).
@@ -362,6 +362,7 @@ def cmd_status(args) -> int:
     if not rows:
         print("xdpguard is not applied on any interface")
         return EXIT_OK
+    num = Numbers(args.exact)
     for s in rows:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["applied_at"]))
         state = "attached" if s["attached"] else "NOT ATTACHED (pins only)"
@@ -377,6 +378,15 @@ def cmd_status(args) -> int:
             print("  history (rollback goes to the first): " + ", ".join(
                 f"'{h['policy']}' {h['sha256'][:8]} {time.strftime('%m-%d %H:%M:%S', time.localtime(h['applied_at']))}"
                 for h in s["history"]))
+        lit = colour()
+        pf = s["policy_file"]
+        if pf["changed"] is None:
+            print(f"  policy file: {paint('cannot be compared', 'yellow', lit)}: {pf['error']}")
+        elif pf["changed"]:
+            print(f"  policy file: {paint('CHANGED since apply', 'yellow', lit)} (now sha256 {pf['sha256'][:16]}...; "
+                  f"'xdpguard apply' runs it)")
+        else:
+            print("  policy file: unchanged since apply")
         if s.get("probes"):
             print(f"  probes: {s['probes']}")
         sc = s.get("syncookies")
@@ -393,40 +403,41 @@ def cmd_status(args) -> int:
                       for o in sc["auto_on"]]
                 print(f"  syncookies auto (watch): tcp ports {ranges(sc['auto_ports'])}; on: "
                       + (", ".join(on) or "none"))
-        mrows = [[n, "-" if m["entries"] is None else m["entries"], m["capacity"]] for n, m in s["maps"].items()]
-        print("  " + table(["map", "entries", "capacity"], mrows, right={1, 2}).replace("\n", "\n  "))
+        print("  " + table(["in use", "entries", "capacity"], _usage_rows(s["usage"], num),
+                           right={1, 2}).replace("\n", "\n  "))
     return EXIT_OK
 
 
-def _fixed_rows(snap) -> list[tuple[str, dict, str]]:
-    """The rows after the rules': the fixed slots (name, counts, action);
-    all but the cookie SYN-ACKs (answered, not dropped) are drops."""
-    m = snap["malformed"]
-    return ([("(bans)", snap["bans"], "deny"), ("(malformed)", m, "deny")]
-            + [(f"(malformed: {cause})", v, "deny") for cause, v in m["causes"].items()]
-            + [("(new-source overflow)", snap["new_source_overflow"], "deny"),
-               ("(syncookie SYN-ACKs)", snap["syncookie_synacks"], "cookie"),
-               ("(syncookie bad ACKs)", snap["syncookie_bad_acks"], "deny"),
-               ("(syncookie cannot happen)", snap["syncookie_cannot_happen"], "deny"),
-               ("(no map entry)", snap["no_entry"], "deny")])
+# status: what a policy and the feedback loop fill, by the names operators use.
+USAGE_NAMES = (("rules", "rules"), ("sets_v4", "set prefixes v4"), ("sets_v6", "set prefixes v6"),
+               ("bans", "bans (max_bans)"), ("buckets", "rate-limit buckets (per source)"),
+               ("sources", "sources counted ([mitigation])"))
 
 
-def _fixed_row(name: str, v: dict, action: str) -> dict:
-    dropped = action == "deny"
-    return {"rule": name, "action": action, "packets": v["packets"], "bytes": v["bytes"],
-            "dropped_packets": v["packets"] if dropped else 0, "dropped_bytes": v["bytes"] if dropped else 0}
-
-
-def _stats_rows(snap, prev=None, dt=None):
+def _usage_rows(usage: dict, num: Numbers) -> list[list]:
     rows = []
-    prev_by = {r["rule"]: r for r in prev["rules"]} if prev else {}
-    if prev:
-        prev_by.update({name: _fixed_row(name, v, action) for name, v, action in _fixed_rows(prev)})
-    for r in snap["rules"] + [_fixed_row(*f) for f in _fixed_rows(snap)]:
-        row = [r["rule"], r["action"], r["packets"], r["bytes"], r["dropped_packets"], r["dropped_bytes"]]
+    for key, name in USAGE_NAMES:
+        u = usage.get(key)
+        if u is None:
+            continue
+        rows.append([name, "-" if u["entries"] is None else num.count(u["entries"]),
+                     "sized to the policy" if u["capacity"] is None else num.count(u["capacity"])])
+    return rows
+
+
+def _stats_rows(snap, num: Numbers, prev=None, dt=None) -> list[list]:
+    """stats' rows: counts (and, between two snapshots, rates) as num shows them."""
+    from xdpguard import stats
+    rows = []
+    prev_by = {r["rule"]: r for r in stats.all_rows(prev)} if prev else {}
+    for r in stats.all_rows(snap):
+        row = [r["rule"], r["action"], num.count(r["packets"]), num.size(r["bytes"]),
+               num.count(r["dropped_packets"]), num.size(r["dropped_bytes"])]
         if prev is not None:
             p = prev_by.get(r["rule"]) or {}
-            row += [round((r["packets"] - p.get("packets", 0)) / dt), round((r["dropped_packets"] - p.get("dropped_packets", 0)) / dt)]
+            row += [num.rate((r["packets"] - p.get("packets", 0)) / dt),
+                    num.bits((r["bytes"] - p.get("bytes", 0)) / dt),
+                    num.rate((r["dropped_packets"] - p.get("dropped_packets", 0)) / dt)]
         rows.append(row)
     return rows
 
@@ -435,6 +446,7 @@ def cmd_stats(args) -> int:
     from xdpguard import stats
     check_names(args)
     records = dict(applied(args))
+    num = Numbers(args.exact)
     prev = {}
     t_prev = None
     while True:
@@ -452,15 +464,15 @@ def cmd_stats(args) -> int:
                 emit_json(s)
         else:
             if args.watch:
-                sys.stdout.write("\x1b[H\x1b[2J")
+                new_frame(t_prev is None)
             for d, s in snaps.items():
-                print(f"{s['netns']}/{s['iface']}: policy '{s['policy']}'")
+                print(paint(f"{s['netns']}/{s['iface']}: policy '{s['policy']}'", "bold", colour()))
                 hdr = ["rule", "action", "packets", "bytes", "dropped", "dropped_bytes"]
                 if t_prev is not None:
-                    hdr += ["pps", "drop_pps"]
-                    rows = _stats_rows(s, prev[d], now - t_prev)
+                    hdr += ["pps", "bit/s", "drop/s"]
+                    rows = _stats_rows(s, num, prev[d], now - t_prev)
                 else:
-                    rows = _stats_rows(s)
+                    rows = _stats_rows(s, num)
                 print(table(hdr, rows, right=set(range(2, len(hdr)))))
             sys.stdout.flush()
         if not args.watch:
@@ -524,6 +536,8 @@ class Command:
 
 
 NETNS = arg("--netns")
+# Tables show numbers at a glance (10.8k, 570 KiB, 4.6 Mbit/s); --json is always exact.
+EXACT = arg("--exact", action="store_true", help="exact integers instead of 10.8k, 570 KiB, 4.6 Mbit/s")
 PACKET = (arg("--dst", help="destination address (default 198.51.100.1 / 2001:db8::1)"),
           arg("--proto", help="tcp (default), udp, icmp, icmpv6 or a number"),
           arg("--sport", type=int, help="source port (tcp/udp; default 40000)"),
@@ -564,9 +578,10 @@ COMMANDS = (
                  help="roll back unless 'xdpguard confirm' comes within DURATION (60, 90s, 10m)"))),
     Command("detach", cmd_detach, "remove xdpguard from an interface (program and pins)",
             (arg("--iface", required=True), NETNS)),
-    Command("status", cmd_status, "interfaces xdpguard runs on, policy, maps", (NETNS,)),
+    Command("status", cmd_status, "interfaces xdpguard runs on, policy, watch, what the policy fills",
+            (NETNS, EXACT)),
     Command("stats", cmd_stats, "per-rule packet, byte and drop counters",
-            (arg("--iface"), NETNS,
+            (arg("--iface"), NETNS, EXACT,
              arg("--watch", type=duration_type(LEAST_REFRESH), metavar="DURATION",
                  help="refresh every DURATION (1, 500ms, 2s) with rates"))),
     Command("watch", cli_mitigation.cmd_watch, "mitigation daemon: ban sources over the [mitigation] thresholds",
@@ -585,9 +600,9 @@ COMMANDS = (
              arg("--all", action="store_true",
                  help="every interface the filters select; without ADDR, every ban there"))),
     Command("bans", cli_mitigation.cmd_bans, "list bans: prefix, reason, remaining time, packets dropped",
-            (arg("--iface"), NETNS)),
+            (arg("--iface"), NETNS, EXACT)),
     Command("top", cli_mitigation.cmd_top, "live view: top sources, destinations, bans, rule drop rates",
-            (arg("--iface"), NETNS, arg("--once", action="store_true", help="one snapshot, then exit"),
+            (arg("--iface"), NETNS, EXACT, arg("--once", action="store_true", help="one snapshot, then exit"),
              arg("--interval", type=duration_type(LEAST_REFRESH), default=1.0,
                  help="refresh interval (default 1s; 500ms, 2s)"))),
     Command("confirm", cli_safety.cmd_confirm, "confirm a policy applied with --confirm (stops the rollback)",
@@ -621,12 +636,19 @@ EPILOGS = {
     "detach": """examples:
   xdpguard detach --iface eth1
   xdpguard detach --iface veth0 --netns lab""",
-    "status": """examples:
+    "status": """Numbers read at a glance (10.8k, 570 KiB); --exact for integers, --json always exact.
+
+examples:
   xdpguard status
+  xdpguard status --exact
   xdpguard status --json
   xdpguard status -n lab -j""",
-    "stats": """examples:
+    "stats": """Numbers read at a glance (10.8k packets, 570 KiB, 4.6 Mbit/s); --exact for
+integers, --json always exact. --watch clears the screen only on a terminal.
+
+examples:
   xdpguard stats
+  xdpguard stats --exact
   xdpguard stats --iface eth1 --watch 1
   xdpguard stats -i eth1 --watch 500ms
   xdpguard stats --iface veth0 --netns lab --json
@@ -667,10 +689,17 @@ examples:
   xdpguard unban 203.0.113.7 --all         # on every interface""",
     "bans": """examples:
   xdpguard bans
+  xdpguard bans --exact
   xdpguard bans --iface eth1 --json        # an export: 'ban --from-file' reads it
   xdpguard bans -i veth0 -n lab -j""",
-    "top": """examples:
+    "top": """The header says what each rate counts: at XDP (every frame, before bans and
+rules), per source (after bans, before rules), after rules, and reaching the
+listener (the kernel's TCP stack). A local destination is address:port: one
+hosted site only where each site has its own IP.
+
+examples:
   xdpguard top --iface eth1
+  xdpguard top --iface eth1 --once --exact
   xdpguard top --iface veth0 --netns lab --once --json
   xdpguard top -i eth1 --interval 2s""",
     "confirm": """examples:

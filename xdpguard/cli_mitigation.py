@@ -5,8 +5,8 @@ import ipaddress
 import sys
 import time
 
-from xdpguard.cliutil import (CliError, applied, check_names, emit_json, human_bytes, human_duration,
-                              load_policy, netns_of, table, warn)
+from xdpguard.cliutil import (CliError, Numbers, applied, check_names, colour, emit_json, human_duration,
+                              load_policy, netns_of, new_frame, paint, table, warn)
 
 
 def _scope(args) -> list:
@@ -127,11 +127,15 @@ def cmd_bans(args) -> int:
     if not out:
         print("no bans")
         return 0
-    rows = [[f"{e['netns']}/{e['iface']}", e["prefix"], e["reason"], e["source"],
-             "never" if e["remaining_s"] is None else ("expired" if e["expired"] else human_duration(e["remaining_s"])),
-             e["packets"], e["bytes"]] for e in out]
+    num = Numbers(args.exact)
+    rows = [[f"{e['netns']}/{e['iface']}", e["prefix"], e["reason"], e["source"], _remaining(e),
+             num.count(e["packets"]), num.size(e["bytes"])] for e in out]
     print(table(["iface", "prefix", "reason", "by", "remaining", "dropped", "bytes"], rows, right={5, 6}))
     return 0
+
+
+def _remaining(ban: dict) -> str:
+    return "never" if ban["remaining_s"] is None else ("expired" if ban["expired"] else human_duration(ban["remaining_s"]))
 
 
 def cmd_watch(args) -> int:
@@ -158,26 +162,33 @@ def cmd_top(args) -> int:
     probes = open_probes(m, lambda msg: print(f"note: {msg}", file=sys.stderr))
     sampler = Sampler(d, rec, probes)
     local = {a for a, _w in bans.own_addresses(rec.ns)}
-    prev_stats = stats.read_stats(d, rec)
+    num = Numbers(args.exact)
+
+    def in_force() -> list[dict]:
+        with bans.BanMaps(d, rec) as bm:
+            return [e for e in bm.entries() if not e["expired"]]
+    prev_stats, prev_bans = stats.read_stats(d, rec), in_force()
     prev_t = time.monotonic()
     sampler.sample()
+    first = True
     try:
         while True:
             time.sleep(args.interval)
             dt, sources, dests = sampler.sample()
             cur = stats.read_stats(d, rec)
             now = time.monotonic()
-            with bans.BanMaps(d, rec) as bm:
-                banned = [e for e in bm.entries() if not e["expired"]]
-            view = _top_view(rec, sources, dests, local, prev_stats, cur, now - prev_t, banned)
-            prev_stats, prev_t = cur, now
+            banned = in_force()
+            view = _top_view(rec, sources, dests, local, prev_stats, cur, now - prev_t, banned, prev_bans,
+                             probes is not None)
+            prev_stats, prev_bans, prev_t = cur, banned, now
             if args.json:
                 emit_json(view)
             else:
                 if not args.once:
-                    sys.stdout.write("\x1b[H\x1b[2J")
-                _print_top(view)
+                    new_frame(first)
+                _print_top(view, num, colour())
                 sys.stdout.flush()
+            first = False
             if args.once:
                 return 0
     except KeyboardInterrupt:
@@ -188,12 +199,19 @@ def cmd_top(args) -> int:
             probes.close()
 
 
-def _top_view(rec, sources, dests, local, prev, cur, dt, banned) -> dict:
+# Rows in each of top's lists.
+TOP_N = 10
+
+
+def _top_view(rec, sources, dests, local, prev, cur, dt, banned, prev_bans=(), probes=True) -> dict:
     """One frame of `top`. Sources without packets in the interval are
     left out of the lists (a flood that ended before the interval began
     leaves them empty), and so are banned ones: the program drops them
-    before it counts them; they are under `bans`."""
-    n = 10
+    before it counts them per source; they are under `bans`, each with
+    the rate its ban drops now (drop_pps, drop_bps) from the ban's own
+    counters (prev_bans: the entries at the start of the interval)."""
+    from xdpguard import stats
+    n = TOP_N
     srcs = [{"source": k, **{f: round(v, 1) for f, v in r.items() if f in ("pps", "bps", "syn_rate", "conn_rate", "resets")}}
             for k, r in sources.items()]
 
@@ -210,32 +228,103 @@ def _top_view(rec, sources, dests, local, prev, cur, dt, banned) -> dict:
               "pps": round((r["packets"] - pmap.get(r["rule"], r)["packets"]) / dt, 1),
               "drop_pps": round((r["dropped_packets"] - pmap.get(r["rule"], r)["dropped_packets"]) / dt, 1)}
              for r in cur["rules"]]
+    pbans = {b["prefix"]: b for b in prev_bans}
+    shown_bans = []
+    for b in banned:
+        p = pbans.get(b["prefix"])
+        # A ban new in the interval counts from zero; a lifted and re-made one
+        # (counters below the last read) too.
+        if p is None or b["packets"] < p["packets"]:
+            p = {"packets": 0, "bytes": 0}
+        shown_bans.append({**b, "drop_pps": round((b["packets"] - p["packets"]) / dt, 1),
+                           "drop_bps": round((b["bytes"] - p["bytes"]) / dt, 1)})
+    shown_bans.sort(key=lambda b: (-b["drop_pps"], b["prefix"]))
+    t_prev, t_cur = stats.totals(prev), stats.totals(cur)
+
+    def per_s(part, f):
+        return round((t_cur[part][f] - t_prev[part][f]) / dt, 1)
+    active = [s for s in srcs if s.get("pps", 0) > 0]
+    all_pps = sum(s["pps"] for s in active)
+    top_pps = top("pps")
+    listener = None
+    if probes:
+        here = [x for k, x in dests.items() if is_local(k)]
+        listener = {"syn_rate": round(sum(x["syn_rate"] for x in here), 1),
+                    "conn_rate": round(sum(x["conn_rate"] for x in here), 1)}
     return {"schema_version": 1, "netns": rec.netns, "iface": rec.iface, "interval": round(dt, 2),
             "mitigation": rec.mitigation.enabled,
-            "top_pps": top("pps"), "top_syn_rate": top("syn_rate"), "top_conn_rate": top("conn_rate"),
-            "top_dests": dst, "bans": banned[:n], "bans_active": len(banned), "rules": rules}
+            "top_pps": top_pps, "top_syn_rate": top("syn_rate"), "top_conn_rate": top("conn_rate"),
+            "top_dests": dst, "bans": shown_bans[:n], "bans_active": len(banned), "rules": rules,
+            # What the program counted in the interval: every IP frame (at
+            # XDP, before bans and rules), and what the rules decided.
+            "xdp": {"pps": per_s("all", "packets"), "bps": per_s("all", "bytes"),
+                    "drop_pps": per_s("all", "dropped_packets"),
+                    "ban_drop_pps": round(sum(b["drop_pps"] for b in shown_bans), 1)},
+            "after_rules": {"pps": per_s("rules", "packets"), "drop_pps": per_s("rules", "dropped_packets")},
+            # Per-source counts (after bans, before rules): how many sent,
+            # and the share of the top list, which says whether a flood
+            # comes from a few sources or from many.
+            "sources": {"distinct": len(active), "pps": round(all_pps, 1),
+                        "bps": round(sum(s["bps"] for s in active), 1), "top_n": n,
+                        "top_share": round(sum(s["pps"] for s in top_pps) / all_pps, 3) if all_pps else None},
+            # SYNs and handshakes the kernel's TCP stack saw for this
+            # host's addresses (the probes); None without probes.
+            "listener": listener}
 
 
-def _print_top(v: dict) -> None:
-    print(f"xdpguard top: {v['netns']}/{v['iface']}  interval {v['interval']}s  bans {v['bans_active']}"
-          + ("" if v["mitigation"] else "  (per-source XDP counts need [mitigation] enabled = true)"))
+def _print_top(v: dict, num: Numbers | None = None, on: bool = False) -> None:
+    num = num or Numbers()
+    x, src = v["xdp"], v["sources"]
+    print(paint(f"xdpguard top: {v['netns']}/{v['iface']}  every {v['interval']}s  "
+                f"{v['bans_active']} ban{'s' * (v['bans_active'] != 1)} in force", "bold", on))
+    print(f"at XDP, every frame before bans and rules: {num.rate(x['pps'])} pps, {num.bits(x['bps'])}; "
+          f"dropped {num.rate(x['drop_pps'])} pps, by bans {num.rate(x['ban_drop_pps'])} pps")
+    if v["mitigation"]:
+        pct = None if src["top_share"] is None else 100 * src["top_share"]
+        share = "" if pct is None else (
+            f"; the top {min(src['top_n'], src['distinct'])} send {pct:.1f}%" if pct < 9.95 else
+            f"; the top {min(src['top_n'], src['distinct'])} send {pct:.0f}%")
+        print(f"  per source (after bans, before rules): {num.count(src['distinct'])} "
+              f"source{'s' * (src['distinct'] != 1)} sent {num.rate(src['pps'])} pps{share}")
+    else:
+        print("  per source: not counted ([mitigation] enabled = false)")
+    a = v["after_rules"]
+    print(f"after rules: the rules decided {num.rate(a['pps'])} pps, dropped {num.rate(a['drop_pps'])} pps")
+    lst = v["listener"]
+    print("reaching the listener (TCP stack): "
+          + (f"{num.rate(lst['syn_rate'])} SYN/s, {num.rate(lst['conn_rate'])} handshakes/s" if lst
+             else "not measured (no kernel probes)"))
     print()
-    print(table(["source", "pps", "bytes/s", "syn/s", "conn/s"],
-                [[s["source"], s["pps"], human_bytes(s["bps"]), s["syn_rate"], s["conn_rate"]] for s in v["top_pps"]]
-                or [["-", "", "", "", ""]], right={1, 2, 3, 4}))
+    print("sources by packet rate; pps, bit/s at XDP (a banned source: what its ban drops); syn/s at XDP or\n"
+          "at the listener, whichever is higher; conn/s: handshakes completed at the listener")
+    rows = [(s["pps"], [s["source"], num.rate(s["pps"]), num.bits(s["bps"]), num.rate(s["syn_rate"]),
+                        num.rate(s["conn_rate"]), ""]) for s in v["top_pps"]]
+    # A banned attacker stays in view, with its state and the rate its ban drops.
+    rows += [(b["drop_pps"], [b["prefix"], num.rate(b["drop_pps"]), num.bits(b["drop_bps"]), "", "",
+                              paint(f"banned, {_remaining(b)} left" if b["remaining_s"] is not None
+                                    else "banned, no expiry", "red", on)]) for b in v["bans"]]
+    rows.sort(key=lambda r: -r[0])
+    print(table(["source", "pps", "bit/s", "syn/s", "conn/s", "state"], [r for _k, r in rows]
+                or [["-", "", "", "", "", ""]], right={1, 2, 3, 4}))
     print()
     print(table(["new connections by source", "syn/s", "conn/s", "resets/s"],
-                [[s["source"], s["syn_rate"], s["conn_rate"], s["resets"]] for s in v["top_syn_rate"]]
-                or [["-", "", "", ""]], right={1, 2, 3}))
+                [[s["source"], num.rate(s["syn_rate"]), num.rate(s["conn_rate"]), num.rate(s["resets"])]
+                 for s in v["top_syn_rate"]] or [["-", "", "", ""]], right={1, 2, 3}))
     print()
-    print(table(["local destination (site)", "syn/s", "conn/s", "synack_retrans/s", "resets/s"],
-                [[d["dest"], d["syn_rate"], d["conn_rate"], d["synack_retrans"], d["resets"]] for d in v["top_dests"]]
+    # The probes key a destination by address and port: on a shared host
+    # that serves many sites on one IP:443, one row is all of them.
+    print("local destinations at the listener: address:port, one site only where a site has an IP of its own")
+    print(table(["local destination", "syn/s", "conn/s", "synack_retrans/s", "resets/s"],
+                [[d["dest"], num.rate(d["syn_rate"]), num.rate(d["conn_rate"]), num.rate(d["synack_retrans"]),
+                  num.rate(d["resets"])] for d in v["top_dests"]]
                 or [["-", "", "", "", ""]], right={1, 2, 3, 4}))
     print()
-    print(table(["rule", "action", "pps", "drop/s"], [[r["rule"], r["action"], r["pps"], r["drop_pps"]] for r in v["rules"]],
+    print("rules: what each rule decided (after bans), and dropped")
+    print(table(["rule", "action", "pps", "drop/s"],
+                [[r["rule"], r["action"], num.rate(r["pps"]), num.rate(r["drop_pps"])] for r in v["rules"]],
                 right={2, 3}))
     if v["bans"]:
         print()
-        print(table(["banned", "reason", "remaining", "dropped"],
-                    [[b["prefix"], b["reason"], "never" if b["remaining_s"] is None else human_duration(b["remaining_s"]),
-                      b["packets"]] for b in v["bans"]], right={3}))
+        print(table(["banned", "reason", "remaining", "drop/s", "dropped"],
+                    [[b["prefix"], b["reason"], _remaining(b), num.rate(b["drop_pps"]), num.count(b["packets"])]
+                     for b in v["bans"]], right={3, 4}))

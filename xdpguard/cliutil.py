@@ -6,6 +6,8 @@ Command modules import this, never xdpguard.cli (which imports them).
 from __future__ import annotations
 
 import json
+import os
+import re
 import sys
 
 EXIT_OK, EXIT_SYSTEM, EXIT_USAGE, EXIT_NOT_CONFIRMED = 0, 1, 2, 3
@@ -105,28 +107,23 @@ def applied(args) -> list:
 # ---------------------------------------------------------------- output
 
 def table(headers: list[str], rows: list[list], right: set[int] | None = None) -> str:
-    """Plain aligned table; numeric columns (by index in right) align right."""
+    """Plain aligned table; numeric columns (by index in right) align right.
+    Cells may carry colour (paint): widths count what shows."""
     cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    widths = [max(_shown(r[i]) for r in cells) for i in range(len(headers))]
     right = right if right is not None else {i for i, c in enumerate(rows[0]) if isinstance(c, (int, float))} if rows else set()
-    lines = []
-    for r in cells:
-        lines.append("  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip())
-    return "\n".join(lines)
+
+    def pad(i: int, c: str, w: int) -> str:
+        fill = " " * (w - _shown(c))
+        return fill + c if i in right else c + fill
+    return "\n".join("  ".join(pad(i, c, w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+                     for r in cells)
 
 
 def emit_json(obj) -> None:
     """One JSON object on a line of its own (--json)."""
     sys.stdout.write(json.dumps(obj, sort_keys=False) + "\n")
     sys.stdout.flush()
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def human_duration(s: float) -> str:
@@ -138,3 +135,90 @@ def human_duration(s: float) -> str:
     if s >= 60:
         return f"{s // 60}m{s % 60}s"
     return f"{s}s"
+
+
+# ---------------------------------------------------------------- numbers
+
+class Numbers:
+    """How tables show counts, sizes and rates: at a glance by default
+    (10.8k, 570 KiB, 4.6 Mbit/s: rates in bits per second, as thresholds
+    and links are written), exact integers with --exact. JSON never goes
+    through here: it always carries the exact numbers."""
+
+    def __init__(self, exact: bool = False):
+        self.exact = exact
+
+    def count(self, n: float) -> str:
+        """Packets, entries, events: 950, 10.8k, 1.2M."""
+        return str(int(n)) if self.exact else _si(n, "")
+
+    def rate(self, per_second: float) -> str:
+        """Packets or events per second: 0.8, 950, 10.8k (exact: one decimal)."""
+        return f"{per_second:.1f}" if self.exact else _si(per_second, "")
+
+    def size(self, n: float) -> str:
+        """Bytes: 512 B, 570 KiB, 5.6 MiB (exact: the integer)."""
+        if self.exact:
+            return str(int(n))
+        for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+            if abs(n) < 1023.5 or unit == "TiB":
+                return f"{n:.0f} {unit}" if unit == "B" else f"{_digits(n)} {unit}"
+            n /= 1024
+        return str(n)
+
+    def bits(self, bytes_per_second: float) -> str:
+        """A byte rate in bits per second: 4.6 Mbit/s (exact: integer bit/s)."""
+        b = bytes_per_second * 8
+        return f"{round(b)} bit/s" if self.exact else f"{_si(b, ' ')}bit/s"
+
+
+def _digits(n: float) -> str:
+    """One decimal below 100 (10.8, 4.6), none from 100 (570)."""
+    return f"{n:.1f}" if abs(n) < 99.95 else f"{n:.0f}"
+
+
+def _si(n: float, sep: str) -> str:
+    """n with k, M, G, T (powers of 1000); below 1000 an integer as
+    itself and a fraction to one decimal (0.8 pps is no 1)."""
+    if abs(n) < 999.5:
+        if sep:
+            return f"{_digits(n) if n != int(n) else int(n)}{sep}"
+        return str(int(n)) if n == int(n) else _digits(n)
+    for unit in ("k", "M", "G", "T"):
+        n /= 1000
+        if abs(n) < 999.5 or unit == "T":
+            return f"{_digits(n)}{sep}{unit}"
+    return str(n)
+
+
+# ---------------------------------------------------------------- terminal
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_STYLES = {"bold": "1", "red": "31", "yellow": "33", "green": "32", "dim": "2"}
+
+
+def _shown(text: str) -> int:
+    """Width of text on a terminal: colour codes take none."""
+    return len(_ANSI.sub("", text)) if "\x1b" in text else len(text)
+
+
+def colour(stream=None) -> bool:
+    """Colour only on a terminal, and never where NO_COLOR is set (no-color.org)."""
+    stream = stream or sys.stdout
+    return not os.environ.get("NO_COLOR") and stream.isatty()
+
+
+def paint(text: str, style: str, on: bool) -> str:
+    """text in a style (bold, red, yellow, green, dim) when on."""
+    return f"\x1b[{_STYLES[style]}m{text}\x1b[0m" if on and text else text
+
+
+def new_frame(first: bool, stream=None) -> None:
+    """Before each frame of a refreshing view (top, stats --watch): clear
+    the screen on a terminal; elsewhere (a pipe, a file, a log) frames are
+    appended, a blank line between them."""
+    stream = stream or sys.stdout
+    if stream.isatty():
+        stream.write("\x1b[H\x1b[2J")
+    elif not first:
+        stream.write("\n")

@@ -412,7 +412,7 @@ def _read_set_file(rd: _Reader, setname: str, spec: dict) -> PrefixSet:
     if rd.set_files is not None and spec["file"] in rd.set_files:
         path = Path(rd.set_files[spec["file"]])
     else:
-        path = (rd.path.parent / spec["file"]).resolve()
+        path = _set_path(rd.path, spec["file"])
     v4, v6 = array("Q"), []
     lineno = bad = 0
     digest = hashlib.sha256()
@@ -921,6 +921,33 @@ def load(path, text: str | None = None, set_files: dict[str, str] | None = None)
                   protect=protect, log_rate=log_rate, **log_flags, source=str(path.resolve()) if text is None else str(path),
                   sha256=policy_sha256(data_bytes, {k: h for k, (_p, h) in rd.inputs.items()}),
                   warnings=rd.warnings, text=data_bytes, inputs=rd.inputs)
+
+
+def _set_path(policy_path: Path, name: str) -> Path:
+    """Where a set's { file = name } is: beside the policy file."""
+    return (policy_path.parent / name).resolve()
+
+
+def sha256_on_disk(path) -> str:
+    """The sha256 `load` would give the policy file at path as it is now
+    (its bytes and its set files'), without validating it: OSError when a
+    file cannot be read, ValueError when it is no TOML."""
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        doc = tomllib.loads(data.decode("utf-8-sig"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ValueError(str(e)) from None
+    sets = doc.get("sets")
+    files = {}
+    for spec in (sets.values() if isinstance(sets, dict) else ()):
+        if isinstance(spec, dict) and isinstance(spec.get("file"), str):
+            h = hashlib.sha256()
+            with open(_set_path(path, spec["file"]), "rb") as f:
+                while block := f.read(1 << 20):
+                    h.update(block)
+            files[spec["file"]] = h.hexdigest()
+    return policy_sha256(data, files)
 
 
 def policy_sha256(text: bytes, sets: dict[str, str]) -> str:

@@ -76,6 +76,46 @@ def read_stats(directory: Path, record: pins.Record | None = None) -> dict:
     }
 
 
+def fixed_rows(snap: dict) -> list[dict]:
+    """The rows after the rules' in the shape of a rule's: the fixed slots
+    (bans, malformed and by cause, new-source overflow, SYN cookies and the
+    cookie path's drops that cannot happen, no map entry); all but the
+    cookie SYN-ACKs (answered, not dropped) are drops."""
+    m = snap["malformed"]
+    slots = ([("(bans)", snap["bans"], "deny"), ("(malformed)", m, "deny")]
+             + [(f"(malformed: {cause})", v, "deny") for cause, v in m["causes"].items()]
+             + [("(new-source overflow)", snap["new_source_overflow"], "deny"),
+                ("(syncookie SYN-ACKs)", snap["syncookie_synacks"], "cookie"),
+                ("(syncookie bad ACKs)", snap["syncookie_bad_acks"], "deny"),
+                ("(syncookie cannot happen)", snap["syncookie_cannot_happen"], "deny"),
+                ("(no map entry)", snap["no_entry"], "deny")])
+    out = []
+    for name, v, action in slots:
+        dropped = action == "deny"
+        out.append({"rule": name, "action": action, "packets": v["packets"], "bytes": v["bytes"],
+                    "dropped_packets": v["packets"] if dropped else 0,
+                    "dropped_bytes": v["bytes"] if dropped else 0})
+    return out
+
+
+def all_rows(snap: dict) -> list[dict]:
+    """The rules' rows, then the fixed slots' (fixed_rows)."""
+    return snap["rules"] + fixed_rows(snap)
+
+
+def totals(snap: dict) -> dict:
+    """Every frame the program counted (IP frames: each goes to exactly one
+    slot), and of them what the rules decided: packets, bytes, dropped
+    packets and bytes. The per-cause malformed rows are parts of
+    `(malformed)`, not counted again. A snapshot without the fixed slots
+    (a test's) counts its rules alone."""
+    rules = {f: sum(r.get(f, 0) for r in snap["rules"]) for f in _FIELDS}
+    if "malformed" not in snap:
+        return {"all": rules, "rules": rules}
+    rows = [r for r in fixed_rows(snap) if not r["rule"].startswith("(malformed: ")]
+    return {"all": {f: rules[f] + sum(r[f] for r in rows) for f in _FIELDS}, "rules": rules}
+
+
 def active_gen(directory: Path) -> int:
     """The generation the program reads (map `active`)."""
     with bpfsys.closing_fd(bpfsys.obj_get(str(directory / "active"))) as fd:
@@ -143,9 +183,57 @@ def read_status(directory: Path, record: pins.Record) -> dict:
         "history": [{"policy": p.name, "sha256": p.sha256, "applied_at": p.applied_at, "source": p.source}
                     for p in record.history],
         "probes": record.probes,
+        "policy_file": policy_file(record),
         "syncookies": _syncookies(directory, record),
         "maps": maps,
+        "usage": usage(record, maps),
     }
+
+
+def usage(record: pins.Record, maps: dict) -> dict:
+    """What the policy and the feedback loop fill, by the names a policy
+    uses (maps: read_status's, by map name): entries and capacity of
+    rules, set prefixes (tries sized to the policy: no room beyond it),
+    bans (up to the policy's max_bans, for manual and automatic alike),
+    per-source rate-limit buckets and per-source counts ([mitigation])."""
+    def entries(*names):
+        got = [maps[n]["entries"] for n in names if n in maps and maps[n]["entries"] is not None]
+        return sum(got) if got else None
+
+    def capacity(name):
+        return maps[name]["capacity"] if name in maps else None
+    ban_cap = capacity("ban4")
+    if record.mitigation.max_bans is not None:
+        ban_cap = record.mitigation.max_bans if ban_cap is None else min(ban_cap, record.mitigation.max_bans)
+    return {"rules": {"entries": len(record.rules), "capacity": C.XG_MAX_RULES_LIMIT},
+            "sets_v4": {"entries": entries("lpm4"), "capacity": None},
+            "sets_v6": {"entries": entries("lpm6"), "capacity": None},
+            "bans": {"entries": entries("ban4", "ban6"), "capacity": ban_cap},
+            "buckets": {"entries": entries("sbuckets"), "capacity": capacity("sbuckets")},
+            "sources": {"entries": entries("srcstat"), "capacity": capacity("srcstat")}}
+
+
+def policy_file(record: pins.Record) -> dict:
+    """Whether the policy file the record was applied from still says what
+    runs: the sha256 `load` would give it now (its set files included)
+    against the record's. changed None when it cannot be read or parsed
+    (error says why)."""
+    from xdpguard.policy import sha256_on_disk
+    path = record.policy.source
+    out = {"path": path, "sha256": None, "changed": None, "error": None}
+    if not path:
+        out["error"] = "not recorded"
+        return out
+    try:
+        out["sha256"] = sha256_on_disk(path)
+    except OSError as e:
+        out["error"] = e.strerror or str(e)
+        return out
+    except ValueError as e:
+        out["error"] = f"not a readable policy ({e})"
+        return out
+    out["changed"] = out["sha256"] != record.policy.sha256
+    return out
 
 
 def _syncookies(directory: Path, record: pins.Record) -> dict | None:
