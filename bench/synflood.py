@@ -23,13 +23,17 @@ Modes:
 
 Each: connections per second without a flood, and during one; what
 reached the listener (nstat in ``b``'s namespace: cookies the kernel sent,
-SYNs its queue dropped) and the stack (the SYN counter of xdpguard's table).
+SYNs its queue dropped) and the stack (the SYN counter of xdpguard's table);
+the client's side (connections offered, SYNs and segments sent again, its
+wait for a CPU) and the SYN-ACKs the receiver's XDP_TX could not hand back.
+``b`` keeps no TIME_WAIT sockets (_Mode explains why).
 """
 from __future__ import annotations
 
 import os
 import re
 import subprocess
+import threading
 import time
 from contextlib import ExitStack
 
@@ -81,14 +85,48 @@ action = "allow"
 """
 
 
-def _nstat(lab: Lab) -> dict[str, int]:
-    out = nsrun(lab.ns_b, ["nstat", "-az", "--json"], check=False).stdout
+# nstat counters of the client's side, in a's namespace: the connections
+# wrk tried, and the SYNs it had to send again (a SYN or its SYN-ACK lost).
+CLIENT = ("TcpActiveOpens", "TcpExtTCPSynRetrans", "TcpAttemptFails", "TcpRetransSegs", "TcpExtTCPTimeouts")
+
+
+def _nstat(lab: Lab, ns: str | None = None, keys=LISTENER) -> dict[str, int]:
+    out = nsrun(ns or lab.ns_b, ["nstat", "-az", "--json"], check=False).stdout
     import json
     try:
         doc = json.loads(out)["kernel"]
     except (ValueError, KeyError):
         return {}
-    return {k: int(doc.get(k, 0)) for k in LISTENER}
+    return {k: int(doc.get(k, 0)) for k in keys}
+
+
+def _sched(pid: int) -> tuple[float, float]:
+    """(seconds on a CPU, seconds runnable but waiting for one) of a
+    process so far, all its threads (/proc/<pid>/task/*/schedstat)."""
+    from bench.common import schedstat
+    run = wait = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0.0, 0.0
+    for t in tasks:
+        r, w = schedstat(f"/proc/{pid}/task/{t}/schedstat")
+        run, wait = run + r, wait + w
+    return run / 1e9, wait / 1e9
+
+
+def _sched_all(pids) -> tuple[float, float]:
+    from bench.common import schedstat
+    xs = [schedstat(f"/proc/{p}/schedstat") for p in pids]
+    return sum(x[0] for x in xs) / 1e9, sum(x[1] for x in xs) / 1e9
+
+
+def _ring(lab: Lab) -> dict[str, int]:
+    """What b's XDP sent back to a (XDP_TX), and what a's ring refused."""
+    from bench.common import ethtool_stats
+    b = ethtool_stats(lab.ns_b, lab.b)
+    return {"xdp_tx": sum(v for k, v in b.items() if k.endswith("_xdp_tx")),
+            "xdp_tx_errors": sum(v for k, v in b.items() if k.endswith("_xdp_tx_errors"))}
 
 
 def _wrk(lab: Lab, seconds: float) -> subprocess.Popen:
@@ -127,6 +165,17 @@ class _Mode:
         run_cmd(["ip", "netns", "exec", lab.ns_a, "sh", "-c", f"echo 1 > /sys/class/net/{lab.a}/threaded"], check=False)
         for pid in napi_threads(lab.a):
             os.sched_setaffinity(pid, {0})
+        # The one wrk client stands for many: it recycles its ports at
+        # thousands of connections a second, so its 4-tuples come back
+        # while the listener still holds them in TIME_WAIT (60 s), which
+        # clients on many addresses rarely do. Through SYNPROXY
+        # (syncookies, nft-synproxy) the listener then takes SYNPROXY's
+        # SYN on the TIME_WAIT socket instead of a fresh one, and that
+        # handshake stalls about a second (its SYN-ACK is retransmitted
+        # and reaches the client, which answers with a challenge ACK):
+        # 0.3-1 % of connections, p99 1.1-1.6 s, half of wrk's rate.
+        # Without TIME_WAIT sockets on b, every mode sees fresh tuples.
+        run_cmd(["ip", "netns", "exec", lab.ns_b, "sysctl", "-qw", "net.ipv4.tcp_max_tw_buckets=0"], check=False)
         self._nginx(ctx)
         if not mode.startswith("xdpguard"):
             # An XDP_PASS program on b: like a NIC queue, b then takes the
@@ -211,15 +260,42 @@ def _one(ctx, sender, mode: str, client_fd: int, seconds: float, count: int) -> 
             p = _wrk(lab, seconds)
             out["baseline"] = _wrk_result(p, seconds + 30)
             n0, s0, x0 = _nstat(lab), m.syns_to_stack(), m.xdp_counts()
+            c0, g0 = _nstat(lab, lab.ns_a, CLIENT), _ring(lab)
             p = _wrk(lab, seconds)
             time.sleep(0.2)     # wrk's connections first
-            r = traffic.measure(lab, sender, 4, POOL, count, seconds - 0.4, lambda: m.xdp_counts()[0],
-                                proto="syn")
+            a_napi = napi_threads(lab.a)
+            w0, a0 = _sched(p.pid), _sched_all(a_napi)
+            # wrk's CPU is read while it runs (it may end with the flood).
+            last, done = [w0], threading.Event()
+
+            def sample():
+                while not done.wait(0.05):
+                    w = _sched(p.pid)
+                    if w[0] >= last[0][0]:
+                        last[0] = w
+            t = threading.Thread(target=sample, daemon=True)
+            t.start()
+            try:
+                r = traffic.measure(lab, sender, 4, POOL, count, seconds - 0.4, lambda: m.xdp_counts()[0],
+                                    proto="syn")
+            finally:
+                done.set()
+                t.join()
+            w1, a1 = last[0], _sched_all(a_napi)
             out["flood"] = {k: r[k] for k in ("sent", "seconds", "offered_mpps", "received", "receive_mpps",
                                                "lost_ring_full", "rx_cpu_share", "core_mpps", "generator",
                                                "cpu_busy")}
             out["during"] = _wrk_result(p, seconds + 30)
             n1, s1, x1 = _nstat(lab), m.syns_to_stack(), m.xdp_counts()
+            c1, g1 = _nstat(lab, lab.ns_a, CLIENT), _ring(lab)
+            # The client's side of it: the connections it offered (SYNs
+            # sent the first time), SYNs sent again, its CPU while the flood
+            # ran, and what the receiver's XDP_TX could not hand to a.
+            out["client"] = {**{k: c1.get(k, 0) - c0.get(k, 0) for k in CLIENT},
+                             "offered_per_s": (c1.get("TcpActiveOpens", 0) - c0.get("TcpActiveOpens", 0)) / seconds,
+                             "wrk_cpu_s": w1[0] - w0[0], "wrk_wait_s": w1[1] - w0[1],
+                             "a_napi_cpu_s": a1[0] - a0[0], "a_napi_wait_s": a1[1] - a0[1],
+                             **{k: g1[k] - g0[k] for k in g1}}
             out["listener"] = {k: n1.get(k, 0) - n0.get(k, 0) for k in LISTENER}
             out["syns_to_stack"] = None if s0 is None else s1 - s0
             out["xdp"] = {"dropped": x1[0] - x0[0], "seen": x1[1] - x0[1]}
@@ -259,14 +335,19 @@ def run(ctx) -> dict:
     rows = []
     for r in result["runs"]:
         if "error" in r:
-            rows.append([r["mode"]] + ["-"] * 8 + [r["error"][:60]])
+            rows.append([r["mode"]] + ["-"] * 15 + [r["error"][:60]])
             continue
         b0, b1 = r["baseline"]["conns_per_s"], r["during"]["conns_per_s"]
         lst = r["listener"]
+        cl = r["client"]
         rows.append([r["mode"], b0, b1, (b1 / base) if b1 is not None and base else None,
+                     (b1 / b0) if b1 is not None and b0 else None,
                      r["flood"]["offered_mpps"], r["flood"]["receive_mpps"], r["flood"]["core_mpps"],
+                     r["flood"]["rx_cpu_share"],
                      lst["TcpExtSyncookiesSent"] + lst["TcpExtListenDrops"],
                      "-" if r["syns_to_stack"] is None else r["syns_to_stack"],
+                     cl["offered_per_s"], cl["TcpExtTCPSynRetrans"], cl["TcpExtTCPTimeouts"],
+                     cl["wrk_wait_s"], cl["xdp_tx_errors"],
                      sum(r["during"]["errors"].values())])
     rows = [[f"{c:.2f}" if isinstance(c, float) else ("-" if c is None else c) for c in row] for row in rows]
     xg = by.get("xdpguard-syncookies")
@@ -279,11 +360,17 @@ def run(ctx) -> dict:
                             for m in MODES if m in by) + f" (no attack: median {base or 0:.0f}/s)",
     }
     print_table("synflood: spoofed SYNs (10M sources) against nginx, legit wrk connections",
-                ["mode", "conn/s idle", "conn/s flood", "x no attack", "offered Mpps", "received Mpps",
-                 "Mpps/core", "listener SYNs", "SYNs to stack", "wrk errors"], rows,
+                ["mode", "conn/s idle", "conn/s flood", "x no attack", "x own idle", "offered Mpps",
+                 "received Mpps", "Mpps/core", "rx CPU share", "listener SYNs", "SYNs to stack",
+                 "client conn/s", "SYN retrans", "RTOs", "wrk wait s", "XDP_TX refused", "wrk errors"], rows,
                 f"wrk: 1 thread, 16 connections, Connection: close, {seconds:.0f} s; flood: <= {count:,} SYNs, "
                 f"<= {seconds - 0.4:.1f} s, generator {sender.generator}; x no attack: vs the median of the modes' "
                 "idle runs; listener SYNs: cookies the kernel sent + listen drops (nstat); SYNs to stack: "
-                "the notrack rule's counter in xdpguard's table")
+                "the notrack rule's counter in xdpguard's table; rx CPU share: of a core, the receiver's NAPI thread "
+                "while the flood ran (what else ran on it set the rest); client: connections wrk offered a "
+                "second during the flood (nstat TcpActiveOpens in a), SYNs it sent again, its retransmission "
+                "timeouts, seconds wrk was runnable but not running (CPU 0 is the generator's too); XDP_TX "
+                "refused: SYN-ACKs b's XDP could not put in a's ring (the flood's own answers crowd the "
+                "client's)")
     return result
 
