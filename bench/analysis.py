@@ -56,7 +56,7 @@ STAGES = [
     (5, "+ AND loop", "before", r"\tif \(rule == XG_NO_RULE\) \{\n", "rule != XG_NO_RULE ? XDP_DROP : XDP_PASS"),
 ]
 GENERAL, FULL = 6, 7
-FAST_CALL = "int rc = xg_fast(ctx);\n"
+FAST_CALL = "int rc = xg_fast(ctx, &hint);\n"
 CLASSES = ("v4 udp denied", "v4 tcp syn pass", "v6 udp pass", "limit within")
 
 
@@ -73,7 +73,7 @@ def stage_source() -> tuple[str, list[int]]:
         src = src[:at] + stop + src[at:]
         found.append(n)
     if src.count(FAST_CALL) == 1:
-        src = src.replace(FAST_CALL, "int rc = XGB_STOP ? -1 : xg_fast(ctx);\n")
+        src = src.replace(FAST_CALL, "int rc = XGB_STOP ? -1 : xg_fast(ctx, &hint);\n")
         found.append(GENERAL)
     return src, found + [FULL]
 

@@ -10,6 +10,24 @@
 
 #define XG_GCRA_TRIES 4
 
+/*
+ * The clock of a limit rule's buckets. bpf_ktime_get_ns costs ~25 ns a
+ * packet on a VM's TSC, a quarter of a limited packet's cost; the coarse
+ * clock (CLOCK_MONOTONIC_COARSE, Linux >= 5.11) a load or two, but it
+ * moves in ticks. A bucket on it still admits exactly its rate when its
+ * burst spans a tick or more: each tick refills a tick's worth, the
+ * bucket may run a burst ahead of the tick's time, so nothing is lost at
+ * the step. A shorter burst would admit less than the rate, so such a rule
+ * keeps the precise clock (struct xg_rule.coarse, set by the compiler
+ * against XG_COARSE_BURST_NS, 5 ticks at HZ=100). Coarse time lags real
+ * time by under a tick and never leads it: it cannot admit more than
+ * burst + rate x (elapsed + a tick), so it never fails open.
+ */
+static __always_inline __u64 xg_now(__u8 coarse)
+{
+	return coarse ? bpf_ktime_get_coarse_ns() : bpf_ktime_get_ns();
+}
+
 /* Returns 1 when the units fit in the bucket (and charges them), else 0. */
 static __always_inline int xg_gcra(struct xg_bucket *b, __u64 now, __u64 units,
 				   __u64 cost_fp, __u64 burst_ns)
@@ -31,19 +49,22 @@ static __always_inline int xg_gcra(struct xg_bucket *b, __u64 now, __u64 units,
 	return 0;
 }
 
-/* Keep the first plen bits of an address, zero the rest. */
+/* Keep the first plen bits of a 16-byte address, zero the rest. addr is
+ * 4-byte aligned: 4 steps of a word, where bytes took 16 (on every
+ * packet of a per-source limit). */
 static __always_inline void xg_mask(__u8 *addr, __u32 plen)
 {
+	__u32 *a = (__u32 *)addr;
 	int i;
 
 #pragma unroll
-	for (i = 0; i < 16; i++) {
-		if (plen >= (__u32)(i + 1) * 8)
+	for (i = 0; i < 4; i++) {
+		if (plen >= (__u32)(i + 1) * 32)
 			continue;
-		if (plen <= (__u32)i * 8)
-			addr[i] = 0;
+		if (plen <= (__u32)i * 32)
+			a[i] = 0;
 		else
-			addr[i] &= (__u8)(0xff << (8 - (plen - i * 8)));
+			a[i] &= bpf_htonl(0xffffffffU << ((i + 1) * 32 - plen));
 	}
 }
 

@@ -210,7 +210,7 @@ static __always_inline int xg_banned(struct xg_pkt *pkt, __u64 len)
 
 static __always_inline void xg_srcstat(struct xg_pkt *pkt, struct xg_gen *g, __u64 len)
 {
-	struct xg_srcstat_key k = { .family = pkt->family };
+	struct xg_srcstat_key k __attribute__((aligned(4))) = { .family = pkt->family };   /* xg_mask */
 	struct xg_srcstat *s;
 
 	__builtin_memcpy(k.addr, pkt->src, 16);
@@ -349,6 +349,15 @@ static __always_inline struct xg_vec *xg_vec(__u32 gen, __u32 vec)
 	return vecs.lookup(&idx);
 }
 
+/* What the fast lane found of a frame it leaves to the general path: the
+ * source-table entry of its source under the active word `word` (0: none
+ * looked up). The general path takes it instead of walking the table a
+ * second time, while the active word is still the same. */
+struct xg_hint {
+	__u64 word;
+	__u32 e;
+};
+
 /*
  * The fast lane: the frame of most floods, decided by its source alone.
  * An untagged IPv4 frame without options, or an untagged IPv6 frame
@@ -365,9 +374,9 @@ static __always_inline struct xg_vec *xg_vec(__u32 gen, __u32 vec)
  * frame is a cache miss, and the work queued behind it decides how much
  * of the next frames' misses the CPU can overlap (docs/design.md).
  * Returns -1 for a frame the general path must take, with nothing
- * written.
+ * written but the hint.
  */
-static __always_inline int xg_fast(struct xdp_md *ctx)
+static __always_inline int xg_fast(struct xdp_md *ctx, struct xg_hint *hint)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
@@ -424,8 +433,11 @@ static __always_inline int xg_fast(struct xdp_md *ctx)
 	} else {
 		return -1;
 	}
-	if (!(e & XG_DIR_FAST))
+	if (!(e & XG_DIR_FAST)) {
+		hint->word = w;
+		hint->e = e;
 		return -1;
+	}
 	if (banned)
 		return xg_finish(0, XG_SLOT_BAN, XG_NO_RULE, gen, len, 1, 0);
 	return xg_finish_fast(0, e, gen, len);
@@ -439,7 +451,7 @@ static __always_inline int xg_limit(struct xg_pkt *pkt, struct xg_rule *r, __u32
 				    __u32 gen, __u64 len)
 {
 	__u64 units = r->unit == XG_UNIT_BYTES ? len : 1;
-	__u64 now = bpf_ktime_get_ns();
+	__u64 now = xg_now(r->coarse);
 	struct xg_bucket *b;
 	__u32 slot = r->slot;
 
@@ -721,14 +733,14 @@ int xg_cookie_prog(struct xdp_md *ctx)
 #endif
 
 /* Every frame the fast lane leaves: parse, bans, stats, classify. */
-static __always_inline int xg_general(struct xdp_md *ctx)
+static __always_inline int xg_general(struct xdp_md *ctx, struct xg_hint *hint)
 {
 	struct xg_pkt *pkt;
 	__u64 len = ctx->data_end - ctx->data;
 	__u32 zero = 0, gen, rule = XG_NO_RULE, idx, i;
 	struct xg_vec *vl, *vs, *vd, *vsp, *vdp;
 	struct xg_rule *r;
-	__u64 *genp;
+	__u64 *genp, w;
 	__u32 word, flags, svec;
 	int rc;
 
@@ -758,7 +770,8 @@ static __always_inline int xg_general(struct xdp_md *ctx)
 	genp = active.lookup(&zero);
 	if (!genp)
 		return xg_finish(pkt, XG_SLOT_NO_ENTRY, rule, 0, len, 1, 0);
-	word = *genp;
+	w = *genp;
+	word = w;
 	gen = word & 1;
 	flags = word >> XG_ACTIVE_FLAGS_SHIFT;
 	if (rc != XG_PARSE_OK)   /* malformed: rc is its cause's slot */
@@ -773,7 +786,10 @@ static __always_inline int xg_general(struct xdp_md *ctx)
 	}
 
 	/* Classify: AND the five dimension vectors, the lowest bit wins. */
-	svec = xg_addr_vec(pkt, gen, XG_DIM_SRC, pkt->src);
+	if (hint->word && hint->word == w)
+		svec = hint->e == XG_DIR_TRIE ? xg_trie_vec(pkt, gen, XG_DIM_SRC, pkt->src) : hint->e;
+	else
+		svec = xg_addr_vec(pkt, gen, XG_DIM_SRC, pkt->src);
 	if (svec & XG_DIR_FAST) {   /* a source that decides */
 		if (pkt->l4 != XG_L4_ND)
 			return xg_finish_fast(pkt, svec, gen, len);
@@ -868,9 +884,10 @@ decided:
 }
 int xdpguard_prog(struct xdp_md *ctx)
 {
-	int rc = xg_fast(ctx);
+	struct xg_hint hint = {};
+	int rc = xg_fast(ctx, &hint);
 
 	if (rc >= 0)
 		return rc;
-	return xg_general(ctx);
+	return xg_general(ctx, &hint);
 }

@@ -162,6 +162,11 @@
 #define XG_GEN_LOG_DEFAULT 4 /* drop log for default-deny drops */
 #define XG_GEN_LOG_BANS 8    /* drop log for banned sources */
 
+/* A limit rule whose bursts (rate, new_sources, rate_total) all span at
+ * least this long reads the coarse clock, a tick's resolution (1-10 ms
+ * for CONFIG_HZ 1000-100): at least 5 ticks (bpf/gcra.h). */
+#define XG_COARSE_BURST_NS 50000000
+
 /* xg_debug.verdict values (test builds only) */
 #define XG_V_PASS 0
 #define XG_V_DROP 1
@@ -250,7 +255,10 @@ struct xg_rule {
 	__u8 log;          /* sample drops into the drop log */
 	__u8 cookies;      /* XG_COOKIES_*: what the rule passes: SYNs answered
 			    * with a cookie, ACKs checked (bpf/syncookie.h) */
-	__u8 pad;
+	__u8 coarse;       /* 1: the rule's buckets run on the coarse clock
+			    * (bpf/gcra.h): every burst of the rule spans at
+			    * least XG_COARSE_BURST_NS. Once padding: 0,
+			    * the precise clock, is what old records say. */
 	__u64 cost_fp;     /* ns per unit << 16 (GCRA emission interval) */
 	__u64 burst_ns;    /* burst x cost: how far ahead the bucket may run */
 	/* XG_PER_SOURCE only. The new-source budget (map nbuckets, at the

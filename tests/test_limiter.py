@@ -5,8 +5,10 @@ per-rule bucket shared; a limit rule's passes and drops in its counters.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
+import threading
 import time
 from contextlib import contextmanager
 
@@ -14,6 +16,8 @@ import pytest
 
 from dataplane_fixtures import DENY_POLICY, tcp, udp
 from testrun import compile_text, make_rig, reset_buckets, rig_fixture, run
+from xdpguard import bpfsys
+from xdpguard.layout import C
 
 pytestmark = pytest.mark.kernel
 
@@ -255,3 +259,161 @@ def test_per_rule_bucket_is_shared(limit_rig):
     assert _burst_run(r, "slow-rule", "10.50.0.1", "10.10.0.7") == 5
     assert _burst_run(r, "slow-rule", "10.51.0.1", "10.10.0.7") <= 1
     assert _burst_run(r, "slow-rule", "2001:db8:52::1", "2001:db8:10::7") <= 1   # both families share
+
+
+# ---------------------------------------------------------------- clocks and CPUs
+
+CLOCK_POLICY = """
+[policy]
+name = "clocks"
+default = "allow"
+
+[[rule]]
+name = "per-rule"
+dst = "10.10.1.1"
+action = "limit"
+rate = "{rate}/s"
+burst = {burst}
+per = "rule"
+
+[[rule]]
+name = "per-source"
+dst = "10.10.1.2"
+action = "limit"
+rate = "{rate}/s"
+burst = {burst}
+"""
+# Bursts of 60 ms of the rate (coarse clock) and of 1 ms (precise).
+CLOCKS = {"coarse": 0.06, "precise": 0.001}
+
+
+def test_coarse_clock_only_for_bursts_of_ticks():
+    """A rule reads the coarse clock only when every one of its bursts
+    (rate, new_sources, rate_total) spans XG_COARSE_BURST_NS or more."""
+    def coarse(extra, action="limit"):
+        text = f'[policy]\nname = "c"\n[[rule]]\nname = "r"\naction = "{action}"\n{extra}\n'
+        return compile_text(text)[1].rules[0].coarse
+    assert C.XG_COARSE_BURST_NS == 50_000_000
+    assert coarse('rate = "100/s"')                               # burst: one second of the rate
+    assert coarse('rate = "100/s"\nburst = 5')                    # 50 ms
+    assert not coarse('rate = "100/s"\nburst = 4')                # 40 ms
+    assert not coarse('rate = "1M/s"\nburst = 1000')              # 1 ms
+    assert not coarse('rate = "100/s"\nnew_sources = "1M/s"\nnew_sources_burst = 10')
+    assert not coarse('rate = "100/s"\nrate_total = "1M/s"\nburst_total = 10')
+    assert coarse('rate = "100/s"\nnew_sources = "1k/s"\nrate_total = "1M/s"')
+    assert not coarse("", action="deny")
+
+
+def _clock_rig(offered, clock):
+    rate = round(offered * ACC_SHARE)
+    burst = max(1, round(rate * CLOCKS[clock]))
+    policy, tables = compile_text(CLOCK_POLICY.format(rate=rate, burst=burst), "clocks.toml")
+    rig = make_rig(tables)
+    rig.policy = policy
+    for rule in tables.rules:
+        idx = ctypes.c_uint32(rig.gen * rig.shape.rules_per_gen + rule.index)
+        assert rig.maps["rules"].lookup(idx).coarse == (clock == "coarse")
+    return rig
+
+
+@pytest.mark.parametrize("clock", sorted(CLOCKS))
+@pytest.mark.parametrize("per", ["per-rule", "per-source"])
+def test_limiter_accuracy_on_both_clocks(per, clock):
+    """admitted = burst + rate x elapsed within 5% on the coarse clock too
+    (a run of about a second: the rate must outweigh a 60 ms burst)."""
+    frame = udp("10.1.1.1", "10.10.1.1" if per == "per-rule" else "10.10.1.2", dport=53)
+    probe = _clock_rig(1e6, "precise")
+    try:
+        offered = _offered_pps(probe, frame)
+    finally:
+        probe.close()
+    r = _clock_rig(offered, clock)
+    try:
+        rule = next(x for x in r.policy.rules if x.name == per)
+        count = int(min(offered * 1.0, 12_000_000))
+        tries = []
+        for _ in range(3):
+            reset_buckets(r)
+            passed, elapsed, wall = _admitted(r, r.slots[per], frame, count)
+            want = rule.burst + rule.rate.per_second * elapsed
+            ceiling = rule.burst + rule.rate.per_second * wall + 1
+            err = (passed - want) / want
+            tries.append(f"{per} {clock}: rate {rule.rate.text} burst {rule.burst}, {count} pkts, elapsed "
+                         f"{elapsed * 1e3:.1f} ms (wall {wall * 1e3:.1f}): admitted {passed}, expected {want:.0f} "
+                         f"({err:+.2%})")
+            if abs(err) <= 0.05 and passed <= ceiling:
+                break
+        LIMIT_RESULTS.append(tries[-1])
+        assert abs(err) <= 0.05 and passed <= ceiling, "\n".join(tries)
+        assert rule.rate.per_second * elapsed > 10 * rule.burst, tries[-1]
+    finally:
+        r.close()
+
+
+def _race(rig, frame, count):
+    """The frame through the program on CPUs 0 and 1 at once, count times
+    each: (kernel seconds of each run, wall seconds from the first start
+    to the last end, whether the runs overlapped)."""
+    out, spans = {}, {}
+    go = threading.Barrier(2)
+
+    def worker(cpu):
+        os.sched_setaffinity(0, {cpu})
+        go.wait()
+        with realtime():
+            t0 = time.monotonic_ns()
+            _ret, ns, _ = bpfsys.prog_test_run(rig.fn.fd, frame, repeat=count, data_out_size=0)
+            t1 = time.monotonic_ns()
+        out[cpu], spans[cpu] = ns * count / 1e9, (t0, t1)
+
+    threads = [threading.Thread(target=worker, args=(cpu,)) for cpu in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    start = min(s for s, _ in spans.values())
+    end = max(e for _, e in spans.values())
+    overlap = max(spans[0][0], spans[1][0]) < min(spans[0][1], spans[1][1])
+    return out, (end - start) / 1e9, overlap
+
+
+@pytest.mark.parametrize("clock", sorted(CLOCKS))
+@pytest.mark.parametrize("per", ["per-rule", "per-source"])
+def test_two_cpus_on_one_bucket(per, clock):
+    """Two CPUs race on one bucket (a rule's, or one source's), each alone
+    offering 4x the rate: together they never get more than burst + rate
+    x wall time (the compare-and-swap never fails open), and no less than
+    5% under burst + rate x the longer run (a lost race drops, rarely)."""
+    if len(os.sched_getaffinity(0) & {0, 1}) < 2:
+        pytest.skip("needs CPUs 0 and 1")
+    frame = udp("10.1.1.1", "10.10.1.1" if per == "per-rule" else "10.10.1.2", dport=53)
+    probe = _clock_rig(1e6, "precise")
+    try:
+        offered = _offered_pps(probe, frame)
+    finally:
+        probe.close()
+    r = _clock_rig(offered, clock)
+    try:
+        rule = next(x for x in r.policy.rules if x.name == per)
+        slot = r.slots[per]
+        count = int(min(offered * 1.0, 4_000_000))
+        tries = []
+        for _ in range(3):
+            reset_buckets(r)
+            before = r.counter(slot)
+            runs, wall, overlap = _race(r, frame, count)
+            after = r.counter(slot)
+            assert after["packets"] - before["packets"] == 2 * count
+            passed = (after["packets"] - after["dropped_packets"]) - (before["packets"] - before["dropped_packets"])
+            ceiling = rule.burst + rule.rate.per_second * wall + 1
+            floor = rule.burst + rule.rate.per_second * max(runs.values())
+            tries.append(f"{per} {clock}: rate {rule.rate.text} burst {rule.burst}, 2 x {count} pkts, runs "
+                         f"{runs[0] * 1e3:.0f} / {runs[1] * 1e3:.0f} ms, wall {wall * 1e3:.0f} ms, overlap {overlap}: "
+                         f"admitted {passed}, floor {floor:.0f}, ceiling {ceiling:.0f}")
+            assert passed <= ceiling, "\n".join(tries)      # never, in any try
+            if overlap and passed >= 0.95 * floor:
+                break
+        LIMIT_RESULTS.append(tries[-1])
+        assert overlap and passed >= 0.95 * floor, "\n".join(tries)
+    finally:
+        r.close()

@@ -51,6 +51,7 @@ class RuleRecord:
     total_cost_fp: int = 0     # rate_total; 0: none
     total_burst_ns: int = 0
     syncookies: int = C.XG_COOKIES_OFF    # XG_COOKIES_*
+    coarse: bool = False       # the buckets may run on the coarse clock (bpf/gcra.h)
 
 
 class LpmEntries(Sequence):
@@ -312,11 +313,12 @@ def _record(rule: Rule, cookies: str | None) -> RuleRecord:
         extra["new_cost_fp"], extra["new_burst_ns"] = gcra(rule.new_sources, rule.new_sources_burst)
     if rule.rate_total is not None:
         extra["total_cost_fp"], extra["total_burst_ns"] = gcra(rule.rate_total, rule.burst_total)
+    bursts = [b for b in (burst_ns, extra.get("new_burst_ns"), extra.get("total_burst_ns")) if b is not None]
     return RuleRecord(name=rule.name, index=rule.index, action=_ACTION[rule.action],
                       per=C.XG_PER_RULE if rule.per == "rule" else C.XG_PER_SOURCE,
                       unit=unit, prefix4=rule.prefix4, prefix6=rule.prefix6,
                       cost_fp=cost_fp, burst_ns=burst_ns, log=rule.log, syncookies=_COOKIES[cookies],
-                      **extra)
+                      coarse=rule.rate is not None and min(bursts) >= C.XG_COARSE_BURST_NS, **extra)
 
 
 def universal_rules(nrules: int, vecs: list[int], ports: dict[int, array], lpm: dict, has_dst: bool) -> int:

@@ -220,6 +220,7 @@ def rule_entries(maps, tables, gen: int, rules_per_gen: int, slots: dict[str, in
         v.prefix6 = r.prefix6
         v.log = int(r.log)
         v.cookies = int(r.syncookies)
+        v.coarse = int(r.coarse)
         v.cost_fp = r.cost_fp
         v.burst_ns = r.burst_ns
         v.new_cost_fp = r.new_cost_fp
