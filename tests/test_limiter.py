@@ -6,6 +6,7 @@ per-rule bucket shared; a limit rule's passes and drops in its counters.
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import sys
 import threading
@@ -283,8 +284,8 @@ action = "limit"
 rate = "{rate}/s"
 burst = {burst}
 """
-# Bursts of 60 ms of the rate (coarse clock) and of 1 ms (precise).
-CLOCKS = {"coarse": 0.06, "precise": 0.001}
+# Bursts of 50 ms of the rate (coarse clock) and of 1 ms (precise).
+CLOCKS = {"coarse": 0.05, "precise": 0.001}
 
 
 def test_coarse_clock_only_for_bursts_of_ticks():
@@ -306,7 +307,7 @@ def test_coarse_clock_only_for_bursts_of_ticks():
 
 def _clock_rig(offered, clock):
     rate = round(offered * ACC_SHARE)
-    burst = max(1, round(rate * CLOCKS[clock]))
+    burst = max(1, math.ceil(rate * CLOCKS[clock]))
     policy, tables = compile_text(CLOCK_POLICY.format(rate=rate, burst=burst), "clocks.toml")
     rig = make_rig(tables)
     rig.policy = policy
@@ -320,7 +321,7 @@ def _clock_rig(offered, clock):
 @pytest.mark.parametrize("per", ["per-rule", "per-source"])
 def test_limiter_accuracy_on_both_clocks(per, clock):
     """admitted = burst + rate x elapsed within 5% on the coarse clock too
-    (a run of about a second: the rate must outweigh a 60 ms burst)."""
+    (a run of about a second: the rate must outweigh a 50 ms burst)."""
     frame = udp("10.1.1.1", "10.10.1.1" if per == "per-rule" else "10.10.1.2", dport=53)
     probe = _clock_rig(1e6, "precise")
     try:
@@ -330,7 +331,7 @@ def test_limiter_accuracy_on_both_clocks(per, clock):
     r = _clock_rig(offered, clock)
     try:
         rule = next(x for x in r.policy.rules if x.name == per)
-        count = int(min(offered * 1.0, 12_000_000))
+        count = int(min(offered * 1.5, 15_000_000))
         tries = []
         for _ in range(3):
             reset_buckets(r)
@@ -345,7 +346,7 @@ def test_limiter_accuracy_on_both_clocks(per, clock):
                 break
         LIMIT_RESULTS.append(tries[-1])
         assert abs(err) <= 0.05 and passed <= ceiling, "\n".join(tries)
-        assert rule.rate.per_second * elapsed > 10 * rule.burst, tries[-1]
+        assert rule.rate.per_second * elapsed > 8 * rule.burst, tries[-1]
     finally:
         r.close()
 
