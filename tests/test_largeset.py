@@ -289,7 +289,8 @@ def test_apply_dry_run_reports_map_memory(tmp_path, capsys):
         assert d["map_memory_bytes"] == sum(want.values())
         assert cli.main(["apply", str(p), "--iface", lab.b, "--netns", lab.ns_b, "--dry-run"]) == 0
         out = capsys.readouterr().out.splitlines()
-        assert out[0] == loader.describe_memory(want) and out[-1].startswith("dry run:")
+        assert out[0] == loader.describe_memory(want) and out[-2].startswith("dry run:")
+        assert out[-1].startswith(f"{lab.b}: would change (dry run): rules +")     # apply's summary
 
 
 # ---------------------------------------------------------------- progress

@@ -5,6 +5,7 @@ namespace."""
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
 
@@ -140,3 +141,105 @@ def test_check_warns_of_dropped_protect(capsys, tmp_path):
     ok = write(tmp_path, PROTECT.replace("dport = 22", "dport = 23").replace('"icmp"', '"udp"'), "ok.toml")
     code, out, err = run(capsys, "check", ok, "--json")
     assert code == 0 and not [w for w in json.loads(out)["warnings"] if "protect" in w]
+
+
+# ---------------------------------------------------------------- show, apply --diff (a lab)
+
+B_POLICY = POLICY.replace('rate = "10/m"', 'rate = "20/m"').replace(
+    '[[rule]]\nname = "block"', '[sets]\nbad = ["203.0.113.0/24", "198.51.100.0/24"]\n\n[[rule]]\nname = "block"'
+).replace('src = "203.0.113.0/24"', 'src = "@bad"') + '\n[[rule]]\nname = "dns"\nproto = "udp"\ndport = 53\naction = "allow"\n'
+
+
+@pytest.fixture(scope="module")
+def lab():
+    from testing.lab import Lab
+    with Lab() as lab:
+        yield lab
+
+
+def _xg(lab, *args, code=0):
+    cp = lab.xdpguard(*args, check=False)
+    assert cp.returncode == code, (cp.stdout, cp.stderr)
+    assert "Traceback" not in cp.stderr
+    return cp
+
+
+@pytest.mark.e2e
+def test_show_and_diff(lab):
+    from testing.lab import json_docs
+    where = ["--iface", lab.server_if, "--netns", lab.server_ns]
+    lab.detach(check=False)
+    f = lab.dir / "cmp.toml"
+    f.write_text(POLICY)
+    # Nothing runs: show says so (usage, 2); --diff lists every rule as new and attaches nothing.
+    assert "not applied" in _xg(lab, "show", *where, code=2).stderr
+    cp = _xg(lab, "apply", f, *where, "--diff")
+    assert "every rule of 'cmp' is new" in cp.stdout and "+ rule 'ssh' first" in cp.stdout
+    assert "rules +3 -0 ~0" in cp.stdout and "(nothing applied: --diff)" in cp.stdout
+    assert not [s for s in lab.status() if s["iface"] == lab.server_if]
+
+    # The first apply's summary, then show prints the file as applied.
+    doc = lab.apply(f)
+    assert doc["changes"]["summary"].startswith("rules +3 -0 ~0")
+    cp = _xg(lab, "show", *where)
+    head, text = cp.stdout.split("\n[policy]", 1)
+    assert "[policy]" + text == POLICY
+    st = [s for s in lab.status() if s["iface"] == lab.server_if][0]
+    assert f"# policy 'cmp' sha256 {st['sha256']}" in head and f"# source {f}" in head
+    assert "+00:00" in head.splitlines()[3] and head.splitlines()[3].startswith("# applied 20")
+    shown = json_docs(_xg(lab, "show", *where, "--json").stdout)[0]["interfaces"]
+    assert [(s["iface"], s["text"], s["sha256"]) for s in shown] == [(lab.server_if, POLICY, st["sha256"])]
+
+    # Edited in place: --diff compares with what runs (not the file), applies nothing.
+    f.write_text(B_POLICY)
+    cp = _xg(lab, "apply", f, *where, "--diff")
+    want = ["~ rule 'ssh': rate 10/m -> 20/m", "~ rule 'block': src [203.0.113.0/24] -> [@bad]",
+            "+ rule 'dns' after 'block': allow proto [udp] dport [53]",
+            "~ set 'bad' (added): +2 -0 prefixes"]
+    for w in want:
+        assert w in cp.stdout.splitlines(), cp.stdout
+    diff_json = json_docs(_xg(lab, "apply", f, *where, "--diff", "--json").stdout)[0]
+    assert diff_json["applied"] is False and diff_json["running"]["sha256"] == st["sha256"]
+    assert [s["sha256"] for s in lab.status() if s["iface"] == lab.server_if] == [st["sha256"]]
+    assert json_docs(_xg(lab, "show", *where, "--json").stdout)[0]["interfaces"][0]["text"] == POLICY
+    # An invalid policy: 2, as apply; nothing changed.
+    bad = lab.dir / "bad.toml"
+    bad.write_text(POLICY.replace('action = "deny"', 'action = "reject"'))
+    assert "action 'reject'" in _xg(lab, "apply", bad, *where, "--diff", code=2).stderr
+
+    # The apply itself: the same changes, in its summary line and --json.
+    cp = _xg(lab, "apply", f, *where)
+    summary = "rules +1 -0 ~2; set 'bad' (added) +2 -0 prefixes"
+    assert f"{lab.server_if}: {summary}" in cp.stdout.splitlines()
+    assert diff_json["changes"]["summary"] == summary
+    again = json_docs(_xg(lab, "apply", f, *where, "--json").stdout)[0]
+    assert again["unchanged"] is True and again["changes"]["summary"] == "no changes"
+
+
+@pytest.mark.e2e
+def test_show_each_interface(lab):
+    """Two interfaces under xdpguard and no --iface: show prints each."""
+    from testing.lab import json_docs
+    dummy = f"xgs{lab.tag}"
+    f = lab.dir / "one.toml"
+    f.write_text(POLICY)
+    g = lab.dir / "two.toml"
+    g.write_text(B_POLICY)
+    # A second veth pair, both ends in the server's namespace (no dummy
+    # driver everywhere); deleting one end deletes both.
+    subprocess.run(["ip", "-n", lab.server_ns, "link", "add", dummy, "type", "veth", "peer", "name", f"{dummy}p"],
+                   check=True)
+    try:
+        subprocess.run(["ip", "-n", lab.server_ns, "link", "set", dummy, "up"], check=True)
+        lab.apply(f)
+        _xg(lab, "apply", g, "--iface", dummy, "--netns", lab.server_ns, "--mode", "generic")
+        cp = _xg(lab, "show", "--netns", lab.server_ns)
+        blocks = cp.stdout.split("\n\n# xdpguard: ")
+        assert len(blocks) == 2
+        assert sorted(b.split(" (network namespace")[0].split()[-1] for b in blocks) == sorted([lab.server_if, dummy])
+        assert POLICY in cp.stdout and B_POLICY in cp.stdout
+        doc = json_docs(_xg(lab, "show", "-n", lab.server_ns, "-j").stdout)[0]
+        assert {s["iface"]: s["text"] for s in doc["interfaces"]} == {lab.server_if: POLICY, dummy: B_POLICY}
+    finally:
+        lab.xdpguard("detach", "--iface", dummy, "--netns", lab.server_ns, check=False)
+        subprocess.run(["ip", "-n", lab.server_ns, "link", "del", dummy], check=False)

@@ -1,8 +1,10 @@
 """xdpguard command line: every command is a row of COMMANDS (name,
-handler, help, arguments); the handlers of the feedback loop and of safe
-operation live in cli_mitigation and cli_safety, what they share in cliutil.
+handler, help, arguments); the handlers of the feedback loop, of safe
+operation and of show / apply --diff live in cli_mitigation, cli_safety and
+cli_compare, what they share in cliutil.
 
-Exit status: 0 success; 1 system failure (kernel, BPF, missing tools);
+Exit status: 0 success; 1 system failure (kernel, BPF, missing tools; test:
+a packet missed its expect; show, apply --diff: no copy of the running policy);
 2 invalid policy or usage (nothing running was changed); 3 `apply --confirm`
 was not confirmed in time and the previous policy was restored.
 """
@@ -16,7 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from xdpguard import cli_mitigation, cli_safety
+from xdpguard import cli_compare, cli_mitigation, cli_safety
 from xdpguard.cliutil import (EXIT_NOT_CONFIRMED, EXIT_OK, EXIT_SYSTEM, EXIT_USAGE, CliError, Numbers,
                               applied, check_names, colour, duration_type, emit_json, host_port, int_type,
                               load_policy, netns_of, new_frame, paint, table, warn)
@@ -275,9 +277,18 @@ def cmd_apply(args) -> int:
     from xdpguard import loader, safety
     from xdpguard.compiler import compile_policy
     check_names(args)
+    if args.diff and (args.confirm or args.dry_run):
+        raise CliError(f"--diff applies nothing: it takes no {'--confirm' if args.confirm else '--dry-run'}")
     policy = load_policy(args.policy)
     warn(policy)
+    # Compared before the compile: the running policy's sets are freed
+    # before the maps' memory is taken.
+    running, changes = cli_compare.compare(netns_of(args), args.iface, policy, strict=args.diff)
     tables = compile_policy(policy)
+    if args.diff:
+        guard = safety.lockouts(policy, tables, netns_of(args))
+        cli_compare.print_diff(args, policy, running, changes, guard)
+        return EXIT_OK
     if not args.dry_run:
         guard = safety.lockouts(policy, tables, netns_of(args))
         for u in guard.unchecked:
@@ -295,6 +306,8 @@ def cmd_apply(args) -> int:
     # The running record comes back untouched for a policy already running
     # (same sha256): applied before this apply started.
     unchanged = rec is not None and rec.policy.applied_at < started
+    if changes is not None:
+        log(f"{args.iface}: {'would change (dry run): ' if args.dry_run else ''}{changes.summary()}")
     outcome = None
     if args.confirm and not args.dry_run and not unchanged:
         outcome = _await_confirm(args, rec, log)
@@ -303,6 +316,7 @@ def cmd_apply(args) -> int:
                    "sha256": policy.sha256, "dry_run": args.dry_run,
                    "mode": rec.mode if rec else None, "prog_id": rec.prog_id if rec else None,
                    "map_memory_bytes": sum(mem.values()), "map_memory": mem, "unchanged": unchanged,
+                   "changes": None if changes is None else changes.as_json(),
                    **({"confirm": outcome} if outcome else {})})
     return EXIT_NOT_CONFIRMED if outcome == "rolled_back" else EXIT_OK
 
@@ -575,7 +589,12 @@ COMMANDS = (
              arg("--force", action="store_true",
                  help="replace a foreign XDP program; apply despite the lockout guard"),
              arg("--confirm", type=duration_type(), metavar="DURATION",
-                 help="roll back unless 'xdpguard confirm' comes within DURATION (60, 90s, 10m)"))),
+                 help="roll back unless 'xdpguard confirm' comes within DURATION (60, 90s, 10m)"),
+             arg("--diff", action="store_true",
+                 help="compile, print what would change against the running policy, apply nothing"))),
+    Command("show", cli_compare.cmd_show,
+            "print the running policy as applied (TOML), with its sha256, source and time",
+            (arg("--iface", help="one interface (default: each xdpguard runs on)"), NETNS)),
     Command("detach", cmd_detach, "remove xdpguard from an interface (program and pins)",
             (arg("--iface", required=True), NETNS)),
     Command("status", cmd_status, "interfaces xdpguard runs on, policy, watch, what the policy fills",
@@ -632,7 +651,17 @@ EPILOGS = {
   xdpguard apply policy.toml --iface veth0 --netns lab --mode generic
   xdpguard apply policy.toml --iface eth1 --dry-run
   xdpguard apply policy.toml --iface eth0 --confirm 60   # then: xdpguard confirm --iface eth0
-  xdpguard apply policy.toml -i veth0 -n lab --confirm 2m30s""",
+  xdpguard apply policy.toml -i veth0 -n lab --confirm 2m30s
+  xdpguard apply new.toml --iface eth1 --diff            # what would change; applies nothing
+  xdpguard apply new.toml -i veth0 -n lab --diff -j
+
+--diff: exit 0 when the policy compiles (whether or not it differs), 2 when
+it is invalid, 1 when the running policy cannot be read. Every apply prints
+a one-line summary of the change (--json: "changes").""",
+    "show": """examples:
+  xdpguard show                          # each interface xdpguard runs on
+  xdpguard show --iface eth1
+  xdpguard show -i veth0 -n lab --json""",
     "detach": """examples:
   xdpguard detach --iface eth1
   xdpguard detach --iface veth0 --netns lab""",

@@ -126,6 +126,12 @@ def emit_json(obj) -> None:
     sys.stdout.flush()
 
 
+def rfc3339(ts: float) -> str:
+    """A time as RFC 3339 with its offset, in UTC ("2026-12-07T03:58:01+00:00")."""
+    from datetime import datetime, timezone
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
+
+
 def human_duration(s: float) -> str:
     s = int(max(0, s))
     if s >= 86400:

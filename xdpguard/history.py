@@ -22,6 +22,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from xdpguard import bans, pins
@@ -89,25 +90,48 @@ def save(policy: Policy, netns: str | None, iface: str) -> str | None:
     return None
 
 
-def load_kept(netns: str | None, iface: str, info: pins.PolicyInfo) -> Policy:
-    """The policy a history entry names, from its copy (UsageError when
-    none was kept)."""
+@dataclass
+class Kept:
+    """A kept copy of a policy: its file's text and where it was read,
+    and the kept copy of each set file by its "file" string."""
+    source: str
+    name: str
+    text: str
+    sets: dict[str, Path]
+
+
+def read_kept(netns: str | None, iface: str, info: pins.PolicyInfo) -> Kept:
+    """The kept copy a record or history entry names, unparsed (UsageError
+    when none was kept)."""
     d = history_dir(netns, iface)
     doc = bans.read_json(d / f"{info.sha256}.json", None)
-    missing = UsageError(f"{iface}: no copy of policy '{info.name}' (sha256 {info.sha256[:16]}...) "
-                         f"is kept in {d}; apply it again from its file")
+    missing = _missing(d, iface, info)
     if not isinstance(doc, dict):
         raise missing
     try:
         blobs = d / "blobs"
-        text = (blobs / doc["policy"]).read_bytes().decode("utf-8")
-        policy = load(doc["source"], text=text,
-                      set_files={name: str(blobs / sha) for name, sha in doc["sets"].items()})
-    except (OSError, KeyError, TypeError, UnicodeDecodeError):
+        return Kept(doc["source"], doc["name"], (blobs / doc["policy"]).read_bytes().decode("utf-8"),
+                    {name: blobs / sha for name, sha in doc["sets"].items()})
+    except (OSError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
         raise missing from None
-    if policy.sha256 != info.sha256:
-        raise missing
+
+
+def load_kept(netns: str | None, iface: str, info: pins.PolicyInfo) -> Policy:
+    """The policy a history entry names, from its copy (UsageError when
+    none was kept)."""
+    kept = read_kept(netns, iface, info)
+    try:
+        policy = load(kept.source, text=kept.text, set_files={k: str(v) for k, v in kept.sets.items()})
+    except OSError:
+        policy = None
+    if policy is None or policy.sha256 != info.sha256:
+        raise _missing(history_dir(netns, iface), iface, info)
     return policy
+
+
+def _missing(d: Path, iface: str, info: pins.PolicyInfo) -> UsageError:
+    return UsageError(f"{iface}: no copy of policy '{info.name}' (sha256 {info.sha256[:16]}...) "
+                      f"is kept in {d}; apply it again from its file")
 
 
 def prune(netns: str | None, iface: str, record: pins.Record) -> None:
