@@ -66,6 +66,13 @@ def test_page_is_current(tmp_path):
     assert out.read_text() == PAGE.read_text(), "docs/xdpguard.8 is stale: run 'make man' and commit it"
 
 
+def test_page_names_this_version():
+    """The page's footer carries pyproject's version (--version's)."""
+    import tomllib
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert re.search(r"^footer: xdpguard (\S+)$", SOURCE.read_text(), re.M).group(1) == version
+
+
 def test_every_command_and_flag_is_documented():
     """Each command of COMMANDS has its SYNOPSIS line naming all its long
     flags, and a section of its own under COMMANDS."""
