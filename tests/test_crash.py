@@ -270,7 +270,8 @@ def test_watch_killed_after_a_ban_keeps_the_offence(tmp_path):
     def child():
         os.environ["XDPGUARD_TEST_KILLPOINT"] = "watch-banned"
         w = daemon.Watch(pol, "x", None, 1.0, True, out=open(os.devnull, "w"))
-        w.tick(daemon.Mitigator(pol, []), Sampler(), BanMaps(), state)
+        w.mit, w.sampler, w.banmaps, w.state_path = daemon.Mitigator(pol, []), Sampler(), BanMaps(), state
+        w.decide()
 
     proc = multiprocessing.get_context("fork").Process(target=child)
     proc.start()

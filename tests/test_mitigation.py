@@ -22,6 +22,7 @@ import pytest
 from tests.conftest import require_tool
 from testing.lab import CLIENT4, EXTRA4, REPO, SERVER4, Lab, nsenter
 from testing.timing import scaled, slowdown, wait_until
+from testing.watcher import Watcher
 from testing.webpolicy import web_policy
 
 pytestmark = pytest.mark.e2e
@@ -32,9 +33,6 @@ CONN_FLOODER = EXTRA4[1]         # 10.200.0.11
 ALLOWED_FLOODER = EXTRA4[10]     # 10.200.0.20
 WINDOW = 2.0                     # the policy's window
 TICK = 0.5                       # watch --interval
-# watch starts in seconds, but its first bcc compile of the probes took
-# 54-81 s in an emulated guest; the wait ends as soon as it says "watching".
-START_DEADLINE = 300.0
 
 
 def slack() -> float:
@@ -83,60 +81,6 @@ def lab(tmp_path_factory):
         lab.run("server", ["ip", "addr", "add", f"{SERVER4B}/24", "dev", lab.server_if], check=True)
         lab.start_nginx("server", listen=[(SERVER4, 80), (SERVER4B, 80)])
         yield lab
-
-
-class Watcher:
-    """`xdpguard watch --json` in the background, its lines collected. It
-    runs in the root namespace (as on a host), or with `ns` inside a lab
-    namespace: there its --metrics exporter listens on that namespace's
-    loopback, not the machine's."""
-
-    def __init__(self, lab: Lab, policy, state_dir, interval=f"{TICK}s", extra=(), ns=None):
-        env = dict(os.environ, XDPGUARD_STATE_DIR=str(state_dir))
-        cmd = [*lab.xg, "watch", str(policy), "--iface", lab.server_if, "--netns", lab.server_ns,
-               "--interval", interval, "--json", *extra]
-        if ns:
-            cmd = nsenter(lab.ns(ns), cmd)
-        self.p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                  env=env, cwd=REPO)
-        self.lines: list[dict] = []
-        self.err: list[str] = []
-        self.ready = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
-        threading.Thread(target=self._read_err, daemon=True).start()
-        wait_until(lambda: self.ready.is_set() or self.p.poll() is not None, START_DEADLINE, interval=0.1)
-        if not self.ready.is_set():
-            self.stop(signal.SIGKILL)
-            raise AssertionError("watch did not start: " + "".join(self.err))
-
-    def _read(self):
-        for line in self.p.stdout:
-            d = json.loads(line)
-            d["_seen"] = time.monotonic()
-            self.lines.append(d)
-
-    def _read_err(self):
-        for line in self.p.stderr:
-            self.err.append(line)
-            if "watching" in line:
-                self.ready.set()
-
-    def bans(self, source=None):
-        return [d for d in self.lines if d["action"] == "ban" and (source is None or d["source"] == source)]
-
-    def wait_for(self, pred, timeout):
-        return wait_until(pred, max(timeout, 0.0))
-
-    def stop(self, sig=signal.SIGTERM) -> float:
-        t0 = time.monotonic()
-        self.p.send_signal(sig)
-        try:
-            self.p.wait(scaled(10))
-        finally:
-            if self.p.poll() is None:
-                self.p.kill()
-                self.p.wait()
-        return time.monotonic() - t0
 
 
 def _syn_flood(lab: Lab, src: str, pps: int, seconds: float, dst=SERVER4):

@@ -21,7 +21,7 @@ from typing import Callable
 from xdpguard import cli_compare, cli_mitigation, cli_safety
 from xdpguard.cliutil import (EXIT_NOT_CONFIRMED, EXIT_OK, EXIT_SYSTEM, EXIT_USAGE, CliError, Numbers,
                               applied, check_names, colour, duration_type, emit_json, host_port, int_type,
-                              load_policy, netns_of, new_frame, paint, table, warn)
+                              load_policy, netns_of, new_frame, paint, still_applied, table, warn)
 
 # `test`: packets a line of --packets or --count may send (BPF_PROG_TEST_RUN
 # repeats in the kernel: a bound keeps one call short).
@@ -465,7 +465,10 @@ def cmd_stats(args) -> int:
     t_prev = None
     while True:
         now = time.monotonic()
-        snaps = {d: stats.read_stats(d, records[d]) for d in records}
+        snaps = {}
+        for d, rec in records.items():
+            with still_applied(rec.netns, rec.iface):
+                snaps[d] = stats.read_stats(d, rec)
         if args.json:
             for d, s in snaps.items():
                 if t_prev is not None:
@@ -630,7 +633,10 @@ COMMANDS = (
             "go back one step in the history of applied policies (again: one step further)",
             (arg("--iface", required=True), NETNS)),
     Command("log", cli_safety.cmd_log, "sampled dropped packets (rules with log = true)",
-            (arg("--iface"), NETNS, arg("--follow", action="store_true", help="keep printing new events"))),
+            (arg("--iface"), NETNS,
+             arg("--last", type=int_type(0, 1_000_000), default=100, metavar="N",
+                 help="print the last N events first (default 100; 0: none)"),
+             arg("--follow", action="store_true", help="then keep printing new events"))),
     Command("doctor", cmd_doctor, "check that this machine can run xdpguard, and how to fix what is missing",
             (arg("--iface", help="also check native XDP support and foreign programs on this interface"),
              arg("--netns", help="network namespace of --iface (/run/netns/NAME)"))),

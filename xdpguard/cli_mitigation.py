@@ -6,7 +6,7 @@ import sys
 import time
 
 from xdpguard.cliutil import (CliError, Numbers, applied, check_names, colour, emit_json, human_duration,
-                              load_policy, netns_of, new_frame, paint, table, warn)
+                              load_policy, netns_of, new_frame, paint, still_applied, table, warn)
 
 
 def _scope(args) -> list:
@@ -160,24 +160,27 @@ def cmd_top(args) -> int:
     d, rec = targets[0]
     m = Mitigation(prefix4=rec.mitigation.prefix4, prefix6=rec.mitigation.prefix6)
     probes = open_probes(m, lambda msg: print(f"note: {msg}", file=sys.stderr))
-    sampler = Sampler(d, rec, probes)
-    local = {a for a, _w in bans.own_addresses(rec.ns)}
+    sampler = None
     num = Numbers(args.exact)
 
     def in_force() -> list[dict]:
         with bans.BanMaps(d, rec) as bm:
             return [e for e in bm.entries() if not e["expired"]]
-    prev_stats, prev_bans = stats.read_stats(d, rec), in_force()
-    prev_t = time.monotonic()
-    sampler.sample()
     first = True
     try:
+        with still_applied(rec.netns, rec.iface):
+            sampler = Sampler(d, rec, probes)
+            local = {a for a, _w in bans.own_addresses(rec.ns)}
+            prev_stats, prev_bans = stats.read_stats(d, rec), in_force()
+        prev_t = time.monotonic()
+        sampler.sample()
         while True:
             time.sleep(args.interval)
-            dt, sources, dests = sampler.sample()
-            cur = stats.read_stats(d, rec)
+            with still_applied(rec.netns, rec.iface):
+                dt, sources, dests = sampler.sample()
+                cur = stats.read_stats(d, rec)
+                banned = in_force()
             now = time.monotonic()
-            banned = in_force()
             view = _top_view(rec, sources, dests, local, prev_stats, cur, now - prev_t, banned, prev_bans,
                              probes is not None)
             prev_stats, prev_bans, prev_t = cur, banned, now
@@ -191,10 +194,9 @@ def cmd_top(args) -> int:
             first = False
             if args.once:
                 return 0
-    except KeyboardInterrupt:
-        return 0
     finally:
-        sampler.close()
+        if sampler:
+            sampler.close()
         if probes:
             probes.close()
 

@@ -38,15 +38,16 @@ def cmd_rollback(args) -> int:
 
 
 def cmd_log(args) -> int:
-    from xdpguard import stats
+    import signal
+    from xdpguard import pins, stats
     from xdpguard.droplog import DropLog
-    from xdpguard import pins
     check_names(args)
     targets = stats.select(args.netns, args.iface)
     if not targets:
         raise CliError("xdpguard is not applied here (see 'xdpguard status')")
     _n, _i, d = targets[0]
     log = DropLog(d, pins.read_record(d))
+
     def show(events):
         for e in events:
             if args.json:
@@ -65,22 +66,29 @@ def cmd_log(args) -> int:
         else:
             print(f"({n} events suppressed by the log rate limit since {since})")
 
+    stop = []
+    if args.follow:
+        # A service manager's SIGTERM ends it like the end of the output: 0.
+        signal.signal(signal.SIGTERM, lambda *_: stop.append(0))
     try:
+        log.drain()
+        show(log.recent(args.last))
         if not args.follow:
-            # What the ring buffer holds now; then the suppression total.
-            show(log.read(0))
             suppressed(log.suppressed(), "apply")
             return 0
         last_supp = log.suppressed()
         last_t = time.monotonic()
-        while True:
-            show(log.read(200))
+        while not stop:
+            sys.stdout.flush()
+            time.sleep(0.2)
+            log.drain()
+            show(log.follow())
             if time.monotonic() - last_t >= 1.0:
                 supp = log.suppressed()
                 suppressed(supp - last_supp, "the last line")
                 last_supp, last_t = supp, time.monotonic()
-            sys.stdout.flush()
-    except KeyboardInterrupt:
         return 0
+    except KeyboardInterrupt:
+        return 130
     finally:
         log.close()

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import sys
+from contextlib import contextmanager
 
 EXIT_OK, EXIT_SYSTEM, EXIT_USAGE, EXIT_NOT_CONFIRMED = 0, 1, 2, 3
 
@@ -98,10 +99,30 @@ def applied(args) -> list:
     that xdpguard runs on; a usage error if there is none."""
     from xdpguard import pins, stats
     targets = stats.select(args.netns, args.iface)
-    if not targets:
+    out = []
+    for ns, ifc, d in targets:
+        with still_applied(ns, ifc):
+            rec = pins.read_record(d)
+        if rec is not None:        # detached since it was listed
+            out.append((d, rec))
+    if not out:
         where = f" on {args.iface}" if args.iface else ""
         raise CliError(f"xdpguard is not applied{where} (see 'xdpguard status')")
-    return [(d, pins.read_record(d)) for _n, _i, d in targets]
+    return out
+
+
+@contextmanager
+def still_applied(netns: str, iface: str):
+    """For readers of the pins (stats, top): pins that went away while they
+    read (a detach) end them with one line, not bpf_obj_get's error."""
+    import errno
+    try:
+        yield
+    except OSError as e:
+        if e.errno != errno.ENOENT:
+            raise
+        raise CliError(f"{netns}/{iface}: xdpguard is no longer applied there (detached?); "
+                       "see 'xdpguard status'", EXIT_SYSTEM) from None
 
 
 # ---------------------------------------------------------------- output

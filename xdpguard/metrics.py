@@ -5,26 +5,21 @@ staler than the scrape itself.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import CollectorRegistry
 
-from xdpguard.pins import Record
-
 
 class _Collector:
-    def __init__(self, directory: Path, record: Record, banmaps, watch):
-        self.directory = directory
-        self.record = record
-        self.banmaps = banmaps
+    def __init__(self, watch):
         self.watch = watch
 
     def collect(self):
         from xdpguard import stats
+        # The watch's record: the policy it runs now (reloads change it).
+        record, directory = self.watch.record, self.watch.directory
         labels = ["netns", "iface", "rule", "action"]
-        where = [self.record.netns, self.record.iface]
-        snap = stats.read_stats(self.directory, self.record)
+        where = [record.netns, record.iface]
+        snap = stats.read_stats(directory, record)
         fams = {n: CounterMetricFamily(f"xdpguard_rule_{n}", f"{n.replace('_', ' ')} per rule", labels=labels)
                 for n in ("packets", "bytes", "dropped_packets", "dropped_bytes")}
         for r in snap["rules"]:
@@ -34,7 +29,7 @@ class _Collector:
         banned = CounterMetricFamily("xdpguard_banned_packets", "packets dropped by bans", labels=["netns", "iface"])
         banned.add_metric(where, snap["bans"]["packets"])
         yield banned
-        entries = self.banmaps.entries()
+        entries = self.watch.banmaps.entries()
         active = GaugeMetricFamily("xdpguard_bans_active", "bans in force", labels=["netns", "iface"])
         active.add_metric(where, sum(1 for e in entries if not e["expired"]))
         yield active
@@ -47,9 +42,9 @@ class _Collector:
         fill = GaugeMetricFamily("xdpguard_map_entries", "entries in hash and trie maps",
                                  labels=["netns", "iface", "map"])
         cap = GaugeMetricFamily("xdpguard_map_capacity", "capacity of maps", labels=["netns", "iface", "map"])
-        gen = stats.active_gen(self.directory)
+        gen = stats.active_gen(directory)
         for name in ("ban4", "ban6", "sbuckets", "srcstat", "lpm4", "lpm6"):
-            got = stats.map_fill(self.directory / name, gen)   # lpm*: the running trie
+            got = stats.map_fill(directory / name, gen)   # lpm*: the running trie
             if got is None:
                 continue
             fill.add_metric(where + [name], got[0])
@@ -58,10 +53,11 @@ class _Collector:
         yield cap
 
 
-def serve(host: str, port: int, directory: Path, record: Record, banmaps, watch):
-    """Start the HTTP exporter in a thread; returns an object with shutdown()."""
+def serve(host: str, port: int, watch):
+    """Start the HTTP exporter of a running watch in a thread; returns an
+    object with shutdown()."""
     from prometheus_client import start_http_server
     registry = CollectorRegistry()
-    registry.register(_Collector(directory, record, banmaps, watch))
+    registry.register(_Collector(watch))
     server, thread = start_http_server(port, addr=host, registry=registry)
     return server

@@ -64,14 +64,25 @@ def iface_dir(netns: str | None, iface: str) -> Path:
 _held = threading.local()
 
 
+class Abandoned(Exception):
+    """Raised by a signal handler to give up waiting for the lock (see waiting())."""
+
+
+def waiting() -> bool:
+    """Whether this thread waits for the lock in locked(interruptible=True):
+    a signal handler may then raise Abandoned (nothing is held yet)."""
+    return getattr(_held, "waiting", False)
+
+
 @contextmanager
-def locked() -> Iterator[None]:
+def locked(interruptible: bool = False) -> Iterator[None]:
     """Serialise writers (apply, detach, ban) like xdp-filter: flock on the root.
 
     Re-entrant in one thread (apply holds it and then changes the record
     through modify_record): a second flock on a new descriptor would wait
     for the first forever. Other threads open their own descriptor, and
-    flock serialises them like other processes."""
+    flock serialises them like other processes. interruptible: the wait
+    (an apply holds the lock for seconds) may end in Abandoned."""
     if getattr(_held, "depth", 0):
         _held.depth += 1
         try:
@@ -83,7 +94,11 @@ def locked() -> Iterator[None]:
     ROOT.mkdir(parents=True, exist_ok=True)
     fd = os.open(ROOT, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        _held.waiting = interruptible
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        finally:
+            _held.waiting = False
         _held.depth = 1
         try:
             yield

@@ -1,0 +1,70 @@
+"""The drop log's journal and times, without a kernel (issue 16.11, 16.12);
+tests/test_operations.py runs them on the real program."""
+from __future__ import annotations
+
+import time
+
+from xdpguard import droplog
+
+
+def test_time_from_one_number_across_a_second_boundary(monkeypatch):
+    """Seconds and fraction come from one wall-clock instant: a boot-time
+    offset with a fraction of .9 s used to give the seconds of the instant
+    and the fraction of the boot time (x.912, then x.012 for x+1.012)."""
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    try:
+        offset = 1_700_000_000_900_000_000
+        boot = [1_012_000_000, 1_062_000_000, 1_112_000_000, 1_162_000_000]
+        got = [droplog.wall_time(offset + b) for b in boot]
+        assert got == ["2023-11-14T22:13:21.912000", "2023-11-14T22:13:21.962000",
+                       "2023-11-14T22:13:22.012000", "2023-11-14T22:13:22.062000"]
+        assert got == sorted(got)
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+
+
+class _Ring:
+    """One reader's view of the ring buffer: consume() hands what the ring
+    holds to this reader, and it is gone for all."""
+
+    def __init__(self, taken, records):
+        self.taken, self.records = taken, records
+
+    def consume(self):
+        self.taken.extend(self.records)
+        n = len(self.records)
+        self.records.clear()
+        return n
+
+
+def _reader(tmp_path, ring: list) -> droplog.DropLog:
+    d = droplog.DropLog.__new__(droplog.DropLog)
+    d.path = tmp_path / droplog.JOURNAL
+    d._taken = []
+    d.rb = _Ring(d._taken, ring)
+    d._pos = None
+    d.event = lambda raw, _offset: {"src": raw.decode()}
+    return d
+
+
+def test_every_reader_sees_every_event_across_rotation(tmp_path, monkeypatch):
+    monkeypatch.setattr(droplog, "JOURNAL_BYTES", 200)
+    ring: list[bytes] = []
+    a, b = _reader(tmp_path, ring), _reader(tmp_path, ring)
+    a.recent(10)
+    b.recent(10)
+    seen_a, seen_b = [], []
+    for i in range(12):
+        ring.append(f"10.0.0.{i}".encode())
+        (a if i % 2 else b).drain()    # whoever reads first moves it
+        seen_a += a.follow()
+        if i % 3 == 0:
+            seen_b += b.follow()
+    seen_b += b.follow()
+    assert [e["seq"] for e in seen_a] == list(range(1, 13))
+    assert seen_b == seen_a
+    assert (tmp_path / (droplog.JOURNAL + ".1")).exists(), "the journal rotated"
+    # A late reader gets the most recent ones, from both files.
+    assert [e["src"] for e in _reader(tmp_path, ring).recent(4)] == [f"10.0.0.{i}" for i in range(8, 12)]

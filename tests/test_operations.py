@@ -1,0 +1,288 @@
+"""Operating during an incident (issue 16): `watch` takes a new policy
+(SIGHUP, or an apply from elsewhere), runs once per interface, stops when
+its program is gone, exits 130 on SIGINT and 0 on SIGTERM, never writes
+back a record it read earlier; `log` times its events right and takes
+them from no other reader.
+
+Real packets in a veth lab (testing/lab.py); every flood is bounded in
+packets and seconds.
+"""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+from datetime import datetime
+
+import pytest
+
+from testing.lab import EXTRA4, PIN_ROOT, REPO, SERVER4, Lab, VethPair, json_docs
+from testing.timing import scaled, slowdown, wait_until
+from testing.watcher import Watcher
+from testing.webpolicy import web_policy
+
+pytestmark = pytest.mark.e2e
+
+FLOODER = EXTRA4[5]              # 10.200.0.15
+WINDOW = 1.0
+
+
+def slack() -> float:
+    """A few of watch's ticks and a flood's start-up, stretched on a slow machine."""
+    return min(60.0, 4.0 * slowdown())
+
+
+@pytest.fixture(scope="module")
+def lab():
+    with Lab() as lab:
+        yield lab
+
+
+def _where(lab) -> list[str]:
+    return ["--iface", lab.server_if, "--netns", lab.server_ns]
+
+
+def _policy(lab, name, pps, allow=()):
+    return lab.write_policy(name, web_policy(name, pps=pps, window=f"{WINDOW:g}s", ban="1m",
+                                             allow=[f"{a}/32" for a in allow]))
+
+
+def _banned(lab) -> set[str]:
+    cp = lab.xdpguard("bans", *_where(lab), "--json")
+    return {b["prefix"] for b in json.loads(cp.stdout)["bans"] if not b["expired"]}
+
+
+def test_watch_takes_a_new_policy(lab, tmp_path):
+    """Issue 16.1: thresholds and allowlist of an apply from elsewhere and of
+    a SIGHUP reload are in force at once; a reload that fails keeps what runs."""
+    lab.detach(check=False)
+    lab.xdpguard("unban", FLOODER, *_where(lab), check=False)
+    own = _policy(lab, "high", "2000/s")
+    w = Watcher(lab, own, tmp_path)
+    flood = lab.udp_send("client", FLOODER, SERVER4, 9, pps=400, seconds=scaled(120, cap=600), background=True)
+    try:
+        # Under the threshold of the policy watch started with: no ban.
+        time.sleep(WINDOW + slack())
+        assert not w.bans(), w.lines
+
+        # An apply from elsewhere lowers it: watch says so and bans.
+        t0 = time.monotonic()
+        lab.apply(_policy(lab, "low", "100/s"))
+        ban = w.wait_for(lambda: w.bans(f"{FLOODER}/32"), WINDOW + slack() + scaled(10))
+        assert ban, f"not banned after the apply: {w.lines} {w.err}"
+        assert ban[0]["threshold"] == 100 and ban[0]["_seen"] > t0
+        assert w.notes("policy 'low'") and w.notes("applied from elsewhere"), w.err
+        assert f"{FLOODER}/32" in _banned(lab)
+
+        # SIGHUP: watch's own file, now allowlisting the flooder, is read
+        # and applied; the ban watch made is lifted and not made again.
+        own.write_text(_policy(lab, "high2", "100/s", allow=[FLOODER]).read_text())
+        w.p.send_signal(signal.SIGHUP)
+        assert w.wait_for(lambda: w.notes("reload (SIGHUP): policy 'high2'"), scaled(60)), w.err
+        assert w.wait_for(lambda: [d for d in w.lines if d["action"] == "unban"
+                                   and d["source"] == f"{FLOODER}/32"], slack()), w.lines
+        assert lab.status()[0]["policy"] == "high2"
+        time.sleep(WINDOW + slack())
+        assert len(w.bans(f"{FLOODER}/32")) == 1 and f"{FLOODER}/32" not in _banned(lab)
+
+        # A reload that fails validation changes nothing and says why.
+        own.write_text("[policy]\nname = 'broken\n")
+        w.p.send_signal(signal.SIGHUP)
+        assert w.wait_for(lambda: w.notes("reload (SIGHUP) failed"), scaled(30)), w.err
+        assert w.notes("keeping policy 'high2'") and w.p.poll() is None
+        assert lab.status()[0]["policy"] == "high2"
+    finally:
+        lab.stop(flood)
+        took = w.stop(signal.SIGTERM)
+        lab.xdpguard("unban", FLOODER, *_where(lab), check=False)
+    assert w.p.returncode == 0, "SIGTERM (a service manager's stop) is exit status 0"
+    assert took < scaled(3.0)
+
+
+def test_one_watch_per_interface_and_sigint(lab, tmp_path):
+    """Issue 16.2 and 16.4: a second watch on the interface exits 2 at once
+    naming the first; SIGINT ends the first with 130."""
+    from xdpguard import pins
+    lab.detach(check=False)
+    pol = _policy(lab, "single", "100k/s")
+    w = Watcher(lab, pol, tmp_path)
+    try:
+        state = tmp_path / lab.server_ns / lab.server_if / "watch.json"
+        before = state.read_bytes() if state.exists() else None
+        t0 = time.monotonic()
+        cp = lab.xdpguard("watch", pol, *_where(lab), check=False, timeout=scaled(60))
+        assert cp.returncode == 2, cp.stdout + cp.stderr
+        assert f"PID {w.p.pid}" in cp.stderr and "one watch per interface" in cp.stderr, cp.stderr
+        assert "Traceback" not in cp.stderr
+        # Refused before anything (apply, probes): in seconds, nothing written.
+        assert time.monotonic() - t0 < scaled(10)
+        assert (state.read_bytes() if state.exists() else None) == before
+        assert w.p.poll() is None
+        # SIGINT while another process holds the pin lock (an apply, for
+        # seconds): watch, waiting for it at its tick, stops at once.
+        with pins.locked():
+            time.sleep(2.0)
+            took = w.stop(signal.SIGINT)
+    finally:
+        w.stop(signal.SIGINT)
+    assert took < scaled(3.0), f"watch took {took:.1f}s to stop"
+    assert w.p.returncode == 130, w.err
+    assert w.notes("stopped; bans stay in force")
+
+
+def test_watch_stops_when_its_program_is_gone(lab, tmp_path):
+    """Issue 16.3: detach, and a namespace deleted under the interface, end
+    watch with status 1 and one line; `stats --watch` running during a
+    detach ends with a clear message, not bpf_obj_get's."""
+    lab.detach(check=False)
+    pol = _policy(lab, "gone", "100k/s")
+    watchers = []
+    with VethPair("xgo", split=False) as v:
+        try:
+            lab.apply(pol)
+            lab.xdpguard("apply", pol, "--iface", v.a, "--netns", v.ns_a)
+            # Both start at once: each compiles its probes for many seconds.
+            watchers += [Watcher(lab, pol, tmp_path / "1", wait=False),
+                         Watcher(lab, pol, tmp_path / "2", iface=v.a, netns=v.ns_a, wait=False)]
+            w1, w2 = watchers
+            w1.wait_ready()
+            w2.wait_ready()
+            stats = subprocess.Popen([*lab.xg, "stats", *_where(lab), "--watch", "0.2", "--json"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
+            time.sleep(0.5)
+
+            lab.detach()
+            assert w1.wait_exit(slack() + scaled(10)) == 1, w1.err
+            assert w1.notes("xdpguard is no longer applied"), w1.err
+            assert not w1.notes("bans stay in force"), w1.err
+            try:
+                _out, err = stats.communicate(timeout=scaled(10))
+            finally:
+                if stats.poll() is None:
+                    stats.kill()
+                    stats.wait()
+            assert stats.returncode == 1 and "bpf_obj_get" not in err, err
+            assert "no longer applied" in err and "Traceback" not in err, err
+
+            # The namespace goes, and the interface with it.
+            subprocess.run(["ip", "netns", "del", v.ns_a], check=True, timeout=scaled(30))
+            assert w2.wait_exit(slack() + scaled(10)) == 1, w2.err
+            assert w2.notes(f"the network namespace '{v.ns_a}' is gone"), w2.err
+        finally:
+            for w in watchers:
+                w.stop(signal.SIGKILL)
+            lab.detach(check=False)
+            # Pins of a deleted namespace: detach cannot enter it.
+            shutil.rmtree(PIN_ROOT / v.ns_a, ignore_errors=True)
+
+
+def test_watch_changes_the_record_under_the_lock(lab, tmp_path, monkeypatch):
+    """Issue 16.5: what another writer changes in the record while watch
+    starts (its probes take seconds to compile) survives watch's own change."""
+    from xdpguard import daemon, pins
+    from xdpguard.policy import load
+    lab.detach(check=False)
+    pol = _policy(lab, "record", "100k/s")
+    lab.apply(pol)
+    directory = pins.iface_dir(lab.server_ns, lab.server_if)
+
+    def probes_while_confirm_runs(_mitigation, _log=None):
+        pins.modify_record(directory, lambda r: replace(r, confirm=pins.Confirm(4242.0)))
+        return None
+    monkeypatch.setattr(daemon, "open_probes", probes_while_confirm_runs)
+    monkeypatch.setattr(daemon, "RUN_ROOT", tmp_path / "run")
+    err = io.StringIO()
+    w = daemon.Watch(load(pol), lab.server_if, lab.server_ns, 0.2, True, out=io.StringIO(), err=err)
+
+    def stop_when_watching():
+        wait_until(lambda: "watching" in err.getvalue(), scaled(60))
+        w.exit_code = 0
+        w.wake.set()
+    threading.Thread(target=stop_when_watching, daemon=True).start()
+    assert w.run() == 0, err.getvalue()
+    rec = pins.read_record(directory)
+    assert rec.probes == "none" and rec.confirm == pins.Confirm(4242.0)
+    lab.detach()
+
+
+LOGGED = """
+[policy]
+name = "logged"
+log_rate = 50
+[[rule]]
+name = "no-discard"
+proto = "udp"
+dport = 9
+action = "deny"
+log = true
+"""
+
+# Sends n datagrams 0.1 s apart from a wall-clock fraction of .65 on, so
+# that they straddle a second boundary; prints each one's wall time.
+_SEND = r"""
+import json, socket, sys, time
+src, dst, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((src, 0))
+time.sleep((0.65 - time.time() % 1) % 1)
+sent = []
+for i in range(n):
+    sent.append(time.time())
+    s.sendto(b"x", (dst, 9))
+    time.sleep(0.1)
+print(json.dumps(sent))
+"""
+
+
+def _log(lab, *extra) -> list[dict]:
+    return [d for d in json_docs(lab.xdpguard("log", *_where(lab), "--json", *extra).stdout) if "seq" in d]
+
+
+def _epoch(text: str) -> float:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%f").timestamp()
+
+
+def test_log_times_and_readers(lab):
+    """Issue 16.11 and 16.12: events sent across a second boundary come out
+    in order, each within 50 ms of when it was sent; `log` run twice, and
+    `log --follow` running meanwhile, all show every event; SIGINT ends
+    --follow with 130, SIGTERM with 0."""
+    lab.detach(check=False)
+    lab.apply(lab.write_policy("logged", LOGGED))
+    before = {e["seq"] for e in _log(lab)}
+    # What they print first (the recent events) and then (followed) together.
+    follows = [subprocess.Popen([*lab.xg, "log", *_where(lab), "--follow", "--json"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+               for _ in range(2)]
+    try:
+        time.sleep(scaled(1))
+        n = 8
+        sent = json.loads(lab.run("client", [sys.executable, "-c", _SEND, EXTRA4[6], SERVER4, str(n)],
+                                  check=True, timeout=scaled(20)).stdout)
+        first = [e for e in _log(lab) if e["seq"] not in before]
+        second = [e for e in _log(lab) if e["seq"] not in before]
+        assert len(first) == n and all(e["rule"] == "no-discard" and e["src"] == EXTRA4[6] for e in first), first
+        assert second == first, "a second reader sees what the first saw"
+        times = [_epoch(e["time"]) for e in first]
+        assert int(sent[0]) != int(sent[-1]), "the sends straddle a second boundary"
+        assert times == sorted(times), [e["time"] for e in first]
+        off = [t - s for t, s in zip(times, sent)]
+        assert all(-0.005 < d < 0.05 for d in off), list(zip([e["time"] for e in first], sent))
+        assert [e["seq"] for e in first] == sorted(e["seq"] for e in first)
+    finally:
+        time.sleep(0.5)
+        follows[0].send_signal(signal.SIGINT)
+        follows[1].send_signal(signal.SIGTERM)
+        outs = [p.communicate(timeout=scaled(10)) for p in follows]
+    for p, (out, err) in zip(follows, outs):
+        got = [d for d in json_docs(out) if "seq" in d and d["seq"] not in before]
+        assert [e["seq"] for e in got] == [e["seq"] for e in first], (out, err)
+    assert [p.returncode for p in follows] == [130, 0], [o[1] for o in outs]
+    assert _log(lab, "--last", "3") == first[-3:]
+    lab.detach()
