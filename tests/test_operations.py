@@ -138,11 +138,11 @@ def test_one_watch_per_interface_and_sigint(lab, tmp_path):
 
 def test_watch_stops_when_its_program_is_gone(lab, tmp_path):
     """Issue 16.3: detach, and a namespace deleted under the interface, end
-    watch with status 1 and one line; `stats --watch` running during a
-    detach ends with a clear message, not bpf_obj_get's."""
+    watch with status 1 and one line; `stats --watch` and `top` running
+    during a detach end with a clear message, not bpf_obj_get's."""
     lab.detach(check=False)
     pol = _policy(lab, "gone", "100k/s")
-    watchers = []
+    watchers, readers = [], []
     with VethPair("xgo", split=False) as v:
         try:
             lab.apply(pol)
@@ -151,24 +151,29 @@ def test_watch_stops_when_its_program_is_gone(lab, tmp_path):
             watchers += [Watcher(lab, pol, tmp_path / "1", wait=False),
                          Watcher(lab, pol, tmp_path / "2", iface=v.a, netns=v.ns_a, wait=False)]
             w1, w2 = watchers
+            # top too compiles probes: started beside them, read once it prints.
+            top_out = tmp_path / "top.json"
+            with open(top_out, "w") as f:
+                top = subprocess.Popen([*lab.xg, "top", *_where(lab), "--interval", "0.2", "--json"],
+                                       stdout=f, stderr=subprocess.PIPE, text=True, cwd=REPO)
+            readers.append(top)
             w1.wait_ready()
             w2.wait_ready()
             stats = subprocess.Popen([*lab.xg, "stats", *_where(lab), "--watch", "0.2", "--json"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
+            readers.append(stats)
+            assert wait_until(lambda: top_out.stat().st_size > 0 or top.poll() is not None, scaled(300))
+            assert top.poll() is None, top.stderr.read()
             time.sleep(0.5)
 
             lab.detach()
             assert w1.wait_exit(slack() + scaled(10)) == 1, w1.err
             assert w1.notes("xdpguard is no longer applied"), w1.err
             assert not w1.notes("bans stay in force"), w1.err
-            try:
-                _out, err = stats.communicate(timeout=scaled(10))
-            finally:
-                if stats.poll() is None:
-                    stats.kill()
-                    stats.wait()
-            assert stats.returncode == 1 and "bpf_obj_get" not in err, err
-            assert "no longer applied" in err and "Traceback" not in err, err
+            for p in (stats, top):
+                _out, err = p.communicate(timeout=scaled(10))
+                assert p.returncode == 1 and "bpf_obj_get" not in err, (p.args, err)
+                assert "no longer applied" in err and "Traceback" not in err, (p.args, err)
 
             # The namespace goes, and the interface with it.
             subprocess.run(["ip", "netns", "del", v.ns_a], check=True, timeout=scaled(30))
@@ -177,6 +182,10 @@ def test_watch_stops_when_its_program_is_gone(lab, tmp_path):
         finally:
             for w in watchers:
                 w.stop(signal.SIGKILL)
+            for p in readers:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
             lab.detach(check=False)
             # Pins of a deleted namespace: detach cannot enter it.
             shutil.rmtree(PIN_ROOT / v.ns_a, ignore_errors=True)
