@@ -147,6 +147,18 @@ def test_nothing_applied_adds_every_rule():
     assert d.added == [("x", None), ("y", "x")] and d.summary().startswith("rules +2 -0 ~0")
 
 
+@SETTINGS
+@given(st.sets(st.integers(0, 3000), max_size=600), st.sets(st.integers(0, 3000), max_size=600),
+       st.sets(st.integers(0, 3000), max_size=600))
+def test_sorted_diff_is_the_set_difference(common, only_old, only_new):
+    """Long shared runs (compared a block at a time) around the changes."""
+    old, new = sorted(common | only_old), sorted(common | only_new)
+    n_add, n_rem, add, rem = policydiff._sorted_diff(old, new)
+    assert (n_add, n_rem) == (len(set(new) - set(old)), len(set(old) - set(new)))
+    assert add == sorted(set(new) - set(old))[:policydiff.SAMPLE]
+    assert rem == sorted(set(old) - set(new))[:policydiff.SAMPLE]
+
+
 def test_large_set_counted_by_merge():
     from array import array
 
