@@ -12,12 +12,15 @@ The first half needs no kernel; the second applies a real policy in a lab
 """
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
 import pty
 import re
+import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -179,6 +182,34 @@ def test_policy_sha256_on_disk_is_loads(tmp_path):
         sha256_on_disk(tmp_path / "gone.toml")
 
 
+def test_watch_pid_is_the_lock_holder(tmp_path, monkeypatch):
+    """The PID that holds watch's instance lock (flock), not whatever a
+    file says: a lock file nobody holds (a killed watch's) is no watch."""
+    from xdpguard import daemon
+    monkeypatch.setattr(daemon, "RUN_ROOT", tmp_path)
+    assert stats.watch_pid("lab", "veth0") is None
+    path = tmp_path / "lab" / "veth0" / "watch.lock"
+    path.parent.mkdir(parents=True)
+    path.write_text("999999\n")
+    assert stats.watch_pid("lab", "veth0") is None
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time\n"
+        f"fd = os.open({str(path)!r}, os.O_RDWR)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('held', flush=True)\ntime.sleep(30)\n")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert stats.watch_pid("lab", "veth0") == holder.pid
+        # A reader's own shared lock elsewhere is not the holder.
+        with open(tmp_path / "other", "w") as other:
+            fcntl.flock(other, fcntl.LOCK_SH)
+            assert stats.watch_pid("lab", "veth0") == holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
+    assert stats.watch_pid("lab", "veth0") is None
+
+
 def test_usage_names_and_ban_capacity():
     rec = pins.Record(netns="host", iface="eth1", rules=[pins.RuleSlot("web", "allow", 8)],
                       mitigation=pins.MitigationInfo(True, 32, 64, max_bans=5000))
@@ -307,3 +338,28 @@ def test_top_during_a_many_source_flood_with_a_banned_source(lab):
     assert re.search(r"per source \(after bans, before rules\): \d+ sources sent [\d.k]+ pps; the top 10 send [\d.]+%",
                      human), human
     assert "reaching the listener" in human and "after rules:" in human
+
+
+@pytest.mark.e2e
+def test_status_says_whether_watch_runs(lab, tmp_path):
+    """No watch: "not running", and no probe set though the record keeps
+    the one the last watch used; a watch running: its PID (the holder of
+    its instance lock) and its probe set; stopped: not running again."""
+    from testing.watcher import Watcher
+    d = pins.iface_dir(lab.server_ns, lab.server_if)
+    pins.modify_record(d, lambda r: replace(r, probes="tracepoint"))    # a watch that ran once
+    (s,) = lab.status()
+    human = lab.xdpguard("status", "--netns", lab.server_ns).stdout
+    assert s["watch"] == {"running": False, "pid": None} and s["probes"] is None
+    assert "watch: not running" in human and "probes" not in human
+    w = Watcher(lab, lab.policy, tmp_path, interval="1s")
+    try:
+        (s,) = lab.status()
+        human = lab.xdpguard("status", "--netns", lab.server_ns).stdout
+    finally:
+        w.stop()
+    assert s["watch"] == {"running": True, "pid": w.p.pid}, s["watch"]
+    assert s["probes"] == pins.read_record(d).probes and s["probes"] in ("kprobe", "tracepoint", "none")
+    assert f"watch: running (PID {w.p.pid}), probes {s['probes']}" in human, human
+    (s,) = lab.status()
+    assert s["watch"] == {"running": False, "pid": None} and s["probes"] is None

@@ -401,8 +401,9 @@ def cmd_status(args) -> int:
                   f"'xdpguard apply' runs it)")
         else:
             print("  policy file: unchanged since apply")
-        if s.get("probes"):
-            print(f"  probes: {s['probes']}")
+        w = s["watch"]
+        print(f"  watch: running (PID {w['pid']}), probes {s['probes'] or 'none'}" if w["running"]
+              else "  watch: not running")
         sc = s.get("syncookies")
         if sc:
             def ranges(rs):

@@ -167,6 +167,7 @@ def read_status(directory: Path, record: pins.Record) -> dict:
         fill = map_fill(directory / name, gen)
         if fill is not None:
             maps[name] = {"entries": fill[0], "capacity": fill[1]}
+    pid = watch_pid(record.netns, record.iface)
     return {
         "netns": record.netns,
         "iface": record.iface,
@@ -182,7 +183,9 @@ def read_status(directory: Path, record: pins.Record) -> dict:
         # Newest first: where `rollback` goes, one step each.
         "history": [{"policy": p.name, "sha256": p.sha256, "applied_at": p.applied_at, "source": p.source}
                     for p in record.history],
-        "probes": record.probes,
+        # The probe set is watch's: shown only while a watch runs there.
+        "probes": record.probes if pid else None,
+        "watch": {"running": pid is not None, "pid": pid},
         "policy_file": policy_file(record),
         "syncookies": _syncookies(directory, record),
         "maps": maps,
@@ -211,6 +214,30 @@ def usage(record: pins.Record, maps: dict) -> dict:
             "bans": {"entries": entries("ban4", "ban6"), "capacity": ban_cap},
             "buckets": {"entries": entries("sbuckets"), "capacity": capacity("sbuckets")},
             "sources": {"entries": entries("srcstat"), "capacity": capacity("srcstat")}}
+
+
+def watch_pid(netns: str, iface: str) -> int | None:
+    """The PID of the `watch` serving an interface, or None: the holder of
+    its instance lock (daemon.instance_lock), found in /proc/locks by the
+    lock file's inode, so that a file left by a killed watch, or a PID
+    since reused, does not count."""
+    from xdpguard.daemon import RUN_ROOT
+    path = RUN_ROOT / netns / iface / "watch.lock"
+    try:
+        st = os.stat(path)
+        with open("/proc/locks") as f:
+            held = f.read().splitlines()
+    except OSError:
+        return None
+    for line in held:
+        # "1: FLOCK  ADVISORY  WRITE 4242 00:19:1234 0 EOF"
+        parts = line.split()
+        if len(parts) < 6 or parts[1] != "FLOCK" or parts[4] == "->":
+            continue
+        dev_ino = parts[5].rsplit(":", 1)
+        if len(dev_ino) == 2 and dev_ino[1].isdigit() and int(dev_ino[1]) == st.st_ino and parts[4].isdigit():
+            return int(parts[4])
+    return None
 
 
 def policy_file(record: pins.Record) -> dict:
