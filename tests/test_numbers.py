@@ -330,7 +330,7 @@ def test_top_during_a_many_source_flood_with_a_banned_source(lab):
     assert 90 <= view["sources"]["distinct"] <= 101, view["sources"]
     assert 0.05 <= view["sources"]["top_share"] <= 0.2, view["sources"]
     ban = next(b for b in view["bans"] if b["prefix"] == f"{EXTRA4[5]}/32")
-    assert 250 <= ban["drop_pps"] <= 650, ban
+    assert 100 <= ban["drop_pps"] <= 650, ban      # a 500/s sender, slower on a loaded machine
     assert view["xdp"]["pps"] >= view["sources"]["pps"] + 0.5 * ban["drop_pps"]
     assert f"{EXTRA4[5]}/32" not in {s["source"] for s in view["top_pps"]}
     row = next(ln for ln in human.splitlines() if ln.startswith(f"{EXTRA4[5]}/32"))
@@ -363,3 +363,24 @@ def test_status_says_whether_watch_runs(lab, tmp_path):
     assert f"watch: running (PID {w.p.pid}), probes {s['probes']}" in human, human
     (s,) = lab.status()
     assert s["watch"] == {"running": False, "pid": None} and s["probes"] is None
+
+
+@pytest.mark.e2e
+def test_stats_watch_into_a_pipe_appends_plain_frames(lab, monkeypatch):
+    """stats --watch with stdout a pipe: no screen clearing, no colour,
+    frames one after another (bounded: stopped after 3 frames or 30 s)."""
+    import time
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    p = subprocess.Popen([*lab.xg, "stats", *_where(lab), "--watch", "200ms"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    lines, deadline = [], time.monotonic() + 30
+    try:
+        while time.monotonic() < deadline and sum(ln.startswith(f"{lab.server_ns}/") for ln in lines) < 3:
+            lines.append(p.stdout.readline())
+    finally:
+        p.terminate()
+        p.wait(10)
+    text = "".join(lines)
+    assert "\x1b" not in text
+    assert sum(ln.startswith(f"{lab.server_ns}/") for ln in lines) == 3, text
+    assert "\n\n" in text and "bit/s" in text
