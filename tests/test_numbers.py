@@ -52,7 +52,8 @@ def test_rates(r, text):
 
 
 @pytest.mark.parametrize("n, text", [(0, "0 B"), (512, "512 B"), (1024, "1.0 KiB"), (583_680, "570 KiB"),
-                                     (5.6 * 2 ** 20, "5.6 MiB"), (3 * 2 ** 30, "3.0 GiB")])
+                                     (5.6 * 2 ** 20, "5.6 MiB"), (3 * 2 ** 30, "3.0 GiB"),
+                                     (1009 * 1024, "1.0 MiB"), (1000, "1.0 KiB")])
 def test_sizes(n, text):
     assert Numbers().size(n) == text
     assert Numbers(exact=True).size(n) == str(int(n))

@@ -188,7 +188,8 @@ class Numbers:
         if self.exact:
             return str(int(n))
         for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-            if abs(n) < 1023.5 or unit == "TiB":
+            # Three digits at most: 1009 KiB is 0.99 MiB, shown 1.0 MiB.
+            if abs(n) < 999.5 or unit == "TiB":
                 return f"{n:.0f} {unit}" if unit == "B" else f"{_digits(n)} {unit}"
             n /= 1024
         return str(n)
