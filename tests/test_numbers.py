@@ -158,6 +158,16 @@ def test_top_counts_a_many_source_flood_and_keeps_the_banned_in_view():
     assert "\x1b[" not in text
 
 
+def test_source_totals_add_up_the_rates_before_rounding():
+    """6,000 sources with one packet each in 3 s: 2,000 pps, not the
+    1,800 that 6,000 rates rounded to 0.3 would add up to."""
+    sources = {f"198.18.{i // 256}.{i % 256}/32": {"pps": 1 / 3, "bps": 18.0, "syn_rate": 1 / 3,
+                                                    "conn_rate": 0.0, "resets": 0.0} for i in range(6000)}
+    view = _top_view(RECORD, sources, {}, set(), _snap(0), _snap(6000), 3.0, [])
+    assert view["sources"]["pps"] == 2000.0 and view["sources"]["distinct"] == 6000
+    assert view["sources"]["pps"] == view["xdp"]["pps"]
+
+
 def test_a_new_or_remade_ban_counts_from_zero():
     view = _top_view(RECORD, {}, {}, set(), _snap(0), _snap(0), 1.0,
                      [_ban("192.0.2.1/32", 50), _ban("192.0.2.2/32", 20)], [_ban("192.0.2.2/32", 900)])
