@@ -37,11 +37,15 @@ fuzz: setup
 
 # Debian guests under QEMU (vm/README.md): images are built and cached in
 # /var/cache/xdpguard-vm; results in vm/results/.
+# GUESTS=name[,name] and STEPS=step[,step] narrow a run (vm/README.md).
+VM_ARGS = $(foreach g,$(subst $(comma), ,$(GUESTS)),--guest $(g)) $(if $(STEPS),--steps $(STEPS))
+comma := ,
+
 vm-smoke:
-	python3 vm/run.py smoke
+	python3 vm/run.py smoke $(VM_ARGS)
 
 vm-test:
-	python3 vm/run.py test
+	python3 vm/run.py test $(VM_ARGS)
 
 vm-image:
 	for g in $$(awk '!/^#/ && NF {print $$1}' vm/guests.conf); do bash vm/image.sh $$g || exit 1; done

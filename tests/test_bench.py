@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from bench.traffic import AF_PACKET, GENERATOR_ENV, LIVE_FRAMES
+from testing.timing import scaled
 
 pytestmark = [pytest.mark.kernel]
 
@@ -53,7 +54,7 @@ def expected_generator():
 def quick_run(tmp_path_factory, blocklists_dir):
     out = tmp_path_factory.mktemp("bench") / "quick.json"
     r = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--json-out", str(out)],
-                       capture_output=True, text=True, timeout=600, cwd=REPO, env=_env(None))
+                       capture_output=True, text=True, timeout=scaled(600), cwd=REPO, env=_env(None))
     return r, out
 
 
@@ -117,7 +118,7 @@ def test_quick_run_with_the_fallback_generator(tmp_path, blocklists_dir):
     out = tmp_path / "afp.json"
     r = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--sections", "flood,limiter",
                         "--json-out", str(out)],
-                       capture_output=True, text=True, timeout=600, cwd=REPO, env=_env(AF_PACKET))
+                       capture_output=True, text=True, timeout=scaled(600), cwd=REPO, env=_env(AF_PACKET))
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["errors"] == {}
@@ -135,7 +136,7 @@ def test_quick_run_with_the_fallback_generator(tmp_path, blocklists_dir):
 
 def test_run_refuses_an_unknown_generator():
     r = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--sections", "flood"],
-                       capture_output=True, text=True, timeout=60, cwd=REPO, env=_env("warp-drive"))
+                       capture_output=True, text=True, timeout=scaled(60), cwd=REPO, env=_env("warp-drive"))
     assert r.returncode == 2 and f"{GENERATOR_ENV}='warp-drive'" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -182,7 +183,7 @@ def test_behind_experiment_runs(tmp_path, generator, expected_generator):
     out = tmp_path / "behind.json"
     r = subprocess.run([sys.executable, str(REPO / "bench" / "behind.py"), "--rounds", "1", "--seconds", "0.2",
                         "--moves", "0,20", "--json-out", str(out)],
-                       capture_output=True, text=True, timeout=300, cwd=REPO, env=_env(generator))
+                       capture_output=True, text=True, timeout=scaled(300), cwd=REPO, env=_env(generator))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "work behind the frame's first read" in r.stdout
     res = json.loads(out.read_text())
@@ -196,21 +197,21 @@ def test_behind_experiment_runs(tmp_path, generator, expected_generator):
 
 def test_behind_refuses_bad_arguments():
     r = subprocess.run([sys.executable, str(REPO / "bench" / "behind.py"), "--moves", "10,0"],
-                       capture_output=True, text=True, timeout=60, cwd=REPO)
+                       capture_output=True, text=True, timeout=scaled(60), cwd=REPO)
     assert r.returncode == 2 and "must start with 0" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_run_refuses_an_unknown_flood_mode():
     r = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--sections", "flood",
                         "--flood-modes", "xdp-drop,warp-drive"],
-                       capture_output=True, text=True, timeout=60, cwd=REPO)
+                       capture_output=True, text=True, timeout=scaled(60), cwd=REPO)
     assert r.returncode == 2 and "unknown flood mode 'warp-drive'" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_run_refuses_a_bad_round_count():
     r = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--sections", "flood",
                         "--flood-rounds", "0"],
-                       capture_output=True, text=True, timeout=60, cwd=REPO)
+                       capture_output=True, text=True, timeout=scaled(60), cwd=REPO)
     assert r.returncode == 2 and "--flood-rounds must be 1 to 99" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -220,7 +221,7 @@ def test_flood_rounds_sets_the_rounds(tmp_path, blocklists_dir):
     out = tmp_path / "rounds.json"
     r = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--sections", "flood",
                         "--flood-modes", "xdp-drop,xdp-read-drop", "--flood-rounds", "3", "--json-out", str(out)],
-                       capture_output=True, text=True, timeout=300, cwd=REPO)
+                       capture_output=True, text=True, timeout=scaled(300), cwd=REPO)
     assert r.returncode == 0, r.stderr[-3000:]
     fl = json.loads(out.read_text())["flood"]
     assert fl["repetitions"] == 3

@@ -66,6 +66,15 @@ ExecStart=/bin/sh -c 'ip netns add $NS; ip link add $IF type veth peer name xgc0
 [Install]
 WantedBy=multi-user.target
 UNIT
+    # The unit gives apply TimeoutStartSec=180 (start and reload), seconds
+    # on real hardware; under emulation (vm/run.py sets the slowdown) a
+    # first bcc compile alone takes minutes: the same drop-in an operator
+    # of a slow machine would write, stretched by that factor.
+    if [ -n "${XDPGUARD_TEST_SLOWDOWN:-}" ]; then
+        mkdir -p /etc/systemd/system/xdpguard@.service.d
+        printf '[Service]\nTimeoutStartSec=%d\n' "$(python3 -c "print(int(180 * float('$XDPGUARD_TEST_SLOWDOWN')))")" \
+            >/etc/systemd/system/xdpguard@.service.d/slow-machine.conf
+    fi
     systemctl daemon-reload
     systemctl enable --now xg-lab-veth.service
     write_policy 9999
