@@ -116,6 +116,7 @@ def test_stats_shows_every_drop_reason(allow_rig, pinned_counters):
     """`stats` (JSON and table) counts malformed frames in all and by
     cause, next to bans and drops for want of a map entry."""
     from xdpguard import cli, stats
+    from xdpguard.cliutil import Numbers
     r = allow_rig
     sent = {"truncated": (tcp()[:40], 2), "bad_header": (set_ihl(tcp(), 3), 3),
             "vlans": (tcp(vlans=(1, 2, 3)), 4), "exthdrs": (udp(S6, D6, ipv6_exthdrs=EXT6 + [("dst",)]), 5)}
@@ -129,9 +130,13 @@ def test_stats_shows_every_drop_reason(allow_rig, pinned_counters):
     total = sum(n for _f, n in sent.values())
     assert after["malformed"]["packets"] - before["malformed"]["packets"] == total
     assert after["no_entry"] == before["no_entry"] and after["bans"] == before["bans"]
-    rows = {row[0]: row for row in cli._stats_rows(after, before, 1.0)}
+    exact = Numbers(exact=True)
+
+    def rates(row):                                                # pps, drop/s (bit/s between)
+        return [row[-3], row[-1]]
+    rows = {row[0]: row for row in cli._stats_rows(after, exact, before, 1.0)}
     for cause, (_f, n) in sent.items():
-        assert rows[f"(malformed: {cause})"][-2:] == [n, n]        # pps, drop_pps
-    assert rows["(malformed)"][-2:] == [total, total]
-    assert rows["(no map entry)"][-2:] == [0, 0] and "(bans)" in rows
-    assert [row[0] for row in cli._stats_rows(after)] == list(rows)
+        assert rates(rows[f"(malformed: {cause})"]) == [f"{n:.1f}", f"{n:.1f}"]
+    assert rates(rows["(malformed)"]) == [f"{total:.1f}", f"{total:.1f}"]
+    assert rates(rows["(no map entry)"]) == ["0.0", "0.0"] and "(bans)" in rows
+    assert [row[0] for row in cli._stats_rows(after, exact)] == list(rows)
