@@ -183,3 +183,92 @@ def test_cannot_happen_slots_named_and_counted_apart(rig):
     # None of them moves for the frames the cookie path takes.
     for s in layout.COOKIE_BUG_SLOTS:
         assert rig.counter(s)["packets"] == 0
+
+
+# ---------------------------------------------------------------- watch, a real flood, a real client
+
+E2E_POLICY = """
+[policy]
+name = "auto"
+
+[[rule]]
+name = "web"
+proto = "tcp"
+dport = 80
+action = "allow"
+
+[mitigation]
+syncookies = "auto"
+syn_rate_total = "200/s"
+syncookies_hold = "2s"
+"""
+
+
+@pytest.mark.e2e
+def test_watch_switches_cookies_for_a_flooded_port(tmp_path):
+    require_kernel()
+    from xdpguard import syncookies
+    why = syncookies.unavailable()
+    if why:
+        pytest.skip(why)
+    from conftest import require_tool
+    from testing.lab import SERVER4, Lab
+    from testing.timing import scaled, wait_until
+    try:
+        from testing.watcher import Watcher
+    except ImportError:      # before testing/watcher.py
+        from test_mitigation import Watcher
+    for tool in ("nginx", "curl", "hping3"):
+        require_tool(tool)
+
+    def curl():
+        cp = lab.run("client", ["curl", "-sS", "--max-time", "10", f"http://{SERVER4}/"], timeout=30)
+        assert cp.returncode == 0 and cp.stdout == "vhost a.lab\n", cp.stderr
+
+    def switches():
+        return [(d["action"], d["port"]) for d in w.lines if d["action"].startswith("syncookies")]
+
+    with Lab() as lab:
+        # XDP_TX frames reach a veth peer's stack only when it has an XDP
+        # program (test_syncookies.py): one that allows everything.
+        lab.apply(lab.write_policy("all", '[[rule]]\nname = "all"\naction = "allow"\n'), side="client")
+        lab.start_nginx()
+        lab.apply(lab.write_policy("auto", E2E_POLICY))
+        sc = lab.status()[0]["syncookies"]
+        assert sc["auto_ports"] == [[80, 80]] and sc["ports"] == [] and sc["auto_on"] == []
+        curl()                                           # off: the stack's own handshake
+        assert lab.stats()["syncookie_synacks"]["packets"] == 0
+        w = Watcher(lab, lab.write_policy("auto", E2E_POLICY), tmp_path)
+        try:
+            # Ready once it says what it switches and that it is watching
+            # (a note before may say "watching" too).
+            assert wait_until(lambda: any("syncookies auto on tcp ports 80" in ln for ln in w.err)
+                              and any(ln.startswith("xdpguard watch: watching") for ln in w.err), 300), w.err
+            # A spoofed SYN flood, bounded: 1,000/s for 6 s, over 200/s.
+            flood = lab.popen("client", ["hping3", "-q", "-S", "-p", "80", "--rand-source", "-i", "u1000",
+                                         "-c", "6000", SERVER4], what="hping3")
+            try:
+                assert wait_until(lambda: ("syncookies_on", 80) in switches(), scaled(5)), (w.lines, w.err)
+                on = lab.status()[0]["syncookies"]["auto_on"]
+                assert [o["port"] for o in on] == [80] and on[0]["syn_rate"] > 200 and on[0]["threshold"] == 200
+                text = lab.xdpguard("status").stdout
+                assert "syncookies auto (watch): tcp ports 80; on: 80 (SYN " in text, text
+                before = lab.stats()["syncookie_synacks"]["packets"]
+                curl()                                   # through the cookie path, during the flood
+                assert lab.stats()["syncookie_synacks"]["packets"] > before
+                assert switches() == [("syncookies_on", 80)]       # no flapping during the flood
+            finally:
+                lab.stop(flood)
+            # The flood over: off after the hold (2 s), once.
+            assert wait_until(lambda: ("syncookies_off", 80) in switches(), scaled(8)), (w.lines, w.err)
+            assert switches() == [("syncookies_on", 80), ("syncookies_off", 80)]
+            assert lab.status()[0]["syncookies"]["auto_on"] == []
+            before = lab.stats()["syncookie_synacks"]["packets"]
+            curl()
+            assert lab.stats()["syncookie_synacks"]["packets"] == before
+        finally:
+            w.stop()
+        # detach: the table and the sysctls go.
+        table = sc["table"]
+        lab.detach()
+        assert lab.run("server", ["nft", "list", "table", "inet", table]).returncode != 0

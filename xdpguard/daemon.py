@@ -366,6 +366,10 @@ def _thresholds(policy: Policy) -> str:
     return (", ".join(got) or "no thresholds") + f"; {len(m.allow)} allowlisted"
 
 
+def _ranges(rs) -> str:
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in rs)
+
+
 class Watch:
     def __init__(self, policy: Policy, iface: str, netns: str | None, interval: float,
                  json_lines: bool, out=sys.stdout, err=sys.stderr):
@@ -386,6 +390,7 @@ class Watch:
         self.mit: Mitigator | None = None
         self.sampler: Sampler | None = None
         self.probes = None
+        self.cookies = None     # cookieswitch.AutoCookies with syncookies = "auto"
 
     def log(self, d: Decision) -> None:
         self.out.write((json.dumps(d.as_json()) if self.json else d.human()) + "\n")
@@ -442,6 +447,7 @@ class Watch:
             self.record = pins.modify_record(directory, lambda r: replace(r, probes=self.probe_mode))
             self.sampler = Sampler(directory, self.record, self.probes)
             self.banmaps = banmaps = bans.BanMaps(directory, self.record)
+            self.cookies = self._auto_cookies(self.record)
             self._forget_lifted(self.mit.state, banmaps, self.state_path)
             if metrics:
                 # Serving before "watching" is said: whoever waits for that
@@ -483,11 +489,44 @@ class Watch:
                 self.sampler.close()
             if self.probes:
                 self.probes.close()
+            if self.cookies:
+                self.cookies.switch.close()
             if server:
                 server.shutdown()
             instance_unlock(*lock)
-        self.note("stopped; bans stay in force in the pinned ban map")
+        self.note("stopped; bans stay in force in the pinned ban map" + self._cookies_left())
         return self.exit_code
+
+    def _auto_cookies(self, record: pins.Record):
+        """[mitigation] syncookies = "auto": the per-port switch
+        (cookieswitch.py) of this policy, or None."""
+        from xdpguard.cookieswitch import AutoCookies, PortSwitch
+        m = self.policy.mitigation
+        if m.syncookies != "auto" or not (record.syncookies and record.syncookies.auto):
+            return None
+        try:
+            sw = PortSwitch.open(self.directory, record)
+        except (OSError, KeyError):
+            self.note("syncookies = \"auto\": the running program has no per-port switch (an older "
+                      "xdpguard loaded it); detach and apply again")
+            return None
+        auto = AutoCookies(m, record.syncookies.auto, sw)
+        auto.tick()          # the first sample: rates from the next tick on
+        ports = ", ".join(map(str, sorted(auto.on)))
+        self.note(f"syncookies auto on tcp ports {_ranges(record.syncookies.auto)}: on over "
+                  f"{m.syn_rate_total} to one port, off after {m.syncookies_hold:g}s at or under it"
+                  + (f"; on now: {ports}" if ports else ""))
+        return auto
+
+    def _cookies_left(self) -> str:
+        on = sorted(self.cookies.on) if self.cookies else []
+        return f"; SYN cookies stay on for tcp ports {', '.join(map(str, on))}" if on else ""
+
+    def _switch_cookies(self) -> None:
+        """One line per port whose cookies go on or off."""
+        if self.cookies:
+            for change in self.cookies.tick():
+                self.log(change)
 
     @staticmethod
     def _protected(policy: Policy, record: pins.Record) -> list:
@@ -588,6 +627,10 @@ class Watch:
         lift this watch's bans that the new policy protects."""
         old = self.policy
         self.policy, self.record = policy, record
+        # Its syn_rate_total, hold and ports; the ports on stay on.
+        if self.cookies:
+            self.cookies.switch.close()
+        self.cookies = self._auto_cookies(record)
         mit = Mitigator(policy, self._protected(policy, record), self.mit.state)
         mit.over_since = self.mit.over_since
         self.mit = mit
@@ -641,6 +684,7 @@ class Watch:
             self._try_save(state_path, self.mit.state)
         if record.policy.sha256 != self.record.policy.sha256:
             self.adopt(record)
+        self._switch_cookies()
         self.decide()
 
     def decide(self) -> None:
