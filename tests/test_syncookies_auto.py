@@ -214,10 +214,7 @@ def test_watch_switches_cookies_for_a_flooded_port(tmp_path):
     from conftest import require_tool
     from testing.lab import SERVER4, Lab
     from testing.timing import scaled, wait_until
-    try:
-        from testing.watcher import Watcher
-    except ImportError:      # before testing/watcher.py
-        from test_mitigation import Watcher
+    from testing.watcher import Watcher
     for tool in ("nginx", "curl", "hping3"):
         require_tool(tool)
 

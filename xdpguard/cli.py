@@ -406,8 +406,7 @@ def cmd_status(args) -> int:
               else "  watch: not running")
         sc = s.get("syncookies")
         if sc:
-            def ranges(rs):
-                return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in rs)
+            from xdpguard.syncookies import ports_text as ranges
             changed = ", ".join(f"{k}={v} (was {sc['sysctls_before'].get(k, '?')})" for k, v in sc["sysctls"].items())
             print(f"  syncookies: tcp ports {ranges(sc['ports']) or '-'}; nftables table inet {sc['table']}"
                   f"{'' if sc['table_present'] else ' MISSING'}; {changed}")

@@ -366,10 +366,6 @@ def _thresholds(policy: Policy) -> str:
     return (", ".join(got) or "no thresholds") + f"; {len(m.allow)} allowlisted"
 
 
-def _ranges(rs) -> str:
-    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in rs)
-
-
 class Watch:
     def __init__(self, policy: Policy, iface: str, netns: str | None, interval: float,
                  json_lines: bool, out=sys.stdout, err=sys.stderr):
@@ -501,6 +497,7 @@ class Watch:
         """[mitigation] syncookies = "auto": the per-port switch
         (cookieswitch.py) of this policy, or None."""
         from xdpguard.cookieswitch import AutoCookies, PortSwitch
+        from xdpguard.syncookies import ports_text
         m = self.policy.mitigation
         if m.syncookies != "auto" or not (record.syncookies and record.syncookies.auto):
             return None
@@ -513,7 +510,7 @@ class Watch:
         auto = AutoCookies(m, record.syncookies.auto, sw)
         auto.tick()          # the first sample: rates from the next tick on
         ports = ", ".join(map(str, sorted(auto.on)))
-        self.note(f"syncookies auto on tcp ports {_ranges(record.syncookies.auto)}: on over "
+        self.note(f"syncookies auto on tcp ports {ports_text(record.syncookies.auto)}: on over "
                   f"{m.syn_rate_total} to one port, off after {m.syncookies_hold:g}s at or under it"
                   + (f"; on now: {ports}" if ports else ""))
         return auto

@@ -99,6 +99,11 @@ def port_ranges(policy, mode: str = "on") -> list[list[int]]:
     return out
 
 
+def ports_text(ranges) -> str:
+    """'80, 443, 8000-8100': port ranges as status and watch say them."""
+    return ", ".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in ranges)
+
+
 def table_name(ifindex: int) -> str:
     return f"xdpguard_{int(ifindex)}"
 
