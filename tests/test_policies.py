@@ -26,11 +26,17 @@ def explain(capsys, policy, **fields):
     code, out, err = run(capsys, *argv)
     assert code == 0, err
     assert err == ""
-    return json.loads(out)
+    d = json.loads(out)
+    # A limit rule's rate and burst come with it (and only with a limit rule).
+    limit = d.pop("limit", None)
+    assert (limit is not None) == (d["action"] == "limit")
+    assert limit is None or limit["rate"] and limit["burst"] >= 1
+    return d
 
 
 def verdict(rule, action, v):
-    return {"rule": rule, "action": action, "verdict": v}
+    """explain's answer; rule None: the policy default, the rule "default"."""
+    return {"rule": rule or "default", "action": action, "verdict": v}
 
 
 # ---------------------------------------------------------------- check
@@ -237,7 +243,8 @@ def test_nd_passes_under_default_deny_without_icmpv6_rule(capsys, tmp_path):
         code, out, err = run(capsys, "explain", p, "--src", src, "--dst", dst, "--proto", "icmpv6",
                              "--icmp-type", t, "--json")
         assert code == 0, err
-        assert json.loads(out) == verdict(None, "allow", "pass")
+        # no rule, and not the default either: the built-in pass
+        assert json.loads(out) == {"rule": None, "action": "allow", "verdict": "pass"}
     # an echo request is not ND: default deny
     code, out, _ = run(capsys, "explain", p, "--src", "fe80::1", "--proto", "icmpv6", "--icmp-type", 128, "--json")
     assert json.loads(out) == verdict(None, "deny", "drop")
