@@ -349,6 +349,66 @@ static __always_inline struct xg_vec *xg_vec(__u32 gen, __u32 vec)
 	return vecs.lookup(&idx);
 }
 
+/* A limit rule's verdict: its bucket (per rule, or per source group
+ * with the new-source budget before any insert), then rate_total.
+ * Returns -1 for a packet admitted (not yet counted: a SYN cookie may
+ * still answer it), else the counted drop. */
+static __always_inline int xg_limit(struct xg_pkt *pkt, __u8 family, __u8 *src, struct xg_rule *r,
+				    __u32 rule, __u32 gen, __u64 len)
+{
+	/* pkt is NULL in the fast lane, which takes no rule that logs. */
+	__u8 log = pkt ? r->log : 0;
+	__u64 units = r->unit == XG_UNIT_BYTES ? len : 1;
+	__u64 now = xg_now(r->coarse);
+	struct xg_bucket *b;
+	__u32 slot = r->slot;
+
+	if (r->per == XG_PER_RULE) {
+		b = rbuckets.lookup(&slot);
+	} else {
+		struct xg_sbucket_key k = { .slot = slot, .family = family };
+
+		if (family == 4)
+			__builtin_memcpy(k.addr, src, 4);
+		else
+			__builtin_memcpy(k.addr, src, 16);
+		xg_mask(k.addr, family == 4 ? r->prefix4 : r->prefix6);
+		b = sbuckets.lookup(&k);
+		if (!b) {
+			struct xg_bucket fresh = {};
+			struct xg_bucket *nb = nbuckets.lookup(&slot);
+
+			if (!nb)
+				return xg_finish(pkt, XG_SLOT_NO_ENTRY, rule, gen, len, 1, 0);
+			/* A source the rule has not seen (or whose bucket the
+			 * LRU evicted) costs one token of the budget; without
+			 * it, nothing is inserted. */
+			if (!xg_gcra(nb, now, 1, r->new_cost_fp, r->new_burst_ns))
+				return xg_finish(pkt, XG_SLOT_NEWSRC, rule, gen, len, 1, log);
+			/* NOEXIST: a bucket another CPU just inserted stays. */
+			sbuckets.insert(&k, &fresh);
+			b = sbuckets.lookup(&k);
+		}
+	}
+	/* No bucket (map full and racing): drop, never fail open, and
+	 * count it apart from the rule's own drops over its rate. */
+	if (!b)
+		return xg_finish(pkt, XG_SLOT_NO_ENTRY, rule, gen, len, 1, 0);
+	if (!xg_gcra(b, now, units, r->cost_fp, r->burst_ns))
+		return xg_finish(pkt, slot, rule, gen, len, 1, log);
+	if (r->total_cost_fp) {
+		/* Second line: what the sources' own buckets admitted, capped
+		 * in aggregate. Checked after the source's bucket, so sources
+		 * over their own rate spend none of the aggregate. */
+		b = rbuckets.lookup(&slot);
+		if (!b)
+			return xg_finish(pkt, XG_SLOT_NO_ENTRY, rule, gen, len, 1, 0);
+		if (!xg_gcra(b, now, units, r->total_cost_fp, r->total_burst_ns))
+			return xg_finish(pkt, slot, rule, gen, len, 1, log);
+	}
+	return -1;
+}
+
 /* What the fast lane found of a frame it leaves to the general path: the
  * source-table entry of its source under the active word `word` (0: none
  * looked up). The general path takes it instead of walking the table a
@@ -358,18 +418,40 @@ struct xg_hint {
 	__u32 e;
 };
 
+/* The record of the limit rule a source's vector decides alone (the
+ * general path's `decides`), for the fast lane: NULL for any other, and
+ * for one that logs or may answer with SYN cookies, which need the
+ * packet record. */
+static __always_inline struct xg_rule *xg_lane_rule(__u32 gen, __u32 e, __u32 *rule)
+{
+	struct xg_vec *v = xg_vec(gen, e);
+	struct xg_rule *r;
+	__u32 idx;
+
+	if (!v || !v->decides || v->daction != XG_ACT_LIMIT)
+		return 0;
+	*rule = v->decides - 1;
+	idx = gen * XG_RULES_PER_GEN + (*rule & (XG_RULES_PER_GEN - 1));
+	r = rules.lookup(&idx);
+	if (!r || r->action != XG_ACT_LIMIT || r->log || r->cookies)
+		return 0;
+	return r;
+}
+
 /*
  * The fast lane: the frame of most floods, decided by its source alone.
  * An untagged IPv4 frame without options, or an untagged IPv6 frame
  * without extension headers that is not ICMPv6 (so never ND), whose L4
  * header the general parser would accept, while the generation counts no
  * per-source stats, whose source decides an allow or deny that does not
- * log (its source table entry says so: XG_DIR_FAST), and which no ban
- * holds (checked while bans of its family exist, unless banned drops
- * log). Such a frame gets the verdict and the counters the general path
- * gives it (the fixture and fuzz tests hold the two to the same answers)
- * in about a third of the instructions: no packet record, no second
- * parse, no vector.
+ * log (its source table entry says so: XG_DIR_FAST), or a limit rule
+ * that neither logs nor answers with cookies (its source vector decides:
+ * a per-source limit on a block of sources, what a spoofed flood meets),
+ * and which no ban holds (checked while bans of its family exist, unless
+ * banned drops log). Such a frame gets the verdict and the counters the
+ * general path gives it (the fixture and fuzz tests hold the two to the
+ * same answers) in about a third of the instructions: no packet record,
+ * no second parse, no vector (a limit: one).
  * On a flood the instruction count is what costs: the first read of a
  * frame is a cache miss, and the work queued behind it decides how much
  * of the next frames' misses the CPU can overlap (docs/design.md).
@@ -382,8 +464,9 @@ static __always_inline int xg_fast(struct xdp_md *ctx, struct xg_hint *hint)
 	void *data_end = (void *)(long)ctx->data_end;
 	__u8 *ip = data + sizeof(struct ethhdr);
 	__u64 len = data_end - data;
-	__u32 zero = 0, word, gen, logbans, e;
-	int banned;
+	__u32 zero = 0, word, gen, logbans, e, rule = XG_NO_RULE;
+	int banned, rc = -1;
+	struct xg_rule *r = 0;
 	struct xg_banstate *st;
 	struct xg_lastsrc *last;
 	__u64 *ap, w;
@@ -415,10 +498,14 @@ static __always_inline int xg_fast(struct xdp_md *ctx, struct xg_hint *hint)
 			return -1;
 		/* The table entry itself holds the verdict (XG_DIR_FAST): no vector. */
 		e = xg_lane4(&last->v4, w, gen, ip + 12);
+		if (!(e & XG_DIR_FAST))
+			r = xg_lane_rule(gen, e, &rule);
 		/* A ban comes before any rule, as on the general path; looked
 		 * up only for a frame the lane keeps, so no frame walks the
 		 * trie twice. */
-		banned = (e & XG_DIR_FAST) && st->v4 && xg_banned4(ip + 12, len);
+		banned = ((e & XG_DIR_FAST) || r) && st->v4 && xg_banned4(ip + 12, len);
+		if (r && !banned)
+			rc = xg_limit(0, 4, ip + 12, r, rule, gen, len);
 	} else if (h_proto == bpf_htons(XG_ETH_P_IPV6)) {
 		__u8 nh;
 
@@ -429,73 +516,26 @@ static __always_inline int xg_fast(struct xdp_md *ctx, struct xg_hint *hint)
 		    (nh == IPPROTO_TCP && (void *)(ip + 60) > data_end))
 			return -1;
 		e = xg_lane6(&last->v6, w, gen, ip + 8);
-		banned = (e & XG_DIR_FAST) && st->v6 && xg_banned6(ip + 8, len);
+		if (!(e & XG_DIR_FAST))
+			r = xg_lane_rule(gen, e, &rule);
+		banned = ((e & XG_DIR_FAST) || r) && st->v6 && xg_banned6(ip + 8, len);
+		if (r && !banned)
+			rc = xg_limit(0, 6, ip + 8, r, rule, gen, len);
 	} else {
 		return -1;
 	}
-	if (!(e & XG_DIR_FAST)) {
+	if (!(e & XG_DIR_FAST) && !r) {
 		hint->word = w;
 		hint->e = e;
 		return -1;
 	}
 	if (banned)
 		return xg_finish(0, XG_SLOT_BAN, XG_NO_RULE, gen, len, 1, 0);
-	return xg_finish_fast(0, e, gen, len);
-}
-
-/* A limit rule's verdict: its bucket (per rule, or per source group
- * with the new-source budget before any insert), then rate_total.
- * Returns -1 for a packet admitted (not yet counted: a SYN cookie may
- * still answer it), else the counted drop. */
-static __always_inline int xg_limit(struct xg_pkt *pkt, struct xg_rule *r, __u32 rule,
-				    __u32 gen, __u64 len)
-{
-	__u64 units = r->unit == XG_UNIT_BYTES ? len : 1;
-	__u64 now = xg_now(r->coarse);
-	struct xg_bucket *b;
-	__u32 slot = r->slot;
-
-	if (r->per == XG_PER_RULE) {
-		b = rbuckets.lookup(&slot);
-	} else {
-		struct xg_sbucket_key k = { .slot = slot, .family = pkt->family };
-
-		__builtin_memcpy(k.addr, pkt->src, 16);
-		xg_mask(k.addr, pkt->family == 4 ? r->prefix4 : r->prefix6);
-		b = sbuckets.lookup(&k);
-		if (!b) {
-			struct xg_bucket fresh = {};
-			struct xg_bucket *nb = nbuckets.lookup(&slot);
-
-			if (!nb)
-				return xg_finish(pkt, XG_SLOT_NO_ENTRY, rule, gen, len, 1, 0);
-			/* A source the rule has not seen (or whose bucket the
-			 * LRU evicted) costs one token of the budget; without
-			 * it, nothing is inserted. */
-			if (!xg_gcra(nb, now, 1, r->new_cost_fp, r->new_burst_ns))
-				return xg_finish(pkt, XG_SLOT_NEWSRC, rule, gen, len, 1, r->log);
-			/* NOEXIST: a bucket another CPU just inserted stays. */
-			sbuckets.insert(&k, &fresh);
-			b = sbuckets.lookup(&k);
-		}
-	}
-	/* No bucket (map full and racing): drop, never fail open, and
-	 * count it apart from the rule's own drops over its rate. */
-	if (!b)
-		return xg_finish(pkt, XG_SLOT_NO_ENTRY, rule, gen, len, 1, 0);
-	if (!xg_gcra(b, now, units, r->cost_fp, r->burst_ns))
-		return xg_finish(pkt, slot, rule, gen, len, 1, r->log);
-	if (r->total_cost_fp) {
-		/* Second line: what the sources' own buckets admitted, capped
-		 * in aggregate. Checked after the source's bucket, so sources
-		 * over their own rate spend none of the aggregate. */
-		b = rbuckets.lookup(&slot);
-		if (!b)
-			return xg_finish(pkt, XG_SLOT_NO_ENTRY, rule, gen, len, 1, 0);
-		if (!xg_gcra(b, now, units, r->total_cost_fp, r->total_burst_ns))
-			return xg_finish(pkt, slot, rule, gen, len, 1, r->log);
-	}
-	return -1;
+	if (!r)
+		return xg_finish_fast(0, e, gen, len);
+	if (rc >= 0)
+		return rc;
+	return xg_finish(0, r->slot, rule, gen, len, 0, 0);
 }
 
 #ifdef XG_SYNCOOKIES
@@ -862,7 +902,7 @@ decided:
 	if (r->action != XG_ACT_ALLOW && r->action != XG_ACT_LIMIT)
 		return xg_finish(pkt, r->slot, rule, gen, len, 1, r->log);
 	if (r->action == XG_ACT_LIMIT) {
-		rc = xg_limit(pkt, r, rule, gen, len);
+		rc = xg_limit(pkt, pkt->family, pkt->src, r, rule, gen, len);
 		if (rc >= 0)
 			return rc;
 	}

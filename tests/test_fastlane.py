@@ -49,10 +49,18 @@ log = true
 
 [[rule]]
 name = "limited"
-src = "203.0.113.128/25"
+src = ["203.0.113.128/25", "2001:db8:11::/48"]
 action = "limit"
 rate = "1000/s"
 burst = 1000
+
+[[rule]]
+name = "limited-logged"
+src = "192.0.2.32/27"
+action = "limit"
+rate = "1000/s"
+burst = 1000
+log = true
 
 [[rule]]
 name = "web-only"
@@ -71,6 +79,7 @@ syn_rate = "100/s"
 BLOCKED, TRUSTED, LOGGED, LIMITED, WEB = "198.51.100.7", "192.0.2.3", "192.0.2.70", "203.0.113.200", "192.0.2.130"
 DST = "10.9.9.9"
 BLOCKED6, TRUSTED6, DST6 = "2001:db8:bad:7::1", "2001:db8:600d::3", "2001:db8:9::9"
+LIMITED6, LIMITED_LOGGED = "2001:db8:11::5", "192.0.2.40"
 # Past the IPv6 table's depth (/64): the trie decides, on the general path.
 BLOCKED6_HOST = "2001:db8:bad:1::42"
 
@@ -127,7 +136,9 @@ LANE = [
     ("blocklisted v4 with IP options", None, False),
     ("blocklisted v4 TCP, header cut short", None, False),
     ("deny that logs", udp(LOGGED), False),
-    ("limit rule", udp(LIMITED), False),
+    ("limit rule its source decides", udp(LIMITED), True),
+    ("limit rule its source decides, v6", udp6(LIMITED6), True),
+    ("limit rule that logs", udp(LIMITED_LOGGED), False),
     ("source vector that does not decide alone", tcp(WEB), False),
     ("no rule: the default", udp("10.1.2.3"), False),
 ]
@@ -394,5 +405,65 @@ def test_lane_memory_never_outlives_its_fill():
             for frame in (udp(BLOCKED), udp6(BLOCKED6)):
                 res = run(r, frame)
                 assert (res.fast, res) == (True, outcome("pass", "blocklist-old"))
+    finally:
+        r.close()
+
+
+LANE_LIMIT = """
+[policy]
+name = "lane-limit"
+default = "allow"
+
+[[rule]]
+name = "lim"
+src = ["10.77.0.0/16", "2001:db8:77::/48"]
+action = "limit"
+rate = "1/s"
+burst = 3
+new_sources = "1/s"
+new_sources_burst = 2
+"""
+
+
+def _limit_verdicts(r, frames):
+    return [(res.fast, res.retval, res.slot) for res in (run(r, f) for f in frames)]
+
+
+@pytest.mark.parametrize("fam", [4, 6])
+def test_lane_limits_like_the_general_path(fam):
+    """A per-source limit its source decides: the lane gives each frame the
+    general path's verdict and slot (a VLAN tag sends the same frames down
+    the general path, with buckets reset between), the new-source budget
+    before any bucket is inserted, and a ban before the rule."""
+    require_kernel()
+    from testrun import reset_buckets
+    from xdpguard.loader import TestRig
+    r = TestRig(compile_policy(load("lane-limit.toml", text=LANE_LIMIT)))
+    try:
+        srcs = ["10.77.0.1", "10.77.0.2", "10.77.0.3"] if fam == 4 else \
+            ["2001:db8:77:1::1", "2001:db8:77:2::1", "2001:db8:77:3::1"]
+        dst = DST if fam == 4 else DST6
+        order = [srcs[0]] * 5 + [srcs[1], srcs[2], srcs[1]]
+        lim, newsrc = r.slots["lim"], C.XG_SLOT_NEWSRC
+        got = {}
+        for vlans in ((), (7,)):
+            reset_buckets(r)
+            frames = [build(s, dst, "udp", sport=40000, dport=5000, vlans=vlans) for s in order]
+            got[vlans] = _limit_verdicts(r, frames)
+        # burst 3: 3 pass, 2 over; the budget (burst 2) took the first
+        # source and the second; the third finds it empty.
+        want = [(2, lim)] * 3 + [(1, lim)] * 2 + [(2, lim), (1, newsrc), (2, lim)]
+        assert [(v, s) for _f, v, s in got[()]] == want
+        assert [(v, s) for _f, v, s in got[(7,)]] == want
+        assert all(f for f, _v, _s in got[()]) and not any(f for f, _v, _s in got[(7,)])
+        # No bucket for the source the budget turned away (IPv6: a /64 each).
+        from test_newsources import buckets
+        plen = 32 if fam == 4 else 64
+        assert {a for _s, a in buckets(r)} == {
+            ipaddress.ip_network(f"{s}/{plen}", strict=False).network_address.packed for s in srcs[:2]}
+        # A ban comes first, in the lane too.
+        _ban(r, srcs[1])
+        res = run(r, build(srcs[1], dst, "udp", sport=40000, dport=5000))
+        assert (res.fast, res) == (True, outcome("drop", "ban"))
     finally:
         r.close()
