@@ -17,8 +17,8 @@ def test_time_from_one_number_across_a_second_boundary(monkeypatch):
         offset = 1_700_000_000_900_000_000
         boot = [1_012_000_000, 1_062_000_000, 1_112_000_000, 1_162_000_000]
         got = [droplog.wall_time(offset + b) for b in boot]
-        assert got == ["2023-11-14T22:13:21.912000", "2023-11-14T22:13:21.962000",
-                       "2023-11-14T22:13:22.012000", "2023-11-14T22:13:22.062000"]
+        assert got == ["2023-11-14T22:13:21.912000+00:00", "2023-11-14T22:13:21.962000+00:00",
+                       "2023-11-14T22:13:22.012000+00:00", "2023-11-14T22:13:22.062000+00:00"]
         assert got == sorted(got)
     finally:
         monkeypatch.delenv("TZ")

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import re
 import shutil
 import signal
 import subprocess
@@ -220,6 +222,65 @@ def test_watch_changes_the_record_under_the_lock(lab, tmp_path, monkeypatch):
     lab.detach()
 
 
+def test_watch_lines_for_the_journal_and_one_time_format(lab, tmp_path, monkeypatch):
+    """Issue 17 (conventions): a watch whose stderr is the journal
+    (JOURNAL_STREAM names that file, as systemd does) writes its notes with
+    syslog priorities and no time of their own; its decisions, on a stdout
+    that is not the journal, carry RFC 3339 UTC times. `bans` and `status`
+    give the same format, JSON with epoch seconds beside it."""
+    from xdpguard import daemon
+    from xdpguard.logline import rfc3339
+    from xdpguard.policy import load
+    lab.detach(check=False)
+    lab.xdpguard("unban", FLOODER, *_where(lab), check=False)
+    pol = _policy(lab, "journal", "100/s")
+    lab.apply(pol)
+    # XDP's own per-source counts decide a pps ban: no probe compile.
+    monkeypatch.setattr(daemon, "open_probes", lambda *_a: None)
+    monkeypatch.setattr(daemon, "RUN_ROOT", tmp_path / "run")
+    out_p, err_p = tmp_path / "out", tmp_path / "err"
+    flood = lab.udp_send("client", FLOODER, SERVER4, 9, pps=400, seconds=scaled(60, cap=300), background=True)
+    t0 = time.time()
+    try:
+        with open(out_p, "w") as out, open(err_p, "w") as err:
+            st = os.fstat(err.fileno())
+            monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
+            w = daemon.Watch(load(pol), lab.server_if, lab.server_ns, 0.2, False, out=out, err=err)
+
+            def stop_after_a_ban():
+                wait_until(lambda: " ban " in out_p.read_text(), WINDOW + slack() + scaled(20))
+                w.exit_code = 0
+                w.wake.set()
+            threading.Thread(target=stop_after_a_ban, daemon=True).start()
+            assert w.run() == 0, err_p.read_text()
+        t1 = time.time()
+        notes = err_p.read_text().splitlines()
+        assert notes and all(re.match(r"<[3-6]>xdpguard watch: ", ln) for ln in notes), notes
+        assert notes[0].startswith("<6>xdpguard watch: watching ") and notes[-1].startswith("<6>"), notes
+        decisions = out_p.read_text().splitlines()
+        stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00"
+        assert decisions and re.fullmatch(stamp + rf" ban {re.escape(FLOODER)}/32: pps \d+/s over 100/s; 60s "
+                                          r"\(offence \d+\)", decisions[0]), decisions
+        when = datetime.fromisoformat(decisions[0].split()[0]).timestamp()
+        assert int(t0) <= when <= t1, (t0, decisions[0], t1)
+
+        ban = [b for b in json.loads(lab.xdpguard("bans", *_where(lab), "--json").stdout)["bans"]
+               if b["prefix"] == f"{FLOODER}/32"][0]
+        assert ban["expires_rfc3339"] == rfc3339(ban["expires"]) and ban["since_rfc3339"] == rfc3339(ban["since"])
+        assert int(t0) <= datetime.fromisoformat(ban["since_rfc3339"]).timestamp() <= t1
+        assert re.fullmatch(stamp, ban["expires_rfc3339"]), ban
+        human = lab.xdpguard("bans", *_where(lab)).stdout
+        assert ban["expires_rfc3339"] in human, human
+
+        st = lab.status()[0]
+        assert st["applied_at_rfc3339"] == rfc3339(st["applied_at"]) and re.fullmatch(stamp, st["applied_at_rfc3339"])
+        assert f"applied {st['applied_at_rfc3339']} from" in lab.xdpguard("status", "--netns", lab.server_ns).stdout
+    finally:
+        lab.stop(flood)
+        lab.xdpguard("unban", FLOODER, *_where(lab), check=False)
+        lab.detach(check=False)
+
+
 LOGGED = """
 [policy]
 name = "logged"
@@ -253,8 +314,13 @@ def _log(lab, *extra) -> list[dict]:
     return [d for d in json_docs(lab.xdpguard("log", *_where(lab), "--json", *extra).stdout) if "seq" in d]
 
 
-def _epoch(text: str) -> float:
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%f").timestamp()
+def _epoch(e: dict) -> float:
+    """An event's time (RFC 3339, UTC, to the µs), checked against the
+    epoch seconds beside it."""
+    assert e["time"].endswith("+00:00") and len(e["time"]) == len("2026-01-01T00:00:00.000000+00:00"), e
+    t = datetime.fromisoformat(e["time"]).timestamp()
+    assert abs(t - e["time_epoch"]) < 1e-6, e
+    return t
 
 
 def test_log_times_and_readers(lab):
@@ -278,7 +344,7 @@ def test_log_times_and_readers(lab):
         second = [e for e in _log(lab) if e["seq"] not in before]
         assert len(first) == n and all(e["rule"] == "no-discard" and e["src"] == EXTRA4[6] for e in first), first
         assert second == first, "a second reader sees what the first saw"
-        times = [_epoch(e["time"]) for e in first]
+        times = [_epoch(e) for e in first]
         assert int(sent[0]) != int(sent[-1]), "the sends straddle a second boundary"
         assert times == sorted(times), [e["time"] for e in first]
         off = [t - s for t, s in zip(times, sent)]

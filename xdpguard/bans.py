@@ -27,6 +27,7 @@ from pathlib import Path
 
 from xdpguard import bpfsys, killpoint, pins
 from xdpguard.layout import C
+from xdpguard.logline import rfc3339
 
 STATE_ROOT = Path(os.environ.get("XDPGUARD_STATE_DIR", "/var/lib/xdpguard"))
 REASONS = {C.XG_BAN_MANUAL: "manual", C.XG_BAN_SYN_RATE: "syn_rate", C.XG_BAN_CONN_RATE: "conn_rate",
@@ -492,7 +493,9 @@ class BanMaps:
                             "expired": remaining is not None and remaining <= 0,
                             # Wall clock, for an export (`ban --from-file` reads it back).
                             "since": rec.since if rec else None,
+                            "since_rfc3339": rfc3339(rec.since) if rec and rec.since else None,
                             "expires": None if remaining is None else wall + remaining,
+                            "expires_rfc3339": None if remaining is None else rfc3339(wall + remaining),
                             "packets": v.packets, "bytes": v.bytes})
         return sorted(out, key=lambda e: e["prefix"])
 

@@ -21,7 +21,7 @@ from typing import Callable
 from xdpguard import cli_compare, cli_mitigation, cli_safety
 from xdpguard.cliutil import (EXIT_NOT_CONFIRMED, EXIT_OK, EXIT_SYSTEM, EXIT_USAGE, CliError, Numbers,
                               applied, check_names, colour, duration_type, emit_json, host_port, int_type,
-                              load_policy, netns_of, new_frame, paint, still_applied, table, warn)
+                              load_policy, netns_of, new_frame, paint, rfc3339, still_applied, table, warn)
 
 # `test`: packets a line of --packets or --count may send (BPF_PROG_TEST_RUN
 # repeats in the kernel: a bound keeps one call short).
@@ -330,7 +330,8 @@ def _await_confirm(args, rec, log) -> str:
     deadline = time.time() + args.confirm
     pins.modify_record(directory, lambda r: replace(r, confirm=pins.Confirm(deadline)))
     safety.start_timer(args.iface, netns_of(args), token, deadline)
-    log(f"{args.iface}: waiting {args.confirm:g}s for 'xdpguard confirm --iface {args.iface}"
+    log(f"{args.iface}: waiting {args.confirm:g}s (until {rfc3339(deadline)}) for "
+        f"'xdpguard confirm --iface {args.iface}"
         f"{' --netns ' + args.netns if args.netns else ''}'; otherwise the previous policy comes back")
     while time.time() < deadline + 3:
         cur = pins.read_record(directory)
@@ -378,19 +379,20 @@ def cmd_status(args) -> int:
         return EXIT_OK
     num = Numbers(args.exact)
     for s in rows:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["applied_at"]))
         state = "attached" if s["attached"] else "NOT ATTACHED (pins only)"
         if s["netns_gone"]:
             state = (f"NETWORK NAMESPACE GONE (pins only; 'xdpguard detach --iface {s['iface']} "
                      f"--netns {s['netns']}' removes them)")
         print(f"{s['netns']}/{s['iface']}: {state}, {s['mode']} mode, program id {s['prog_id']}")
-        print(f"  policy '{s['policy']}' sha256 {s['sha256'][:16]}... applied {when} from {s['source']}")
+        print(f"  policy '{s['policy']}' sha256 {s['sha256'][:16]}... applied {s['applied_at_rfc3339']} "
+              f"from {s['source']}")
         if s.get("confirm_deadline"):
             left = s["confirm_deadline"] - time.time()
-            print(f"  PENDING CONFIRMATION: rolls back in {max(0, left):.0f}s unless 'xdpguard confirm' runs")
+            print(f"  PENDING CONFIRMATION: rolls back in {max(0, left):.0f}s "
+                  f"(at {s['confirm_deadline_rfc3339']}) unless 'xdpguard confirm' runs")
         if s["history"]:
             print("  history (rollback goes to the first): " + ", ".join(
-                f"'{h['policy']}' {h['sha256'][:8]} {time.strftime('%m-%d %H:%M:%S', time.localtime(h['applied_at']))}"
+                f"'{h['policy']}' {h['sha256'][:8]} {h['applied_at_rfc3339']}"
                 for h in s["history"]))
         lit = colour()
         pf = s["policy_file"]
@@ -413,7 +415,7 @@ def cmd_status(args) -> int:
             if sc.get("auto_ports"):
                 on = [f"{o['port']}" + ("" if o["since"] is None else
                                         f" (SYN {o['syn_rate']}/s over {o['threshold']}/s since "
-                                        f"{time.strftime('%m-%d %H:%M:%S', time.localtime(o['since']))})")
+                                        f"{o['since_rfc3339']})")
                       for o in sc["auto_on"]]
                 print(f"  syncookies auto (watch): tcp ports {ranges(sc['auto_ports'])}; on: "
                       + (", ".join(on) or "none"))
@@ -827,8 +829,13 @@ def main(argv=None) -> int:
     from xdpguard import progress
     progress.enable(sys.stderr if sys.stderr.isatty() else None)
     from xdpguard.errors import LoadError, NetnsError, UsageError
+    from xdpguard.logline import ERROR, journal_stream, syslog_prefix
     from xdpguard.pins import PinError
     from xdpguard.policy import PolicyError
+
+    def error(e) -> None:
+        # In the journal (a unit's apply or watch): at error priority.
+        print(f"{syslog_prefix(ERROR, journal_stream(sys.stderr))}error: {e}", file=sys.stderr)
     try:
         args = build_parser().parse_args(argv)     # --help, too, may meet a closed pipe
         return args.func(args)
@@ -838,16 +845,16 @@ def main(argv=None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
     except PolicyError as e:
-        print(f"error: {e}", file=sys.stderr)
+        error(e)
         return EXIT_USAGE
     except (CliError,) as e:
-        print(f"error: {e}", file=sys.stderr)
+        error(e)
         return e.code
     except (UsageError, NetnsError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        error(e)
         return EXIT_USAGE
     except (LoadError, PinError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        error(e)
         return EXIT_SYSTEM
     except KeyboardInterrupt:
         return 130

@@ -129,8 +129,9 @@ def cmd_bans(args) -> int:
         return 0
     num = Numbers(args.exact)
     rows = [[f"{e['netns']}/{e['iface']}", e["prefix"], e["reason"], e["source"], _remaining(e),
-             num.count(e["packets"]), num.size(e["bytes"])] for e in out]
-    print(table(["iface", "prefix", "reason", "by", "remaining", "dropped", "bytes"], rows, right={5, 6}))
+             e["expires_rfc3339"] or "-", num.count(e["packets"]), num.size(e["bytes"])] for e in out]
+    print(table(["iface", "prefix", "reason", "by", "remaining", "expires", "dropped", "bytes"], rows,
+                right={6, 7}))
     return 0
 
 

@@ -11,6 +11,10 @@ import re
 import sys
 from contextlib import contextmanager
 
+# The one time format (RFC 3339, UTC unless XDPGUARD_TIME=local), for the
+# command modules that take their helpers from here.
+from xdpguard.logline import WARNING, journal_stream, rfc3339, syslog_prefix  # noqa: F401
+
 EXIT_OK, EXIT_SYSTEM, EXIT_USAGE, EXIT_NOT_CONFIRMED = 0, 1, 2, 3
 
 
@@ -72,9 +76,10 @@ def load_policy(path):
 
 
 def warn(policy) -> None:
-    """The policy's warnings on stderr."""
+    """The policy's warnings on stderr (at warning priority in the journal)."""
+    p = syslog_prefix(WARNING, journal_stream(sys.stderr))
     for w in policy.warnings:
-        print(f"warning: {w}", file=sys.stderr)
+        print(f"{p}warning: {w}", file=sys.stderr)
 
 
 def netns_of(args) -> str | None:
@@ -145,12 +150,6 @@ def emit_json(obj) -> None:
     """One JSON object on a line of its own (--json)."""
     sys.stdout.write(json.dumps(obj, sort_keys=False) + "\n")
     sys.stdout.flush()
-
-
-def rfc3339(ts: float) -> str:
-    """A time as RFC 3339 with its offset, in UTC ("2026-12-07T03:58:01+00:00")."""
-    from datetime import datetime, timezone
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
 
 
 def human_duration(s: float) -> str:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from xdpguard import bpfsys, pins
 from xdpguard.layout import C
+from xdpguard.logline import INFO, NOTICE, rfc3339
 
 NAMES = ("cookieports", "synports", "cookiewhy")
 _U32, _U64 = 4, 8
@@ -128,17 +129,23 @@ class Change:
     hold: float = 0.0
     time: float = field(default_factory=time.time)
 
+    @property
+    def priority(self) -> int:
+        """Its syslog priority in the journal."""
+        return NOTICE if self.on else INFO
+
     def as_json(self) -> dict:
-        return {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.time)),
+        return {"time": rfc3339(self.time), "time_epoch": round(self.time, 3),
                 "action": "syncookies_on" if self.on else "syncookies_off", "port": self.port,
                 "syn_rate": round(self.syn_rate, 1), "threshold": self.threshold}
 
-    def human(self) -> str:
-        t = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.time))
+    def human(self, stamped: bool = True) -> str:
+        """One line; stamped=False leaves the time out (the journal has it)."""
+        t = f"{rfc3339(self.time)} " if stamped else ""
         if self.on:
-            return (f"{t} syncookies on for tcp port {self.port}: SYN rate {self.syn_rate:.0f}/s "
+            return (f"{t}syncookies on for tcp port {self.port}: SYN rate {self.syn_rate:.0f}/s "
                     f"over syn_rate_total {self.threshold:g}/s")
-        return (f"{t} syncookies off for tcp port {self.port}: SYN rate {self.syn_rate:.0f}/s, at or under "
+        return (f"{t}syncookies off for tcp port {self.port}: SYN rate {self.syn_rate:.0f}/s, at or under "
                 f"syn_rate_total {self.threshold:g}/s for {self.hold:g}s")
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from xdpguard import bans, bpfsys, killpoint, pins
 from xdpguard.errors import UsageError
 from xdpguard.layout import C
+from xdpguard.logline import ERROR, INFO, NOTICE, WARNING, journal_stream, rfc3339, syslog_prefix
 from xdpguard.policy import Policy
 
 METRICS = (("syn_rate", C.XG_BAN_SYN_RATE), ("conn_rate", C.XG_BAN_CONN_RATE),
@@ -195,8 +196,13 @@ class Decision:
     reason: str | None = None
     time: float = field(default_factory=time.time)
 
+    @property
+    def priority(self) -> int:
+        """Its syslog priority in the journal."""
+        return NOTICE if self.action == "ban" else INFO
+
     def as_json(self) -> dict:
-        d = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.time)),
+        d = {"time": rfc3339(self.time), "time_epoch": round(self.time, 3),
              "action": self.action, "source": self.source, "metric": self.metric,
              "observed": None if self.observed is None else round(self.observed, 1),
              "threshold": self.threshold, "duration": self.duration, "offence": self.offence}
@@ -206,13 +212,14 @@ class Decision:
             d["reason"] = self.reason
         return d
 
-    def human(self) -> str:
-        t = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.time))
+    def human(self, stamped: bool = True) -> str:
+        """One line; stamped=False leaves the time out (the journal has it)."""
+        t = f"{rfc3339(self.time)} " if stamped else ""
         if self.action == "ban":
             dr = " (dry run: not banned)" if self.dry_run else ""
-            return (f"{t} ban {self.source}: {self.metric} {self.observed:.0f}/s over {self.threshold:g}/s; "
+            return (f"{t}ban {self.source}: {self.metric} {self.observed:.0f}/s over {self.threshold:g}/s; "
                     f"{self.duration:.0f}s (offence {self.offence}){dr}")
-        return f"{t} unban {self.source}: {self.reason or 'expired'}"
+        return f"{t}unban {self.source}: {self.reason or 'expired'}"
 
 
 class Mitigator:
@@ -377,6 +384,7 @@ class Watch:
         self.json = json_lines
         self.out = out
         self.err = err
+        self.journal_out, self.journal_err = journal_stream(out), journal_stream(err)
         self.wake = threading.Event()
         self.exit_code: int | None = None   # set by SIGINT (130) and SIGTERM (0)
         self.hup = False
@@ -389,12 +397,20 @@ class Watch:
         self.cookies = None     # cookieswitch.AutoCookies with syncookies = "auto"
 
     def log(self, d: Decision) -> None:
-        self.out.write((json.dumps(d.as_json()) if self.json else d.human()) + "\n")
+        # Into the journal: its priority, and its time is the entry's.
+        j = self.journal_out
+        line = json.dumps(d.as_json()) if self.json else d.human(stamped=not j)
+        self.out.write(syslog_prefix(d.priority, j) + line + "\n")
         self.out.flush()
 
-    def note(self, msg: str) -> None:
-        self.err.write(f"xdpguard watch: {msg}\n")
+    def note(self, msg: str, priority: int = INFO) -> None:
+        j = self.journal_err
+        stamp = "" if j else f"{rfc3339(time.time())} "
+        self.err.write(f"{syslog_prefix(priority, j)}{stamp}xdpguard watch: {msg}\n")
         self.err.flush()
+
+    def warn(self, msg: str) -> None:
+        self.note(msg, WARNING)
 
     def _signal(self, signum, _frame) -> None:
         if signum == signal.SIGHUP:
@@ -431,14 +447,14 @@ class Watch:
                 record = pins.read_record(directory)
                 bans.restore(directory, record, self.policy.mitigation.max_bans, self.note)
             if not self.policy.mitigation.enabled:
-                self.note("[mitigation] enabled = false: watching, never banning")
+                self.note("[mitigation] enabled = false: watching, never banning", NOTICE)
             self.state_path = bans.watch_state_path(record.netns, record.iface)
             state = bans.read_json(self.state_path, {})
             state = state if isinstance(state, dict) else {}
             state.setdefault("offenders", {})
             state.setdefault("bans", {})
             self.mit = Mitigator(self.policy, self._protected(self.policy, record), state)
-            self.probes = open_probes(self.policy.mitigation, self.note)
+            self.probes = open_probes(self.policy.mitigation, self.warn)
             self.probe_mode = self.probes.mode if self.probes else "none"
             self.record = pins.modify_record(directory, lambda r: replace(r, probes=self.probe_mode))
             self.sampler = Sampler(directory, self.record, self.probes)
@@ -474,7 +490,7 @@ class Watch:
                     except pins.Abandoned:
                         break
         except Stopped as e:
-            self.note(f"{e}; stopping (exit status 1)")
+            self.note(f"{e}; stopping (exit status 1)", ERROR)
             return 1
         finally:
             for sig, h in old_handlers.items():
@@ -504,7 +520,7 @@ class Watch:
         try:
             sw = PortSwitch.open(self.directory, record)
         except (OSError, KeyError):
-            self.note("syncookies = \"auto\": the running program has no per-port switch (an older "
+            self.warn("syncookies = \"auto\": the running program has no per-port switch (an older "
                       "xdpguard loaded it); detach and apply again")
             return None
         auto = AutoCookies(m, record.syncookies.auto, sw)
@@ -582,7 +598,7 @@ class Watch:
             self.take(self.policy, record,
                       f"the pinned policy changed to '{record.policy.name}' (sha256 {sha[:12]}), but "
                       f"{record.policy.source} no longer holds it: keeping the thresholds of "
-                      f"'{self.policy.name}', with the new allowlist and protect entries")
+                      f"'{self.policy.name}', with the new allowlist and protect entries", WARNING)
             return
         self.take(policy, record, f"policy '{policy.name}' (sha256 {sha[:12]}) applied from elsewhere")
 
@@ -597,7 +613,7 @@ class Watch:
         try:
             policy = load(self.path)
             for w in policy.warnings:
-                self.note(f"reload: warning: {w}")
+                self.warn(f"reload: warning: {w}")
             record = pins.read_record(self.directory)
             if record is not None and record.policy.sha256 == policy.sha256:
                 self.take(policy, record, f"reload (SIGHUP): policy '{policy.name}' "
@@ -606,20 +622,20 @@ class Watch:
             tables = compile_policy(policy)
             guard = safety.lockouts(policy, tables, self.netns)
             for u in guard.unchecked:
-                self.note(f"reload: warning: lockout guard: {u}")
+                self.warn(f"reload: warning: lockout guard: {u}")
             if guard.problems:
-                self.note(f"reload (SIGHUP) refused (lockout guard): {'; '.join(guard.problems)}; {keep}")
+                self.note(f"reload (SIGHUP) refused (lockout guard): {'; '.join(guard.problems)}; {keep}", ERROR)
                 return
             loader.apply(policy, tables, self.iface, netns=self.netns, log=self.note)
             record = pins.read_record(self.directory)
         except (PolicyError, UsageError, LoadError, NetnsError, pins.PinError, OSError) as e:
-            self.note(f"reload (SIGHUP) failed: {e}; {keep}")
+            self.note(f"reload (SIGHUP) failed: {e}; {keep}", ERROR)
             return
         if record is None:
             raise Stopped(f"{self.netns or 'host'}/{self.iface}: xdpguard is no longer applied")
         self.take(policy, record, f"reload (SIGHUP): policy '{policy.name}' (sha256 {policy.sha256[:12]}) applied")
 
-    def take(self, policy: Policy, record: pins.Record, why: str) -> None:
+    def take(self, policy: Policy, record: pins.Record, why: str, priority: int = NOTICE) -> None:
         """Run on policy from now on: thresholds, allowlist, prefix lengths;
         lift this watch's bans that the new policy protects."""
         old = self.policy
@@ -636,13 +652,13 @@ class Watch:
             # Sources are counted by prefix in the probes too: they start over.
             if self.probes:
                 self.probes.close()
-            self.probes = open_probes(m, self.note)
+            self.probes = open_probes(m, self.warn)
             self.probe_mode = self.probes.mode if self.probes else "none"
             self.sampler.close()
             self.sampler = Sampler(self.directory, record, self.probes)
             self.sampler.sample()
         self.note(f"{why}; now: {_thresholds(policy)}"
-                  + ("" if m.enabled else "; [mitigation] enabled = false: never banning"))
+                  + ("" if m.enabled else "; [mitigation] enabled = false: never banning"), priority)
         lifted = []
         with pins.locked():
             for prefix in list(mit.state["bans"]):
@@ -696,7 +712,7 @@ class Watch:
         for d in mit.evaluate(now, dt, sources, active):
             if not d.dry_run:
                 if len(active) >= self.policy.mitigation.max_bans:
-                    self.note(f"max_bans ({self.policy.mitigation.max_bans}) reached: not banning {d.source}")
+                    self.warn(f"max_bans ({self.policy.mitigation.max_bans}) reached: not banning {d.source}")
                     continue
                 # The offence is saved before the ban goes in: a kill
                 # between may count an offence with no ban, never a ban
@@ -708,7 +724,7 @@ class Watch:
                     failed = banmaps.add(ipaddress.ip_network(d.source), d.duration, dict(METRICS)[d.metric],
                                          f"{d.metric} {d.observed:.0f}/s > {d.threshold:g}/s", strict=False)
                 if failed:
-                    self.note(f"warning: {failed}")
+                    self.warn(f"warning: {failed}")
                 killpoint.step("watch-banned")
                 active.add(d.source)
                 self.bans_total += 1
@@ -723,7 +739,7 @@ class Watch:
         try:
             self._save_state(path, state)
         except OSError as e:
-            self.note(f"warning: {e.strerror or e}")
+            self.warn(f"warning: {e.strerror or e}")
 
     @staticmethod
     def _save_state(path: Path, state: dict) -> None:

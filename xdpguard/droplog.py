@@ -26,6 +26,7 @@ from pathlib import Path
 
 from xdpguard import bans, bpfsys, pins
 from xdpguard.layout import SLOT_REASONS, C
+from xdpguard.logline import rfc3339
 
 _PROTO = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}
 JOURNAL = "droplog.jsonl"
@@ -33,10 +34,22 @@ JOURNAL_BYTES = 4 << 20
 
 
 def wall_time(ns: int) -> str:
-    """Local time of a wall-clock instant in nanoseconds, to the
-    microsecond: seconds and fraction from the one number."""
-    s, us = divmod(ns // 1000, 1_000_000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(s)) + f".{us:06d}"
+    """A wall-clock instant in nanoseconds as RFC 3339, to the microsecond:
+    seconds and fraction from the one number."""
+    return rfc3339(_epoch(ns), 6)
+
+
+def _epoch(ns: int) -> float:
+    return round(ns / 1e9, 6)
+
+
+def _shown(line: str) -> dict:
+    """A journal line as readers print it: the time formatted now, from
+    its epoch seconds (XDPGUARD_TIME of the reader, not of the writer)."""
+    e = json.loads(line)
+    if isinstance(e.get("time_epoch"), (int, float)):
+        e["time"] = rfc3339(e["time_epoch"], 6)
+    return e
 
 
 def boot_to_wall_ns() -> int:
@@ -68,7 +81,7 @@ class DropLog:
         src = ipaddress.ip_address(bytes(ev.src)[:n])
         dst = ipaddress.ip_address(bytes(ev.dst)[:n])
         return {
-            "time": wall_time(offset_ns + ev.ts_ns),
+            "time": wall_time(offset_ns + ev.ts_ns), "time_epoch": _epoch(offset_ns + ev.ts_ns),
             "rule": self.names.get(ev.slot, SLOT_REASONS.get(ev.slot, f"slot {ev.slot}")),
             "verdict": "drop",
             "src": str(src), "dst": str(dst),
@@ -116,7 +129,7 @@ class DropLog:
             lines = _lines(self.path)
             if len(lines) < n:
                 lines = _lines(self.path.with_name(JOURNAL + ".1")) + lines
-        return [json.loads(ln) for ln in lines[-n:]] if n > 0 else []
+        return [_shown(ln) for ln in lines[-n:]] if n > 0 else []
 
     def follow(self) -> list[dict]:
         """Events journalled since the last recent() or follow()."""
@@ -132,7 +145,7 @@ class DropLog:
                 off = 0
             out += _read_from(self.path, off)
             self._pos = cur
-        return [json.loads(ln) for ln in out]
+        return [_shown(ln) for ln in out]
 
     def suppressed(self) -> int:
         """Events dropped by the in-kernel log rate limit, all slots."""

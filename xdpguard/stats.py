@@ -12,6 +12,7 @@ from pathlib import Path
 
 from xdpguard import bpfsys, pins
 from xdpguard.layout import COOKIE_BUG_SLOTS, MALFORMED_SLOTS, SLOT_REASONS, C
+from xdpguard.logline import rfc3339
 
 SCHEMA_VERSION = 1
 _FIELDS = ("packets", "bytes", "dropped_packets", "dropped_bytes")
@@ -178,10 +179,13 @@ def read_status(directory: Path, record: pins.Record) -> dict:
         "policy": record.policy.name,
         "sha256": record.policy.sha256,
         "applied_at": record.policy.applied_at,
+        "applied_at_rfc3339": rfc3339(record.policy.applied_at),
         "source": record.policy.source,
         "confirm_deadline": record.confirm.deadline if record.confirm else None,
+        "confirm_deadline_rfc3339": rfc3339(record.confirm.deadline) if record.confirm else None,
         # Newest first: where `rollback` goes, one step each.
-        "history": [{"policy": p.name, "sha256": p.sha256, "applied_at": p.applied_at, "source": p.source}
+        "history": [{"policy": p.name, "sha256": p.sha256, "applied_at": p.applied_at,
+                     "applied_at_rfc3339": rfc3339(p.applied_at), "source": p.source}
                     for p in record.history],
         # The probe set is watch's: shown only while a watch runs there.
         "probes": record.probes if pid else None,
@@ -270,5 +274,6 @@ def _syncookies(directory: Path, record: pins.Record) -> dict | None:
         return None
     from xdpguard import cookieswitch, syncookies
     out = syncookies.state(record.ns, record.syncookies)
-    out["auto_on"] = cookieswitch.status(directory, record) if record.syncookies.auto else []
+    out["auto_on"] = [{**o, "since_rfc3339": rfc3339(o["since"])}
+                      for o in (cookieswitch.status(directory, record) if record.syncookies.auto else [])]
     return out
