@@ -243,3 +243,26 @@ def test_show_each_interface(lab):
     finally:
         lab.xdpguard("detach", "--iface", dummy, "--netns", lab.server_ns, check=False)
         subprocess.run(["ip", "-n", lab.server_ns, "link", "del", dummy], check=False)
+
+
+@pytest.mark.e2e
+def test_running_copy_missing(lab):
+    """Applied without a kept copy (an xdpguard before the copies): show and
+    --diff say so (1); apply goes on, without a summary."""
+    import shutil
+
+    from testing.lab import json_docs
+    from xdpguard import history
+    where = ["--iface", lab.server_if, "--netns", lab.server_ns]
+    f = lab.dir / "copy.toml"
+    f.write_text(POLICY)
+    lab.apply(f)
+    shutil.rmtree(history.history_dir(lab.server_ns, lab.server_if))
+    assert "no copy of policy 'cmp'" in _xg(lab, "show", *where, code=1).stderr
+    f.write_text(B_POLICY)
+    err = _xg(lab, "apply", f, *where, "--diff", code=1).stderr
+    assert "cannot compare with the running policy" in err and "no copy of policy 'cmp'" in err
+    doc = json_docs(_xg(lab, "apply", f, *where, "--json").stdout)[0]
+    assert doc["changes"] is None and doc["unchanged"] is False
+    # That apply kept its copy: show works again.
+    assert json_docs(_xg(lab, "show", *where, "--json").stdout)[0]["interfaces"][0]["text"] == B_POLICY
