@@ -12,8 +12,12 @@ A. Stage breakdown. Variants of bpf/xdpguard.c, made at run time by
      4 + l4, port vectors        the l4 vector and both port arrays (a packet
                                  whose source vector decides skips 4 and 5)
      5 + AND loop                the rule-vector scan
-     6 general path              rule record, counters, limiter: the production
-                                 program without its fast lane
+     8 + rule record             the deciding rule's record
+     9 + clock, bucket key       the limiter's clock, a per-source bucket's key
+    10 + bucket lookup           the bucket (a per-source limit: the LRU hash)
+    11 + GCRA                    the bucket's compare-and-swap
+     6 general path              counters (and rate_total) after the above: the
+                                 production program without its fast lane
      7 full                      the production program: the fast lane (a frame its
                                  source decides, no packet record) before the rest
 
@@ -54,6 +58,14 @@ STAGES = [
     (4, "+ l4, port vectors", "before", r"\tif \(vl && vs && vd && vsp && vdp\) \{\n",
      "(vl && vs && vd && vsp && vdp) ? XDP_DROP : XDP_PASS"),
     (5, "+ AND loop", "before", r"\tif \(rule == XG_NO_RULE\) \{\n", "rule != XG_NO_RULE ? XDP_DROP : XDP_PASS"),
+    # The limiter's steps (issue 19): the limited classes' stages after 5.
+    (8, "+ rule record", "after",
+     r"\tif \(r->action != XG_ACT_ALLOW && r->action != XG_ACT_LIMIT\)\n[^\n]*\n", "XDP_DROP"),
+    (9, "+ clock, bucket key", "after",
+     r"\t\txg_mask\(k\.addr, family == 4 \? r->prefix4 : r->prefix6\);\n",
+     "(now && k.addr[3]) ? XDP_DROP : XDP_PASS"),
+    (10, "+ bucket lookup", "before", r"\t/\* No bucket \(map full and racing\)", "b ? XDP_DROP : XDP_PASS"),
+    (11, "+ GCRA", "before", r"\tif \(r->total_cost_fp\) \{\n", "XDP_DROP"),
 ]
 GENERAL, FULL = 6, 7
 FAST_CALL = "int rc = xg_fast(ctx, &hint);\n"
@@ -80,7 +92,7 @@ def stage_source() -> tuple[str, list[int]]:
 
 def _name(n: int) -> str:
     names = dict((s[0], s[1]) for s in STAGES)
-    names[GENERAL] = "general path (rule, counters, limiter)"
+    names[GENERAL] = "general path (counters after the limiter)"
     names[FULL] = "full: fast lane, then the general path"
     return names[n]
 
