@@ -205,6 +205,10 @@ def run_guest(name: str, steps: list[dict], out: Path, deadline_s: int) -> dict:
         _tree(jobdir / "src")
         if BLOCKLISTS.is_dir():
             shutil.copytree(BLOCKLISTS, jobdir / "blocklists")
+        else:
+            # A worktree's ../shared is not the checkout's: say so before an hour is spent.
+            log(f"{name}: no blocklists at {BLOCKLISTS} (set XDPGUARD_BLOCKLISTS); "
+                "the tests that read them fail in the guest (CI=true)")
         shutil.copy2(REPO / "vm" / "job.py", jobdir / "job.py")
         # Under emulation every deadline of the tests stretches by one
         # factor (testing/timing.py), not by a noisy measurement in the guest.
