@@ -23,7 +23,7 @@ done
 PKGS=(python3-bpfcc bpfcc-tools bpftool xdp-tools libbpf1 linux-headers-amd64
       python3-venv python3-pip iproute2 iputils-ping nftables iptables hping3
       nginx-light curl wrk iperf3 netsniff-ng util-linux procps make git
-      pandoc man-db)
+      pandoc man-db redis-server crowdsec crowdsec-firewall-bouncer)
 
 if [ "$(id -u)" != 0 ]; then
     echo "setup.sh: run as root (BPF and network namespaces need it)" >&2
@@ -37,16 +37,33 @@ for p in "${PKGS[@]}"; do installed "$p" || missing+=("$p"); done
 # its own, like the development VM's, has none: the fallback below).
 own=linux-headers-$KREL
 if ! installed "$own" && apt-cache show "$own" >/dev/null 2>&1; then missing+=("$own"); fi
+# crowdsec's postinst registers with CrowdSec's Central API unless this
+# file has content; the tests run their own LAPI, and need no network.
+if [ ! -s /etc/crowdsec/online_api_credentials.yaml ]; then
+    mkdir -p /etc/crowdsec
+    echo "# no Central API (xdpguard's tests run their own LAPI)" > /etc/crowdsec/online_api_credentials.yaml
+fi
 if [ ${#missing[@]} -gt 0 ]; then
     echo "setup: installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q >/dev/null
     # Asked again after the update: an old package list may not know them.
     if ! installed "$own" && apt-cache show "$own" >/dev/null 2>&1; then missing+=("$own"); fi
+    # No packaged service starts while installing (invoke-rc.d and
+    # deb-systemd-invoke ask policy-rc.d): the tests start their own.
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+        chmod 755 /usr/sbin/policy-rc.d
+        trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+    fi
     apt-get install -y -q --no-install-recommends $(printf '%s\n' "${missing[@]}" | sort -u) >/dev/null
 fi
-# nginx is used by tests on private namespaces only; never leave it on the host.
-systemctl disable --now nginx >/dev/null 2>&1 || true
+# nginx, redis and crowdsec are used by tests on private namespaces and
+# ports only; never leave the packaged services on the host (their
+# firewall bouncer would change the host's nftables).
+for svc in nginx redis-server crowdsec crowdsec-firewall-bouncer; do
+    systemctl disable --now "$svc" >/dev/null 2>&1 || true
+done
 
 # The venv sees Debian's bcc (python3-bpfcc) through system site packages.
 if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import bcc' 2>/dev/null; then

@@ -5,14 +5,16 @@ xg_ban). Expiry is CLOCK_BOOTTIME nanoseconds, which the XDP program reads
 with bpf_ktime_get_boot_ns(); 0 never expires. Pins live in memory, so
 every ban also has a record (`BanRecord`) in bans.json in the state
 directory, with its expiry in wall-clock time: `restore` puts the unexpired
-ones back into ban maps that a reboot or a detach left empty. The records
-are written only by `BanMaps` (under `pins.locked()`, like the maps).
+ones back into ban maps that a reboot or a detach left empty. CrowdSec
+decisions are recorded in crowdsec.json. The records are written only by
+`BanMaps` (under `pins.locked()`, like the maps).
 
 The one-element map `banstate` (struct xg_banstate) tells the program
 which trie may hold bans, so that it skips the trie while none do. Every
 writer goes through `insert` / `delete` below while holding
-`pins.locked()`: a flag is raised before an entry goes in and lowered only
-when the trie is seen empty, so a ban never waits behind a lowered flag.
+`pins.locked()` (or their batch forms in BanMaps): a flag is raised before
+an entry goes in and lowered only when the trie is seen empty, so a ban
+never waits behind a lowered flag.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import ctypes
 import ipaddress
 import json
 import os
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -33,6 +36,11 @@ STATE_ROOT = Path(os.environ.get("XDPGUARD_STATE_DIR", "/var/lib/xdpguard"))
 REASONS = {C.XG_BAN_MANUAL: "manual", C.XG_BAN_SYN_RATE: "syn_rate", C.XG_BAN_CONN_RATE: "conn_rate",
            C.XG_BAN_PPS: "pps", C.XG_BAN_BPS: "bps"}
 REASON_CODES = {v: k for k, v in REASONS.items()}
+# Where a ban came from (BanRecord.origin): made on this host, or by another
+# host of the fleet (fleet.py), or a CrowdSec decision (crowdsec.py).
+LOCAL = "local"
+FLEET_ORIGIN = "fleet:"
+CROWDSEC_ORIGIN = "crowdsec:"
 
 
 class BanError(Exception):
@@ -75,7 +83,9 @@ def write_json_atomic(path: Path, obj) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, separators=(",", ":"))
+            # dumps, not dump: dump runs the pure-Python encoder, five
+            # times slower on the 100,000 records of a CrowdSec blocklist.
+            f.write(json.dumps(obj, separators=(",", ":")))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -126,11 +136,31 @@ def own_addresses(netns: str | None) -> list[tuple[str, str]]:
                 + [(g, "a default gateway of this host") for g in rtnl.default_gateways()])
 
 
+class Protection:
+    """Networks never to ban (protected_networks), as integer prefixes:
+    checked against each of 100,000 decisions of a CrowdSec blocklist."""
+
+    def __init__(self, protected):
+        from xdpguard.policy import parse_prefix
+        self.items = [(parse_prefix(str(p))[0], f"covers {p}, {why}") for p, why in protected]
+
+    def why(self, prefix) -> str | None:
+        """Why prefix (text, network, or split_prefix's tuple) may not be
+        banned ("covers P, why"), or None."""
+        fam, raw, plen, _ = split_prefix(prefix)
+        value = int.from_bytes(raw, "big")
+        for p, why in self.items:
+            if p.family == fam:
+                shift = p.bits - min(p.plen, plen)
+                if p.value >> shift == value >> shift:
+                    return why
+        return None
+
+
 def covering(net, protected) -> str | None:
     """Why a ban of net would cover a protected network (of
     protected_networks), or None."""
-    return next((f"covers {p}, {why}" for p, why in protected
-                 if p.version == net.version and p.overlaps(net)), None)
+    return Protection(protected).why(net)
 
 
 def check_bannable(net, record: pins.Record) -> None:
@@ -140,14 +170,6 @@ def check_bannable(net, record: pins.Record) -> None:
 
 
 # ---------------------------------------------------------------- map access
-
-def _key(m: pins.Map, net) -> object:
-    k = m.Key()
-    k.prefixlen = net.prefixlen
-    raw = net.network_address.packed
-    ctypes.memmove(ctypes.addressof(k) + type(k).addr.offset, raw, len(raw))
-    return k
-
 
 def _set_flag(state, family: int, on: bool) -> None:
     zero = ctypes.c_uint32(0)
@@ -168,6 +190,12 @@ def delete(trie, state, family: int, key) -> bool:
     if bpfsys.map_get_next_key(trie.fd, None, ctypes.sizeof(trie.Key)) is None:
         _set_flag(state, family, False)
     return gone
+
+
+def _expires_ns(expires: float | None, now: float, boot: int) -> int:
+    """A wall-clock expiry as the map's CLOCK_BOOTTIME ns (0: never); at
+    least 1 ns ahead, since 0 would mean never."""
+    return 0 if expires is None else boot + max(1, int((expires - now) * 1e9))
 
 
 def parse_target(text: str, warn=None):
@@ -196,10 +224,18 @@ def parse_ttl(text: str) -> float | None:
 
 @dataclass(frozen=True)
 class Wanted:
-    """A ban to make: what `ban` and `ban --from-file` ask for."""
-    net: ipaddress.IPv4Network | ipaddress.IPv6Network
+    """A ban to make: what `ban`, `ban --from-file`, the fleet and CrowdSec ask for."""
+    net: object                  # a network, its text, or split_prefix's tuple
     ttl: float | None            # seconds; None: never expires
     reason: str
+    origin: str = LOCAL          # BanRecord.origin
+    code: int | None = None      # XG_BAN_*; None: add_many's reason
+
+    @classmethod
+    def until(cls, net, expires: float | None, reason: str, origin: str, code: int | None,
+              now: float) -> "Wanted":
+        """A ban that ends at a wall-clock time (None: never)."""
+        return cls(net, None if expires is None else max(expires - now, 1e-3), reason, origin, code)
 
 
 def read_ban_file(path, ttl: float | None, reason: str, warn) -> list[Wanted]:
@@ -261,9 +297,13 @@ class BanRecord:
     since: float                 # wall clock
     expires: float | None        # wall clock; None: never
     expiry_known: bool = True    # False: written before records kept expiry
+    origin: str = LOCAL          # LOCAL, "fleet:<host>" or "crowdsec:<scenario>"
 
     def as_json(self) -> dict:
-        return {"reason": self.reason, "code": self.code, "since": self.since, "expires": self.expires}
+        d = {"reason": self.reason, "code": self.code, "since": self.since, "expires": self.expires}
+        if self.origin != LOCAL:
+            d["origin"] = self.origin
+        return d
 
     @classmethod
     def from_json(cls, d: dict) -> "BanRecord":
@@ -274,7 +314,8 @@ class BanRecord:
         expires = d.get("expires")
         if expires is not None:
             expires = float(expires)
-        return cls(reason, int(code), float(d.get("since", 0.0)), expires, "expires" in d)
+        return cls(reason, int(code), float(d.get("since", 0.0)), expires, "expires" in d,
+                   str(d.get("origin", LOCAL)))
 
 
 @dataclass
@@ -328,7 +369,7 @@ def plan_restore(records: dict[str, BanRecord], automatic_until: dict[str, float
                              -(t[1].expires if t[1].expires is not None else float("inf"))))
     order = []
     for prefix, r in live:
-        why = covering(ipaddress.ip_network(prefix), protected)
+        why = covering(prefix, protected)
         if why:
             done.refused[prefix] = why
         elif r.code != C.XG_BAN_MANUAL and len(order) >= max_bans:
@@ -338,8 +379,39 @@ def plan_restore(records: dict[str, BanRecord], automatic_until: dict[str, float
     return order, done
 
 
+def _canon(family: int, raw: bytes, plen: int) -> str:
+    """The text of a prefix as records key it."""
+    if family == 6 and raw[:12] in (bytes(10) + b"\xff\xff", bytes(12)):
+        # IPv4-mapped and -compatible addresses: ipaddress writes them
+        # otherwise than inet_ntop, and the CLI keys by ipaddress.
+        return str(ipaddress.ip_network((ipaddress.ip_address(raw), plen)))
+    return f"{socket.inet_ntop(socket.AF_INET if family == 4 else socket.AF_INET6, raw)}/{plen}"
+
+
+def split_prefix(prefix) -> tuple[int, bytes, int, str]:
+    """(family, network address, length, text) of a prefix, text or
+    ipaddress network (or such a tuple already): without ipaddress, which
+    costs seconds for the 100,000 prefixes of a CrowdSec blocklist."""
+    if isinstance(prefix, tuple):
+        return prefix
+    text = str(prefix)
+    if "/" not in text and ":" not in text:       # a plain IPv4 address: most of a blocklist
+        try:
+            raw = socket.inet_pton(socket.AF_INET, text)
+        except OSError:
+            raise ValueError(f"'{text}' is not an address or CIDR") from None
+        return 4, raw, 32, f"{socket.inet_ntop(socket.AF_INET, raw)}/32"
+    from xdpguard.policy import parse_prefix
+    p, _ = parse_prefix(text)
+    raw = p.value.to_bytes(p.bits // 8, "big")
+    return p.family, raw, p.plen, _canon(p.family, raw, p.plen)
+
+
 class BanMaps:
-    """The two ban tries of one interface."""
+    """The two ban tries of one interface, and the records of their bans:
+    bans.json (local and fleet bans) and crowdsec.json (CrowdSec
+    decisions, which the LAPI gives again at start, kept apart and compact
+    because there may be 100,000)."""
 
     def __init__(self, directory: Path, record: pins.Record):
         self.directory = directory
@@ -347,6 +419,8 @@ class BanMaps:
         self.maps = {4: pins.open_map(directory, "ban4", record), 6: pins.open_map(directory, "ban6", record)}
         self.state = pins.open_map(directory, "banstate", record)
         self.notes_path = state_dir(record.netns, record.iface) / "bans.json"
+        self.decisions_path = state_dir(record.netns, record.iface) / "crowdsec.json"
+        self._cache: dict[Path, tuple[tuple, dict[str, BanRecord]]] = {}
 
     def close(self) -> None:
         for m in self.maps.values():
@@ -359,88 +433,189 @@ class BanMaps:
     def __exit__(self, *exc):
         self.close()
 
-    def records(self) -> dict[str, BanRecord]:
-        """bans.json, prefix -> record (entries that do not parse are left out)."""
-        out = {}
-        raw = read_json(self.notes_path, {})
-        for prefix, d in (raw if isinstance(raw, dict) else {}).items():
-            try:
-                ipaddress.ip_network(prefix)
-                out[prefix] = BanRecord.from_json(d)
-            except (TypeError, ValueError, AttributeError):
-                continue
+    # ------------------------------------------------------------ records
+
+    def _path(self, origin: str) -> Path:
+        return self.decisions_path if origin.startswith(CROWDSEC_ORIGIN) else self.notes_path
+
+    @staticmethod
+    def _stat(path: Path) -> tuple | None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_size
+
+    def _store(self, path: Path) -> dict[str, BanRecord]:
+        """The records of one file, read again only when it changed since
+        this object last read or wrote it (entries that do not parse are
+        left out)."""
+        sig = self._stat(path)
+        hit = self._cache.get(path)
+        if hit is not None and sig is not None and hit[0] == sig:
+            return hit[1]
+        raw = read_json(path, {})
+        out: dict[str, BanRecord] = {}
+        if path == self.decisions_path:
+            groups = raw.get("bans") if isinstance(raw, dict) else None
+            for origin, bans in (groups if isinstance(groups, dict) else {}).items():
+                for prefix, v in (bans if isinstance(bans, dict) else {}).items():
+                    try:
+                        out[prefix] = BanRecord(origin[len(CROWDSEC_ORIGIN):], C.XG_BAN_MANUAL, float(v[0]),
+                                                None if v[1] is None else float(v[1]), origin=origin)
+                    except (TypeError, ValueError, IndexError):
+                        continue
+        else:
+            for prefix, d in (raw if isinstance(raw, dict) else {}).items():
+                try:
+                    ipaddress.ip_network(prefix)
+                    out[prefix] = BanRecord.from_json(d)
+                except (TypeError, ValueError, AttributeError):
+                    continue
+        self._cache[path] = (sig, out)
         return out
 
-    def _save(self, records: dict[str, BanRecord]) -> None:
-        """The one writer of bans.json; callers hold pins.locked()."""
-        write_json_atomic(self.notes_path, {p: r.as_json() for p, r in records.items()})
+    def records(self) -> dict[str, BanRecord]:
+        """Prefix -> record, of every ban recorded."""
+        return {**self._store(self.decisions_path), **self._store(self.notes_path)}
 
-    def _entry(self, net, expires_ns: int, reason: int):
-        m = self.maps[net.version]
-        v = m.Leaf()
-        v.expires_ns = expires_ns
-        v.reason = reason
-        return m, _key(m, net), v
+    def _save(self, records: dict[str, BanRecord], path: Path | None = None) -> None:
+        """The one writer of bans.json and crowdsec.json; callers hold pins.locked()."""
+        path = path or self.notes_path
+        if path == self.decisions_path:
+            groups: dict[str, dict] = {}
+            for p, r in records.items():
+                groups.setdefault(r.origin, {})[p] = [r.since, r.expires]
+            write_json_atomic(path, {"v": 1, "bans": groups})
+        else:
+            write_json_atomic(path, {p: r.as_json() for p, r in records.items()})
+        self._cache[path] = (self._stat(path), records)
+
+    # ------------------------------------------------------------ the maps
+
+    def _key(self, family: int, raw: bytes, plen: int) -> bytes:
+        k = self.maps[family].Key()
+        k.prefixlen = plen
+        ctypes.memmove(ctypes.addressof(k) + type(k).addr.offset, raw, len(raw))
+        return bytes(k)
 
     def add(self, net, ttl_s: float | None, reason: int = C.XG_BAN_MANUAL, text: str = "",
-            strict: bool = True) -> str | None:
+            strict: bool = True, origin: str = LOCAL) -> str | None:
         """Ban a prefix (renewing keeps its counters); hold pins.locked().
         When bans.json cannot be written: OSError, not banned; or with
         strict=False (watch) banned anyway, the error returned."""
-        return self.add_many([Wanted(net, ttl_s or None, text or REASONS.get(reason, "manual"))],
+        return self.add_many([Wanted(net, ttl_s or None, text or REASONS.get(reason, "manual"), origin)],
                              reason, strict)
 
-    def add_many(self, wanted: list[Wanted], reason: int = C.XG_BAN_MANUAL,
-                 strict: bool = True) -> str | None:
-        """Ban prefixes as add does, bans.json written once for all."""
-        now, boot = time.time(), boot_ns()
-        records = self.records()
-        entries = []
+    def add_many(self, wanted: list[Wanted], reason: int = C.XG_BAN_MANUAL, strict: bool = True,
+                 now: float | None = None) -> str | None:
+        """Ban prefixes as add does, in one batch per map and one write per
+        records file: how 100,000 CrowdSec decisions go in. A renewed ban
+        keeps its drop counters. The records first: when they cannot be
+        written (disk full), OSError and nothing is banned; with
+        strict=False banned anyway, the error returned. Hold pins.locked()."""
+        now = time.time() if now is None else now
+        boot = boot_ns()
+        stores = {p: self._store(p) for p in (self.notes_path, self.decisions_path)}
+        changed: set[Path] = set()
+        batch: dict[int, tuple[list[bytes], list[bytes]]] = {4: ([], []), 6: ([], [])}
         for w in wanted:
-            m, k, v = self._entry(w.net, 0 if not w.ttl else boot + int(w.ttl * 1e9), reason)
-            old = m.lookup(k)
-            if old is not None:      # keep the drop counters of a renewed ban
-                v.packets, v.bytes = old.packets, old.bytes
-            entries.append((w.net, m, k, v))
-            records[str(w.net)] = BanRecord(w.reason, reason, now, None if not w.ttl else now + w.ttl)
-        # The note first: when bans.json cannot be written (disk full),
-        # the ban is not put in force and the error says so.
-        what = str(wanted[0].net) if len(wanted) == 1 else f"{len(wanted)} prefixes"
+            fam, raw, plen, key = split_prefix(w.net)
+            code = reason if w.code is None else w.code
+            expires = None if not w.ttl else now + w.ttl
+            m = self.maps[fam]
+            k = self._key(fam, raw, plen)
+            v = m.Leaf()
+            v.expires_ns = _expires_ns(expires, now, boot)
+            v.reason = code
+            path = self._path(w.origin)
+            for other, recs in stores.items():
+                if key in recs:
+                    if other != path:
+                        del recs[key]
+                        changed.add(other)
+                    old = m.lookup(k)
+                    if old is not None:      # keep the drop counters of a renewed ban
+                        v.packets, v.bytes = old.packets, old.bytes
+            stores[path][key] = BanRecord(w.reason, code, now, expires, origin=w.origin)
+            changed.add(path)
+            batch[fam][0].append(k)
+            batch[fam][1].append(bytes(v))
+        what = split_prefix(wanted[0].net)[3] if len(wanted) == 1 else f"{len(wanted)} prefixes"
         failed = None
         try:
-            self._save(records)
+            for path in changed:
+                self._save(stores[path], path)
         except OSError as e:
+            self._cache.clear()       # the records as changed here are not on disk
             if strict:
                 raise OSError(e.errno, f"{e.strerror}; {what} not banned") from None
             failed = f"{e.strerror}; {what} banned without its record"
         killpoint.step("ban-noted")
-        for net, m, k, v in entries:
-            insert(m, self.state, net.version, k, v)
+        for fam, (keys, values) in batch.items():
+            if keys:
+                m = self.maps[fam]
+                _set_flag(self.state, fam, True)   # raised before an entry goes in
+                bpfsys.map_update_many(m.fd, b"".join(keys), b"".join(values), len(keys))
         return failed
+
+    def write(self, adds, lifts, now: float | None = None) -> list[str]:
+        """add_many(adds) and remove_many(lifts), under pins.locked(),
+        taken only when there is something to write (the lock is the
+        machine's); returns what remove_many lifted. For writers that
+        decided on the records as read (fleet, CrowdSec): a record changed
+        meanwhile costs at most a needless write."""
+        if not adds and not lifts:
+            return []
+        with pins.locked():
+            if adds:
+                # Enforced even when the records cannot be written (as watch's own bans).
+                self.add_many(adds, strict=False, now=now)
+            return self.remove_many(lifts) if lifts else []
 
     def remove(self, net) -> bool:
         """Lift a ban; hold pins.locked()."""
         return bool(self.remove_many([net]))
 
-    def remove_many(self, nets) -> list[str]:
-        """Lift bans, bans.json written once (first, as in add: a failed
-        write leaves the bans in force); returns the prefixes that were in
-        the map. Hold pins.locked()."""
-        records, changed = self.records(), False
-        for net in nets:
-            changed = records.pop(str(net), None) is not None or changed
-        if changed:
-            try:
-                self._save(records)
-            except OSError as e:
-                what = f"the ban on {nets[0]} stays" if len(nets) == 1 else f"the bans on {len(nets)} prefixes stay"
-                raise OSError(e.errno, f"{e.strerror}; {what} in force") from None
-        lifted = []
-        for net in nets:
-            m = self.maps[net.version]
-            if delete(m, self.state, net.version, _key(m, net)):
-                lifted.append(str(net))
-        return lifted
+    def remove_many(self, prefixes) -> list[str]:
+        """Lift bans, one write per records file; returns the prefixes
+        that were in the map. The records first (as add_many): when they
+        cannot be written, OSError and the bans stay in force. Hold
+        pins.locked()."""
+        stores = {p: self._store(p) for p in (self.notes_path, self.decisions_path)}
+        split = [split_prefix(p) for p in prefixes]
+        changed = set()
+        for _fam, _raw, _plen, key in split:
+            for path, recs in stores.items():
+                if recs.pop(key, None) is not None:
+                    changed.add(path)
+        try:
+            for path in changed:
+                self._save(stores[path], path)
+        except OSError as e:
+            self._cache.clear()
+            what = split[0][3] if len(split) == 1 else f"{len(split)} prefixes"
+            raise OSError(e.errno, f"{e.strerror}; the ban on {what} stays in force") from None
+        gone, touched = [], set()
+        for fam, raw, plen, key in split:
+            if self.maps[fam].delete(self._key(fam, raw, plen)):
+                gone.append(key)
+            touched.add(fam)
+        for fam in touched:
+            m = self.maps[fam]
+            if bpfsys.map_get_next_key(m.fd, None, ctypes.sizeof(m.Key)) is None:
+                _set_flag(self.state, fam, False)
+        return gone
+
+    def lookup(self, prefix):
+        """The map's entry (struct xg_ban) of exactly this prefix, or None."""
+        fam, raw, plen, _ = split_prefix(prefix)
+        return self.maps[fam].lookup(self._key(fam, raw, plen))
+
+    def in_force(self, prefix) -> bool:
+        """Whether the map holds an unexpired ban of exactly this prefix."""
+        v = self.lookup(prefix)
+        return v is not None and (v.expires_ns == 0 or v.expires_ns > boot_ns())
 
     def empty(self) -> bool:
         return all(bpfsys.map_get_next_key(m.fd, None, ctypes.sizeof(m.Key)) is None
@@ -450,23 +625,28 @@ class BanMaps:
         """Put the recorded bans that have not expired back into empty ban
         maps (after a reboot or a detach), with the time they have left;
         bans.json keeps only those. None when the maps hold bans already:
-        they are then what is in force. Hold pins.locked()."""
+        they are then what is in force. CrowdSec decisions are not put
+        back: the bouncer asks the LAPI for all of them when it starts.
+        Hold pins.locked()."""
         if not self.empty():
             return None
-        records = self.records()
+        if self._store(self.decisions_path):
+            self._save({}, self.decisions_path)
+        records = dict(self._store(self.notes_path))
         now, boot = time.time(), boot_ns()
         order, done = plan_restore(records, automatic_until or {}, now, protected_networks(self.record),
                                    max_bans)
         kept: dict[str, BanRecord] = {}
         for prefix, r in order:
-            net = ipaddress.ip_network(prefix)
-            # At least 1 ns left: 0 would mean never.
-            left = 0 if r.expires is None else boot + max(1, int((r.expires - now) * 1e9))
-            m, k, v = self._entry(net, left, r.code)
+            fam, raw, plen, _ = split_prefix(prefix)
+            m = self.maps[fam]
+            v = m.Leaf()
+            v.expires_ns = _expires_ns(r.expires, now, boot)
+            v.reason = r.code
             try:
-                insert(m, self.state, net.version, k, v)
+                insert(m, self.state, fam, self._key(fam, raw, plen), v)
             except OSError as e:
-                done.refused[prefix] = f"ban{net.version} map: {e.strerror or e}"
+                done.refused[prefix] = f"ban{fam} map: {e.strerror or e}"
                 continue
             kept[prefix] = r
             done.restored.append(prefix)
@@ -477,17 +657,37 @@ class BanMaps:
             self._save(kept)
         return done
 
+    def _dump(self, fam: int) -> tuple[bytes, bytes, int]:
+        """Every key and value of a trie: batches where the kernel has
+        them for tries, one lookup per key otherwise."""
+        m = self.maps[fam]
+        ks, vs = ctypes.sizeof(m.Key), ctypes.sizeof(m.Leaf)
+        try:
+            return bpfsys.map_dump_batch(m.fd, ks, vs, chunk=4096)
+        except OSError:
+            items = [(k, bpfsys.map_lookup(m.fd, k, vs)) for k in bpfsys.map_keys(m.fd, ks)]
+            items = [(k, v) for k, v in items if v is not None]
+            return b"".join(k for k, _ in items), b"".join(v for _, v in items), len(items)
+
+    def _prefix_at(self, fam: int, keys: bytes, j: int) -> str:
+        K = self.maps[fam].Key
+        k = K.from_buffer_copy(keys, j * ctypes.sizeof(K))
+        return _canon(fam, bytes(k.addr)[: 4 if fam == 4 else 16], k.prefixlen)
+
     def entries(self) -> list[dict]:
         now, wall = boot_ns(), time.time()
         records = self.records()
         out = []
         for fam, m in self.maps.items():
-            for k, v in m.items():
-                raw = bytes(k.addr)[: 4 if fam == 4 else 16]
-                net = ipaddress.ip_network((ipaddress.ip_address(raw), k.prefixlen))
+            keys, values, n = self._dump(fam)
+            vs = ctypes.sizeof(m.Leaf)
+            for j in range(n):
+                v = m.Leaf.from_buffer_copy(values, j * vs)
+                prefix = self._prefix_at(fam, keys, j)
                 remaining = None if v.expires_ns == 0 else (v.expires_ns - now) / 1e9
-                rec = records.get(str(net))
-                out.append({"prefix": str(net), "reason": rec.reason if rec else REASONS.get(v.reason, "?"),
+                rec = records.get(prefix)
+                out.append({"prefix": prefix, "reason": rec.reason if rec else REASONS.get(v.reason, "?"),
+                            "origin": rec.origin if rec else LOCAL,
                             "source": "manual" if v.reason == C.XG_BAN_MANUAL else "metric",
                             "metric": REASONS.get(v.reason), "remaining_s": remaining,
                             "expired": remaining is not None and remaining <= 0,
@@ -500,10 +700,27 @@ class BanMaps:
         return sorted(out, key=lambda e: e["prefix"])
 
     def expire(self) -> list[str]:
-        """Delete expired bans; returns their prefixes. Hold pins.locked()."""
-        gone = [e["prefix"] for e in self.entries() if e["expired"]]
-        if gone:
-            self.remove_many([ipaddress.ip_network(p) for p in gone])
+        """Delete expired bans; returns their prefixes. Takes pins.locked()
+        itself, and only when something expired: `watch` calls it every
+        tick, and the lock is the whole machine's.
+
+        The expiries are read straight out of the dumped values, a prefix
+        is made only for what expired; under the lock each is looked at
+        again (a writer may have renewed it meanwhile)."""
+        now = boot_ns()
+        seen = []
+        for fam, m in self.maps.items():
+            keys, values, n = self._dump(fam)
+            words = ctypes.sizeof(m.Leaf) // 8
+            expires = memoryview(values).cast("Q")[m.Leaf.expires_ns.offset // 8::words]
+            seen += [self._prefix_at(fam, keys, j) for j, e in enumerate(expires) if e and e <= now]
+        if not seen:
+            return []
+        with pins.locked():
+            now = boot_ns()
+            gone = [p for p in seen if (v := self.lookup(p)) is not None and v.expires_ns and v.expires_ns <= now]
+            if gone:
+                self.remove_many(gone)
         return gone
 
 

@@ -756,6 +756,21 @@ def map_update_batch(
     return n.value
 
 
+def map_update_many(fd: int, keys: bytes, values: bytes, count: int) -> None:
+    """map_update_batch, or one update per element where the map type
+    has no batch operations (LPM tries on some kernels)."""
+    if not count:
+        return
+    try:
+        map_update_batch(fd, keys, values, count)
+    except OSError as e:
+        if e.errno not in (_errno.EINVAL, _errno.EOPNOTSUPP, ENOTSUPP):
+            raise
+        ks, vs = len(keys) // count, len(values) // count
+        for i in range(count):
+            map_update(fd, keys[i * ks:(i + 1) * ks], values[i * vs:(i + 1) * vs])
+
+
 def map_delete_batch(fd: int, keys: bytes, count: int) -> int:
     """BPF_MAP_DELETE_BATCH; a missing key stops it with ENOENT, ``.count``
     on the OSError as in map_update_batch. Arrays refuse (EINVAL)."""

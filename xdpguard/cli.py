@@ -608,7 +608,8 @@ COMMANDS = (
             (arg("--iface"), NETNS, EXACT,
              arg("--watch", type=duration_type(LEAST_REFRESH), metavar="DURATION",
                  help="refresh every DURATION (1, 500ms, 2s) with rates"))),
-    Command("watch", cli_mitigation.cmd_watch, "mitigation daemon: ban sources over the [mitigation] thresholds",
+    Command("watch", cli_mitigation.cmd_watch, "mitigation daemon: ban sources over the [mitigation] thresholds; "
+            "share bans with the [fleet], enforce [crowdsec] decisions",
             (arg("policy"), arg("--iface", required=True), NETNS,
              arg("--interval", default="1s", help="evaluation interval (default 1s)"),
              arg("--metrics", type=host_port, metavar="HOST:PORT", help="serve Prometheus metrics"))),
@@ -702,7 +703,8 @@ packet lines: {"src": "10.0.0.1", "dst": "10.0.0.2", "proto": "tcp", "sport": 12
     "watch": """examples:
   xdpguard watch /etc/xdpguard/eth1.toml --iface eth1
   xdpguard watch policy.toml --iface veth0 --netns lab --interval 0.5s --json
-  xdpguard watch policy.toml --iface eth1 --metrics 127.0.0.1:9101""",
+  xdpguard watch policy.toml --iface eth1 --metrics 127.0.0.1:9101
+  xdpguard watch fleet-only.toml --iface eth1    # [fleet] without [mitigation]: sync only""",
     "ban": """Where xdpguard runs on more than one interface, name one (--iface, with
 --netns for a namespace) or say --all: a ban never reaches another
 namespace by default.

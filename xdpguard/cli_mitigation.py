@@ -71,17 +71,34 @@ def cmd_ban(args) -> int:
             with bans.BanMaps(d, rec) as bm:
                 bm.add_many(wanted)
     done = _where(targets)
+    now = time.time()
+    shared = _share([rec for _d, rec in targets],
+                    [("ban", w.net, now + w.ttl if w.ttl else None, w.reason) for w in wanted])
     if args.json:
+        fleet = {"fleet": shared} if shared else {}
         if args.from_file:
             emit_json({"banned": [{"prefix": str(w.net), "ttl": w.ttl, "reason": w.reason} for w in wanted],
-                       "from": args.from_file, "interfaces": done})
+                       "from": args.from_file, "interfaces": done, **fleet})
         else:
-            emit_json({"banned": str(wanted[0].net), "ttl": ttl, "interfaces": done})
+            emit_json({"banned": str(wanted[0].net), "ttl": ttl, "interfaces": done, **fleet})
     elif args.from_file:
         print(f"banned {len(wanted)} prefix{'es' * (len(wanted) != 1)} from {args.from_file} on {', '.join(done)}")
     else:
         print(f"banned {wanted[0].net} for {human_duration(ttl) if ttl else 'ever'} on {', '.join(done)}")
     return 0
+
+
+def _share(records, events) -> list[str]:
+    """Publish (op, prefix, expires, reason) events to the fleet of the
+    applied policies that have [fleet]; what it says goes to stderr
+    (stdout stays the command's answer)."""
+    if not events or not any(rec.fleet for rec in records):
+        return []
+    from xdpguard import fleet
+    lines = fleet.share(records, events)
+    for ln in lines:
+        print(ln, file=sys.stderr)
+    return lines
 
 
 def cmd_unban(args) -> int:
@@ -101,14 +118,17 @@ def cmd_unban(args) -> int:
             with bans.BanMaps(d, rec) as bm:
                 nets = [net] if net else [ipaddress.ip_network(e["prefix"]) for e in bm.entries()]
                 lifted[f"{rec.netns}/{rec.iface}"] = bm.remove_many(nets)
+    # Lifted here or not, the fleet lifts it (it may be banned elsewhere).
+    gone = [net] if net else sorted({p for ps in lifted.values() for p in ps})
+    shared = _share([rec for _d, rec in targets], [("unban", n, None, "") for n in gone])
     if args.json:
         emit_json({"unbanned": str(net) if net else "all", "lifted": lifted,
-                   "interfaces": [w for w, p in lifted.items() if p]})
+                   "interfaces": [w for w, p in lifted.items() if p], **({"fleet": shared} if shared else {})})
     elif net is None:
         print("; ".join(f"lifted {len(p)} ban{'s' * (len(p) != 1)} on {w}" for w, p in lifted.items()))
     elif any(lifted.values()):
         print(f"unbanned {net} on {', '.join(w for w, p in lifted.items() if p)}")
-    else:
+    elif not shared:
         raise CliError(f"{net} is not banned on {', '.join(lifted)} (see 'xdpguard bans')")
     return 0
 
@@ -128,10 +148,10 @@ def cmd_bans(args) -> int:
         print("no bans")
         return 0
     num = Numbers(args.exact)
-    rows = [[f"{e['netns']}/{e['iface']}", e["prefix"], e["reason"], e["source"], _remaining(e),
+    rows = [[f"{e['netns']}/{e['iface']}", e["prefix"], e["reason"], e["source"], e["origin"], _remaining(e),
              e["expires_rfc3339"] or "-", num.count(e["packets"]), num.size(e["bytes"])] for e in out]
-    print(table(["iface", "prefix", "reason", "by", "remaining", "expires", "dropped", "bytes"], rows,
-                right={6, 7}))
+    print(table(["iface", "prefix", "reason", "by", "origin", "remaining", "expires", "dropped", "bytes"], rows,
+                right={7, 8}))
     return 0
 
 

@@ -395,6 +395,8 @@ class Watch:
         self.sampler: Sampler | None = None
         self.probes = None
         self.cookies = None     # cookieswitch.AutoCookies with syncookies = "auto"
+        self.fleet = None       # fleet.FleetSync with [fleet]
+        self.crowdsec = None    # crowdsec.Bouncer with [crowdsec]
 
     def log(self, d: Decision) -> None:
         # Into the journal: its priority, and its time is the entry's.
@@ -446,21 +448,27 @@ class Watch:
             with pins.locked():
                 record = pins.read_record(directory)
                 bans.restore(directory, record, self.policy.mitigation.max_bans, self.note)
-            if not self.policy.mitigation.enabled:
+            # [fleet] or [crowdsec] without thresholds to act on: no sampling.
+            sync_only = not self.policy.mitigation.enabled and bool(self.policy.fleet or self.policy.crowdsec)
+            if sync_only:
+                self.note("no [mitigation]: syncing bans only")
+            elif not self.policy.mitigation.enabled:
                 self.note("[mitigation] enabled = false: watching, never banning", NOTICE)
             self.state_path = bans.watch_state_path(record.netns, record.iface)
             state = bans.read_json(self.state_path, {})
             state = state if isinstance(state, dict) else {}
             state.setdefault("offenders", {})
             state.setdefault("bans", {})
-            self.mit = Mitigator(self.policy, self._protected(self.policy, record), state)
-            self.probes = open_probes(self.policy.mitigation, self.warn)
+            protected = self._protected(self.policy, record)
+            self.mit = Mitigator(self.policy, protected, state)
+            self.probes = None if sync_only else open_probes(self.policy.mitigation, self.warn)
             self.probe_mode = self.probes.mode if self.probes else "none"
             self.record = pins.modify_record(directory, lambda r: replace(r, probes=self.probe_mode))
-            self.sampler = Sampler(directory, self.record, self.probes)
+            self.sampler = None if sync_only else Sampler(directory, self.record, self.probes)
             self.banmaps = banmaps = bans.BanMaps(directory, self.record)
             self.cookies = self._auto_cookies(self.record)
             self._forget_lifted(self.mit.state, banmaps, self.state_path)
+            self._start_sync(directory, self.record, protected)
             if metrics:
                 # Serving before "watching" is said: whoever waits for that
                 # line (a supervisor, a test) can scrape at once.
@@ -472,8 +480,12 @@ class Watch:
                 signal.signal(sig, self._signal)
             self.note(f"watching {record.netns}/{self.iface} every {self.interval:g}s; "
                       f"probes: {self.probe_mode}; {len(state['offenders'])} known offenders"
+                      + (f"; fleet '{self.policy.fleet.name}' on {self.policy.fleet.redis} as "
+                         f"{self.policy.fleet.host}" if self.fleet else "")
+                      + (f"; crowdsec {self.policy.crowdsec.lapi}" if self.crowdsec else "")
                       + (f"; metrics on http://{metrics}/metrics" if server else ""))
-            self.sampler.sample()
+            if self.sampler:
+                self.sampler.sample()
             due = time.monotonic() + self.interval
             while self.exit_code is None:
                 self.wake.wait(max(0.0, due - time.monotonic()))
@@ -495,6 +507,9 @@ class Watch:
         finally:
             for sig, h in old_handlers.items():
                 signal.signal(sig, h)
+            for sync in (self.fleet, self.crowdsec):
+                if sync:
+                    sync.close()
             if banmaps:
                 banmaps.close()
             if self.sampler:
@@ -508,6 +523,24 @@ class Watch:
             instance_unlock(*lock)
         self.note("stopped; bans stay in force in the pinned ban map" + self._cookies_left())
         return self.exit_code
+
+    def _start_sync(self, directory: Path, record: pins.Record, protected) -> None:
+        """The fleet and CrowdSec threads, when the policy has them (a
+        reload keeps them as started: their tables need a restart)."""
+        from xdpguard.fleet import FleetError
+        try:
+            if self.policy.fleet:
+                from xdpguard.fleet import FleetSync
+                self.fleet = FleetSync(self.policy.fleet, directory, record, protected, self.note)
+            if self.policy.crowdsec:
+                from xdpguard.crowdsec import Bouncer
+                self.crowdsec = Bouncer(self.policy.crowdsec, directory, record, protected, self.note,
+                                        self.policy.fleet)
+        except FleetError as e:
+            raise UsageError(str(e)) from None
+        for sync in (self.fleet, self.crowdsec):
+            if sync:
+                sync.start()
 
     def _auto_cookies(self, record: pins.Record):
         """[mitigation] syncookies = "auto": the per-port switch
@@ -644,17 +677,24 @@ class Watch:
         if self.cookies:
             self.cookies.switch.close()
         self.cookies = self._auto_cookies(record)
-        mit = Mitigator(policy, self._protected(policy, record), self.mit.state)
+        protected = self._protected(policy, record)
+        mit = Mitigator(policy, protected, self.mit.state)
         mit.over_since = self.mit.over_since
         self.mit = mit
+        # The new allowlist and protect entries win over fleet bans and
+        # CrowdSec decisions from now on too.
+        for sync in (self.fleet, self.crowdsec):
+            if sync:
+                sync.protection = bans.Protection(protected)
         m, was = policy.mitigation, old.mitigation
-        if (m.prefix4, m.prefix6) != (was.prefix4, was.prefix6):
+        if self.sampler is None or (m.prefix4, m.prefix6) != (was.prefix4, was.prefix6):
             # Sources are counted by prefix in the probes too: they start over.
             if self.probes:
                 self.probes.close()
             self.probes = open_probes(m, self.warn)
             self.probe_mode = self.probes.mode if self.probes else "none"
-            self.sampler.close()
+            if self.sampler:
+                self.sampler.close()
             self.sampler = Sampler(self.directory, record, self.probes)
             self.sampler.sample()
         self.note(f"{why}; now: {_thresholds(policy)}"
@@ -704,7 +744,7 @@ class Watch:
         """Sample the rates, ban what is over a threshold for the window."""
         banmaps, state_path = self.banmaps, self.state_path
         mit, changed = self.mit, False
-        dt, sources, _dests = self.sampler.sample()
+        dt, sources, _dests = self.sampler.sample() if self.sampler else (0.0, {}, {})
         if dt <= 0 or not self.policy.mitigation.enabled:
             return
         active = {e["prefix"] for e in banmaps.entries()}
@@ -720,11 +760,13 @@ class Watch:
                 mit.record_ban(d)
                 self._try_save(state_path, mit.state)
                 killpoint.step("watch-offence")
+                code, text = dict(METRICS)[d.metric], f"{d.metric} {d.observed:.0f}/s > {d.threshold:g}/s"
                 with pins.locked():
-                    failed = banmaps.add(ipaddress.ip_network(d.source), d.duration, dict(METRICS)[d.metric],
-                                         f"{d.metric} {d.observed:.0f}/s > {d.threshold:g}/s", strict=False)
+                    failed = banmaps.add(ipaddress.ip_network(d.source), d.duration, code, text, strict=False)
                 if failed:
                     self.warn(f"warning: {failed}")
+                elif self.fleet:
+                    self.fleet.share("ban", d.source, time.time() + d.duration, text, code, d.offence)
                 killpoint.step("watch-banned")
                 active.add(d.source)
                 self.bans_total += 1

@@ -5,7 +5,6 @@ pin, re-apply atomically, detach. Also the BPF_PROG_TEST_RUN rig behind
 from __future__ import annotations
 
 import ctypes
-import errno
 import mmap
 import os
 import re
@@ -200,20 +199,6 @@ def bcc_types(b, names) -> dict:
 _BATCH = 1 << 18      # trie entries packed and written at a time
 
 
-def _lpm_update(fd: int, ks: int, vs: int, keys: bytes, vals: bytes) -> None:
-    n = len(keys) // ks
-    if not n:
-        return
-    # LPM tries have no batch operations on some kernels: fall back.
-    try:
-        bpfsys.map_update_batch(fd, keys, vals, n)
-    except OSError as e:
-        if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, bpfsys.ENOTSUPP):
-            raise
-        for i in range(n):
-            bpfsys.map_update(fd, keys[i * ks:(i + 1) * ks], vals[i * vs:(i + 1) * vs])
-
-
 def _put_trie(maps: dict, family: int, gen: int, entries: list) -> None:
     """A new classifier trie of one family for one generation, filled and
     put in its slot of the per-generation array (map lpm4 / lpm6). The
@@ -221,7 +206,7 @@ def _put_trie(maps: dict, family: int, gen: int, entries: list) -> None:
     the kernel: nothing is deleted entry by entry. Entries are packed a
     batch at a time: the keys of millions never exist at once."""
     tmpl = maps[f"lpm{family}_inner"]
-    ks, vs = ctypes.sizeof(tmpl.Key), ctypes.sizeof(tmpl.Leaf)
+    ks = ctypes.sizeof(tmpl.Key)
     # Type, flags and BTF must be the template's; the size may differ (LPM
     # tries are not inlined into the program like arrays).
     fd = bpfsys.map_create_like(tmpl.fd, f"xg_lpm{family}_g{gen}", max(1, len(entries)))
@@ -229,7 +214,8 @@ def _put_trie(maps: dict, family: int, gen: int, entries: list) -> None:
         with progress.task(f"filling IPv{family} classifier trie", len(entries)) as tick:
             for i in range(0, len(entries), _BATCH):
                 part = entries[i:i + _BATCH]
-                _lpm_update(fd, ks, vs, *layout.lpm_entries(tmpl, part, family))
+                keys, vals = layout.lpm_entries(tmpl, part, family)
+                bpfsys.map_update_many(fd, keys, vals, len(keys) // ks)
                 tick(len(part))
         bpfsys.map_update(maps[f"lpm{family}"].fd, bytes(ctypes.c_uint32(gen)), bytes(ctypes.c_uint32(fd)))
     finally:
@@ -400,7 +386,9 @@ def _record(policy: Policy, tables: Tables, fill: Fill, *, netns: str | None, if
                                        [str(p) for p in policy.mitigation.allow],
                                        policy.mitigation.max_bans),
         protect=[pins.Protect(str(p), port) for p, port in policy.protect],
-        syncookies=fill.cookies)
+        syncookies=fill.cookies,
+        # `ban` and `unban` publish with it (paths of secrets, no secret).
+        fleet=asdict(policy.fleet) if policy.fleet else None)
 
 
 def apply(policy: Policy, tables: Tables, iface: str, netns: str | None = None,

@@ -39,6 +39,7 @@ class _Collector:
         info = InfoMetricFamily("xdpguard_probes", "kernel probe set in use", labels=["netns", "iface"])
         info.add_metric(where, {"mode": self.watch.probe_mode})
         yield info
+        yield from self._sync(where)
         fill = GaugeMetricFamily("xdpguard_map_entries", "entries in hash and trie maps",
                                  labels=["netns", "iface", "map"])
         cap = GaugeMetricFamily("xdpguard_map_capacity", "capacity of maps", labels=["netns", "iface", "map"])
@@ -51,6 +52,26 @@ class _Collector:
             cap.add_metric(where + [name], got[1])
         yield fill
         yield cap
+
+    def _sync(self, where):
+        """[fleet] and [crowdsec]: connected, lag, events by outcome."""
+        for name, sync, what in (("fleet", self.watch.fleet, "Redis"), ("crowdsec", self.watch.crowdsec, "the LAPI")):
+            if sync is None:
+                continue
+            st = sync.status()
+            up = GaugeMetricFamily(f"xdpguard_{name}_connected", f"1 while {what} answers", labels=["netns", "iface"])
+            up.add_metric(where, int(st["connected"]))
+            yield up
+            events = CounterMetricFamily(f"xdpguard_{name}_events", f"{name} events by outcome",
+                                         labels=["netns", "iface", "result"])
+            for result, n in sorted(st["counters"].items()):
+                events.add_metric(where + [result], n)
+            yield events
+        if self.watch.fleet is not None and self.watch.fleet.lag is not None:
+            lag = GaugeMetricFamily("xdpguard_fleet_lag_seconds", "age of the last fleet event when applied",
+                                    labels=["netns", "iface"])
+            lag.add_metric(where, self.watch.fleet.lag)
+            yield lag
 
 
 def serve(host: str, port: int, watch):

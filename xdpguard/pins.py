@@ -237,6 +237,7 @@ class Record:
     # The policies applied before this one, newest first, at most HISTORY:
     # `rollback` goes to the first and drops it (history.py keeps copies).
     history: list[PolicyInfo] = field(default_factory=list)
+    fleet: dict | None = None  # [fleet] as policy.Fleet's fields (paths of secrets, no secret)
 
     @property
     def ns(self) -> str | None:
@@ -270,6 +271,8 @@ class Record:
             doc["generation"] = self.generation
         if self.history:
             doc["history"] = [asdict(p) for p in self.history]
+        if self.fleet is not None:
+            doc["fleet"] = self.fleet
         return doc
 
     @classmethod

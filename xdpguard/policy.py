@@ -43,7 +43,13 @@ FULL_FRAME = 1514
 _MITIGATION_KEYS = ("enabled", "syn_rate", "conn_rate", "pps", "bps", "window", "ban",
                     "ban_max", "forget", "allow", "max_bans", "prefix4", "prefix6", "dry_run",
                     "syncookies", "syn_rate_total", "syncookies_hold")
-_TOP_KEYS = ("policy", "sets", "rule", "mitigation")
+_FLEET_KEYS = ("redis", "password_file", "key_file", "name", "host", "publish", "subscribe",
+               "min_prefix4", "min_prefix6")
+_CROWDSEC_KEYS = ("lapi", "key_file", "interval", "scopes")
+_TOP_KEYS = ("policy", "sets", "rule", "mitigation", "fleet", "crowdsec")
+CROWDSEC_SCOPES = ("ip", "range")
+# A shared secret shorter than this is guessable (HMAC-SHA256 keys).
+FLEET_KEY_MIN = 16
 
 
 class PolicyError(Exception):
@@ -262,6 +268,30 @@ class Mitigation:
 
 
 @dataclass
+class Fleet:
+    """[fleet]: bans shared through Redis (fleet.py). Secrets stay in
+    files: the policy names them, the record keeps only the paths."""
+    redis: str
+    key_file: str                    # absolute path
+    password_file: str | None = None
+    name: str = "xdpguard"
+    host: str = ""
+    publish: bool = True
+    subscribe: bool = True
+    min_prefix4: int = 16
+    min_prefix6: int = 32
+
+
+@dataclass
+class CrowdSec:
+    """[crowdsec]: a bouncer of a CrowdSec Local API (crowdsec.py)."""
+    lapi: str
+    key_file: str                    # absolute path
+    interval: float = 10.0
+    scopes: tuple[str, ...] = CROWDSEC_SCOPES
+
+
+@dataclass
 class Policy:
     name: str
     default: str
@@ -269,6 +299,8 @@ class Policy:
     sets: dict[str, PrefixSet]
     mitigation: Mitigation
     protect: tuple[tuple[Prefix, int | None], ...] = ()
+    fleet: Fleet | None = None
+    crowdsec: CrowdSec | None = None
     log_rate: int = 10
     log_default: bool = False
     log_bans: bool = False
@@ -736,10 +768,7 @@ def _read_mitigation(rd: _Reader, raw, sets) -> Mitigation:
     rd.check_keys(where, raw, _MITIGATION_KEYS)
     m = Mitigation()
     for key in ("enabled", "dry_run"):
-        if key in raw:
-            if not isinstance(raw[key], bool):
-                rd.fail(where, f"{key} {raw[key]!r} is not valid (expected true or false)")
-            setattr(m, key, raw[key])
+        setattr(m, key, _bool(rd, where, raw, key, getattr(m, key)))
     for key, unit in (("syn_rate", "packets"), ("conn_rate", "packets"), ("pps", "packets"), ("bps", "bytes")):
         if key in raw:
             try:
@@ -854,6 +883,110 @@ def _single_rule_hint(text: str) -> str:
     return ""
 
 
+def _bool(rd: _Reader, where: str, raw: dict, key: str, default: bool) -> bool:
+    val = raw.get(key, default)
+    if not isinstance(val, bool):
+        rd.fail(where, f"{key} {val!r} is not valid (expected true or false)")
+    return val
+
+
+def _secret_file(rd: _Reader, where: str, fld: str, value, least: int, example: str) -> str:
+    """The absolute path of a readable file holding a secret (at least
+    `least` bytes); the secret itself is read where it is used."""
+    if not isinstance(value, str) or not value:
+        rd.fail(where, f"{fld} is required: the path of a file (e.g. {example})")
+    path = (rd.path.parent / value).resolve()
+    try:
+        size = len(path.read_bytes().strip())
+    except OSError as e:
+        rd.fail(where, f"{fld} '{value}' cannot be read ({e.strerror or e}); expected a file holding the secret")
+    if size < least:
+        rd.fail(where, f"{fld} '{value}' holds {size} bytes; expected at least {least}")
+    return str(path)
+
+
+def _service_url(rd: _Reader, where: str, fld: str, value, schemes: tuple[str, ...], example: str) -> str:
+    from urllib.parse import urlsplit
+    if not isinstance(value, str):
+        rd.fail(where, f"{fld} {value!r} is not valid (expected a URL like \"{example}\")")
+    try:
+        u = urlsplit(value)
+        u.port
+    except ValueError as e:
+        rd.fail(where, f"{fld} '{value}' is not a URL ({e}; expected one like \"{example}\")")
+    if u.scheme not in schemes or not u.hostname:
+        rd.fail(where, f"{fld} '{value}' is not valid (expected {' or '.join(s + '://HOST' for s in schemes)}, "
+                       f"like \"{example}\")")
+    if u.password is not None:
+        rd.fail(where, f"{fld} '{u.scheme}://...' holds a password; put it in password_file (a policy is no place for a secret)")
+    return value
+
+
+_NAME_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
+
+def _service_table(rd: _Reader, where: str, raw, keys: tuple[str, ...], required: str, example: str) -> dict:
+    """A table naming a service ([fleet], [crowdsec]): known keys, and the
+    service's URL given."""
+    if not isinstance(raw, dict):
+        rd.fail(where, "expected a table")
+    rd.check_keys(where, raw, keys)
+    if required not in raw:
+        rd.fail(where, f"{required} is required (e.g. {required} = \"{example}\")")
+    return raw
+
+
+def _read_fleet(rd: _Reader, raw) -> Fleet:
+    where = "[fleet]"
+    raw = _service_table(rd, where, raw, _FLEET_KEYS, "redis", "redis://127.0.0.1:6379/0")
+    url = _service_url(rd, where, "redis", raw["redis"], ("redis", "rediss"), "redis://127.0.0.1:6379/0")
+    from urllib.parse import urlsplit
+    db = urlsplit(url).path.strip("/")
+    if db and not db.isdigit():
+        rd.fail(where, f"redis '{url}': database '{db}' is not valid (expected a number, like /0)")
+    f = Fleet(redis=url, key_file=_secret_file(rd, where, "key_file", raw.get("key_file"), FLEET_KEY_MIN,
+                                               "\"/etc/xdpguard/fleet.key\""))
+    if "password_file" in raw:
+        f.password_file = _secret_file(rd, where, "password_file", raw["password_file"], 1,
+                                       "\"/etc/xdpguard/redis.pass\"")
+    for key in ("name", "host"):
+        if key in raw:
+            if not isinstance(raw[key], str) or not _NAME_RE.fullmatch(raw[key]):
+                rd.fail(where, f"{key} {raw[key]!r} is not valid (1-64 letters, digits, '_', '.', ':' or '-')")
+            setattr(f, key, raw[key])
+    if not f.host:
+        f.host = socket.gethostname()[:64] or "localhost"
+    f.publish = _bool(rd, where, raw, "publish", True)
+    f.subscribe = _bool(rd, where, raw, "subscribe", True)
+    if "min_prefix4" in raw:
+        f.min_prefix4 = _int_in(rd, where, "min_prefix4", raw["min_prefix4"], 0, 32)
+    if "min_prefix6" in raw:
+        f.min_prefix6 = _int_in(rd, where, "min_prefix6", raw["min_prefix6"], 0, 128)
+    return f
+
+
+def _read_crowdsec(rd: _Reader, raw) -> CrowdSec:
+    where = "[crowdsec]"
+    raw = _service_table(rd, where, raw, _CROWDSEC_KEYS, "lapi", "http://127.0.0.1:8080")
+    c = CrowdSec(lapi=_service_url(rd, where, "lapi", raw["lapi"], ("http", "https"), "http://127.0.0.1:8080"),
+                 key_file=_secret_file(rd, where, "key_file", raw.get("key_file"), 1,
+                                       "\"/etc/xdpguard/crowdsec.key\", from 'cscli bouncers add xdpguard -o raw'"))
+    if "interval" in raw:
+        try:
+            c.interval = parse_duration(raw["interval"])
+        except ValueError as e:
+            rd.fail(where, f"interval {e}")
+        if not 0.1 <= c.interval <= 3600:
+            rd.fail(where, f"interval {raw['interval']!r} is not valid (expected 100ms..1h)")
+    if "scopes" in raw:
+        scopes = raw["scopes"]
+        if (not isinstance(scopes, list) or not scopes
+                or any(s not in CROWDSEC_SCOPES for s in scopes)):
+            rd.fail(where, f"scopes {scopes!r} is not valid (expected a non-empty list of \"ip\", \"range\")")
+        c.scopes = tuple(dict.fromkeys(scopes))
+    return c
+
+
 def load(path, text: str | None = None, set_files: dict[str, str] | None = None) -> Policy:
     """Read and validate a policy file. Raises PolicyError. set_files:
     paths to read set files from instead, by their "file" string (a
@@ -892,10 +1025,7 @@ def load(path, text: str | None = None, set_files: dict[str, str] | None = None)
     log_rate = _int_in(rd, "[policy]", "log_rate", head.get("log_rate", 10), 0, 100000)
     log_flags = {}
     for key in ("log_default", "log_bans"):
-        val = head.get(key, False)
-        if not isinstance(val, bool):
-            rd.fail("[policy]", f"{key} {val!r} is not valid (expected true or false)")
-        log_flags[key] = val
+        log_flags[key] = _bool(rd, "[policy]", head, key, False)
 
     sets = _read_sets(rd, doc.get("sets", {}))
     raw_rules = doc.get("rule", [])
@@ -917,8 +1047,11 @@ def load(path, text: str | None = None, set_files: dict[str, str] | None = None)
         rd.fail("[mitigation]", "syncookies = \"auto\", but no rule can take SYN cookies (one with "
                                 "proto = \"tcp\", dport and action \"allow\" or \"limit\", not saying syncookies)")
     protect = _read_protect(rd, head["protect"]) if "protect" in head else ()
+    fleet = _read_fleet(rd, doc["fleet"]) if "fleet" in doc else None
+    crowdsec = _read_crowdsec(rd, doc["crowdsec"]) if "crowdsec" in doc else None
     return Policy(name=name, default=default, rules=rules, sets=sets, mitigation=mitigation,
-                  protect=protect, log_rate=log_rate, **log_flags, source=str(path.resolve()) if text is None else str(path),
+                  protect=protect, fleet=fleet, crowdsec=crowdsec, log_rate=log_rate, **log_flags,
+                  source=str(path.resolve()) if text is None else str(path),
                   sha256=policy_sha256(data_bytes, {k: h for k, (_p, h) in rd.inputs.items()}),
                   warnings=rd.warnings, text=data_bytes, inputs=rd.inputs)
 

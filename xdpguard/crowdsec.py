@@ -1,0 +1,262 @@
+"""xdpguard as a CrowdSec bouncer: `[crowdsec]`.
+
+Every `interval`, a thread of `watch` asks the Local API for
+/v1/decisions/stream (header X-Api-Key, the key of `cscli bouncers add`):
+startup=true the first time and after any failure (the whole state), the
+changes since the last pull otherwise. Ban decisions of the configured
+scopes (ip, range) go into the ban maps for their duration, with origin
+crowdsec:<scenario>; deleted ones come out. The same protection as fleet
+bans: the allowlist, `protect` entries, the host's addresses and gateways,
+and prefixes broader than min_prefix4/6 are refused (logged, counted).
+Bans go in through bans.BanMaps, the one writer, under pins.locked().
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from pathlib import Path
+from urllib.parse import urlencode
+
+from xdpguard import bans
+from xdpguard.fleet import BACKOFF_MAX, BACKOFF_MIN, read_secret
+from xdpguard.layout import C
+from xdpguard.policy import CrowdSec, Fleet
+
+USER_AGENT = "xdpguard-bouncer/0.1"
+TIMEOUT_S = 120        # the LAPI takes seconds to list 100,000 decisions
+FULL_AFTER_S = 3.0     # the whole state again this long after new decisions stop coming
+FULL_GAP_S = 30.0      # at most this often for that
+FULL_EVERY_S = 600.0   # and this often anyway
+
+_GO_UNIT = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+_GO_PART = re.compile(r"(\d+(?:\.\d*)?)(h|ms|m|s|us|µs|ns)")
+
+
+_GO_HMS = re.compile(r"(-?)(?:(\d+)h)?(?:(\d+)m)?(?:(\d+(?:\.\d*)?)s)?")
+
+
+def parse_go_duration(text: str) -> float:
+    """Seconds of a Go duration as the LAPI writes it ("3h59m58.9s", "-15ms")."""
+    m = _GO_HMS.fullmatch(text)
+    if m and any(m.groups()[1:]):         # the common form, in one match
+        h, mi, sec = m.group(2), m.group(3), m.group(4)
+        total = (int(h) * 3600 if h else 0) + (int(mi) * 60 if mi else 0) + (float(sec) if sec else 0.0)
+        return -total if m.group(1) else float(total)
+    t = text.strip()
+    sign = -1.0 if t.startswith("-") else 1.0
+    t = t.lstrip("+-")
+    if t == "0":
+        return 0.0
+    pos, total = 0, 0.0
+    for m in _GO_PART.finditer(t):
+        if m.start() != pos:
+            break
+        total += float(m.group(1)) * _GO_UNIT[m.group(2)]
+        pos = m.end()
+    if pos != len(t) or not t:
+        raise ValueError(f"{text!r} is not a duration")
+    return sign * total
+
+
+def decision_prefix(d: dict, scopes) -> tuple[int, bytes, int, str] | None:
+    """The prefix a ban decision of an allowed scope covers (as
+    bans.split_prefix gives it), or None; ValueError when its value is no
+    address or range."""
+    scope = str(d.get("scope", "")).lower()
+    if str(d.get("type", "")).lower() != "ban" or scope not in scopes:
+        return None
+    value = str(d.get("value", ""))
+    if scope == "ip" and "/" in value:
+        return None
+    return bans.split_prefix(value)
+
+
+class Bouncer:
+    """Pulls the decision stream in a thread of `watch`."""
+
+    def __init__(self, cfg: CrowdSec, directory: Path, record: dict, protected, log,
+                 fleet: Fleet | None = None):
+        self.cfg = cfg
+        self.key = read_secret(cfg.key_file, "[crowdsec] key_file").decode()
+        self.directory = directory
+        self.record = record
+        self.protection = bans.Protection(protected)
+        self.log = log
+        # As broad as a fleet ban may be: [fleet]'s limits, or their defaults.
+        limits = fleet or Fleet(redis="", key_file="")
+        self.min_prefix = {4: limits.min_prefix4, 6: limits.min_prefix6}
+        # prefix -> {decision id: (expires, scenario)}: a prefix stays banned
+        # while any of its decisions lasts.
+        self.active: dict[str, dict[int, tuple[float, str]]] = {}
+        self._split: dict[str, tuple] = {}      # prefix -> bans.split_prefix(prefix)
+        self.counters: Counter = Counter()
+        self.connected = False
+        self.last_pull: float | None = None
+        self.last_applied: dict | None = None
+        self.stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._refused_logged: set[str] = set()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="xdpguard-crowdsec", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        if self._thread:
+            self._thread.join(TIMEOUT_S + 5)
+
+    def pull(self, startup: bool) -> dict:
+        q = urlencode({"startup": "true" if startup else "false", "scopes": ",".join(self.cfg.scopes)})
+        req = urllib.request.Request(f"{self.cfg.lapi.rstrip('/')}/v1/decisions/stream?{q}",
+                                     headers={"X-Api-Key": self.key, "User-Agent": USER_AGENT})
+        with urllib.request.urlopen(req, timeout=TIMEOUT_S) as r:
+            doc = json.loads(r.read())
+        if not isinstance(doc, dict):
+            raise ValueError("the LAPI answered with something else than a JSON object")
+        return doc
+
+    def _run(self) -> None:
+        with bans.BanMaps(self.directory, self.record) as self.banmaps:
+            self._loop()
+
+    def _loop(self) -> None:
+        startup, first, backoff = True, True, BACKOFF_MIN
+        full_at, full_due = 0.0, None
+        while not self.stop.is_set():
+            t0 = time.monotonic()
+            # The LAPI gives the decisions created after a bouncer's last
+            # pull; one committed late by a long transaction (an import)
+            # is created "before" and never given (CrowdSec's firewall
+            # bouncer decays the same way). So the whole state again once
+            # new decisions stop coming, at most every FULL_GAP_S, and
+            # every FULL_EVERY_S anyway.
+            full = not startup and ((full_due is not None and t0 >= full_due and t0 - full_at >= FULL_GAP_S)
+                                    or t0 - full_at >= FULL_EVERY_S)
+            try:
+                doc = self.pull(startup or full)
+                self.last_pull = time.time()
+                before = set(self.active)
+                self.apply(self.banmaps, doc, startup or full)
+                if startup or full:
+                    full_at, full_due = t0, None
+                    missed = len(set(self.active) - before)
+                    if full and missed:
+                        self.counters["missed_by_deltas"] += missed
+                        self.log(f"crowdsec: the whole state had {missed} decisions the changes did not give")
+                elif doc.get("new"):
+                    full_due = time.monotonic() + max(FULL_AFTER_S, 2 * self.cfg.interval)
+                if not self.connected:
+                    self.log(f"crowdsec: pulling decisions from {self.cfg.lapi} every {self.cfg.interval:g}s; "
+                             f"{sum(1 for v in self.active.values() if v)} bans in force")
+                self.connected, startup, backoff = True, False, BACKOFF_MIN
+                wait = self.cfg.interval - (time.monotonic() - t0)
+            except urllib.error.HTTPError as e:
+                wait, backoff, startup = self._failed(first, f"HTTP {e.code} {e.reason}"
+                                                      + (" (is key_file the key of 'cscli bouncers add'?)"
+                                                         if e.code == 403 else ""), backoff)
+            except (urllib.error.URLError, OSError, ValueError) as e:
+                wait, backoff, startup = self._failed(first, str(getattr(e, "reason", None) or e), backoff)
+            except Exception as e:       # never let the thread die silently
+                wait, backoff, startup = self._failed(first, f"{type(e).__name__}: {e}", backoff)
+            first = False
+            self.stop.wait(max(0.0, wait))
+
+    def _failed(self, first: bool, why: str, backoff: float):
+        if self.connected or first:
+            self.log(f"crowdsec: {'lost' if self.connected else 'cannot reach'} {self.cfg.lapi}: {why}; "
+                     f"bans in force stay; retrying with backoff")
+        self.connected = False
+        self.counters["pull_errors"] += 1
+        return (max(backoff * (0.8 + 0.4 * random.random()), self.cfg.interval),
+                min(backoff * 2, BACKOFF_MAX), True)
+
+    def _refuse(self, split) -> bool:
+        fam, _raw, plen, prefix = split
+        least = self.min_prefix[fam]
+        if plen < least:
+            why, kind = f"broader than min_prefix{fam} = {least}", "refused_broad"
+        else:
+            why, kind = self.protection.why(split), "refused_protected"
+            why = why and f"it {why}"
+        if not why:
+            return False
+        self.counters[kind] += 1
+        if prefix not in self._refused_logged:
+            self._refused_logged.add(prefix)
+            self.log(f"crowdsec: not banning {prefix}: {why}")
+        return True
+
+    def apply(self, bm, doc: dict, startup: bool) -> tuple[int, int]:
+        """One answer of the stream into the maps; (banned, lifted)."""
+        now = time.time()
+        if startup:
+            touched, self.active = set(self.active), {}
+        else:
+            touched = set()
+        for d in doc.get("deleted") or ():
+            try:
+                split = decision_prefix(d, self.cfg.scopes)
+            except ValueError:
+                continue
+            p = split and split[3]
+            if p is not None and p in self.active:
+                self.active[p].pop(d.get("id"), None)
+                touched.add(p)
+                self.counters["deleted"] += 1
+        for d in doc.get("new") or ():
+            try:
+                split = decision_prefix(d, self.cfg.scopes)
+                secs = parse_go_duration(str(d.get("duration", "")))
+            except ValueError:
+                self.counters["malformed"] += 1
+                continue
+            if split is None:
+                self.counters["ignored"] += 1
+                continue
+            self.counters["new"] += 1
+            if secs <= 0 or self._refuse(split):
+                continue
+            p = split[3]
+            self.active.setdefault(p, {})[d.get("id")] = (now + secs, str(d.get("scenario") or "crowdsec"))
+            self._split[p] = split
+            touched.add(p)
+        return self._enforce(bm, touched, now, startup)
+
+    def _enforce(self, bm, touched: set[str], now: float, startup: bool) -> tuple[int, int]:
+        """What changed into the maps (BanMaps.write)."""
+        adds, lifts = [], []
+        records = bm.records()
+        if startup:      # the whole state: what an earlier run left goes too
+            touched |= {p for p, r in records.items() if r.origin.startswith(bans.CROWDSEC_ORIGIN)}
+        for p in touched:
+            decisions = [v for v in self.active.get(p, {}).values() if v[0] > now]
+            r = records.get(p)
+            if not decisions:
+                self.active.pop(p, None)
+                self._split.pop(p, None)
+                if r is not None and r.origin.startswith(bans.CROWDSEC_ORIGIN):
+                    lifts.append(p)
+                continue
+            expires, scenario = max(decisions)
+            if r is not None and (r.expires is None or r.expires >= expires - 1):
+                continue         # in force already, at least as long
+            adds.append(bans.Wanted.until(self._split.get(p, p), expires, scenario,
+                                          bans.CROWDSEC_ORIGIN + scenario, C.XG_BAN_MANUAL, now))
+        gone = bm.write(adds, lifts, now)
+        self.counters["applied_ban"] += len(adds)
+        self.counters["applied_unban"] += len(gone)
+        if adds or gone:
+            self.last_applied = {"banned": len(adds), "lifted": len(gone), "time": now}
+        return len(adds), len(gone)
+
+    def status(self) -> dict:
+        return {"connected": self.connected, "last_pull": self.last_pull,
+                "bans": sum(1 for v in self.active.values() if v), "counters": dict(self.counters)}
+
