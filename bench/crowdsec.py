@@ -34,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -117,6 +118,39 @@ prometheus:
 """
 
 
+class LockWatch:
+    """How much of a span the machine-wide pin lock (xdpguard/pins.py)
+    was held by processes other than ours: xdpguard's ban writers wait
+    for it, and on a machine where other xdpguard runs apply policies
+    (a bcc compile under the lock) that wait is most of a ban's latency."""
+
+    def __init__(self, ours: set[int]):
+        from xdpguard import pins
+        self.ino = os.stat(pins.ROOT).st_ino
+        self.ours, self.samples, self.foreign = ours, 0, 0
+        self.stop = threading.Event()
+        self.t = threading.Thread(target=self._run, daemon=True)
+        self.t.start()
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.02):
+            holder = None
+            with open("/proc/locks") as f:
+                for ln in f:
+                    col = ln.split()
+                    if "->" not in ln and len(col) > 5 and col[5].endswith(f":{self.ino}"):
+                        holder = int(col[4])
+                        break
+            self.samples += 1
+            self.foreign += holder is not None and holder not in self.ours
+
+    def share(self) -> float:
+        """Of the samples so far, the share with a foreign holder."""
+        self.stop.set()
+        self.t.join()
+        return self.foreign / max(1, self.samples)
+
+
 def log(msg: str) -> None:
     print(f"bench.crowdsec: {msg}", file=sys.stderr, flush=True)
 
@@ -151,6 +185,10 @@ class FirewallBouncer:
                 return len(obj["set"].get("elem", []))
         return 0
 
+    def has(self, addr: str) -> bool:
+        """Whether its IPv4 set covers addr."""
+        return self.nft("get", "element", "ip", self.table4, self.set4, f"{{ {addr} }}").returncode == 0
+
     def ready(self) -> bool:
         return self.nft("list", "table", "ip", self.table4).returncode == 0
 
@@ -175,9 +213,11 @@ def _sink(lab: Lab):
     return p
 
 
-def add_to_drop(lapi: CrowdSecLAPI, labs: dict[str, Lab], src: str, deadline: float = 30.0) -> dict:
+def add_to_drop(lapi: CrowdSecLAPI, labs: dict[str, Lab], src: str, ours: set[int],
+                deadline: float = 30.0) -> dict:
     """Seconds from the start of `cscli decisions add --ip src` to the first
-    packet from src dropped, in each lab."""
+    packet from src dropped, in each lab; and the share of that time the
+    pin lock was another process's."""
     sinks = {k: _sink(lab) for k, lab in labs.items()}
     senders = {k: lab.udp_send("client", [src], SERVER4, SINK_PORT, PPS, deadline, background=True)
                for k, lab in labs.items()}
@@ -185,10 +225,12 @@ def add_to_drop(lapi: CrowdSecLAPI, labs: dict[str, Lab], src: str, deadline: fl
     t0 = time.time()
     lapi.cscli("decisions", "add", "--ip", src, "--duration", "10m", "--reason", "bench")
     t_cscli = time.time() - t0
+    locks = LockWatch(ours)
     time.sleep(min(deadline - 2, 15.0))
+    foreign = locks.share()
     for k, lab in labs.items():
         lab.stop(senders[k])
-    out = {"cscli_s": t_cscli}
+    out = {"cscli_s": t_cscli, "pin_lock_foreign": foreign}
     for k, lab in labs.items():
         last = lab.stop_json(sinks[k])["last"]
         out[k] = None if last is None or last >= t0 + min(deadline - 2, 15.0) - 0.5 else \
@@ -232,7 +274,7 @@ def main(argv=None) -> int:
 
                 adds = []
                 for i in range(args.adds):
-                    r = add_to_drop(lapi, labs, EXTRA4[i])
+                    r = add_to_drop(lapi, labs, EXTRA4[i], {os.getpid(), host.p.pid})
                     log(f"add {i + 1}/{args.adds}: {r}")
                     adds.append(r)
                 result["add_to_drop"] = adds
@@ -265,9 +307,20 @@ def main(argv=None) -> int:
                         "enforced": counts[k]} for k, t in done.items()}}
                 log(f"enforce: {result['enforce']}")
 
-                lapi.cscli("decisions", "add", "--range", FLOOD_SRC_NET, "--duration", "10m", "--reason", "flood")
-                time.sleep(3)
-                result["flood"] = {k: flood(lab, host if k == "xdpguard" else None, args.flood_packets)
+                # The flood once each side enforces the range (the firewall
+                # bouncer may still be busy with the imported decisions).
+                t0 = time.time()
+                lapi.cscli("decisions", "add", "--range", FLOOD_SRC_NET, "--duration", "30m", "--reason", "flood")
+                ready: dict[str, float | None] = {"xdpguard": None, "nftables": None}
+                with host.banmaps() as bm:
+                    while None in ready.values() and time.time() - t0 < args.enforce_timeout:
+                        if ready["xdpguard"] is None and bm.in_force(FLOOD_SRC_NET):
+                            ready["xdpguard"] = time.time() - t0
+                        if ready["nftables"] is None and fw.has("10.200.1.1"):
+                            ready["nftables"] = time.time() - t0
+                        time.sleep(0.2)
+                result["flood"] = {k: {"range_enforced_after_s": ready[k],
+                                       **flood(lab, host if k == "xdpguard" else None, args.flood_packets)}
                                    for k, lab in labs.items()}
                 log(f"flood: {result['flood']}")
                 host.stop()
@@ -318,6 +371,7 @@ def print_summary(r: dict) -> None:
     def med(k):
         v = [a[k] for a in adds if a.get(k) is not None]
         return f"{statistics.median(v) * 1000:.0f} ms (max {max(v) * 1000:.0f})" if v else "never"
+    lock = [a.get("pin_lock_foreign", 0) for a in adds]
     e = r.get("enforce", {})
 
     def enf(k):
@@ -333,8 +387,16 @@ def print_summary(r: dict) -> None:
           f"{enf('nftables')} |")
     if f:
         x, n = f.get("xdpguard", {}), f.get("nftables", {})
+
+        def after(d):
+            t = d.get("range_enforced_after_s")
+            return "never" if t is None else f"{t:.1f} s"
+        print(f"| range decision (during the backlog) to enforced | {after(x)} | {after(n)} |")
         print(f"| flood from a banned range: packets that reached the socket | {x.get('reached_socket')} of "
               f"{x.get('sent')} | {n.get('reached_socket')} of {n.get('sent')} |")
+    if lock:
+        print(f"\npin lock held by other processes during the add measurements: "
+              f"{statistics.median(lock) * 100:.0f} % (median)")
 
 
 if __name__ == "__main__":
