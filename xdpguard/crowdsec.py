@@ -31,7 +31,7 @@ from xdpguard.policy import CrowdSec, Fleet
 USER_AGENT = "xdpguard-bouncer/0.1"
 TIMEOUT_S = 120        # the LAPI takes seconds to list 100,000 decisions
 FULL_AFTER_S = 3.0     # the whole state again this long after new decisions stop coming
-FULL_GAP_S = 30.0      # at most this often for that
+FULL_GAP_S = 10.0      # at most this often for that
 FULL_EVERY_S = 600.0   # and this often anyway
 
 _GO_UNIT = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
