@@ -23,7 +23,10 @@ done
 PKGS=(python3-bpfcc bpfcc-tools bpftool xdp-tools libbpf1 linux-headers-amd64
       python3-venv python3-pip iproute2 iputils-ping nftables iptables hping3
       nginx-light curl wrk iperf3 netsniff-ng util-linux procps make git
-      pandoc man-db redis-server crowdsec crowdsec-firewall-bouncer)
+      pandoc man-db)
+# The engines of the fleet and CrowdSec tests, where the release has them
+# (the tests skip without them, and fail in CI).
+ENGINES=(redis-server crowdsec crowdsec-firewall-bouncer)
 
 if [ "$(id -u)" != 0 ]; then
     echo "setup.sh: run as root (BPF and network namespaces need it)" >&2
@@ -31,39 +34,66 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
+known() { apt-cache show "$1" >/dev/null 2>&1; }
 missing=()
-for p in "${PKGS[@]}"; do installed "$p" || missing+=("$p"); done
+for p in "${PKGS[@]}" "${ENGINES[@]}"; do installed "$p" || missing+=("$p"); done
 # The kernel's own headers, where the distribution has them (a kernel of
 # its own, like the development VM's, has none: the fallback below).
 own=linux-headers-$KREL
-if ! installed "$own" && apt-cache show "$own" >/dev/null 2>&1; then missing+=("$own"); fi
-# crowdsec's postinst registers with CrowdSec's Central API unless this
-# file has content; the tests run their own LAPI, and need no network.
-if [ ! -s /etc/crowdsec/online_api_credentials.yaml ]; then
-    mkdir -p /etc/crowdsec
-    echo "# no Central API (xdpguard's tests run their own LAPI)" > /etc/crowdsec/online_api_credentials.yaml
-fi
+if ! installed "$own" && known "$own"; then missing+=("$own"); fi
 if [ ${#missing[@]} -gt 0 ]; then
-    echo "setup: installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q >/dev/null
     # Asked again after the update: an old package list may not know them.
-    if ! installed "$own" && apt-cache show "$own" >/dev/null 2>&1; then missing+=("$own"); fi
+    if ! installed "$own" && known "$own"; then missing+=("$own"); fi
+    todo=()
+    for p in "${missing[@]}"; do
+        case " ${ENGINES[*]} " in
+            *" $p "*) if ! known "$p"; then
+                          echo "setup: $p is not in this release's packages; its tests will skip"
+                          continue
+                      fi ;;
+        esac
+        todo+=("$p")
+    done
+    # crowdsec's postinst registers with CrowdSec's Central API (network)
+    # unless this file has content; the tests run their own LAPI.
+    if [[ " ${todo[*]} " == *" crowdsec "* ]] && [ ! -s /etc/crowdsec/online_api_credentials.yaml ]; then
+        mkdir -p /etc/crowdsec
+        echo "# no Central API (xdpguard's tests run their own LAPI)" > /etc/crowdsec/online_api_credentials.yaml
+    fi
     # No packaged service starts while installing (invoke-rc.d and
-    # deb-systemd-invoke ask policy-rc.d): the tests start their own.
+    # deb-systemd-invoke ask policy-rc.d; vm/image.sh has its own): the
+    # tests start their own. The other postinst steps need neither network
+    # nor a running systemd (cscli registers in the local database).
     if [ ! -e /usr/sbin/policy-rc.d ]; then
         printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
         chmod 755 /usr/sbin/policy-rc.d
         trap 'rm -f /usr/sbin/policy-rc.d' EXIT
     fi
-    apt-get install -y -q --no-install-recommends $(printf '%s\n' "${missing[@]}" | sort -u) >/dev/null
+    if [ ${#todo[@]} -gt 0 ]; then
+        echo "setup: installing ${todo[*]}"
+        apt-get install -y -q --no-install-recommends $(printf '%s\n' "${todo[@]}" | sort -u) >/dev/null
+    fi
 fi
-# nginx, redis and crowdsec are used by tests on private namespaces and
-# ports only; never leave the packaged services on the host (their
-# firewall bouncer would change the host's nftables).
-for svc in nginx redis-server crowdsec crowdsec-firewall-bouncer; do
-    systemctl disable --now "$svc" >/dev/null 2>&1 || true
+# nginx, redis and crowdsec serve the tests on private namespaces and
+# ports only (the tests start their own instances); never leave the packaged
+# services on (CrowdSec's firewall bouncer would rewrite the host's
+# nftables). Stopped only where systemd runs; disabled and masked as files,
+# which works in a chroot (vm/image.sh) too. Masked: an upgrade's postinst
+# unmasks only its own masks, and nothing pulls a masked unit in.
+quiet=(redis-server crowdsec crowdsec-firewall-bouncer)
+for svc in nginx "${quiet[@]}"; do
+    if [ -d /run/systemd/system ]; then systemctl stop "$svc" >/dev/null 2>&1 || true; fi
+    systemctl disable "$svc" >/dev/null 2>&1 || true
 done
+for svc in "${quiet[@]}"; do
+    if installed "$svc" && [ "$(systemctl is-enabled "$svc" 2>/dev/null)" != masked ]; then
+        systemctl mask "$svc" >/dev/null 2>&1 || true
+    fi
+done
+# Without systemd as init, redis-server's SysV links (update-rc.d defaults).
+if [ -x /etc/init.d/redis-server ]; then update-rc.d redis-server disable >/dev/null 2>&1 || true; fi
 
 # The venv sees Debian's bcc (python3-bpfcc) through system site packages.
 if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import bcc' 2>/dev/null; then

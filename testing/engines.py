@@ -163,6 +163,61 @@ on_success: break
 """
 
 
+class LockWatch:
+    """How long the machine-wide pin lock (xdpguard/pins.py) is held by
+    processes other than `ours`, sampled from /proc/locks every 20 ms.
+    xdpguard's ban writers wait for it: where other xdpguard runs apply
+    policies (a bcc compile under the lock), that wait is most of a ban's
+    latency, and no part of what a bouncer or a fleet does."""
+
+    def __init__(self, ours: set[int]):
+        self.ino = os.stat(pins.ROOT).st_ino
+        self.ours, self.samples, self.foreign = ours, 0, 0
+        self.foreign_s = 0.0
+        self.marks: list[tuple[float, float]] = []     # (wall time, seconds) held by another
+        self.stop = threading.Event()
+        self.t = threading.Thread(target=self._run, daemon=True)
+        self.t.start()
+
+    def _holder(self) -> int | None:
+        with open("/proc/locks") as f:
+            for ln in f:
+                col = ln.split()
+                if "->" not in ln and len(col) > 5 and col[5].endswith(f":{self.ino}"):
+                    return int(col[4])
+        return None
+
+    def _run(self) -> None:
+        last = time.monotonic()
+        while not self.stop.wait(0.02):
+            holder = self._holder()
+            now = time.monotonic()
+            self.samples += 1
+            if holder is not None and holder not in self.ours:
+                self.foreign += 1
+                self.foreign_s += now - last
+                self.marks.append((time.time(), now - last))
+            last = now
+
+    def foreign_between(self, start: float, end: float) -> float:
+        """Seconds another process held the lock between two wall times."""
+        return sum(dt for t, dt in self.marks if start <= t <= end)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.t.join()
+
+    def share(self) -> float:
+        """Of the samples so far, the share with a foreign holder."""
+        return self.foreign / max(1, self.samples)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 def blocklist_csv(path: Path, n: int, duration: str = "1h") -> Path:
     """n decisions for `cscli decisions import`: addresses of
     100.64.0.0/10 (shared address space, nothing a lab routes)."""

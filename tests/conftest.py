@@ -177,6 +177,13 @@ def require_tool(name: str) -> str:
     return path
 
 
+def require_lab(*tools: str) -> None:
+    """What a lab test needs: the kernel, and these tools."""
+    require_kernel()
+    for name in tools:
+        require_tool(name)
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("kernel") or item.get_closest_marker("e2e"):

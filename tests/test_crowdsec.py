@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import time
 import urllib.request
 
 import pytest
 
-from tests.conftest import require_kernel, require_tool
-from testing.engines import CrowdSecLAPI, Host, blocklist_csv
+from tests.conftest import require_lab
+from testing.engines import CrowdSecLAPI, Host, LockWatch, blocklist_csv
 from testing.lab import CLIENT4, EXTRA4, SERVER4, Lab
 from testing.timing import scaled, slowdown, wait_until
 from xdpguard import pins
@@ -81,9 +82,7 @@ class Bouncing:
 
 @pytest.fixture(scope="module")
 def bouncing(tmp_path_factory):
-    require_kernel()
-    require_tool("crowdsec")
-    require_tool("cscli")
+    require_lab("crowdsec", "cscli")
     d = tmp_path_factory.mktemp("crowdsec")
     with CrowdSecLAPI(d / "lapi") as lapi, Lab() as lab:
         key_file = d / "bouncer.key"
@@ -110,19 +109,34 @@ def _gets_through(h: Host, src: str) -> bool:
     return cp.returncode == 0
 
 
+def _tail(h: Host) -> str:
+    """The watch's last lines, for a failure's message."""
+    return "".join(h.err[-12:])
+
+
 def _deadline() -> float:
     """The issue's bound: a decision is enforced within interval + 1 s."""
     return (INTERVAL + 1.0) * max(1.0, slowdown())
+
+
+def _timed(h: Host, cond, what: str) -> float:
+    """Seconds until cond() holds, less the time the machine's pin lock
+    was another process's (another xdpguard's apply: the bouncer waits for
+    it to write, and that wait is no part of the bouncer)."""
+    t0 = time.monotonic()
+    with LockWatch({os.getpid(), h.p.pid}) as lock:
+        assert wait_until(cond, _deadline() + scaled(60), interval=0.01), _tail(h)
+        took = time.monotonic() - t0
+    print(f"\ncrowdsec {what}: {took * 1000:.0f} ms, of which the pin lock was another process's "
+          f"{lock.foreign_s * 1000:.0f} ms (interval {INTERVAL:g}s)")
+    return took - lock.foreign_s
 
 
 def test_decision_added_and_deleted(bouncing):
     h, x = bouncing.host, EXTRA4[0]
     assert _gets_through(h, x)
     bouncing.lapi.cscli("decisions", "add", "--ip", x, "--duration", "1m", "--reason", "ssh-bf")
-    t0 = time.monotonic()
-    assert wait_until(lambda: _in_force(h, x), _deadline() + 5, interval=0.01)
-    took = time.monotonic() - t0
-    print(f"\ncrowdsec decision add -> in force at XDP: {took * 1000:.0f} ms (interval {INTERVAL:g}s)")
+    took = _timed(h, lambda: _in_force(h, x), "decision add -> in force at XDP")
     assert took < _deadline(), took
     e = h.bans()[f"{x}/32"]
     assert e["origin"] == "crowdsec:ssh-bf" and e["reason"] == "ssh-bf", e
@@ -131,10 +145,7 @@ def test_decision_added_and_deleted(bouncing):
     assert h.bans()[f"{x}/32"]["packets"] > 0                       # dropped at XDP
 
     bouncing.lapi.cscli("decisions", "delete", "--ip", x)
-    t0 = time.monotonic()
-    assert wait_until(lambda: not _in_force(h, x), _deadline() + 5, interval=0.01)
-    took = time.monotonic() - t0
-    print(f"crowdsec decision delete -> lifted: {took * 1000:.0f} ms")
+    took = _timed(h, lambda: not _in_force(h, x), "decision delete -> lifted")
     assert took < _deadline(), took
     assert _gets_through(h, x)
 
@@ -146,14 +157,14 @@ def test_range_decision_and_allowlist(bouncing):
     bouncing.lapi.cscli("decisions", "add", "--ip", ALLOWED, "--duration", "5m")
     # The host's own network: its addresses and the allowlist win.
     bouncing.lapi.cscli("decisions", "add", "--range", "10.200.0.0/24", "--duration", "5m")
-    assert wait_until(lambda: _in_force(h, "10.200.1.0/24"), _deadline() + 5)
+    _timed(h, lambda: _in_force(h, "10.200.1.0/24"), "range decision -> in force")
     h.wait_log(f"crowdsec: not banning {ALLOWED}/32: it covers {ALLOWED}/32, allowlisted", since=n)
     h.wait_log("crowdsec: not banning 10.200.0.0/24: it covers ", since=n)
     assert not _in_force(h, ALLOWED) and not _in_force(h, "10.200.0.0/24")
     assert not _gets_through(h, "10.200.1.9")
     assert _gets_through(h, ALLOWED)
     bouncing.lapi.cscli("decisions", "delete", "--range", "10.200.1.0/24")
-    assert wait_until(lambda: not _in_force(h, "10.200.1.0/24"), _deadline() + 5)
+    _timed(h, lambda: not _in_force(h, "10.200.1.0/24"), "range decision delete -> lifted")
 
 
 def test_100k_decisions(bouncing, tmp_path):
@@ -165,6 +176,12 @@ def test_100k_decisions(bouncing, tmp_path):
     h = bouncing.host
     n = 100_000
     csv = blocklist_csv(tmp_path / "decisions.csv", n)
+    # From no decision at all: none of the earlier ones expires meanwhile.
+    bouncing.lapi.cscli("decisions", "delete", "--all")
+
+    def crowdsec_bans():
+        return [p for p, e in h.bans().items() if e["origin"].startswith("crowdsec:")]
+    assert wait_until(lambda: not crowdsec_bans(), _deadline() + scaled(60)), (crowdsec_bans(), _tail(h))
     with h.banmaps() as bm:
         before = bm.maps[4].count()
     t0 = time.monotonic()
@@ -174,7 +191,7 @@ def test_100k_decisions(bouncing, tmp_path):
     def count():
         with h.banmaps() as bm:
             return bm.maps[4].count() - before
-    assert wait_until(lambda: count() >= n, scaled(180), interval=0.1), count()
+    assert wait_until(lambda: count() >= n, scaled(180), interval=0.1), (count(), _tail(h))
     took = time.monotonic() - t_import
     print(f"\ncrowdsec: {n} decisions imported in {t_import - t0:.1f} s; all in force {took:.2f} s after "
           f"the import ended")
@@ -197,9 +214,11 @@ def test_100k_decisions(bouncing, tmp_path):
     n_err = len(h.err)
     t0 = time.monotonic()
     h.start()
-    h.wait_log("crowdsec: pulling decisions", since=n_err, timeout=scaled(120))
-    assert wait_until(lambda: count() >= n, scaled(60), interval=0.05), count()
-    took = time.monotonic() - t0
+    with LockWatch({os.getpid(), h.p.pid}) as lock:
+        h.wait_log("crowdsec: pulling decisions", since=n_err, timeout=scaled(120))
+        assert wait_until(lambda: count() >= n, scaled(120), interval=0.05), (count(), _tail(h))
+        took = time.monotonic() - t0
     print(f"crowdsec: a watch starting on empty maps: {n} decisions in force {took:.2f} s after it started; "
-          f"the LAPI's answer alone takes {lapi_s:.2f} s")
-    assert took - lapi_s < 5.0 * max(1.0, slowdown()), (took, lapi_s)
+          f"the LAPI's answer alone takes {lapi_s:.2f} s; the pin lock was another process's "
+          f"{lock.foreign_s:.2f} s")
+    assert took - lapi_s - lock.foreign_s < 5.0 * max(1.0, slowdown()), (took, lapi_s, lock.foreign_s)

@@ -180,6 +180,32 @@ def test_duplicate_rule_names(capsys, tmp_path):
     check_error(capsys, p, "rule 'web' (rule 3)", "name 'web'", "rule 2")
 
 
+# ---------------------------------------------------------------- [fleet] and [crowdsec]
+
+@pytest.mark.parametrize("extra, needles", [
+    ('[fleet]\nredis = "redis://127.0.0.1/0"\n', ["[fleet]", "key_file is required"]),
+    ('[fleet]\nredis = "http://127.0.0.1/0"\nkey_file = "k"\n', ["[fleet]", "redis", "redis://HOST or rediss://HOST"]),
+    ('[fleet]\nredis = "redis://:hunter2@127.0.0.1/0"\nkey_file = "k"\n', ["password_file"]),
+    ('[fleet]\nredis = "redis://127.0.0.1/x"\nkey_file = "k"\n', ["database 'x'"]),
+    ('[fleet]\nredis = "redis://127.0.0.1/0"\nkey_file = "short"\n', ["key_file 'short'", "at least 16"]),
+    ('[fleet]\nredis = "redis://127.0.0.1/0"\nkey_file = "missing"\n', ["key_file 'missing'", "cannot be read"]),
+    ('[fleet]\nredis = "redis://127.0.0.1/0"\nkey_file = "k"\nmin_prefix4 = 33\n', ["min_prefix4 33", "0..32"]),
+    ('[fleet]\nredis = "redis://127.0.0.1/0"\nkey_file = "k"\npublish = "yes"\n', ["publish 'yes'", "true or false"]),
+    ('[fleet]\nredis = "redis://127.0.0.1/0"\nkey_file = "k"\nhost = "a b"\n', ["host 'a b'"]),
+    ('[fleet]\nredis = "redis://127.0.0.1/0"\nkey_file = "k"\nhosts = "a"\n', ["unknown key 'hosts'", "'host'"]),
+    ('[crowdsec]\nkey_file = "k"\n', ["[crowdsec]", "lapi is required"]),
+    ('[crowdsec]\nlapi = "tcp://x"\nkey_file = "k"\n', ["lapi", "http://HOST or https://HOST"]),
+    ('[crowdsec]\nlapi = "http://127.0.0.1:8080"\n', ["key_file is required", "cscli bouncers add"]),
+    ('[crowdsec]\nlapi = "http://127.0.0.1:8080"\nkey_file = "k"\ninterval = "50ms"\n', ["interval '50ms'", "100ms..1h"]),
+    ('[crowdsec]\nlapi = "http://127.0.0.1:8080"\nkey_file = "k"\nscopes = ["ip", "as"]\n', ["scopes", "ip", "range"]),
+    ('[crowdsec]\nlapi = "http://127.0.0.1:8080"\nkey_file = "k"\npush = true\n', ["unknown key 'push'"]),
+])
+def test_bad_fleet_and_crowdsec_tables(capsys, tmp_path, extra, needles):
+    (tmp_path / "k").write_bytes(b"0123456789abcdef0123456789abcdef\n")
+    (tmp_path / "short").write_text("tooshort\n")
+    check_error(capsys, write(tmp_path, GOOD_RULE + extra), *needles)
+
+
 # ---------------------------------------------------------------- host bits: a warning, not an error
 
 def test_host_bits_normalised_with_warning(capsys, tmp_path):

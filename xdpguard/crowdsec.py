@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import random
 import re
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -24,7 +23,7 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 from xdpguard import bans
-from xdpguard.fleet import BACKOFF_MAX, BACKOFF_MIN, read_secret
+from xdpguard.fleet import BACKOFF_MAX, BACKOFF_MIN, SyncThread, read_secret
 from xdpguard.layout import C
 from xdpguard.policy import CrowdSec, Fleet
 
@@ -32,7 +31,9 @@ USER_AGENT = "xdpguard-bouncer/0.1"
 TIMEOUT_S = 120        # the LAPI takes seconds to list 100,000 decisions
 FULL_AFTER_S = 3.0     # the whole state again this long after new decisions stop coming
 FULL_GAP_S = 10.0      # at most this often for that
-FULL_EVERY_S = 600.0   # and this often anyway
+FULL_EVERY_S = 60.0    # and at least this often anyway,
+FULL_COST = 30         # or, for a large state, this many times as long as one took
+FULL_SMALL = 2000      # a whole state this small is asked for on every pull
 
 _GO_UNIT = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
 _GO_PART = re.compile(r"(\d+(?:\.\d*)?)(h|ms|m|s|us|µs|ns)")
@@ -77,11 +78,14 @@ def decision_prefix(d: dict, scopes) -> tuple[int, bytes, int, str] | None:
     return bans.split_prefix(value)
 
 
-class Bouncer:
+class Bouncer(SyncThread):
     """Pulls the decision stream in a thread of `watch`."""
+    THREAD = "xdpguard-crowdsec"
+    JOIN_S = TIMEOUT_S + 5
 
     def __init__(self, cfg: CrowdSec, directory: Path, record: dict, protected, log,
                  fleet: Fleet | None = None):
+        super().__init__()
         self.cfg = cfg
         self.key = read_secret(cfg.key_file, "[crowdsec] key_file").decode()
         self.directory = directory
@@ -99,18 +103,8 @@ class Bouncer:
         self.connected = False
         self.last_pull: float | None = None
         self.last_applied: dict | None = None
-        self.stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._refused_logged: set[str] = set()
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="xdpguard-crowdsec", daemon=True)
-        self._thread.start()
-
-    def close(self) -> None:
-        self.stop.set()
-        if self._thread:
-            self._thread.join(TIMEOUT_S + 5)
+        self.seen: set = set()          # ids of the decisions given so far (since the last whole state)
 
     def pull(self, startup: bool) -> dict:
         q = urlencode({"startup": "true" if startup else "false", "scopes": ",".join(self.cfg.scopes)})
@@ -128,17 +122,21 @@ class Bouncer:
 
     def _loop(self) -> None:
         startup, first, backoff = True, True, BACKOFF_MIN
-        full_at, full_due = 0.0, None
+        full_at, full_due, full_took, full_n = 0.0, None, 0.0, 0
         while not self.stop.is_set():
             t0 = time.monotonic()
             # The LAPI gives the decisions created after a bouncer's last
-            # pull; one committed late by a long transaction (an import)
-            # is created "before" and never given (CrowdSec's firewall
-            # bouncer decays the same way). So the whole state again once
-            # new decisions stop coming, at most every FULL_GAP_S, and
-            # every FULL_EVERY_S anyway.
-            full = not startup and ((full_due is not None and t0 >= full_due and t0 - full_at >= FULL_GAP_S)
-                                    or t0 - full_at >= FULL_EVERY_S)
+            # pull; one committed while a pull runs (an import's long
+            # transaction, or any insert on a busy LAPI) is created
+            # "before" and never given (CrowdSec's firewall bouncer decays
+            # the same way). So the whole state on every pull while it is
+            # small; else once new decisions stop coming (at most every
+            # FULL_GAP_S), and now and then anyway, as rarely as its cost
+            # asks.
+            small = full_n <= FULL_SMALL
+            full = not startup and (small
+                                    or (full_due is not None and t0 >= full_due and t0 - full_at >= FULL_GAP_S)
+                                    or t0 - full_at >= max(FULL_EVERY_S, FULL_COST * full_took))
             try:
                 doc = self.pull(startup or full)
                 self.last_pull = time.time()
@@ -146,8 +144,9 @@ class Bouncer:
                 self.apply(self.banmaps, doc, startup or full)
                 if startup or full:
                     full_at, full_due = t0, None
+                    full_took, full_n = time.monotonic() - t0, len(doc.get("new") or ())
                     missed = len(set(self.active) - before)
-                    if full and missed:
+                    if full and not small and missed:
                         self.counters["missed_by_deltas"] += missed
                         self.log(f"crowdsec: the whole state had {missed} decisions the changes did not give")
                 elif doc.get("new"):
@@ -177,7 +176,7 @@ class Bouncer:
         return (max(backoff * (0.8 + 0.4 * random.random()), self.cfg.interval),
                 min(backoff * 2, BACKOFF_MAX), True)
 
-    def _refuse(self, split) -> bool:
+    def _refuse(self, split, fresh: bool) -> bool:
         fam, _raw, plen, prefix = split
         least = self.min_prefix[fam]
         if plen < least:
@@ -187,7 +186,7 @@ class Bouncer:
             why = why and f"it {why}"
         if not why:
             return False
-        self.counters[kind] += 1
+        self.counters[kind] += fresh
         if prefix not in self._refused_logged:
             self._refused_logged.add(prefix)
             self.log(f"crowdsec: not banning {prefix}: {why}")
@@ -210,23 +209,29 @@ class Bouncer:
                 self.active[p].pop(d.get("id"), None)
                 touched.add(p)
                 self.counters["deleted"] += 1
+        ids = set()
         for d in doc.get("new") or ():
+            # The whole state gives the same decisions again: counted once.
+            did = d.get("id")
+            ids.add(did)
+            fresh = did not in self.seen
             try:
                 split = decision_prefix(d, self.cfg.scopes)
                 secs = parse_go_duration(str(d.get("duration", "")))
             except ValueError:
-                self.counters["malformed"] += 1
+                self.counters["malformed"] += fresh
                 continue
             if split is None:
-                self.counters["ignored"] += 1
+                self.counters["ignored"] += fresh
                 continue
-            self.counters["new"] += 1
-            if secs <= 0 or self._refuse(split):
+            self.counters["new"] += fresh
+            if secs <= 0 or self._refuse(split, fresh):
                 continue
             p = split[3]
-            self.active.setdefault(p, {})[d.get("id")] = (now + secs, str(d.get("scenario") or "crowdsec"))
+            self.active.setdefault(p, {})[did] = (now + secs, str(d.get("scenario") or "crowdsec"))
             self._split[p] = split
             touched.add(p)
+        self.seen = ids if startup else self.seen | ids
         return self._enforce(bm, touched, now, startup)
 
     def _enforce(self, bm, touched: set[str], now: float, startup: bool) -> tuple[int, int]:

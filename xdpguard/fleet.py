@@ -264,11 +264,32 @@ def share(records, events) -> list[str]:
 
 # ---------------------------------------------------------------- the sync behind `watch`
 
-class FleetSync:
+class SyncThread:
+    """A thread of `watch` that syncs bans with a service (FleetSync,
+    crowdsec.Bouncer): its _run until `stop` is set."""
+    THREAD = "xdpguard-sync"
+    JOIN_S = 15.0            # how long close waits for a call in flight
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=self.THREAD, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        if self._thread:
+            self._thread.join(self.JOIN_S)
+
+
+class FleetSync(SyncThread):
     """Follows the fleet in a thread of `watch`: applies the others' bans,
     shares this host's. Redis away: local filtering and bans go on."""
 
     def __init__(self, cfg: Fleet, directory: Path, record: dict, protected, log):
+        super().__init__()
         self.cfg = cfg
         self.key = read_secret(cfg.key_file, "[fleet] key_file")
         if cfg.password_file:
@@ -287,22 +308,17 @@ class FleetSync:
         self.counters: Counter = Counter()
         self.connected = False
         self.lag: float | None = None
-        self.stop = threading.Event()
         self.ch: Channel | None = None
-        self._thread: threading.Thread | None = None
         self._dirty = False
         self._refused_logged: set[tuple[str, str]] = set()
 
     # ------------------------------------------------------------ lifecycle
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="xdpguard-fleet", daemon=True)
-        self._thread.start()
+    THREAD = "xdpguard-fleet"
+    JOIN_S = BLOCK_MS / 1000 + 15
 
     def close(self) -> None:
-        self.stop.set()
-        if self._thread:
-            self._thread.join(BLOCK_MS / 1000 + 15)
+        super().close()
         self._save()
 
     def _save(self) -> None:
