@@ -421,6 +421,7 @@ class BanMaps:
         self.notes_path = state_dir(record.netns, record.iface) / "bans.json"
         self.decisions_path = state_dir(record.netns, record.iface) / "crowdsec.json"
         self._cache: dict[Path, tuple[tuple, dict[str, BanRecord]]] = {}
+        self.lock_wait_s = 0.0     # write's waits for the pin lock, in all
 
     def close(self) -> None:
         for m in self.maps.values():
@@ -567,7 +568,9 @@ class BanMaps:
         meanwhile costs at most a needless write."""
         if not adds and not lifts:
             return []
+        t = time.monotonic()
         with pins.locked():
+            self.lock_wait_s += time.monotonic() - t
             if adds:
                 # Enforced even when the records cannot be written (as watch's own bans).
                 self.add_many(adds, strict=False, now=now)

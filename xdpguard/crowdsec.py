@@ -141,7 +141,9 @@ class Bouncer(SyncThread):
                 doc = self.pull(startup or full)
                 self.last_pull = time.time()
                 before = set(self.active)
+                t1, waited = time.monotonic(), self.banmaps.lock_wait_s
                 self.apply(self.banmaps, doc, startup or full)
+                t2, waited = time.monotonic(), self.banmaps.lock_wait_s - waited
                 if startup or full:
                     full_at, full_due = t0, None
                     full_took, full_n = time.monotonic() - t0, len(doc.get("new") or ())
@@ -152,8 +154,12 @@ class Bouncer(SyncThread):
                 elif doc.get("new"):
                     full_due = time.monotonic() + max(FULL_AFTER_S, 2 * self.cfg.interval)
                 if not self.connected:
+                    # How long the whole state took: the LAPI's answer, then
+                    # xdpguard's part, less its wait for the machine's pin lock.
                     self.log(f"crowdsec: pulling decisions from {self.cfg.lapi} every {self.cfg.interval:g}s; "
-                             f"{sum(1 for v in self.active.values() if v)} bans in force")
+                             f"{sum(1 for v in self.active.values() if v)} bans in force (the LAPI answered in "
+                             f"{t1 - t0:.2f} s, in force {t2 - t1 - waited:.2f} s later"
+                             + (f", and {waited:.2f} s waiting for the pin lock)" if waited >= 0.01 else ")"))
                 self.connected, startup, backoff = True, False, BACKOFF_MIN
                 wait = self.cfg.interval - (time.monotonic() - t0)
             except urllib.error.HTTPError as e:
