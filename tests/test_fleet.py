@@ -23,7 +23,7 @@ from contextlib import ExitStack
 import pytest
 
 from tests.conftest import require_lab
-from testing.engines import Host, RedisServer
+from testing.engines import Host, LockWatch, RedisServer
 from testing.lab import EXTRA4, EXTRA6, SERVER4, Lab
 from testing.timing import scaled, slowdown, wait_until
 from xdpguard import bans, fleet, pins
@@ -187,10 +187,17 @@ def _in_force(h: Host, prefixes) -> set[str]:
         return {p for p in prefixes if bm.in_force(_net(p))}
 
 
+# The pin lock is the machine's: another xdpguard's apply (a bcc compile
+# under load) may hold it for a minute, and a host's writes wait for it.
+# The waits for what follows a write allow for that; the latencies are
+# measured less the time it was another process's (LockWatch).
+LOCK_S = 120.0
+
+
 def _wait_in_force(h: Host, prefixes, present=True, timeout=10.0) -> None:
     prefixes = {str(_net(p)) for p in prefixes}
     want = prefixes if present else set()
-    got = wait_until(lambda: _in_force(h, prefixes) == want, scaled(timeout))
+    got = wait_until(lambda: _in_force(h, prefixes) == want, scaled(timeout) + LOCK_S)
     assert got, (f"{h.name}: in force {sorted(_in_force(h, prefixes))}, expected {sorted(want)}; its log:\n"
                  + "".join(h.err[-30:]))
 
@@ -210,7 +217,8 @@ def test_a_flood_banned_on_a_is_dropped_on_b_and_c(three):
     floods = []     # kept by the labs, which stop them on teardown
     # A's own ban may come late on a busy machine (the pin lock is the
     # machine's): the latency is timed from it, the wait is long.
-    limit = scaled(60)
+    limit = scaled(60) + LOCK_S
+    lock = LockWatch({os.getpid(), a.p.pid, b.p.pid, c.p.pid})
     try:
         for i in range(0, len(FLOODERS), 5):
             batch = FLOODERS[i:i + 5]
@@ -229,19 +237,21 @@ def test_a_flood_banned_on_a_is_dropped_on_b_and_c(three):
             _stop_floods(a, b, c)
     finally:
         _stop_floods(a, b, c)
+        lock.close()
     with a.banmaps() as bm:
         records = bm.records()
     lat = []
     for (host, src), t in sorted(seen.items()):
         r = records.get(f"{src}/32")
         assert r is not None and r.origin == "local" and r.reason.startswith("syn_rate"), (src, r)
-        lat.append(t - r.since)
+        lat.append(t - r.since - lock.foreign_between(r.since, t))
     missing = [(h, s) for h in "bc" for s in FLOODERS if (h, s) not in seen]
     assert not missing, f"A's bans never in force on: {missing}"
     q = statistics.quantiles(lat, n=100, method="inclusive")
     p50, p99 = statistics.median(lat), q[98]
     print(f"\nfleet propagation A -> B, C over {len(FLOODERS)} bans ({len(lat)} samples): "
-          f"p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms, max {max(lat) * 1000:.1f} ms")
+          f"p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms, max {max(lat) * 1000:.1f} ms "
+          f"(less the {lock.foreign_s:.1f} s the pin lock was another process's)")
     assert p99 < max(1.0, 0.5 * slowdown()), lat
     for h in (b, c):
         got = h.bans()
@@ -257,10 +267,10 @@ def test_allowlisted_address_stays_unbanned_on_b(three):
     cp = a.xdpguard("ban", ALLOWED, "--ttl", "10m", "--reason", "scanner")
     assert f"shared with fleet '{three.name}'" in cp.stderr, cp.stderr
     _wait_in_force(c, [ALLOWED])
-    line = b.wait_log(f"not banning {ALLOWED}/32 from host-a", since=n)
+    line = b.wait_log(f"not banning {ALLOWED}/32 from host-a", since=n, timeout=scaled(30) + LOCK_S)
     assert "allowlisted" in line, line
     assert not _in_force(b, [ALLOWED])
-    assert wait_until(lambda: b.counters().get("refused_protected", 0) >= 1, scaled(5)), b.counters()
+    assert wait_until(lambda: b.counters().get("refused_protected", 0) >= 1, scaled(5) + LOCK_S), b.counters()
     assert c.bans()[f"{ALLOWED}/32"]["reason"] == "scanner"
     assert _gets_through(b, ALLOWED) and not _gets_through(c, ALLOWED)
 
@@ -282,15 +292,16 @@ def test_bad_signatures_and_broad_prefixes_are_dropped(three):
     a.xdpguard("ban", marker, "--ttl", "10m")
     _wait_in_force(b, [marker])            # B has read everything before it
     assert not _in_force(b, [bad, "10.0.0.0/8"])
-    b.wait_log("not banning 10.0.0.0/8 from host-x: broader than min_prefix4 = 16", since=n)
-    b.wait_log("dropped a ", since=0)
+    b.wait_log("not banning 10.0.0.0/8 from host-x: broader than min_prefix4 = 16", since=n,
+               timeout=scaled(30) + LOCK_S)
+    b.wait_log("dropped a ", since=0, timeout=scaled(30) + LOCK_S)
 
     def counted():
         c = b.counters()
         return (c.get("bad_signature", 0) > before.get("bad_signature", 0)
                 and c.get("unsigned", 0) > before.get("unsigned", 0)
                 and c.get("refused_broad", 0) > before.get("refused_broad", 0))
-    assert wait_until(counted, scaled(5)), b.counters()
+    assert wait_until(counted, scaled(5) + LOCK_S), b.counters()
 
 
 def test_b_restarted_replays_what_it_missed(three):
@@ -342,17 +353,17 @@ def test_redis_restart_loses_no_ban(three):
     marks = [len(h.err) for h in (a, b, c)]
     three.redis.stop()
     for h, n in zip((a, b, c), marks):
-        h.wait_log("fleet: lost", since=n, timeout=scaled(20))
+        h.wait_log("fleet: lost", since=n, timeout=scaled(20) + LOCK_S)
     cp = a.xdpguard("ban", w, "--ttl", "10m")           # local bans go on
     assert "not shared with fleet" in cp.stderr, cp.stderr
     assert not _gets_through(a, w)
     marks = [len(h.err) for h in (a, b, c)]
     three.redis.start()
     for h, n in zip((a, b, c), marks):
-        line = h.wait_log("fleet: connected", since=n, timeout=scaled(60))
+        line = h.wait_log("fleet: connected", since=n, timeout=scaled(60) + LOCK_S)
         assert "new epoch" in line and "nothing lifted" in line, line
     # A republished its bans, W among them: every host converges.
-    if not wait_until(lambda: _in_force(b, [w]), scaled(10)):
+    if not wait_until(lambda: _in_force(b, [w]), scaled(10) + LOCK_S):
         pytest.fail("".join(f"--- {h.name}\n" + "".join(h.err[-15:]) for h in (a, b, c)))
     _wait_in_force(b, [w])
     _wait_in_force(c, [w])
