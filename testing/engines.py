@@ -170,7 +170,8 @@ class LockWatch:
     policies (a bcc compile under the lock), that wait is most of a ban's
     latency, and no part of what a bouncer or a fleet does."""
 
-    def __init__(self, ours: set[int]):
+    def __init__(self, ours):
+        """ours: process ids, or a function giving them (hosts restart)."""
         self.ino = os.stat(pins.ROOT).st_ino
         self.ours, self.samples, self.foreign = ours, 0, 0
         self.foreign_s = 0.0
@@ -193,11 +194,22 @@ class LockWatch:
             holder = self._holder()
             now = time.monotonic()
             self.samples += 1
-            if holder is not None and holder not in self.ours:
+            if holder is not None and holder not in (self.ours() if callable(self.ours) else self.ours):
                 self.foreign += 1
                 self.foreign_s += now - last
                 self.marks.append((time.time(), now - last))
             last = now
+
+    def wait_until(self, cond, timeout: float, interval: float = 0.05, most: float = 600.0):
+        """testing.timing.wait_until, its deadline moved on by the time the
+        lock is another process's meanwhile (by at most `most` seconds)."""
+        t0, f0 = time.monotonic(), self.foreign_s
+        while True:
+            hit = cond()
+            spent = time.monotonic() - t0
+            if hit or spent - (self.foreign_s - f0) >= timeout or spent >= timeout + most:
+                return hit
+            time.sleep(interval)
 
     def foreign_between(self, start: float, end: float) -> float:
         """Seconds another process held the lock between two wall times."""
@@ -216,6 +228,15 @@ class LockWatch:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def lock_aware_wait(ours):
+    """A wait_until for what follows a write of ours: its deadline moves on
+    while the machine's pin lock is another process's (LockWatch)."""
+    def wait(cond, timeout: float, interval: float = 0.05):
+        with LockWatch(ours) as lock:
+            return lock.wait_until(cond, timeout, interval)
+    return wait
 
 
 def blocklist_csv(path: Path, n: int, duration: str = "1h") -> Path:
@@ -335,11 +356,12 @@ class Host:
         for line in p.stderr:
             self.err.append(line)
 
-    def wait_log(self, text: str, since: int = 0, timeout: float = 30.0) -> str:
-        """The first line of its stderr with text, from line `since` on."""
+    def wait_log(self, text: str, since: int = 0, timeout: float = 30.0, wait=wait_until) -> str:
+        """The first line of its stderr with text, from line `since` on
+        (wait: how to wait, e.g. lock_aware_wait's)."""
         def seen():
             return next((ln for ln in self.err[since:] if text in ln), None)
-        got = wait_until(lambda: seen() or (self.p.poll() is not None and "exited"), timeout)
+        got = wait(lambda: seen() or (self.p.poll() is not None and "exited"), timeout)
         assert got and got != "exited", f"{self.name}: no '{text}' in:\n" + "".join(self.err[since:])
         return got
 

@@ -23,9 +23,9 @@ from contextlib import ExitStack
 import pytest
 
 from tests.conftest import require_lab
-from testing.engines import Host, LockWatch, RedisServer
+from testing.engines import Host, LockWatch, RedisServer, lock_aware_wait
 from testing.lab import EXTRA4, EXTRA6, SERVER4, Lab
-from testing.timing import scaled, slowdown, wait_until
+from testing.timing import scaled, slowdown
 from xdpguard import bans, fleet, pins
 from xdpguard.policy import Fleet, PolicyError, load
 
@@ -155,6 +155,7 @@ def three(tmp_path_factory):
                 name=host, mitigation=mitigation, redis=redis.url, password_file=password_file,
                 key_file=key_file, fleet=name, host=host))
             hosts.append(Host(lab, host, policy, interval))
+        HOSTS[:] = hosts
         for h in hosts:
             stack.callback(h.stop)
             h.start()
@@ -188,16 +189,18 @@ def _in_force(h: Host, prefixes) -> set[str]:
 
 
 # The pin lock is the machine's: another xdpguard's apply (a bcc compile
-# under load) may hold it for a minute, and a host's writes wait for it.
-# The waits for what follows a write allow for that; the latencies are
-# measured less the time it was another process's (LockWatch).
+# under load) may hold it for minutes, and a host's writes wait for it.
+# The waits for what follows a write are extended by that time, and the
+# latencies measured less it (LockWatch).
 LOCK_S = 120.0
+HOSTS: list[Host] = []
+_wait = lock_aware_wait(lambda: {os.getpid()} | {h.p.pid for h in HOSTS if h.p})
 
 
 def _wait_in_force(h: Host, prefixes, present=True, timeout=10.0) -> None:
     prefixes = {str(_net(p)) for p in prefixes}
     want = prefixes if present else set()
-    got = wait_until(lambda: _in_force(h, prefixes) == want, scaled(timeout) + LOCK_S)
+    got = _wait(lambda: _in_force(h, prefixes) == want, scaled(timeout))
     assert got, (f"{h.name}: in force {sorted(_in_force(h, prefixes))}, expected {sorted(want)}; its log:\n"
                  + "".join(h.err[-30:]))
 
@@ -267,10 +270,10 @@ def test_allowlisted_address_stays_unbanned_on_b(three):
     cp = a.xdpguard("ban", ALLOWED, "--ttl", "10m", "--reason", "scanner")
     assert f"shared with fleet '{three.name}'" in cp.stderr, cp.stderr
     _wait_in_force(c, [ALLOWED])
-    line = b.wait_log(f"not banning {ALLOWED}/32 from host-a", since=n, timeout=scaled(30) + LOCK_S)
+    line = b.wait_log(f"not banning {ALLOWED}/32 from host-a", since=n, timeout=scaled(30), wait=_wait)
     assert "allowlisted" in line, line
     assert not _in_force(b, [ALLOWED])
-    assert wait_until(lambda: b.counters().get("refused_protected", 0) >= 1, scaled(5) + LOCK_S), b.counters()
+    assert _wait(lambda: b.counters().get("refused_protected", 0) >= 1, scaled(5)), b.counters()
     assert c.bans()[f"{ALLOWED}/32"]["reason"] == "scanner"
     assert _gets_through(b, ALLOWED) and not _gets_through(c, ALLOWED)
 
@@ -293,15 +296,15 @@ def test_bad_signatures_and_broad_prefixes_are_dropped(three):
     _wait_in_force(b, [marker])            # B has read everything before it
     assert not _in_force(b, [bad, "10.0.0.0/8"])
     b.wait_log("not banning 10.0.0.0/8 from host-x: broader than min_prefix4 = 16", since=n,
-               timeout=scaled(30) + LOCK_S)
-    b.wait_log("dropped a ", since=0, timeout=scaled(30) + LOCK_S)
+               timeout=scaled(30), wait=_wait)
+    b.wait_log("dropped a ", since=0, timeout=scaled(30), wait=_wait)
 
     def counted():
         c = b.counters()
         return (c.get("bad_signature", 0) > before.get("bad_signature", 0)
                 and c.get("unsigned", 0) > before.get("unsigned", 0)
                 and c.get("refused_broad", 0) > before.get("refused_broad", 0))
-    assert wait_until(counted, scaled(5) + LOCK_S), b.counters()
+    assert _wait(counted, scaled(5)), b.counters()
 
 
 def test_b_restarted_replays_what_it_missed(three):
@@ -353,17 +356,17 @@ def test_redis_restart_loses_no_ban(three):
     marks = [len(h.err) for h in (a, b, c)]
     three.redis.stop()
     for h, n in zip((a, b, c), marks):
-        h.wait_log("fleet: lost", since=n, timeout=scaled(20) + LOCK_S)
+        h.wait_log("fleet: lost", since=n, timeout=scaled(20), wait=_wait)
     cp = a.xdpguard("ban", w, "--ttl", "10m")           # local bans go on
     assert "not shared with fleet" in cp.stderr, cp.stderr
     assert not _gets_through(a, w)
     marks = [len(h.err) for h in (a, b, c)]
     three.redis.start()
     for h, n in zip((a, b, c), marks):
-        line = h.wait_log("fleet: connected", since=n, timeout=scaled(60) + LOCK_S)
+        line = h.wait_log("fleet: connected", since=n, timeout=scaled(60), wait=_wait)
         assert "new epoch" in line and "nothing lifted" in line, line
     # A republished its bans, W among them: every host converges.
-    if not wait_until(lambda: _in_force(b, [w]), scaled(10) + LOCK_S):
+    if not _wait(lambda: _in_force(b, [w]), scaled(10)):
         pytest.fail("".join(f"--- {h.name}\n" + "".join(h.err[-15:]) for h in (a, b, c)))
     _wait_in_force(b, [w])
     _wait_in_force(c, [w])
