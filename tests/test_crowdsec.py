@@ -60,9 +60,8 @@ POLICY = """
 [policy]
 name = "crowdsec"
 [[rule]]
-name = "web"
-proto = "tcp"
-dport = 80
+name = "ping"
+proto = "icmp"
 action = "allow"
 [mitigation]
 allow = ["{allowed}"]
