@@ -45,7 +45,8 @@ def _xg(args: list[str], timeout: float = 300) -> tuple[float, subprocess.Comple
 def _apply(lab: Lab, path: Path) -> dict:
     dt, r = _xg(["apply", str(path), "--iface", lab.b, "--netns", lab.ns_b, "--mode", "native"])
     out = r.stdout.strip().splitlines()
-    line = out[-1] if out else ""
+    # The loader's "applied ..." line, not the change summary printed after it.
+    line = next((ln for ln in reversed(out) if ": policy '" in ln), out[-1] if out else "")
     m = _TOOK.search(line)
     return {"cli_s": dt, "loader_s": float(m.group(1)) if m else None,
             "in_place": "in place" in line, "message": line}
