@@ -26,7 +26,7 @@ from xdpguard.compiler import compile_policy
 from xdpguard.layout import C
 from xdpguard.policy import load
 
-XDP_DROP, XDP_PASS, XDP_TX = 1, 2, 3
+from xdpguard.bpfsys import XDP_DROP, XDP_PASS, XDP_TX
 CMAC, SMAC = "02:00:00:00:00:01", "02:00:00:00:00:02"
 
 POLICY = """
