@@ -189,6 +189,8 @@ def test_show_and_diff(lab):
     assert "+00:00" in head.splitlines()[3] and head.splitlines()[3].startswith("# applied 20")
     shown = json_docs(_xg(lab, "show", *where, "--json").stdout)[0]["interfaces"]
     assert [(s["iface"], s["text"], s["sha256"]) for s in shown] == [(lab.server_if, POLICY, st["sha256"])]
+    # One name for one field across show, apply --diff and status.
+    assert shown[0]["applied_at_rfc3339"] == st["applied_at_rfc3339"]
 
     # Edited in place: --diff compares with what runs (not the file), applies nothing.
     f.write_text(B_POLICY)
@@ -200,6 +202,7 @@ def test_show_and_diff(lab):
         assert w in cp.stdout.splitlines(), cp.stdout
     diff_json = json_docs(_xg(lab, "apply", f, *where, "--diff", "--json").stdout)[0]
     assert diff_json["applied"] is False and diff_json["running"]["sha256"] == st["sha256"]
+    assert diff_json["running"]["applied_at_rfc3339"] == st["applied_at_rfc3339"]
     assert [s["sha256"] for s in lab.status() if s["iface"] == lab.server_if] == [st["sha256"]]
     assert json_docs(_xg(lab, "show", *where, "--json").stdout)[0]["interfaces"][0]["text"] == POLICY
     # An invalid policy: 2, as apply; nothing changed.

@@ -31,7 +31,7 @@ def cmd_show(args) -> int:
         emit_json({"interfaces": [
             {"netns": rec.netns, "iface": rec.iface, "policy": rec.policy.name, "sha256": rec.policy.sha256,
              "source": rec.policy.source, "applied_at": rec.policy.applied_at,
-             "applied": rfc3339(rec.policy.applied_at), "text": kept.text,
+             "applied_at_rfc3339": rfc3339(rec.policy.applied_at), "text": kept.text,
              "set_files": {name: str(path) for name, path in kept.sets.items()}}
             for rec, kept in shown]})
     else:
@@ -77,7 +77,7 @@ def print_diff(args, policy, rec, d, guard) -> None:
         emit_json({"iface": args.iface, "netns": args.netns or "host", "policy": policy.name,
                    "sha256": policy.sha256, "running": None if rec is None else
                    {"policy": rec.policy.name, "sha256": rec.policy.sha256, "source": rec.policy.source,
-                    "applied_at": rec.policy.applied_at, "applied": rfc3339(rec.policy.applied_at)},
+                    "applied_at": rec.policy.applied_at, "applied_at_rfc3339": rfc3339(rec.policy.applied_at)},
                    "applied": False, "changes": d.as_json(),
                    "lockout": guard.problems if guard else []})
         return
