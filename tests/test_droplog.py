@@ -2,7 +2,11 @@
 tests/test_operations.py runs them on the real program."""
 from __future__ import annotations
 
+import os
+import signal
 import time
+
+import pytest
 
 from xdpguard import droplog
 
@@ -68,3 +72,27 @@ def test_every_reader_sees_every_event_across_rotation(tmp_path, monkeypatch):
     assert (tmp_path / (droplog.JOURNAL + ".1")).exists(), "the journal rotated"
     # A late reader gets the most recent ones, from both files.
     assert [e["src"] for e in _reader(tmp_path, ring).recent(4)] == [f"10.0.0.{i}" for i in range(8, 12)]
+
+
+def test_ctrl_c_while_draining_loses_no_event(tmp_path):
+    """A SIGINT that arrives while a reader moves the ring into the journal
+    (the events are gone from the ring then) takes effect once they are
+    journalled: every reader still sees them."""
+    class _Interrupted(_Ring):
+        def consume(self):
+            n = super().consume()
+            os.kill(os.getpid(), signal.SIGINT)     # Ctrl-C now, mid-drain
+            for _ in range(1000):                   # Python would act on it here
+                pass
+            return n
+
+    ring = [b"10.0.0.1", b"10.0.0.2"]
+    a = _reader(tmp_path, ring)
+    a.rb = _Interrupted(a._taken, ring)
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            a.drain()
+    finally:
+        signal.signal(signal.SIGINT, old)
+    assert [e["src"] for e in _reader(tmp_path, []).recent(10)] == ["10.0.0.1", "10.0.0.2"]

@@ -310,6 +310,11 @@ print(json.dumps(sent))
 """
 
 
+# argv[1:] run with SIGINT ignored.
+_SIGINT_IGNORED = [sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+                   "os.execv(sys.argv[1], sys.argv[1:])"]
+
+
 def _log(lab, *extra) -> list[dict]:
     return [d for d in json_docs(lab.xdpguard("log", *_where(lab), "--json", *extra).stdout) if "seq" in d]
 
@@ -327,16 +332,31 @@ def test_log_times_and_readers(lab):
     """Issue 16.11 and 16.12: events sent across a second boundary come out
     in order, each within 50 ms of when it was sent; `log` run twice, and
     `log --follow` running meanwhile, all show every event; SIGINT ends
-    --follow with 130, SIGTERM with 0."""
+    --follow with 130 (also one started with SIGINT ignored), SIGTERM with 0."""
     lab.detach(check=False)
     lab.apply(lab.write_policy("logged", LOGGED))
     before = {e["seq"] for e in _log(lab)}
     # What they print first (the recent events) and then (followed) together.
-    follows = [subprocess.Popen([*lab.xg, "log", *_where(lab), "--follow", "--json"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
-               for _ in range(2)]
+    # The first starts with SIGINT ignored, as `xdpguard log --follow &` in a
+    # script (or a CI job run so) does: Ctrl-C must end it all the same.
+    cmd = [*lab.xg, "log", *_where(lab), "--follow", "--json"]
+    follows = [subprocess.Popen(pre + cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+               for pre in (_SIGINT_IGNORED, [])]
+    shown: list[list[str]] = [[], []]
+    readers = [threading.Thread(target=lambda p=p, out=out: out.extend(p.stdout), daemon=True)
+               for p, out in zip(follows, shown)]
+    for t in readers:
+        t.start()
+
+    def seqs(lines) -> list[int]:
+        return [d["seq"] for d in json_docs("".join(lines)) if "seq" in d and d["seq"] not in before]
+    outs = None
     try:
-        time.sleep(scaled(1))
+        # Both follow before anything is sent (however long a loaded
+        # machine takes to start them): they say so once their signal
+        # handlers are set.
+        assert wait_until(lambda: all(any('"following"' in ln for ln in out) for out in shown), scaled(60)), \
+            (shown, [p.poll() for p in follows])
         n = 8
         sent = json.loads(lab.run("client", [sys.executable, "-c", _SEND, EXTRA4[6], SERVER4, str(n)],
                                   check=True, timeout=scaled(20)).stdout)
@@ -350,14 +370,24 @@ def test_log_times_and_readers(lab):
         off = [t - s for t, s in zip(times, sent)]
         assert all(-0.005 < d < 0.05 for d in off), list(zip([e["time"] for e in first], sent))
         assert [e["seq"] for e in first] == sorted(e["seq"] for e in first)
-    finally:
-        time.sleep(0.5)
+        # Signalled once each has shown every event.
+        want = [e["seq"] for e in first]
+        assert wait_until(lambda: all(seqs(out) == want for out in shown), scaled(30)), \
+            [seqs(out) for out in shown]
         follows[0].send_signal(signal.SIGINT)
         follows[1].send_signal(signal.SIGTERM)
-        outs = [p.communicate(timeout=scaled(10)) for p in follows]
-    for p, (out, err) in zip(follows, outs):
-        got = [d for d in json_docs(out) if "seq" in d and d["seq"] not in before]
-        assert [e["seq"] for e in got] == [e["seq"] for e in first], (out, err)
-    assert [p.returncode for p in follows] == [130, 0], [o[1] for o in outs]
+        # It exits at the next turn of its 0.2 s loop.
+        outs = [p.wait(timeout=scaled(10)) for p in follows]
+    finally:
+        for p in follows:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        for t in readers:
+            t.join(scaled(10))
+    errs = [p.stderr.read() for p in follows]
+    for out in shown:
+        assert seqs(out) == want, (out, errs)
+    assert outs == [130, 0], errs
     assert _log(lab, "--last", "3") == first[-3:]
     lab.detach()

@@ -21,7 +21,7 @@ from typing import Callable
 from xdpguard import cli_compare, cli_mitigation, cli_safety
 from xdpguard.cliutil import (EXIT_NOT_CONFIRMED, EXIT_OK, EXIT_SYSTEM, EXIT_USAGE, CliError, Numbers,
                               applied, check_names, colour, duration_type, emit_json, host_port, int_type,
-                              load_policy, netns_of, new_frame, paint, rfc3339, still_applied, table, warn)
+                              interruptible, load_policy, netns_of, new_frame, paint, rfc3339, still_applied, table, warn)
 
 # `test`: packets a line of --packets or --count may send (BPF_PROG_TEST_RUN
 # repeats in the kernel: a bound keeps one call short).
@@ -460,6 +460,8 @@ def _stats_rows(snap, num: Numbers, prev=None, dt=None) -> list[list]:
 
 def cmd_stats(args) -> int:
     from xdpguard import stats
+    if args.watch:
+        interruptible()
     check_names(args)
     records = dict(applied(args))
     num = Numbers(args.exact)

@@ -6,7 +6,7 @@ import sys
 import time
 
 from xdpguard.cliutil import (CliError, Numbers, applied, check_names, colour, emit_json, human_duration,
-                              load_policy, netns_of, new_frame, paint, still_applied, table, warn)
+                              interruptible, load_policy, netns_of, new_frame, paint, still_applied, table, warn)
 
 
 def _scope(args) -> list:
@@ -162,6 +162,7 @@ def _remaining(ban: dict) -> str:
 def cmd_watch(args) -> int:
     from xdpguard.daemon import Watch
     from xdpguard.units import parse_duration
+    interruptible()
     check_names(args)
     policy = load_policy(args.policy)
     warn(policy)
@@ -176,6 +177,7 @@ def cmd_top(args) -> int:
     from xdpguard import bans, stats
     from xdpguard.daemon import Sampler, open_probes
     from xdpguard.policy import Mitigation
+    interruptible()
     check_names(args)
     targets = applied(args)
     d, rec = targets[0]

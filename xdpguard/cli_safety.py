@@ -41,11 +41,18 @@ def cmd_log(args) -> int:
     import signal
     from xdpguard import pins, stats
     from xdpguard.droplog import DropLog
+    stop: list[int] = []
+    if args.follow:
+        # Before anything is read, and whatever the parent left ignored: a
+        # signal ends the loop at its next turn, never inside a drain.
+        # SIGINT 130; a service manager's SIGTERM like the end of the output, 0.
+        signal.signal(signal.SIGINT, lambda *_: stop.append(130))
+        signal.signal(signal.SIGTERM, lambda *_: stop.append(0))
     check_names(args)
     targets = stats.select(args.netns, args.iface)
     if not targets:
         raise CliError("xdpguard is not applied here (see 'xdpguard status')")
-    _n, _i, d = targets[0]
+    ns, ifc, d = targets[0]
     log = DropLog(d, pins.read_record(d))
 
     def show(events):
@@ -66,16 +73,16 @@ def cmd_log(args) -> int:
         else:
             print(f"({n} events suppressed by the log rate limit since {since})")
 
-    stop = []
-    if args.follow:
-        # A service manager's SIGTERM ends it like the end of the output: 0.
-        signal.signal(signal.SIGTERM, lambda *_: stop.append(0))
     try:
         log.drain()
         show(log.recent(args.last))
         if not args.follow:
             suppressed(log.suppressed(), "apply")
             return 0
+        if args.json:
+            # Where the journal's past ends and following begins; a reader
+            # (a test, a shipper) knows the signals are handled from here.
+            emit_json({"following": True, "netns": ns, "iface": ifc})
         last_supp = log.suppressed()
         last_t = time.monotonic()
         while not stop:
@@ -87,7 +94,8 @@ def cmd_log(args) -> int:
                 supp = log.suppressed()
                 suppressed(supp - last_supp, "the last line")
                 last_supp, last_t = supp, time.monotonic()
-        return 0
+        sys.stdout.flush()
+        return stop[0]
     except KeyboardInterrupt:
         return 130
     finally:

@@ -26,6 +26,14 @@ class CliError(Exception):
         self.code = code
 
 
+def interruptible() -> None:
+    """SIGINT ends this command with KeyboardInterrupt (130, as the man page
+    says) also when it was started with SIGINT ignored: a non-interactive
+    shell's `cmd &` starts it so, and Python then never raises it."""
+    import signal
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def duration_type(least: float = 0.0):
     """An argparse type: a duration as units.parse_duration reads it ("10m",
     "1h30m", a number of seconds), in seconds, at least `least`."""

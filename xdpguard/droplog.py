@@ -20,6 +20,7 @@ import fcntl
 import ipaddress
 import json
 import os
+import signal
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -103,7 +104,7 @@ class DropLog:
 
     def drain(self) -> int:
         """Move what the ring holds into the journal; returns how many."""
-        with self._locked():
+        with self._locked(), _signals_held():
             self._taken.clear()
             self.rb.consume()
             if not self._taken:
@@ -159,6 +160,19 @@ class DropLog:
             return total
         finally:
             counters.close()
+
+
+@contextmanager
+def _signals_held():
+    """Signals wait until the block ends: a KeyboardInterrupt between taking
+    events from the ring and writing them to the journal would lose them
+    for every reader (one pending before is raised here, before the block)."""
+    sigs = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _end(path: Path) -> tuple[int, int]:
