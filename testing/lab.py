@@ -80,6 +80,32 @@ _TAG_RE = re.compile(r"[0-9a-f]{1,8}")
 # Every namespace a VethPair of this process created (the bench records
 # them, so that a test can check that none survived).
 CREATED: list[str] = []
+# A file that processes append the namespaces they create to, one a line,
+# when set (tests/conftest.py sets it for the session: its end checks that
+# none of them, nor their pins and state, survived, also those of the
+# bench or a `testing.lab up` the tests started).
+CREATED_LOG = "XDPGUARD_TEST_CREATED"
+
+
+def _note_created(ns: str) -> None:
+    CREATED.append(ns)
+    log = os.environ.get(CREATED_LOG)
+    if log:
+        with open(log, "a") as f:
+            f.write(ns + "\n")
+
+
+def leftovers(namespaces) -> list[tuple[str, str, Path]]:
+    """What of these namespaces is still there, as (what, namespace, path):
+    the "namespace", its xdpguard "pins", its xdpguard "state" directory."""
+    from xdpguard import bans
+    out = []
+    for ns in dict.fromkeys(namespaces):
+        for what, p in (("namespace", Path(xns.netns_path(ns))), ("pins", PIN_ROOT / ns),
+                        ("state", bans.STATE_ROOT / ns)):
+            if p.exists():
+                out.append((what, ns, p))
+    return out
 
 
 class LabError(Exception):
@@ -192,7 +218,7 @@ class VethPair:
             for ns in self.namespaces():
                 _host(["ip", "netns", "add", ns])
                 self._created.append(ns)
-                CREATED.append(ns)
+                _note_created(ns)
             _host(["ip", "link", "add", self.a, "netns", self.ns_a, "type", "veth",
                    "peer", "name", self.b, "netns", self.ns_b])
             self.ia = xns.ifindex(self.a, self.ns_a)
@@ -237,6 +263,13 @@ class VethPair:
             cp = _host(["ip", "netns", "del", ns], check=False)
             if cp.returncode != 0 and os.path.exists(xns.netns_path(ns)):
                 errors.append(_fmt(cp))
+        # What xdpguard kept of them outlives the namespace: pins (a test
+        # that failed before its detach) and the state directory.
+        from xdpguard import bans
+        for ns in self._created:
+            for d in (PIN_ROOT / ns, bans.STATE_ROOT / ns):
+                if d.exists():
+                    shutil.rmtree(d, ignore_errors=True)
         self._created = []
         if errors:
             print(f"veth pair {self.name} teardown:\n" + "\n".join(errors), file=sys.stderr)
@@ -554,13 +587,10 @@ class Lab(VethPair):
             except Exception as e:   # noqa: BLE001 - keep tearing down
                 errors.append(f"stopping {p.what}: {e}")
         self.procs.clear()
+        # Only if detach failed above; say so (close() removes them).
+        errors += [f"xdpguard pins left in {d}: removed by the lab"
+                   for d in (PIN_ROOT / ns for ns in (self.server_ns, self.client_ns)) if d.exists()]
         self.close()
-        for ns in (self.server_ns, self.client_ns):
-            d = PIN_ROOT / ns
-            if d.exists():
-                # Only if detach failed above; say so, then do not leak programs.
-                errors.append(f"xdpguard pins left in {d}: removed by the lab")
-                shutil.rmtree(d, ignore_errors=True)
         shutil.rmtree(self.dir, ignore_errors=True)
         if errors:
             print(f"lab {self.tag} teardown:\n" + "\n".join(errors), file=sys.stderr)

@@ -5,7 +5,8 @@ explicitly refuses an optional feature skips its tests, in CI too
 (skip_refused).
 
 The session fails if the machine's own interfaces changed while it ran
-(host_ifaces, pytest_sessionfinish)."""
+(host_ifaces, pytest_sessionfinish), or if a namespace it made, or that
+namespace's xdpguard pins or state, survived it (_leaks)."""
 from __future__ import annotations
 
 import errno
@@ -13,16 +14,32 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
+import threading
 
 import pytest
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 # Daemon and ban state of the tests' xdpguard runs stays out of /var/lib.
-_STATE = tempfile.mkdtemp(prefix="xdpguard-test-state-")
-os.environ.setdefault("XDPGUARD_STATE_DIR", _STATE)
+# Test modules import this file a second time (as tests.conftest): only the
+# first import makes the directory, and the session's end removes it.
+_OWN_STATE = "XDPGUARD_STATE_DIR" not in os.environ
+if _OWN_STATE:
+    os.environ["XDPGUARD_STATE_DIR"] = tempfile.mkdtemp(prefix="xdpguard-test-state-")
+_STATE = os.environ["XDPGUARD_STATE_DIR"]
+
+# The namespaces this session's labs make, also in processes it starts
+# (testing.lab writes them here): none may survive it, nor their pins and
+# state (_leaks). Compared by name: other runs on the machine make their own.
+_CREATED_LOG = "XDPGUARD_TEST_CREATED"
+_OWN_CREATED = _CREATED_LOG not in os.environ
+if _OWN_CREATED:
+    _fd, os.environ[_CREATED_LOG] = tempfile.mkstemp(prefix="xdpguard-test-created-")
+    os.close(_fd)
 
 
 # ---- the machine's own interfaces stay as they were -----------------------
@@ -105,7 +122,55 @@ def _kmsg_read(fd: int) -> list[str]:
 _machine: dict = {}
 
 
+def _terminated(signum, _frame):
+    # A run killed with SIGTERM (`timeout`, a CI runner) tears down like
+    # Ctrl-C: fixtures remove their namespaces. A second SIGTERM kills.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def created_names() -> list[str]:
+    """The namespaces this session's labs made (this process's and those
+    its children logged)."""
+    names = []
+    if "testing.lab" in sys.modules:
+        names += sys.modules["testing.lab"].CREATED
+    try:
+        with open(os.environ[_CREATED_LOG]) as f:
+            names += f.read().split()
+    except (KeyError, OSError):
+        pass
+    return list(dict.fromkeys(names))
+
+
+def _leaks() -> list[str]:
+    """What of the session's namespaces is left (namespace, pins, state),
+    removed now, one line each."""
+    names = created_names()
+    if not names:
+        return []
+    from testing.lab import leftovers
+    out = []
+    for what, ns, path in leftovers(names):
+        if what == "namespace":
+            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True,
+                                  timeout=30).stdout.split()
+            out.append(f"namespace {ns} left" + (f" with processes {' '.join(pids)}" if pids else ""))
+            for pid in pids:
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (ProcessLookupError, ValueError):
+                    pass
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+        else:
+            out.append(f"{what} of namespace {ns} left: {path}")
+            shutil.rmtree(path, ignore_errors=True)
+    return out
+
+
 def pytest_sessionstart(session):
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         _machine["ifaces"] = host_ifaces()
     except (OSError, ValueError, subprocess.SubprocessError) as e:
@@ -113,8 +178,20 @@ def pytest_sessionstart(session):
     _machine["kmsg"] = _kmsg_open()
 
 
+@pytest.hookimpl(trylast=True)      # after pytest's own, which tears the fixtures down
 def pytest_sessionfinish(session, exitstatus):
-    shutil.rmtree(_STATE, ignore_errors=True)
+    leaks = _leaks()
+    if leaks:
+        _machine["leaks"] = leaks
+        if session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    if _OWN_STATE:
+        shutil.rmtree(_STATE, ignore_errors=True)
+    if _OWN_CREATED:
+        try:
+            os.unlink(os.environ[_CREATED_LOG])
+        except OSError:
+            pass
     before, fd = _machine.get("ifaces"), _machine.pop("kmsg", None)
     if before is None:
         return
@@ -131,6 +208,10 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 def pytest_terminal_summary(terminalreporter):
+    if _machine.get("leaks"):
+        terminalreporter.section("the session left namespaces, pins or state behind (removed now)", red=True)
+        for p in _machine["leaks"]:
+            terminalreporter.line(p, red=True)
     if _machine.get("problems"):
         terminalreporter.section("the machine's own interfaces changed during the session", red=True)
         for p in _machine["problems"]:
