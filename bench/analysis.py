@@ -14,7 +14,8 @@ A. Stage breakdown. Variants of bpf/xdpguard.c, made at run time by
      5 + AND loop                the rule-vector scan
      8 + rule record             the deciding rule's record
      9 + clock, bucket key       the limiter's clock, a per-source bucket's key
-    10 + bucket lookup           the bucket (a per-source limit: the LRU hash)
+    10 + bucket lookup           the bucket (a per-source limit: the seen-sources
+                                 filter, then the LRU hash where its bit is set)
     11 + GCRA                    the bucket's compare-and-swap
      6 general path              counters (and rate_total) after the above: the
                                  production program without its fast lane

@@ -267,6 +267,8 @@ def run(ctx) -> dict:
     modes = MODES_QUICK if quick else MODES_FULL
     if getattr(ctx, "flood_modes", None):
         modes = tuple(m for m in MODES_FULL if m in ctx.flood_modes)
+    if getattr(ctx, "flood_pools", None):
+        pools = tuple(p for p in POOLS_FULL if p in ctx.flood_pools)
     # Drop modes get more, shorter rounds: the targets are ratios of them,
     # and this VM's host runs in two states (the same program's rate moves
     # by up to 2x between them, for seconds at a time). The closer the two

@@ -44,11 +44,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 class Context:
     def __init__(self, quick: bool, workdir: Path, flood_modes: tuple[str, ...] | None = None,
-                 flood_rounds: int | None = None):
+                 flood_rounds: int | None = None, flood_pools: tuple[int, ...] | None = None):
         from bench import policies
         self.quick = quick
         self.flood_modes = flood_modes
         self.flood_rounds = flood_rounds
+        self.flood_pools = flood_pools
         self.workdir = workdir
         self.material = policies.material()
         self.sizes: dict = {}
@@ -168,6 +169,9 @@ def main(argv=None) -> int:
     ap.add_argument("--flood-rounds", type=int, default=None, metavar="N",
                     help="rounds of the flood section's drop modes (default 9, --quick 1): more "
                          "rounds steady the medians on a host whose speed drifts")
+    ap.add_argument("--flood-pools", default=None, metavar="N,N",
+                    help="source pools of the flood section, a subset of 1,1024,10000000 "
+                         "(default: all; --quick: 1,10000000)")
     args = ap.parse_args(argv)
 
     if os.geteuid() != 0:
@@ -189,6 +193,17 @@ def main(argv=None) -> int:
         if bad or not flood_modes:
             print(f"bench: unknown flood mode {', '.join(map(repr, bad)) or '(none)'} "
                   f"(expected {', '.join(MODES_FULL)})", file=sys.stderr)
+            return 2
+
+    flood_pools = None
+    if args.flood_pools is not None:
+        from bench.flood import POOLS_FULL
+        try:
+            flood_pools = tuple(int(p) for p in args.flood_pools.split(",") if p.strip())
+        except ValueError:
+            flood_pools = ()
+        if not flood_pools or any(p not in POOLS_FULL for p in flood_pools):
+            print(f"bench: --flood-pools takes some of {','.join(map(str, POOLS_FULL))}", file=sys.stderr)
             return 2
 
     if args.flood_rounds is not None and not 1 <= args.flood_rounds <= 99:
@@ -215,7 +230,7 @@ def main(argv=None) -> int:
     ctx = None
     rc = 0
     try:
-        ctx = Context(args.quick, workdir, flood_modes, args.flood_rounds)
+        ctx = Context(args.quick, workdir, flood_modes, args.flood_rounds, flood_pools)
         res["meta"]["test_addresses"] = vars(ctx.material.addrs)
         for s in sections:
             t0 = time.monotonic()

@@ -71,6 +71,7 @@ XG_MAP("percpu_array", __u32, struct xg_counter, counters, XG_MAX_SLOTS, 0);
 XG_MAP("array", __u32, struct xg_bucket, rbuckets, XG_MAX_SLOTS, 0);
 XG_MAP("array", __u32, struct xg_bucket, nbuckets, XG_MAX_SLOTS, 0);
 XG_MAP("lru_hash", struct xg_sbucket_key, struct xg_bucket, sbuckets, XG_SBUCKET_MAX, 0);
+XG_MAP("array", __u32, __u64, seen, XG_SEEN_WORDS, 0);
 XG_MAP("lpm_trie", struct xg_ban4_key, struct xg_ban, ban4, XG_BAN_MAX, BPF_F_NO_PREALLOC);
 XG_MAP("lpm_trie", struct xg_ban6_key, struct xg_ban, ban6, XG_BAN_MAX, BPF_F_NO_PREALLOC);
 XG_MAP("array", __u32, struct xg_banstate, banstate, 1, 0);
@@ -349,6 +350,20 @@ static __always_inline struct xg_vec *xg_vec(__u32 gen, __u32 vec)
 	return vecs.lookup(&idx);
 }
 
+/* The bit of a per-source bucket's key in map seen (XG_SEEN_LOG2 in
+ * xdpguard.h): multiply-shift of the slot, family and masked source, so
+ * that the top bits of the product depend on every address bit. The key
+ * is 4-byte aligned on the stack: word loads only. */
+static __always_inline __u32 xg_seen_bit(struct xg_sbucket_key *k)
+{
+	__u32 *a = (__u32 *)k->addr;
+	__u64 x = ((__u64)(k->slot * 8 + k->family) << 32) | a[0];
+
+	if (k->family != 4)
+		x ^= ((((__u64)a[1] << 32) | a[2]) ^ ((__u64)a[3] << 17)) * 0xc2b2ae3d27d4eb4fULL;
+	return (x * 0x9e3779b97f4a7c15ULL) >> (64 - XG_SEEN_LOG2);
+}
+
 /* A limit rule's verdict: its bucket (per rule, or per source group
  * with the new-source budget before any insert), then rate_total.
  * Returns -1 for a packet admitted (not yet counted: a SYN cookie may
@@ -372,8 +387,19 @@ static __always_inline int xg_limit(struct xg_pkt *pkt, __u8 family, __u8 *src, 
 			__builtin_memcpy(k.addr, src, 4);
 		else
 			__builtin_memcpy(k.addr, src, 16);
+		__u32 bit, wi;
+		__u64 *sw, m;
+
 		xg_mask(k.addr, family == 4 ? r->prefix4 : r->prefix6);
-		b = sbuckets.lookup(&k);
+		bit = xg_seen_bit(&k);
+		wi = bit / 64;
+		sw = seen.lookup(&wi);
+		if (!sw)
+			return xg_finish(pkt, XG_SLOT_NO_ENTRY, rule, gen, len, 1, 0);
+		m = 1ULL << (bit & 63);
+		/* A clear bit: certainly no bucket, so no lookup (a miss in
+		 * the bucket map's table is what a forged source cost). */
+		b = (*sw & m) ? sbuckets.lookup(&k) : 0;
 		if (!b) {
 			struct xg_bucket fresh = {};
 			struct xg_bucket *nb = nbuckets.lookup(&slot);
@@ -382,9 +408,15 @@ static __always_inline int xg_limit(struct xg_pkt *pkt, __u8 family, __u8 *src, 
 				return xg_finish(pkt, XG_SLOT_NO_ENTRY, rule, gen, len, 1, 0);
 			/* A source the rule has not seen (or whose bucket the
 			 * LRU evicted) costs one token of the budget; without
-			 * it, nothing is inserted. */
+			 * it, nothing is inserted. An empty budget is a read
+			 * of its word, which only a token's CAS writes: the
+			 * CPUs share its cache line through a flood. */
 			if (!xg_gcra(nb, now, 1, r->new_cost_fp, r->new_burst_ns))
 				return xg_finish(pkt, XG_SLOT_NEWSRC, rule, gen, len, 1, log);
+			/* The bit before the bucket: a set bit may have no
+			 * bucket, a bucket never lacks its bit. */
+			if (!(*sw & m))
+				__sync_fetch_and_or(sw, m);
 			/* NOEXIST: a bucket another CPU just inserted stays. */
 			sbuckets.insert(&k, &fresh);
 			b = sbuckets.lookup(&k);

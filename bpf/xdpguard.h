@@ -144,6 +144,21 @@
 /* Persistent map sizes: fixed, because these maps outlive a policy shape. */
 #define XG_BAN_MAX 1048576
 #define XG_SBUCKET_MAX 262144
+/*
+ * Seen sources (map seen): one bit per hash of a per-source bucket's key
+ * (rule slot, family, masked source), set before the bucket is inserted.
+ * A clear bit means the key has no bucket, so a source whose bit is clear
+ * goes to its rule's new-source budget without the bucket map's lookup:
+ * under a spoofed flood that lookup was a miss in a 2 MiB hash table (and
+ * in the TLB) per frame, where these 128 KiB stay in the L2 cache. A set
+ * bit only says "look it up": hash collisions and the bits of buckets the
+ * LRU evicted (never cleared) cost that lookup, never a verdict. 4 bits
+ * per bucket the map can hold; fixed, like the bucket map it summarises,
+ * because it must outlive a program: an empty filter beside old buckets
+ * would send established sources to the budget.
+ */
+#define XG_SEEN_LOG2 20
+#define XG_SEEN_WORDS 16384      /* 2^XG_SEEN_LOG2 bits in 64-bit words */
 #define XG_SRCSTAT_MAX 65536
 #define XG_DROPLOG_BYTES 262144
 

@@ -215,6 +215,14 @@ def test_run_refuses_a_bad_round_count():
     assert r.returncode == 2 and "--flood-rounds must be 1 to 99" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_run_refuses_a_pool_it_has_not():
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--sections", "flood",
+                        "--flood-pools", "1,7"],
+                       capture_output=True, text=True, timeout=scaled(60), cwd=REPO)
+    assert r.returncode == 2 and "--flood-pools takes some of 1,1024,10000000" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
 def test_flood_rounds_sets_the_rounds(tmp_path, blocklists_dir):
     """--flood-rounds 3: three runs of every mode, family and pool, each
     round starting with another mode."""

@@ -153,6 +153,36 @@ def test_limit_admits_the_rate(xg):
 
 # ---------------------------------------------------------------- re-apply without loss
 
+def test_pins_without_seen_filter_look_every_source_up(xg):
+    """Buckets pinned by an xdpguard without the seen-sources filter
+    (bpf/xdpguard.h, map seen) have no bits in it: the program that takes
+    them over gets every bit set, so an established source is looked up
+    as before, never sent to the new-source budget."""
+    import ctypes
+
+    from xdpguard import bpfsys, pins
+    from xdpguard.layout import C
+    lab = xg
+    lim = rule("per-src", "limit", proto="udp", dport=9000, rate="200/s", burst=20, per="source",
+               new_sources="4/h", new_sources_burst=1)
+    lab.apply(lab.write_policy("seen-0", policy("seen-0", lim)))
+    directory = pins.iface_dir(lab.server_ns, lab.server_if)
+    sent = lab.udp_send("client", srcs=[EXTRA4[0]], dst=SERVER4, port=9000, pps=100, seconds=0.3)
+    assert counters_reaching(lab, {"per-src": sent["sent"]})["per-src"]["packets"] == sent["sent"]
+    (directory / "seen").unlink()          # what an older xdpguard pinned
+    big = [rule(f"big-{j}", "deny", proto="udp", dport=20000 + j, src=f"198.51.100.{j}") for j in range(80)]
+    lab.apply(lab.write_policy("seen-big", policy("seen-big", lim, *big)))   # a new program
+    with bpfsys.closing_fd(bpfsys.obj_get(str(directory / "seen"))) as fd:
+        words = {bpfsys.map_lookup(fd, bytes(ctypes.c_uint32(i)), 8) for i in range(C.XG_SEEN_WORDS)}
+    assert words == {b"\xff" * 8}
+    # The established source keeps its bucket: its rule's budget (one
+    # source in 15 minutes) is spent, yet it passes at its rate.
+    before = lab.counters()["per-src"]
+    again = lab.udp_send("client", srcs=[EXTRA4[0]], dst=SERVER4, port=9000, pps=100, seconds=0.3)
+    c = counters_reaching(lab, {"per-src": before["packets"] + again["sent"]})["per-src"]
+    assert c["dropped_packets"] == before["dropped_packets"]
+
+
 def _reapply_policies(lab):
     base = [rule("stream", "allow", proto="udp", dport=9100, src=CLIENT4),
             rule("ping", "allow", proto="icmp", src=CLIENT4)]

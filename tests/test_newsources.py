@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import ipaddress
 import time
+from array import array
 
 import pytest
 from scapy.layers.inet import IP, TCP
@@ -32,6 +33,15 @@ POLICY = """
 [policy]
 name = "newsrc"
 default = "allow"
+
+[[rule]]
+name = "lane"
+src = ["203.0.113.0/24", "2001:db8:99::/48"]
+action = "limit"
+rate = "1/s"
+burst = 4
+new_sources = "1/s"
+new_sources_burst = 2
 
 [[rule]]
 name = "web"
@@ -94,6 +104,21 @@ def reset(rig) -> None:
     sb = rig.maps["sbuckets"]
     for k in list(bpfsys.map_keys(sb.fd, ctypes.sizeof(sb.Key))):
         bpfsys.map_delete(sb.fd, k)
+    set_seen(rig, 0)
+
+
+def set_seen(rig, word: int) -> None:
+    """Every word of the seen-sources filter to `word`."""
+    n = C.XG_SEEN_WORDS
+    bpfsys.map_update_many(rig.maps["seen"].fd, array("I", range(n)).tobytes(),
+                           array("Q", [word]).tobytes() * n, n)
+
+
+def seen_bits(rig) -> int:
+    """How many bits of the seen-sources filter are set."""
+    sf = rig.maps["seen"]
+    return sum(int.from_bytes(bpfsys.map_lookup(sf.fd, bytes(ctypes.c_uint32(i)), 8), "little").bit_count()
+               for i in range(C.XG_SEEN_WORDS))
 
 
 def buckets(rig) -> set[tuple[int, bytes]]:
@@ -274,3 +299,39 @@ def test_kernel_agrees_with_the_limiter_model():
             (4, a) for _s, a in buckets(rig)}
     finally:
         rig.close()
+
+
+@pytest.mark.parametrize("lane", [False, True], ids=["general", "fast-lane"])
+def test_seen_filter(rig, lane):
+    """The seen-sources filter (map seen) on both paths: a bucket's key
+    has its bit before the bucket exists; a new source over the budget
+    sets no bit and inserts no bucket; an established source is found
+    through its bit and keeps its rate. Bits set without a bucket (hash
+    collisions, buckets the LRU evicted) cost a lookup, not the verdict."""
+    reset(rig)
+    if lane:
+        name, port, burst, budget = "lane", 80, 4, 2
+        srcs = [f"203.0.113.{i}" for i in range(1, 9)] + ["2001:db8:99::1", "2001:db8:99::2"]
+    else:
+        name, port, burst, budget = "web", 80, 5, 3
+        srcs = [f"10.4.0.{i}" for i in range(1, 9)] + ["2001:db8:4::1", "2001:db8:4::2"]
+    slot = rig.slots[name]
+    got = [rig.run(frame(s, port)) for s in srcs]
+    assert all(g.fast == lane for g in got)
+    assert [g.slot for g in got] == [slot] * budget + [C.XG_SLOT_NEWSRC] * (len(srcs) - budget)
+    assert buckets(rig) == {(slot, addr(s)) for s in srcs[:budget]}
+    assert seen_bits(rig) == budget
+    # The overflowed sources stay unseen: again dropped, nothing inserted.
+    assert {rig.run(frame(s, port)).slot for s in srcs[budget:]} == {C.XG_SLOT_NEWSRC}
+    assert seen_bits(rig) == budget and len(buckets(rig)) == budget
+    # An established source: its bucket (a burst, then the rate), whatever
+    # the empty budget says.
+    rig.run(frame(srcs[0], port), repeat=burst + 3)
+    assert rig.counter(slot)["packets"] == budget + burst + 3
+    assert rig.counter(slot)["dropped_packets"] == 4
+    # Every bit set, no bucket: each source is looked up, and a forged one
+    # still meets the empty budget.
+    set_seen(rig, (1 << 64) - 1)
+    assert rig.run(frame(srcs[-1], port)).slot == C.XG_SLOT_NEWSRC
+    assert rig.run(frame(srcs[1], port)).slot == slot
+    assert len(buckets(rig)) == budget

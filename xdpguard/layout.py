@@ -106,7 +106,7 @@ def _struct_bodies() -> dict[str, str]:
 # are bcc's (``Map.Key`` / ``Map.Leaf``), never declared here.
 
 # Maps that outlive a policy shape: reused when a new program is loaded.
-PERSISTENT_MAPS = ("counters", "rbuckets", "nbuckets", "sbuckets", "ban4", "ban6", "banstate", "srcstat", "logbuckets",
+PERSISTENT_MAPS = ("counters", "rbuckets", "nbuckets", "sbuckets", "seen", "ban4", "ban6", "banstate", "srcstat", "logbuckets",
                    "cookieports", "synports", "cookiewhy")
 # Maps of the classifier, sized by the shape.
 # lpm4 / lpm6 are arrays of per-generation tries; lpm*_inner, their

@@ -10,6 +10,7 @@ import os
 import re
 import socket
 import time
+from array import array
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from functools import cached_property
@@ -310,6 +311,18 @@ def assign_slots(tables: Tables, previous: dict[str, int] | None) -> tuple[dict[
         fresh.append(nxt)
         taken.add(nxt)
     return slots, fresh
+
+
+def fill_seen(seen) -> None:
+    """Every bit of the seen-sources filter set (bpf/xdpguard.h,
+    XG_SEEN_LOG2): for buckets made by a program that had no filter
+    (pins of an older xdpguard), whose keys have no bits. All set, every
+    source's bucket is looked up, as before the filter: slower on forged
+    sources until the next detach, never a wrong verdict."""
+    n = C.XG_SEEN_WORDS
+    keys = array("I", range(n)).tobytes()
+    values = array("Q", [(1 << 64) - 1]).tobytes() * n
+    bpfsys.map_update_many(seen.fd, keys, values, n)
 
 
 def zero_slots(maps, slots: list[int]) -> None:
@@ -632,6 +645,7 @@ def _load_and_attach(policy, tables, site: Site, fill: Fill, mode, log) -> pins.
     pins.remove_dir(stage)
     stage.mkdir(parents=True)
     try:
+        kept = set()
         if directory.is_dir():
             # Same map objects for state that must survive: bans, buckets,
             # counters (also when the record is gone: not --force's loss).
@@ -639,9 +653,12 @@ def _load_and_attach(policy, tables, site: Site, fill: Fill, mode, log) -> pins.
                 if (directory / name).exists():
                     with bpfsys.closing_fd(bpfsys.obj_get(str(directory / name))) as fd:
                         bpfsys.obj_pin(fd, str(stage / name))
+                    kept.add(name)
         b, fn = compile_program(shape, stage=os.getpid())
         names = shape.map_names()
         maps = bcc_maps(b, names)
+        if "sbuckets" in kept and "seen" not in kept:
+            fill_seen(maps["seen"])
         # Not pinned by bcc: the ring buffer, its format map, the arrays
         # of tries (bcc pins no array of maps), and the SYN cookie path's
         # program array (the kernel empties one no pin or fd holds).
