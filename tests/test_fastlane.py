@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import pytest
 
 from conftest import require_kernel
-from testrun import outcome, run
+from testrun import make_rig, outcome, run
 from xdpguard import bans as xgbans, bpfsys, lookup, packet
 from xdpguard.compiler import compile_policy
 from xdpguard.layout import C
@@ -103,8 +103,7 @@ def _with_byte(frame: bytes, at: int, value: int) -> bytes:
 @pytest.fixture(scope="module")
 def rig():
     require_kernel()
-    from xdpguard.loader import TestRig
-    r = TestRig(compile_policy(load("fastlane.toml", text=POLICY)))
+    r = make_rig(compile_policy(load("fastlane.toml", text=POLICY)))
     yield r
     r.close()
 
@@ -248,9 +247,8 @@ def test_logged_bans_leave_the_lane():
     IPv4 ban in the map, IPv4 frames take the general path; IPv6 frames,
     whose family has no bans, keep the lane."""
     require_kernel()
-    from xdpguard.loader import TestRig
     text = POLICY.replace('default = "allow"', 'default = "allow"\nlog_bans = true', 1)
-    r = TestRig(compile_policy(load("fastlane-logbans.toml", text=text)))
+    r = make_rig(compile_policy(load("fastlane-logbans.toml", text=text)))
     try:
         assert run(r, udp(BLOCKED)).fast             # no ban yet
         key = _ban(r, TRUSTED)
@@ -269,8 +267,7 @@ def test_mitigation_turns_the_lane_off():
     """A generation that counts per-source stats for the daemon sends every
     frame through the general path, which counts it."""
     require_kernel()
-    from xdpguard.loader import TestRig
-    r = TestRig(compile_policy(load("fastlane-mit.toml", text=POLICY + MITIGATION)))
+    r = make_rig(compile_policy(load("fastlane-mit.toml", text=POLICY + MITIGATION)))
     try:
         assert r.tables.flags & C.XG_GEN_MITIGATE
         res = run(r, udp(BLOCKED))
@@ -307,11 +304,10 @@ def test_nd_from_a_source_that_decides():
     classified with its vector from the trie: a rule naming icmpv6
     matches it; without one it passes as ND."""
     require_kernel()
-    from xdpguard.loader import TestRig
     text = POLICY + '\n[[rule]]\nname = "icmp-v6"\nproto = "icmpv6"\naction = "allow"\n'
     nd = build(BLOCKED6, DST6, "icmpv6", icmp_type=136)
     echo = build(BLOCKED6, DST6, "icmpv6")
-    r = TestRig(compile_policy(load("fastlane-nd.toml", text=text)))
+    r = make_rig(compile_policy(load("fastlane-nd.toml", text=text)))
     try:
         res = run(r, nd)
         assert (res.fast, res) == (False, outcome("pass", "icmp-v6"))
@@ -321,7 +317,7 @@ def test_nd_from_a_source_that_decides():
     finally:
         r.close()
     res = None
-    r = TestRig(compile_policy(load("fastlane-nd2.toml", text=POLICY)))
+    r = make_rig(compile_policy(load("fastlane-nd2.toml", text=POLICY)))
     try:
         res = run(r, nd)
         assert (res.fast, res, res.slot) == (False, outcome("pass", "nd"), C.XG_SLOT_ND)
@@ -384,11 +380,10 @@ def test_lane_memory_never_outlives_its_fill():
     source: the lane looks the source up afresh, because the active
     word's epoch moved on."""
     require_kernel()
-    from xdpguard.loader import TestRig
     allowed = POLICY.replace('name = "blocklist"', 'name = "blocklist-old"', 1)
     allowed = allowed.replace('action = "deny"\n\n[[rule]]\nname = "trusted"',
                               'action = "allow"\n\n[[rule]]\nname = "trusted"', 1)
-    r = TestRig(compile_policy(load("fastlane.toml", text=POLICY)))
+    r = make_rig(compile_policy(load("fastlane.toml", text=POLICY)))
     try:
         with _one_cpu() as cpu:
             for frame, fam in ((udp(BLOCKED), 4), (udp6(BLOCKED6), 6)):
@@ -437,8 +432,7 @@ def test_lane_limits_like_the_general_path(fam):
     before any bucket is inserted, and a ban before the rule."""
     require_kernel()
     from testrun import reset_buckets
-    from xdpguard.loader import TestRig
-    r = TestRig(compile_policy(load("lane-limit.toml", text=LANE_LIMIT)))
+    r = make_rig(compile_policy(load("lane-limit.toml", text=LANE_LIMIT)))
     try:
         srcs = ["10.77.0.1", "10.77.0.2", "10.77.0.3"] if fam == 4 else \
             ["2001:db8:77:1::1", "2001:db8:77:2::1", "2001:db8:77:3::1"]

@@ -22,7 +22,7 @@ import pytest
 
 from conftest import require_kernel
 from testing.fuzzgen import mutate, random_frame
-from testrun import ban_key
+from testrun import ban_key, make_rig
 from xdpguard import bans, bpfsys, lookup, packet
 from xdpguard.bpfsys import XDP_DROP, XDP_PASS
 from xdpguard.compiler import compile_policy
@@ -199,11 +199,11 @@ BANS = [("10.9.0.0/16", 0), ("2001:db8:9::/48", 0), ("10.8.0.0/16", -1), ("2001:
 class Fuzzer:
     def __init__(self):
         require_kernel()
-        from xdpguard.loader import Shape, TestRig
+        from xdpguard.loader import Shape
         self.tables = {}
         for name, text in (("deny", DENY_POLICY), ("allow", ALLOW_POLICY)):
             self.tables[name] = compile_policy(load(f"fuzz-{name}.toml", text=text))
-        self.rig = TestRig(self.tables["deny"], Shape(nwords=1, vec_per_gen=256))
+        self.rig = make_rig(self.tables["deny"], Shape(nwords=1, vec_per_gen=256))
         self.fd = self.rig.fn.fd
         # Bans, and their reference: (network, expires_ns).
         now = time.clock_gettime_ns(time.CLOCK_BOOTTIME)

@@ -19,6 +19,7 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
 from conftest import require_kernel
+from testrun import make_rig
 from xdpguard import bpfsys
 from xdpguard.bpfsys import XDP_DROP, XDP_PASS
 from xdpguard.compiler import compile_policy
@@ -86,9 +87,8 @@ def frame(src: str, dport: int) -> bytes:
 @pytest.fixture(scope="module")
 def rig():
     require_kernel()
-    from xdpguard.loader import TestRig
     policy = load("newsrc.toml", text=POLICY.format(busy_rate=BUSY_RATE, flood_new=FLOOD_NEW))
-    r = TestRig(compile_policy(policy))
+    r = make_rig(compile_policy(policy))
     yield r
     r.close()
 
@@ -272,11 +272,10 @@ def test_kernel_agrees_with_the_limiter_model():
     import random
 
     from scapy.layers.inet import UDP
-    from xdpguard.loader import TestRig
     from xdpguard.lookup import Limiter
     require_kernel()
     tables = compile_policy(load("model.toml", text=MODEL_POLICY))
-    rig = TestRig(tables)
+    rig = make_rig(tables)
     try:
         rnd = random.Random(19)
         model = Limiter()

@@ -10,6 +10,7 @@ from hypothesis import given, strategies as st
 
 from tests.conftest import require_kernel
 from testing.webpolicy import web_policy
+from testrun import make_rig
 from xdpguard import daemon, pins
 from xdpguard.compiler import compile_policy
 from xdpguard.packet import build
@@ -29,8 +30,7 @@ def test_ipv4_names_are_ipaddress_names(value, plen):
 @pytest.mark.kernel
 def test_rates_per_prefix_and_idle_sources_forgotten():
     require_kernel()
-    from xdpguard.loader import TestRig
-    rig = TestRig(compile_policy(load("sampler.toml", text=POLICY)))
+    rig = make_rig(compile_policy(load("sampler.toml", text=POLICY)))
     try:
         s = daemon.Sampler(None, pins.Record(mitigation=pins.MitigationInfo(prefix4=24, prefix6=64)),
                            srcstat=rig.maps["srcstat"])

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from testrun import make_rig
 from xdpguard import compiler, loader, lookup, packet, plan, policy
 from xdpguard.layout import C
 
@@ -256,7 +257,7 @@ def test_program_agrees_with_lookup_in_both_generations(monkeypatch, family):
     shape = loader.Shape(nwords=2, vec_per_gen=8192,
                          dir4_nodes=cap, dir6_nodes=cap)
     dst = "10.9.9.9" if family == 4 else "2001:db8:ffff::9"
-    rig = loader.TestRig(t1, shape)
+    rig = make_rig(t1, shape)
     try:
         for tables, pfx in ((t1, p1), (t2, p2)):
             if tables is not t1:

@@ -21,6 +21,7 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Dot1Q, Ether
 
 from conftest import require_kernel
+from testrun import make_rig
 from xdpguard import bpfsys
 from xdpguard.compiler import compile_policy
 from xdpguard.layout import C
@@ -68,8 +69,7 @@ def need_helpers():
 @pytest.fixture(scope="module")
 def rig():
     need_helpers()
-    from xdpguard.loader import TestRig
-    r = TestRig(compile_policy(load("cookies.toml", text=POLICY)))
+    r = make_rig(compile_policy(load("cookies.toml", text=POLICY)))
     yield r
     r.close()
 

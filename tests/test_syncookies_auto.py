@@ -16,6 +16,7 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 
 from conftest import require_kernel
+from testrun import make_rig
 from xdpguard.compiler import compile_policy
 from xdpguard.layout import C
 from xdpguard.policy import PolicyError, load
@@ -97,8 +98,7 @@ def rig():
     why = syncookies.unavailable()
     if why:
         pytest.skip(why)
-    from xdpguard.loader import TestRig
-    r = TestRig(compile_policy(load("auto.toml", text=POLICY)))
+    r = make_rig(compile_policy(load("auto.toml", text=POLICY)))
     yield r
     r.close()
 

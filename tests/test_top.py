@@ -21,6 +21,7 @@ import pytest
 
 from testing.lab import EXTRA4, SERVER4, Lab
 from testing.webpolicy import web_policy
+from testrun import make_rig
 from xdpguard import daemon, pins
 from xdpguard.cli_mitigation import _print_top, _top_view
 from xdpguard.compiler import compile_policy
@@ -59,8 +60,7 @@ def _stats(packets):
 def test_a_source_idle_in_the_interval_is_in_no_list():
     from tests.conftest import require_kernel
     require_kernel()
-    from xdpguard.loader import TestRig
-    rig = TestRig(compile_policy(load("top.toml", text=POLICY)))
+    rig = make_rig(compile_policy(load("top.toml", text=POLICY)))
     try:
         s = daemon.Sampler(None, RECORD, probes=_Probes(), srcstat=rig.maps["srcstat"])
         for _ in range(300):        # the flood, over before the first sample

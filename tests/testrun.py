@@ -7,6 +7,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import ipaddress
+import sys
 
 import pytest
 
@@ -15,6 +16,7 @@ from xdpguard import bans as xgbans, bpfsys
 from xdpguard.bpfsys import XDP_DROP, XDP_PASS
 from xdpguard.compiler import compile_policy
 from xdpguard.layout import SLOT_REASONS, C
+from xdpguard.loader import Shape, TestRig
 from xdpguard.lookup import NON_IP, RULE, Outcome
 from xdpguard.policy import load
 
@@ -27,10 +29,68 @@ def compile_text(text: str, name: str = "t.toml"):
     return policy, compile_policy(policy)
 
 
-def make_rig(tables, **shape):
+# Programs of each shape that their tests have closed, ready for the next
+# make_rig of that shape (SharedRig).
+_FREE: dict = {}
+
+
+def make_rig(tables, shape=None, **fields):
+    """A TestRig with this policy loaded, as a new one has it (shape: a
+    loader.Shape, or its fields; default Shape.for_tables). The program
+    of the same shape (the same cflags) that an earlier test closed is
+    emptied and reused instead of compiled again: a compile takes seconds
+    here and a minute or more in an emulated guest (vm/)."""
     require_kernel()
-    from xdpguard.loader import Shape, TestRig
-    return TestRig(tables, Shape(**shape) if shape else None)
+    if shape is None:
+        shape = Shape(**fields) if fields else Shape.for_tables(tables)
+    free = _FREE.get(shape)
+    if not free:
+        return SharedRig(tables, shape)
+    rig = free.pop()
+    rig.renew(tables)
+    return rig
+
+
+
+def _empty_map(fd: int) -> None:
+    """A map as the kernel creates it: arrays zeroed, hashes, tries and
+    arrays of maps without entries, a ring buffer with nothing to read."""
+    info = bpfsys.map_info(fd)
+    mtype, ks, vs, n = info["type"], info["key_size"], info["value_size"], info["max_entries"]
+    if mtype in (bpfsys.BPF_MAP_TYPE_ARRAY, bpfsys.BPF_MAP_TYPE_PERCPU_ARRAY):
+        size = bpfsys.percpu_value_size(vs) if mtype in bpfsys.PERCPU_MAP_TYPES else vs
+        keys = b"".join(i.to_bytes(4, sys.byteorder) for i in range(n))
+        bpfsys.map_update_batch(fd, keys, bytes(size * n), n)
+    elif mtype == bpfsys.BPF_MAP_TYPE_ARRAY_OF_MAPS:
+        for i in range(n):
+            bpfsys.map_delete(fd, i.to_bytes(4, sys.byteorder))
+    elif mtype == bpfsys.BPF_MAP_TYPE_RINGBUF:
+        rb = bpfsys.RingBuffer(fd, lambda _rec: None)
+        try:
+            rb.consume()
+        finally:
+            rb.close()
+    elif mtype != bpfsys.BPF_MAP_TYPE_PROG_ARRAY:     # the SYN cookie path stays, set at load
+        for k in list(bpfsys.map_keys(fd, ks)):     # hashes (LRU, per-CPU), LPM tries
+            bpfsys.map_delete(fd, k)
+
+
+class SharedRig(TestRig):
+    """A TestRig whose close() hands its program to the next make_rig of
+    its shape; renew() gives it the state of a new one."""
+
+    __test__ = False
+
+    def close(self) -> None:
+        _FREE.setdefault(self.shape, []).append(self)
+
+    def renew(self, tables) -> None:
+        ids = {i for fn in self.b.funcs.values() for i in bpfsys.prog_info(fn.fd)["map_ids"]}
+        for map_id in sorted(ids):
+            with bpfsys.closing_fd(bpfsys.map_get_fd_by_id(map_id)) as fd:
+                _empty_map(fd)
+        self.gen, self.slots = 0, {}
+        self.load(tables)
 
 
 def rig_fixture(text: str, name: str):
