@@ -9,6 +9,7 @@ import subprocess
 import pytest
 
 from testing.lab import REPO, Lab, xdpguard_cmd
+from testing.timing import scaled
 
 POLICY = """
 [policy]
@@ -22,7 +23,7 @@ action = "allow"
 
 def _run(*argv, stdout=subprocess.PIPE, timeout=60):
     return subprocess.run([*xdpguard_cmd(), *map(str, argv)], stdout=stdout, stderr=subprocess.PIPE,
-                          text=True, cwd=REPO, timeout=timeout)
+                          text=True, cwd=REPO, timeout=scaled(timeout))
 
 
 @pytest.fixture

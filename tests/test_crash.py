@@ -16,6 +16,7 @@ import subprocess
 import pytest
 
 from testing.lab import REPO, VethPair, xdpguard_cmd
+from testing.timing import scaled
 from xdpguard import bpfsys, loader, pins
 
 
@@ -38,7 +39,7 @@ def xg(p, *args, kill: str | None = None, check: bool = True) -> subprocess.Comp
     if kill:
         env["XDPGUARD_TEST_KILLPOINT"] = kill
     cp = subprocess.run([*xdpguard_cmd(), *map(str, args), "--iface", p.a, "--netns", p.ns_a],
-                        capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+                        capture_output=True, text=True, cwd=REPO, env=env, timeout=scaled(300))
     if kill:
         assert cp.returncode == -9, f"not killed at {kill}: {cp.stdout}{cp.stderr}"
     elif check:

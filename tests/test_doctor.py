@@ -16,6 +16,7 @@ import pytest
 
 from conftest import require_tool
 from testing.lab import VethPair, nsenter
+from testing.timing import scaled
 
 pytestmark = [
     pytest.mark.kernel,
@@ -25,7 +26,7 @@ pytestmark = [
 
 def doctor(*args: str) -> tuple[int, dict | str, str]:
     r = subprocess.run([sys.executable, "-m", "xdpguard.cli", "doctor", *args],
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=scaled(120))
     out = json.loads(r.stdout) if "--json" in args and r.returncode in (0, 1) else r.stdout
     return r.returncode, out, r.stderr
 
