@@ -540,8 +540,13 @@ class FleetSync(SyncThread):
         if not self.cfg.publish:
             return
         now = time.time()
-        own, any_origin = self._own_bans()
+        # The hash before the files: `xdpguard ban` and `unban` (and watch's
+        # own bans) write the files first, then Redis, so what this host
+        # shared is in its files if it is in the hash. The other way round,
+        # a ban made between the two reads would be in the hash only, taken
+        # for one lifted, and unbanned across the fleet.
         in_hash: dict[str, Event] = {p: ev for p, ev in self.ch.hash_entries() if isinstance(ev, Event)}
+        own, any_origin = self._own_bans()
         events = [self.ch.event("ban", p, r.expires, r.reason, r.code) for p, r in own.items()
                   if p not in in_hash or not _covers(in_hash[p].expires, r.expires)]
         shared = {p: ev.expires for p, ev in in_hash.items() if ev.host == self.cfg.host}
