@@ -54,6 +54,24 @@ def slowdown() -> float:
     return factor
 
 
+def contention() -> float:
+    """How many times slower than the development VM Python runs here at
+    this moment (at least 1): the median of a few runs of the loop, so
+    that what other processes take from the CPUs now counts, which
+    slowdown() (the best run, measured once) leaves out on purpose. For
+    waits on what a daemon does in its ticks: it gets what is left."""
+    runs = sorted(_loop() for _ in range(5))
+    return max(1.0, runs[2] / _REFERENCE_S)
+
+
+def scaled_now(seconds: float, cap: float | None = None) -> float:
+    """scaled(), stretched by the contention at this moment too."""
+    t = seconds * max(slowdown(), contention())
+    if cap is not None:
+        t = min(t, max(cap, seconds))
+    return t
+
+
 def scaled(seconds: float, cap: float | None = None) -> float:
     """A deadline of `seconds` on the development VM, on this machine
     (at most `cap`, but never below `seconds`)."""

@@ -8,6 +8,7 @@ import subprocess
 import threading
 import time
 
+from testing.engines import LockWatch
 from testing.lab import REPO, Lab, nsenter
 from testing.timing import scaled, wait_until
 
@@ -70,7 +71,12 @@ class Watcher:
         return [d for d in self.lines if d["action"] == "ban" and (source is None or d["source"] == source)]
 
     def wait_for(self, pred, timeout):
-        return wait_until(pred, max(timeout, 0.0))
+        """pred()'s first true value within timeout seconds, not counting
+        those in which another process held the machine's pin lock: watch
+        bans and lifts bans under it, and another run's apply holds it for
+        seconds (a bcc compile)."""
+        with LockWatch({os.getpid(), self.p.pid}) as lock:
+            return lock.wait_until(pred, max(timeout, 0.0))
 
     def wait_exit(self, timeout: float) -> int | None:
         """Its exit status once it has exited by itself within timeout (its
