@@ -82,7 +82,9 @@ class SharedRig(TestRig):
     __test__ = False
 
     def close(self) -> None:
-        _FREE.setdefault(self.shape, []).append(self)
+        free = _FREE.setdefault(self.shape, [])
+        if self not in free:        # closed twice: still one user at a time
+            free.append(self)
 
     def renew(self, tables) -> None:
         ids = {i for fn in self.b.funcs.values() for i in bpfsys.prog_info(fn.fd)["map_ids"]}
