@@ -9,8 +9,10 @@ check what XDP drops.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
+import secrets
 import time
 
 import pytest
@@ -70,7 +72,11 @@ lapi = "{lapi}"
 key_file = "{key_file}"
 interval = "{interval}s"
 scopes = ["ip", "range"]
+push = true
+machine_id = "{machine}"
+password_file = "{password_file}"
 """
+MACHINE = "xdpguard-push"
 
 
 class Bouncing:
@@ -85,8 +91,16 @@ def bouncing(tmp_path_factory):
     with CrowdSecLAPI(d / "lapi") as lapi, Lab() as lab:
         key_file = d / "bouncer.key"
         key_file.write_text(lapi.add_bouncer("xdpguard-tests") + "\n")
+        # The machine xdpguard pushes its own bans as (push = true); -f: its
+        # credentials file, not the one of the LAPI's own cscli.
+        password_file = d / "machine.pass"
+        password_file.write_text(secrets.token_hex(16) + "\n")
+        os.chmod(password_file, 0o600)
+        lapi.cscli("machines", "add", MACHINE, "--password", password_file.read_text().strip(),
+                   "-f", str(d / "machine.yaml"))
         policy = lab.write_policy("crowdsec", POLICY.format(allowed=ALLOWED, lapi=lapi.url, key_file=key_file,
-                                                            interval=f"{INTERVAL:g}"))
+                                                            interval=f"{INTERVAL:g}", machine=MACHINE,
+                                                            password_file=password_file))
         host = Host(lab, "bouncer", policy, "1s")
         host.start()
         try:
@@ -166,6 +180,40 @@ def test_range_decision_and_allowlist(bouncing):
     assert _gets_through(h, ALLOWED)
     bouncing.lapi.cscli("decisions", "delete", "--range", "10.200.1.0/24")
     _timed(h, lambda: not _in_force(h, "10.200.1.0/24"), "range decision delete -> lifted")
+
+
+def _lapi_decisions(lapi: CrowdSecLAPI) -> list[dict]:
+    """Every decision the LAPI holds (`cscli decisions list -a`: its alerts, with their decisions)."""
+    alerts = json.loads(lapi.cscli("decisions", "list", "-a", "-o", "json") or "null") or []
+    return [d for a in alerts for d in (a.get("decisions") or ())]
+
+
+def test_own_bans_pushed_to_the_lapi(bouncing):
+    """push = true: a ban made here (`xdpguard ban`) becomes a decision in
+    the LAPI, origin xdpguard, scenario xdpguard/manual, and stays a local
+    ban here (no loop); its unban deletes the decision, and the host does
+    not take it back from the stream."""
+    h, lapi, x, y = bouncing.host, bouncing.lapi, EXTRA4[5], EXTRA4[6]
+    wait = lock_aware_wait({os.getpid(), h.p.pid})
+
+    def pushed():
+        return [d for d in _lapi_decisions(lapi) if d.get("value") == x]
+    h.xdpguard("ban", x, "--ttl", "10m", "--reason", "scanner")
+    assert wait(pushed, _deadline() + scaled(10)), (_lapi_decisions(lapi), _tail(h))
+    (d,) = pushed()
+    assert (d["origin"], d["scenario"], d["type"], d["scope"]) == ("xdpguard", "xdpguard/manual", "ban", "Ip"), d
+    h.wait_log("crowdsec: pushing this host's bans to ", timeout=scaled(10), wait=wait)
+    assert h.bans()[f"{x}/32"]["origin"] == "local"
+
+    h.xdpguard("unban", x)
+    assert wait(lambda: not pushed(), _deadline() + scaled(10)), (pushed(), _tail(h))
+    # A decision added after the delete in force: the host has pulled since.
+    lapi.cscli("decisions", "add", "--ip", y, "--duration", "1m")
+    _timed(h, lambda: _in_force(h, y), "decision add -> in force (after a push's delete)")
+    assert not _in_force(h, x) and f"{x}/32" not in h.bans()
+    assert _gets_through(h, x)
+    lapi.cscli("decisions", "delete", "--ip", y)
+    _timed(h, lambda: not _in_force(h, y), "decision delete -> lifted")
 
 
 def test_100k_decisions(bouncing, tmp_path):

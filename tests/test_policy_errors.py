@@ -198,7 +198,16 @@ def test_duplicate_rule_names(capsys, tmp_path):
     ('[crowdsec]\nlapi = "http://127.0.0.1:8080"\n', ["key_file is required", "cscli bouncers add"]),
     ('[crowdsec]\nlapi = "http://127.0.0.1:8080"\nkey_file = "k"\ninterval = "50ms"\n', ["interval '50ms'", "100ms..1h"]),
     ('[crowdsec]\nlapi = "http://127.0.0.1:8080"\nkey_file = "k"\nscopes = ["ip", "as"]\n', ["scopes", "ip", "range"]),
-    ('[crowdsec]\nlapi = "http://127.0.0.1:8080"\nkey_file = "k"\npush = true\n', ["unknown key 'push'"]),
+    ('[crowdsec]\nlapi = "http://127.0.0.1:8080"\nkey_file = "k"\npush = true\n',
+     ["push = true needs machine_id", "cscli machines add"]),
+    ('[crowdsec]\nlapi = "http://127.0.0.1:8080"\nkey_file = "k"\npush = true\nmachine_id = "m"\n',
+     ["push = true needs password_file"]),
+    ('[crowdsec]\nlapi = "http://127.0.0.1:8080"\nkey_file = "k"\npush = "yes"\n', ["push 'yes'", "true or false"]),
+    ('[crowdsec]\nlapi = "http://127.0.0.1:8080"\nkey_file = "k"\npush = true\nmachine_id = "a b"\n'
+     'password_file = "k"\n', ["machine_id 'a b'", "cscli machines add"]),
+    ('[crowdsec]\nlapi = "http://127.0.0.1:8080"\nkey_file = "k"\npush = true\nmachine_id = "m"\n'
+     'password_file = "nope"\n', ["password_file 'nope'", "cannot be read"]),
+    ('[crowdsec]\nlapi = "http://127.0.0.1:8080"\nkey_file = "k"\nmachine = "m"\n', ["unknown key 'machine'"]),
 ])
 def test_bad_fleet_and_crowdsec_tables(capsys, tmp_path, extra, needles):
     (tmp_path / "k").write_bytes(b"0123456789abcdef0123456789abcdef\n")

@@ -9,6 +9,14 @@ crowdsec:<scenario>; deleted ones come out. The same protection as fleet
 bans: the allowlist, `protect` entries, the host's addresses and gateways,
 and prefixes broader than min_prefix4/6 are refused (logged, counted).
 Bans go in through bans.BanMaps, the one writer, under pins.locked().
+
+With `push = true`, the same thread also logs in as a machine (machine_id,
+password_file: `cscli machines add`) and pushes this interface's own bans
+(origin local: watch's and `xdpguard ban`'s) as alerts with a ban
+decision, origin "xdpguard", scenario xdpguard/<reason> (manual, syn_rate,
+...); a ban lifted before its end has its decision deleted. Fleet bans and
+CrowdSec's own decisions are never pushed, and the decisions this host
+pushed are not taken back from the stream: no loop.
 """
 from __future__ import annotations
 
@@ -28,6 +36,9 @@ from xdpguard.layout import C
 from xdpguard.policy import CrowdSec, Fleet
 
 USER_AGENT = "xdpguard-bouncer/0.1"
+PUSH_ORIGIN = "xdpguard"     # the origin of the decisions xdpguard pushes
+NEVER_S = 10 * 365 * 86400   # a ban without end, as a decision (the LAPI wants a duration)
+PUSH_TIMEOUT_S = 30
 TIMEOUT_S = 120        # the LAPI takes seconds to list 100,000 decisions
 FULL_AFTER_S = 3.0     # the whole state again this long after new decisions stop coming
 FULL_GAP_S = 10.0      # at most this often for that
@@ -105,6 +116,8 @@ class Bouncer(SyncThread):
         self.last_applied: dict | None = None
         self._refused_logged: set[str] = set()
         self.seen: set = set()          # ids of the decisions given so far (since the last whole state)
+        self.pusher = Pusher(cfg, bans.state_dir(record.netns, record.iface) / "crowdsec-push.json", log,
+                             self.counters) if cfg.push else None
 
     def pull(self, startup: bool) -> dict:
         q = urlencode({"startup": "true" if startup else "false", "scopes": ",".join(self.cfg.scopes)})
@@ -171,6 +184,8 @@ class Bouncer(SyncThread):
             except Exception as e:       # never let the thread die silently
                 wait, backoff, startup = self._failed(first, f"{type(e).__name__}: {e}", backoff)
             first = False
+            if self.pusher is not None:
+                self.pusher.round(self.banmaps, time.time())
             self.stop.wait(max(0.0, wait))
 
     def _failed(self, first: bool, why: str, backoff: float):
@@ -230,6 +245,9 @@ class Bouncer(SyncThread):
             if split is None:
                 self.counters["ignored"] += fresh
                 continue
+            if self.pusher is not None and d.get("origin") == PUSH_ORIGIN and split[3] in self.pusher.pushed:
+                self.counters["own"] += fresh      # this host's own ban, pushed: not taken back
+                continue
             self.counters["new"] += fresh
             if secs <= 0 or self._refuse(split, fresh):
                 continue
@@ -271,3 +289,111 @@ class Bouncer(SyncThread):
         return {"connected": self.connected, "last_pull": self.last_pull,
                 "bans": sum(1 for v in self.active.values() if v), "counters": dict(self.counters)}
 
+
+
+class Pusher:
+    """This interface's own bans to the LAPI, as a machine (push = true):
+    each new one as an alert with its ban decision, each lifted before its
+    end deleted. `pushed` (prefix -> [expires, scenario]) is kept in
+    crowdsec-push.json, so that a ban lifted while watch was stopped, or
+    the LAPI away, is deleted later."""
+
+    def __init__(self, cfg: CrowdSec, state_path: Path, log, counters: Counter):
+        self.cfg, self.state_path, self.log, self.counters = cfg, state_path, log, counters
+        self.password = read_secret(cfg.password_file, "[crowdsec] password_file").decode()
+        st = bans.read_json(state_path, {})
+        pushed = st.get("pushed") if isinstance(st, dict) else None
+        self.pushed: dict[str, list] = {p: v for p, v in (pushed if isinstance(pushed, dict) else {}).items()
+                                        if isinstance(v, list) and len(v) == 2}
+        self.token: str | None = None
+        self.ok: bool | None = None      # the last round's outcome, for one line per change
+
+    def _request(self, method: str, path: str, body=None, auth: bool = True):
+        req = urllib.request.Request(f"{self.cfg.lapi.rstrip('/')}{path}", method=method,
+                                     data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json", "User-Agent": USER_AGENT,
+                                              **({"Authorization": f"Bearer {self.token}"} if auth else {})})
+        with urllib.request.urlopen(req, timeout=PUSH_TIMEOUT_S) as r:
+            return json.loads(r.read() or b"null")
+
+    def _call(self, method: str, path: str, body=None):
+        """A watcher call; logs in first, and again when the token expired."""
+        for attempt in (0, 1):
+            if self.token is None:
+                doc = self._request("POST", "/v1/watchers/login",
+                                    {"machine_id": self.cfg.machine_id, "password": self.password,
+                                     "scenarios": []}, auth=False)
+                self.token = doc["token"]
+            try:
+                return self._request(method, path, body)
+            except urllib.error.HTTPError as e:
+                if e.code != 401 or attempt:
+                    raise
+                self.token = None
+
+    @staticmethod
+    def alert(prefix: str, r: bans.BanRecord, now: float) -> tuple[dict, str]:
+        """The alert of one ban, and its decision's scenario."""
+        fam, _raw, plen, _ = bans.split_prefix(prefix)
+        single = plen == (32 if fam == 4 else 128)
+        value = prefix.split("/")[0] if single else prefix
+        scope = "Ip" if single else "Range"
+        scenario = f"{PUSH_ORIGIN}/{bans.REASONS.get(r.code, 'manual')}"
+        secs = NEVER_S if r.expires is None else max(1, int(r.expires - now))
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r.since or now))
+        return {"scenario": scenario, "scenario_hash": "", "scenario_version": "",
+                "message": f"xdpguard banned {prefix}: {r.reason}", "events_count": 1,
+                "start_at": stamp, "stop_at": stamp, "capacity": 0, "leakspeed": "0", "simulated": False,
+                "events": [], "remediation": True,
+                "source": {"scope": scope, "value": value, **({"ip": value} if single else {"range": value})},
+                "decisions": [{"origin": PUSH_ORIGIN, "type": "ban", "scope": scope, "value": value,
+                               "duration": f"{secs}s", "scenario": scenario}]}, scenario
+
+    def round(self, bm, now: float) -> None:
+        """Push what is new, delete what was lifted; failures are retried
+        at the next round (one log line per change of state)."""
+        changed = False
+        try:
+            local = {p: r for p, r in bm.records().items()
+                     if r.origin == bans.LOCAL and (r.expires is None or r.expires > now)}
+            stale = [p for p, (exp, _s) in self.pushed.items()
+                     if (p not in local or local[p].expires != exp) and (exp is None or exp > now)]
+            new = [p for p in local if p not in self.pushed or self.pushed[p][0] != local[p].expires]
+            for p in [p for p, (exp, _s) in self.pushed.items() if p not in local and exp is not None and exp <= now]:
+                del self.pushed[p]       # ended: the LAPI expires its decision itself
+                changed = True
+            for p in stale:
+                fam, _raw, plen, _ = bans.split_prefix(p)
+                key = "ip" if plen == (32 if fam == 4 else 128) else "range"
+                self._call("DELETE", "/v1/decisions?" + urlencode({key: p.split("/")[0] if key == "ip" else p,
+                                                                    "scenario": self.pushed[p][1]}))
+                del self.pushed[p]
+                changed = True
+                self.counters["push_deleted"] += 1
+            for i in range(0, len(new), 100):
+                batch = [(p, *self.alert(p, local[p], now)) for p in new[i:i + 100]]
+                self._call("POST", "/v1/alerts", [a for _p, a, _s in batch])
+                for p, _a, scenario in batch:
+                    self.pushed[p] = [local[p].expires, scenario]
+                changed = True
+                self.counters["pushed"] += len(batch)
+            if (stale or new) and self.ok is not True:
+                self.log(f"crowdsec: pushing this host's bans to {self.cfg.lapi} as machine "
+                         f"'{self.cfg.machine_id}'")
+                self.ok = True
+        except Exception as e:     # the pull goes on; the next round retries
+            self.counters["push_errors"] += 1
+            if isinstance(e, urllib.error.HTTPError):
+                why = f"HTTP {e.code} {e.reason}" + (" (are machine_id and password_file those of 'cscli "
+                                                     "machines add'?)" if e.code in (401, 403) else "")
+            else:
+                why = str(getattr(e, "reason", None) or e) or type(e).__name__
+            if self.ok is not False:
+                self.log(f"crowdsec: cannot push bans to {self.cfg.lapi}: {why}; retrying every interval")
+            self.ok = False
+        if changed:
+            try:
+                bans.write_json_atomic(self.state_path, {"pushed": self.pushed})
+            except OSError as e:
+                self.counters["push_errors"] += 1
+                self.log(f"crowdsec: {e}")

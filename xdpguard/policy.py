@@ -45,7 +45,7 @@ _MITIGATION_KEYS = ("enabled", "syn_rate", "conn_rate", "pps", "bps", "window", 
                     "syncookies", "syn_rate_total", "syncookies_hold")
 _FLEET_KEYS = ("redis", "password_file", "key_file", "name", "host", "publish", "subscribe",
                "min_prefix4", "min_prefix6")
-_CROWDSEC_KEYS = ("lapi", "key_file", "interval", "scopes")
+_CROWDSEC_KEYS = ("lapi", "key_file", "interval", "scopes", "push", "machine_id", "password_file")
 _TOP_KEYS = ("policy", "sets", "rule", "mitigation", "fleet", "crowdsec")
 CROWDSEC_SCOPES = ("ip", "range")
 # A shared secret shorter than this is guessable (HMAC-SHA256 keys).
@@ -289,6 +289,9 @@ class CrowdSec:
     key_file: str                    # absolute path
     interval: float = 10.0
     scopes: tuple[str, ...] = CROWDSEC_SCOPES
+    push: bool = False               # this host's own bans to the LAPI, as a machine
+    machine_id: str | None = None
+    password_file: str | None = None  # absolute path
 
 
 @dataclass
@@ -923,6 +926,7 @@ def _service_url(rd: _Reader, where: str, fld: str, value, schemes: tuple[str, .
 
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+_MACHINE_RE = re.compile(r"[A-Za-z0-9_.@-]{1,128}")
 
 
 def _service_table(rd: _Reader, where: str, raw, keys: tuple[str, ...], required: str, example: str) -> dict:
@@ -984,6 +988,19 @@ def _read_crowdsec(rd: _Reader, raw) -> CrowdSec:
                 or any(s not in CROWDSEC_SCOPES for s in scopes)):
             rd.fail(where, f"scopes {scopes!r} is not valid (expected a non-empty list of \"ip\", \"range\")")
         c.scopes = tuple(dict.fromkeys(scopes))
+    c.push = _bool(rd, where, raw, "push", False)
+    if "machine_id" in raw:
+        if not isinstance(raw["machine_id"], str) or not _MACHINE_RE.fullmatch(raw["machine_id"]):
+            rd.fail(where, f"machine_id {raw['machine_id']!r} is not valid (expected the name of 'cscli machines "
+                           "add NAME': 1-128 letters, digits, '_', '.', '@' or '-')")
+        c.machine_id = raw["machine_id"]
+    if "password_file" in raw:
+        c.password_file = _secret_file(rd, where, "password_file", raw["password_file"], 1,
+                                       "\"/etc/xdpguard/crowdsec-machine.pass\", the password of 'cscli machines add'")
+    if c.push:
+        for key in ("machine_id", "password_file"):
+            if getattr(c, key) is None:
+                rd.fail(where, f"push = true needs {key} (a machine of 'cscli machines add NAME --password ...')")
     return c
 
 
