@@ -249,3 +249,50 @@ def test_analysis_finds_every_stage_in_the_program():
     must keep every cut point."""
     from bench.analysis import FULL, GENERAL, STAGES, stage_source
     assert stage_source()[1] == [n for n, *_ in STAGES] + [GENERAL, FULL]
+
+
+# Two floods from the same 10M-pool sources into the bench's per-source
+# limit, each run prepared as flood.py prepares it. In a child process:
+# pyroute2's namespace handles failed inside pytest after a live-frames
+# run (link_lookup found no link), as every other flood here runs.
+_TWO_FLOODS = """
+import json, sys, tempfile
+from pathlib import Path
+from types import SimpleNamespace
+from bench import flood, traffic
+from bench.common import Lab
+pool, rate, seconds = flood.SPOOF_POOL, 1_000_000, 0.03
+sender = traffic.Sender()
+runs = []
+try:
+    b, _ = sender.prog(4, pool)
+    with Lab(tag="t") as lab:
+        rx = flood.setup_mode(SimpleNamespace(tiny=None, workdir=Path(tempfile.mkdtemp())), lab, "xdpguard-limit")
+        try:
+            for _ in range(2):
+                b[b"xgb_n"].clear()     # the pool's first sources again
+                rx.prepare(4, pool)
+                runs.append(flood.measure(lab, sender, 4, pool, 1 << 30, seconds, rx, rate=rate))
+        finally:
+            rx.close()
+finally:
+    sender.close()
+json.dump(runs, sys.stdout)
+"""
+
+
+def test_limit_runs_start_from_empty_buckets():
+    """The spoofed-limit oracle of bench/flood.py (a run admits the
+    new-source budget's burst + rate x time) holds from run to run: a
+    second flood from the same forged sources is admitted by the budget
+    again, not by the buckets the first one left (empty_limits)."""
+    from bench import flood
+    from xdpguard.policy import NEW_SOURCES_PER_RATE
+    r = subprocess.run([sys.executable, "-c", _TWO_FLOODS], capture_output=True, text=True,
+                       timeout=scaled(120), cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    budget = NEW_SOURCES_PER_RATE * flood.LIMIT_RATE     # per second, burst one second of it
+    for run in json.loads(r.stdout):
+        assert run["received"] > 3 * budget, run     # else the budget is never short
+        want = budget * (1 + run["seconds"])
+        assert budget <= run["passed"] <= want * 1.02, (run["passed"], want, run)
