@@ -11,6 +11,13 @@ repeated 50,000 times (what bench/percpu.py measures).
 
     .venv/bin/python bench/spoofed.py [--frames 20000] [--rounds 5] [--json]
 
+The "seen filter full" classes set every bit of the seen-sources filter
+(bpf/xdpguard.h XG_SEEN_*) while they run, so every forged frame pays the
+bucket map's lookup (a miss) as before that filter: what a flood costs
+once its admitted sources have set most bits (they are cleared only by
+a detach), and the filter's own gain. The other classes run with the
+bits the admitted frames set.
+
 Run it from another checkout (PYTHONPATH) for a before/after.
 """
 from __future__ import annotations
@@ -21,11 +28,13 @@ import os
 import random
 import subprocess
 import sys
+from array import array
 
 from bench.common import REPO, median, print_table
 from bench.rig import BenchRig
-from xdpguard import packet
+from xdpguard import bpfsys, loader, packet
 from xdpguard.compiler import compile_policy
+from xdpguard.layout import C
 from xdpguard.policy import load as load_policy
 
 POLICY = """
@@ -76,6 +85,11 @@ def measure(frames: int, rounds: int) -> dict:
     rnd = random.Random(19)
     classes = {"v4 spoofed limit (budget empty)": (4, 11), "v4 spoofed deny": (4, 10),
                "v6 spoofed limit (budget empty)": (6, 0x0000), "v6 spoofed deny": (6, 0x8000)}
+    seen = rig.maps.get("seen")
+    if seen is not None:
+        classes.update({"v4 spoofed limit, seen filter full": (4, 11),
+                        "v6 spoofed limit, seen filter full": (6, 0x0000)})
+        words = C.XG_SEEN_WORDS
     # Spend both limits' budgets (default: 10x the rate, its burst 1 s).
     for fam, first in ((4, 11), (6, 0)):
         for f in _frames(rnd, fam, first, 3000):
@@ -85,8 +99,16 @@ def measure(frames: int, rounds: int) -> dict:
         for _ in range(rounds):
             for name, (fam, first) in classes.items():
                 fs = _frames(rnd, fam, first, frames)
-                out[name]["cold"].append(median([rig.ns_per_packet(f, 1) for f in fs]))
-                out[name]["hot"].append(rig.ns_per_packet(fs[0], 50_000))
+                full = name.endswith("seen filter full")
+                if full:     # the bits the admitted frames set, back after
+                    seen_bits = bpfsys.map_lookup_batch(seen.fd, 4, 8, words)[1]
+                    loader.fill_seen(seen)
+                try:
+                    out[name]["cold"].append(median([rig.ns_per_packet(f, 1) for f in fs]))
+                    out[name]["hot"].append(rig.ns_per_packet(fs[0], 50_000))
+                finally:
+                    if full:
+                        bpfsys.map_update_many(seen.fd, array("I", range(words)).tobytes(), seen_bits, words)
     finally:
         rig.close()
     return {name: {"cold_median": median(v["cold"]), "cold_min": min(v["cold"]),

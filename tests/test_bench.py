@@ -296,3 +296,15 @@ def test_limit_runs_start_from_empty_buckets():
         assert run["received"] > 3 * budget, run     # else the budget is never short
         want = budget * (1 + run["seconds"])
         assert budget <= run["passed"] <= want * 1.02, (run["passed"], want, run)
+
+
+def test_spoofed_times_every_class():
+    """bench/spoofed.py runs and times the limit with the seen-sources
+    filter as the budget's frames left it and with every bit set."""
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "spoofed.py"), "--frames", "20", "--rounds", "1",
+                        "--json"], capture_output=True, text=True, timeout=scaled(120), cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    classes = json.loads(r.stdout)["classes"]
+    assert {"v4 spoofed limit, seen filter full", "v6 spoofed limit, seen filter full",
+            "v4 spoofed deny", "v6 spoofed limit (budget empty)"} <= set(classes)
+    assert all(c["cold_median"] > 0 and c["hot_median"] > 0 for c in classes.values())
