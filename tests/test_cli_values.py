@@ -21,9 +21,9 @@ action = "allow"
 """
 
 
-def _run(*argv, stdout=subprocess.PIPE, timeout=60):
+def _run(*argv, stdout=subprocess.PIPE, timeout=60, env=None):
     return subprocess.run([*xdpguard_cmd(), *map(str, argv)], stdout=stdout, stderr=subprocess.PIPE,
-                          text=True, cwd=REPO, timeout=scaled(timeout))
+                          text=True, cwd=REPO, timeout=scaled(timeout), env=env)
 
 
 @pytest.fixture
@@ -70,8 +70,11 @@ def test_packets_file_count_bounded(policy, tmp_path):
 def test_closed_pipe_is_not_an_error(argv):
     r, w = os.pipe()
     os.close(r)                         # the reader is gone before the first write
+    # Buffered, as under systemd or cron: with PYTHONUNBUFFERED (set on some
+    # CI machines) every write fails at once and hides the flush at exit.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     try:
-        cp = _run(*argv, stdout=w)
+        cp = _run(*argv, stdout=w, env=env)
     finally:
         os.close(w)
     assert cp.returncode == 0, cp.stderr

@@ -840,14 +840,22 @@ def main(argv=None) -> int:
     def error(e) -> None:
         # In the journal (a unit's apply or watch): at error priority.
         print(f"{syslog_prefix(ERROR, journal_stream(sys.stderr))}error: {e}", file=sys.stderr)
+    rc = None
     try:
-        args = build_parser().parse_args(argv)     # --help, too, may meet a closed pipe
-        return args.func(args)
+        try:
+            args = build_parser().parse_args(argv)     # --help, too, may meet a closed pipe
+            rc = args.func(args)
+            return rc
+        finally:
+            # Into a pipe, stdout is block-buffered: a reader that went away
+            # shows only at the flush, which must be ours, not Python's at
+            # exit (that one prints "Exception ignored" and exits 120).
+            sys.stdout.flush()
     except BrokenPipeError:
         # The reader went away (`xdpguard status | head -1`): not an error.
         # Python flushes stdout once more at exit: let that go to nowhere.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_OK
+        return EXIT_OK if rc is None else rc
     except PolicyError as e:
         error(e)
         return EXIT_USAGE
