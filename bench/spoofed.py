@@ -29,7 +29,10 @@ import random
 import subprocess
 import sys
 from array import array
+from pathlib import Path
 
+# Run as a script (`bench/spoofed.py`, not -m) from a clean clone: the repo on sys.path first.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import REPO, median, print_table
 from bench.rig import BenchRig
 from xdpguard import bpfsys, loader, packet
