@@ -96,9 +96,7 @@ class _XdpguardMode:
             keys, _, n = bpfsys.map_dump_batch(sb.fd, ks, vs, chunk=4096)
             if n:
                 bpfsys.map_delete_batch(sb.fd, keys, n)
-            words = C.XG_SEEN_WORDS
-            bpfsys.map_update_many(maps["seen"].fd, array("I", range(words)).tobytes(),
-                                   bytes(8 * words), words)
+            loader.write_seen(maps["seen"], bytes(8 * C.XG_SEEN_WORDS))
             nb = maps["nbuckets"]
             slots = sorted(self.record.slots.values())
             bpfsys.map_update_many(nb.fd, array("I", slots).tobytes(),

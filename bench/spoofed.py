@@ -28,7 +28,6 @@ import os
 import random
 import subprocess
 import sys
-from array import array
 from pathlib import Path
 
 # Run as a script (`bench/spoofed.py`, not -m) from a clean clone: the repo on sys.path first.
@@ -111,7 +110,7 @@ def measure(frames: int, rounds: int) -> dict:
                     out[name]["hot"].append(rig.ns_per_packet(fs[0], 50_000))
                 finally:
                     if full:
-                        bpfsys.map_update_many(seen.fd, array("I", range(words)).tobytes(), seen_bits, words)
+                        loader.write_seen(seen, seen_bits)
     finally:
         rig.close()
     return {name: {"cold_median": median(v["cold"]), "cold_min": min(v["cold"]),

@@ -121,10 +121,7 @@ class Bouncer(SyncThread):
 
     def pull(self, startup: bool) -> dict:
         q = urlencode({"startup": "true" if startup else "false", "scopes": ",".join(self.cfg.scopes)})
-        req = urllib.request.Request(f"{self.cfg.lapi.rstrip('/')}/v1/decisions/stream?{q}",
-                                     headers={"X-Api-Key": self.key, "User-Agent": USER_AGENT})
-        with urllib.request.urlopen(req, timeout=TIMEOUT_S) as r:
-            doc = json.loads(r.read())
+        doc = lapi_json(self.cfg.lapi, "GET", f"/v1/decisions/stream?{q}", {"X-Api-Key": self.key})
         if not isinstance(doc, dict):
             raise ValueError("the LAPI answered with something else than a JSON object")
         return doc
@@ -290,6 +287,21 @@ class Bouncer(SyncThread):
                 "bans": sum(1 for v in self.active.values() if v), "counters": dict(self.counters)}
 
 
+def lapi_json(base: str, method: str, path: str, headers: dict, body=None, timeout: float = TIMEOUT_S):
+    """One call to the LAPI, JSON both ways (None for an empty answer)."""
+    req = urllib.request.Request(f"{base.rstrip('/')}{path}", method=method,
+                                 data=None if body is None else json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json", "User-Agent": USER_AGENT, **headers})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read() or b"null")
+
+
+def decision_scope(prefix: str) -> tuple[str, str]:
+    """A ban's prefix as CrowdSec names it: ("Ip", address) for a single
+    address, ("Range", prefix) otherwise."""
+    fam, _raw, plen, _ = bans.split_prefix(prefix)
+    return ("Ip", prefix.split("/")[0]) if plen == (32 if fam == 4 else 128) else ("Range", prefix)
+
 
 class Pusher:
     """This interface's own bans to the LAPI, as a machine (push = true):
@@ -309,12 +321,8 @@ class Pusher:
         self.ok: bool | None = None      # the last round's outcome, for one line per change
 
     def _request(self, method: str, path: str, body=None, auth: bool = True):
-        req = urllib.request.Request(f"{self.cfg.lapi.rstrip('/')}{path}", method=method,
-                                     data=None if body is None else json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json", "User-Agent": USER_AGENT,
-                                              **({"Authorization": f"Bearer {self.token}"} if auth else {})})
-        with urllib.request.urlopen(req, timeout=PUSH_TIMEOUT_S) as r:
-            return json.loads(r.read() or b"null")
+        return lapi_json(self.cfg.lapi, method, path, {"Authorization": f"Bearer {self.token}"} if auth else {},
+                         body, PUSH_TIMEOUT_S)
 
     def _call(self, method: str, path: str, body=None):
         """A watcher call; logs in first, and again when the token expired."""
@@ -334,10 +342,8 @@ class Pusher:
     @staticmethod
     def alert(prefix: str, r: bans.BanRecord, now: float) -> tuple[dict, str]:
         """The alert of one ban, and its decision's scenario."""
-        fam, _raw, plen, _ = bans.split_prefix(prefix)
-        single = plen == (32 if fam == 4 else 128)
-        value = prefix.split("/")[0] if single else prefix
-        scope = "Ip" if single else "Range"
+        scope, value = decision_scope(prefix)
+        single = scope == "Ip"
         scenario = f"{PUSH_ORIGIN}/{bans.REASONS.get(r.code, 'manual')}"
         secs = NEVER_S if r.expires is None else max(1, int(r.expires - now))
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r.since or now))
@@ -363,9 +369,8 @@ class Pusher:
                 del self.pushed[p]       # ended: the LAPI expires its decision itself
                 changed = True
             for p in stale:
-                fam, _raw, plen, _ = bans.split_prefix(p)
-                key = "ip" if plen == (32 if fam == 4 else 128) else "range"
-                self._call("DELETE", "/v1/decisions?" + urlencode({key: p.split("/")[0] if key == "ip" else p,
+                scope, value = decision_scope(p)
+                self._call("DELETE", "/v1/decisions?" + urlencode({scope.lower(): value,
                                                                     "scenario": self.pushed[p][1]}))
                 del self.pushed[p]
                 changed = True

@@ -319,10 +319,14 @@ def fill_seen(seen) -> None:
     (pins of an older xdpguard), whose keys have no bits. All set, every
     source's bucket is looked up, as before the filter: slower on forged
     sources until the next detach, never a wrong verdict."""
+    write_seen(seen, array("Q", [(1 << 64) - 1]).tobytes() * C.XG_SEEN_WORDS)
+
+
+def write_seen(seen, values: bytes) -> None:
+    """Every word of the seen-sources filter at once (XG_SEEN_WORDS
+    64-bit words, in order)."""
     n = C.XG_SEEN_WORDS
-    keys = array("I", range(n)).tobytes()
-    values = array("Q", [(1 << 64) - 1]).tobytes() * n
-    bpfsys.map_update_many(seen.fd, keys, values, n)
+    bpfsys.map_update_many(seen.fd, array("I", range(n)).tobytes(), values, n)
 
 
 def zero_slots(maps, slots: list[int]) -> None:
