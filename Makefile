@@ -37,8 +37,9 @@ fuzz: setup
 
 # Debian guests under QEMU (vm/README.md): images are built and cached in
 # /var/cache/xdpguard-vm; results in vm/results/.
-# GUESTS=name[,name] and STEPS=step[,step] narrow a run (vm/README.md).
-VM_ARGS = $(foreach g,$(subst $(comma), ,$(GUESTS)),--guest $(g)) $(if $(STEPS),--steps $(STEPS))
+# GUESTS=name[,name], STEPS=step[,step] and TESTS='pytest args' narrow a run (vm/README.md).
+VM_ARGS = $(foreach g,$(subst $(comma), ,$(GUESTS)),--guest $(g)) $(if $(STEPS),--steps $(STEPS)) \
+	$(if $(TESTS),--tests '$(TESTS)')
 comma := ,
 
 vm-smoke:

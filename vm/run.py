@@ -26,6 +26,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -82,6 +84,18 @@ def select(steps: list[dict], wanted: str | None) -> list[dict]:
         raise ValueError(f"no step {', '.join(sorted(unknown))} in this job "
                          f"(its steps: {', '.join(s['name'] for s in steps)})")
     return [s for i, s in enumerate(steps) if i == 0 or s["name"] in names]
+
+def with_tests(steps: list[dict], tests: str) -> list[dict]:
+    """The steps with the suite step narrowed to `tests` (pytest arguments).
+    The guest runs steps through a shell, so only plain words pass."""
+    words = tests.split()
+    if not words or any(not re.fullmatch(r"[A-Za-z0-9_./:\[\]=-]+", w) for w in words):
+        raise ValueError(f"--tests {tests!r}: expected test files or node ids (letters, digits, _./:[]=-)")
+    if not any(s["name"] == "suite" for s in steps):
+        raise ValueError("--tests narrows the suite step, which this run does not have")
+    return [dict(s, run=f"{PY} -v -rfE --durations=25 {' '.join(map(shlex.quote, words))}") if s["name"] == "suite" else s
+            for s in steps]
+
 
 # What the guests can be asked to check of themselves: Debian's kernels
 # have kprobes, so the probe set must be the kprobe one there.
@@ -235,6 +249,11 @@ def run_guest(name: str, steps: list[dict], out: Path, deadline_s: int) -> dict:
             p.wait()
             rows.append({"step": "guest", "result": "timeout", "seconds": deadline_s,
                          "error": f"the guest did not finish in {deadline_s} s (console: {console})"})
+        except BaseException:
+            # Stopped from outside (SIGTERM, ^C): no guest left running behind us.
+            p.kill()
+            p.wait()
+            raise
         boot_s = round(time.monotonic() - tb, 1)
         res = work / "results"
         subprocess.run(["debugfs", "-R", f"rdump /results {work}", str(work / "job.img")],
@@ -275,8 +294,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", help="only these steps of the job, comma-separated (setup always runs "
                     "first; systemd brings the reboot and systemd-after-reboot), e.g. --steps systemd")
     ap.add_argument("--timeout", type=int, default=None, help="seconds a guest may run (default: per job)")
+    ap.add_argument("--tests", help="the suite step runs only these pytest arguments (files, node ids; "
+                    "space-separated, no shell syntax), e.g. --tests tests/test_bench.py: a part of "
+                    "the suite where the whole takes hours under TCG")
     ap.add_argument("--out", type=Path, default=REPO / "vm" / "results")
     a = ap.parse_args(argv)
+    # SIGTERM unwinds like ^C, so the guest is killed and its overlay removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if os.geteuid() != 0:
         print("vm/run.py: run as root (debootstrap, chroot, QEMU)", file=sys.stderr)
         return 2
@@ -286,6 +310,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"vm/run.py: {e}", file=sys.stderr)
         return 2
+    if a.tests is not None:
+        try:
+            steps = with_tests(steps, a.tests)
+        except ValueError as e:
+            print(f"vm/run.py: {e}", file=sys.stderr)
+            return 2
     names = a.guest or default or guests()
     unknown = set(names) - set(guests())
     if unknown:
