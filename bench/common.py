@@ -476,6 +476,20 @@ def _pdeathsig():
     libc.prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
 
 
+def _xdpfilt_id(status: str) -> int | None:
+    """The id of xdp-filter's program in `xdp-loader status` output: on
+    the interface's line, or on a dispatcher's component line (" => prio
+    name id tag actions")."""
+    for line in status.splitlines():
+        words = line.split()
+        names = [i for i, w in enumerate(words) if w.startswith("xdpfilt_")]
+        if names:
+            ids = [w for w in words[names[0] + 1:] if w.isdigit()]
+            if ids:
+                return int(ids[0])
+    return None
+
+
 class XdpFilter:
     """xdp-filter loaded on a bench veth (inside its namespace), unloaded on exit.
 
@@ -492,7 +506,7 @@ class XdpFilter:
         self.ns, self.ifname, self.mode, self.policy = ns, ifname, mode, policy
         self.loaded = False
         self.holder = None
-        self.prog_fd = None
+        self.prog_fd = self.maps_fd = None
 
     def _run(self, args: list[str], check: bool = True, **kw) -> subprocess.CompletedProcess:
         return run(["nsenter", f"--mount=/proc/{self.holder.pid}/ns/mnt", f"--net=/run/netns/{self.ns}",
@@ -527,13 +541,20 @@ class XdpFilter:
                 raise RuntimeError("xdp-filter loaded, but no XDP program on the interface")
             self.prog_fd = bpfsys.prog_get_fd_by_id(self.prog_id)
             self.prog_name = bpfsys.prog_info(self.prog_fd)["name"]
+            # Where libxdp's dispatcher works (Debian 12's 6.1), the program
+            # on the interface (test-run as operators run it) is the
+            # dispatcher, and xdp-filter's maps are its component's (an
+            # freplace program, which has no test run); where it does not
+            # (the 6.18 here), libxdp attaches xdp-filter's program itself.
+            own = _xdpfilt_id(self._run(["xdp-loader", "status", self.ifname]).stdout)
+            self.maps_fd = bpfsys.prog_get_fd_by_id(own) if own and own != self.prog_id else None
         except BaseException:
             self.close()
             raise
         return self
 
     def _map_fd(self, name: str) -> int:
-        for mid in bpfsys.prog_info(self.prog_fd)["map_ids"]:
+        for mid in bpfsys.prog_info(self.maps_fd or self.prog_fd)["map_ids"]:
             fd = bpfsys.map_get_fd_by_id(mid)
             if bpfsys.map_info(fd)["name"] == name:
                 return fd
@@ -581,9 +602,10 @@ class XdpFilter:
         return out
 
     def close(self) -> None:
-        if self.prog_fd is not None:
-            os.close(self.prog_fd)
-            self.prog_fd = None
+        for fd in (self.prog_fd, self.maps_fd):
+            if fd is not None:
+                os.close(fd)
+        self.prog_fd = self.maps_fd = None
         if self.loaded:
             r = self._run(["xdp-filter", "unload", self.ifname], check=False)
             if r.returncode != 0:

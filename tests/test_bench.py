@@ -308,3 +308,20 @@ def test_spoofed_times_every_class():
     assert {"v4 spoofed limit, seen filter full", "v6 spoofed limit, seen filter full",
             "v4 spoofed deny", "v6 spoofed limit (budget empty)"} <= set(classes)
     assert all(c["cold_median"] > 0 and c["hot_median"] > 0 for c in classes.values())
+
+
+def test_xdp_filter_program_found_behind_libxdps_dispatcher():
+    """xdp-filter's maps belong to its own program: the one on the
+    interface (libxdp without its dispatcher, as on the 6.18 here) or the
+    dispatcher's component (Debian 12's 6.1, where the percpu section
+    failed with "xdp-filter program has no map filter_ipv4")."""
+    from bench.common import _xdpfilt_id
+    head = ("CURRENT XDP PROGRAM STATUS:\n\n"
+            "Interface        Prio  Program name      Mode     ID   Tag               Chain actions\n"
+            + "-" * 86 + "\n")
+    legacy = head + "xgdA                   xdpfilt_alw_all   skb      23182 2d8506cc913c856b \n"
+    dispatcher = (head + "xgdA                   xdp_dispatcher    native   50   94d5f00c20184d17 \n"
+                  " =>              10     xdpfilt_alw_all            55   2d8506cc913c856b  XDP_PASS\n")
+    assert _xdpfilt_id(legacy) == 23182
+    assert _xdpfilt_id(dispatcher) == 55
+    assert _xdpfilt_id(head + "xgdA                   <no XDP program>\n") is None
