@@ -350,18 +350,42 @@ static __always_inline struct xg_vec *xg_vec(__u32 gen, __u32 vec)
 	return vecs.lookup(&idx);
 }
 
-/* The bit of a per-source bucket's key in map seen (XG_SEEN_LOG2 in
+/* Where a per-source bucket's key lives in map seen (XG_SEEN_* in
  * xdpguard.h): multiply-shift of the slot, family and masked source, so
- * that the top bits of the product depend on every address bit. The key
- * is 4-byte aligned on the stack: word loads only. */
-static __always_inline __u32 xg_seen_bit(struct xg_sbucket_key *k)
+ * that the top bits of the product (the pair) and the next ones (the bit
+ * of its words) depend on every address bit. The key is 4-byte aligned on
+ * the stack: word loads only. */
+static __always_inline __u32 xg_seen_pair(struct xg_sbucket_key *k, __u64 *mask)
 {
 	__u32 *a = (__u32 *)k->addr;
 	__u64 x = ((__u64)(k->slot * 8 + k->family) << 32) | a[0];
+	__u64 h;
 
 	if (k->family != 4)
 		x ^= ((((__u64)a[1] << 32) | a[2]) ^ ((__u64)a[3] << 17)) * 0xc2b2ae3d27d4eb4fULL;
-	return (x * 0x9e3779b97f4a7c15ULL) >> (64 - XG_SEEN_LOG2);
+	h = x * 0x9e3779b97f4a7c15ULL;
+	*mask = 1ULL << ((((h >> 16) & 0xffffffffULL) * XG_SEEN_BITS) >> 32);
+	return h >> (64 - XG_SEEN_PAIRS_LOG2);
+}
+
+/* The tag a word of map seen carries in epoch `epoch`. */
+static __always_inline __u64 xg_seen_tag(__u64 epoch)
+{
+	return (epoch & ((1ULL << XG_SEEN_TAG_BITS) - 1)) << XG_SEEN_BITS;
+}
+
+/* Sets bit `m` in the current epoch's word `w` (tag `tag`). A word still
+ * of an older epoch is started afresh by one CAS; if another CPU got there
+ * first, its word is now current and takes the bit by an OR, which cannot
+ * fail: so a bucket never lacks its bit. */
+static __always_inline void xg_seen_set(__u64 *w, __u64 tag, __u64 m)
+{
+	__u64 old = *w;
+
+	if ((old & ~((1ULL << XG_SEEN_BITS) - 1)) != tag &&
+	    __sync_val_compare_and_swap(w, old, tag | m) == old)
+		return;
+	__sync_fetch_and_or(w, m);
 }
 
 /* A limit rule's verdict: its bucket (per rule, or per source group
@@ -387,19 +411,32 @@ static __always_inline int xg_limit(struct xg_pkt *pkt, __u8 family, __u8 *src, 
 			__builtin_memcpy(k.addr, src, 4);
 		else
 			__builtin_memcpy(k.addr, src, 16);
-		__u32 bit, wi;
-		__u64 *sw, m;
+		__u64 m, tag, ptag, *cw, *pw;
+		__u32 wi, pi;
+		int cur, prev;
 
 		xg_mask(k.addr, family == 4 ? r->prefix4 : r->prefix6);
-		bit = xg_seen_bit(&k);
-		wi = bit / 64;
-		sw = seen.lookup(&wi);
-		if (!sw)
+		/* The epoch from the limit's own clock: precise and coarse
+		 * differ by a tick, which at an epoch's end costs at most a
+		 * budget token, never a verdict. */
+		tag = xg_seen_tag(now >> XG_SEEN_EPOCH_LOG2);
+		ptag = xg_seen_tag((now >> XG_SEEN_EPOCH_LOG2) - 1);
+		wi = xg_seen_pair(&k, &m) * 2 + ((now >> XG_SEEN_EPOCH_LOG2) & 1);
+		pi = wi ^ 1;
+		cw = seen.lookup(&wi);
+		pw = seen.lookup(&pi);
+		if (!cw || !pw)
 			return xg_finish(pkt, XG_SLOT_NO_ENTRY, rule, gen, len, 1, 0);
-		m = 1ULL << (bit & 63);
+		cur = (*cw & ~((1ULL << XG_SEEN_BITS) - 1)) == tag && (*cw & m);
+		prev = (*pw & ~((1ULL << XG_SEEN_BITS) - 1)) == ptag && (*pw & m);
 		/* A clear bit: certainly no bucket, so no lookup (a miss in
 		 * the bucket map's table is what a forged source cost). */
-		b = (*sw & m) ? sbuckets.lookup(&k) : 0;
+		b = (cur || prev) ? sbuckets.lookup(&k) : 0;
+		/* Found through the previous epoch's word: carried into this
+		 * one's, once an epoch, so that a source that keeps sending
+		 * keeps its bit. */
+		if (b && !cur)
+			xg_seen_set(cw, tag, m);
 		if (!b) {
 			struct xg_bucket fresh = {};
 			struct xg_bucket *nb = nbuckets.lookup(&slot);
@@ -415,8 +452,8 @@ static __always_inline int xg_limit(struct xg_pkt *pkt, __u8 family, __u8 *src, 
 				return xg_finish(pkt, XG_SLOT_NEWSRC, rule, gen, len, 1, log);
 			/* The bit before the bucket: a set bit may have no
 			 * bucket, a bucket never lacks its bit. */
-			if (!(*sw & m))
-				__sync_fetch_and_or(sw, m);
+			if (!cur)
+				xg_seen_set(cw, tag, m);
 			/* NOEXIST: a bucket another CPU just inserted stays. */
 			sbuckets.insert(&k, &fresh);
 			b = sbuckets.lookup(&k);

@@ -150,15 +150,32 @@
  * A clear bit means the key has no bucket, so a source whose bit is clear
  * goes to its rule's new-source budget without the bucket map's lookup:
  * under a spoofed flood that lookup was a miss in a 2 MiB hash table (and
- * in the TLB) per frame, where these 128 KiB stay in the L2 cache. A set
+ * in the TLB) per frame, where these 256 KiB stay in the L2 cache. A set
  * bit only says "look it up": hash collisions and the bits of buckets the
- * LRU evicted (never cleared) cost that lookup, never a verdict. 4 bits
- * per bucket the map can hold; fixed, like the bucket map it summarises,
- * because it must outlive a program: an empty filter beside old buckets
- * would send established sources to the budget.
+ * LRU evicted cost that lookup, never a verdict.
+ *
+ * The bits age out, so that a long flood's admitted forged sources (one a
+ * new-source token) do not fill the filter: a key hashes to a pair of
+ * words, one per parity of the epoch (monotonic ns >> XG_SEEN_EPOCH_LOG2,
+ * ~137 s); each word keeps XG_SEEN_BITS bits and, above them, the low
+ * bits of the epoch it was written in. A bit counts while its word's tag
+ * is the current or the previous epoch; a source found through the
+ * previous epoch's word sets its bit in the current one. So the bits of
+ * sources silent for two epochs (137-275 s) are gone without anyone
+ * clearing them, and such a source is new again: under a flood its bucket
+ * would have been evicted in about as long (XG_SBUCKET_MAX buckets at the
+ * budget's 1,000 inserts a second). Fixed sizes, like the bucket map it
+ * summarises, because it must outlive a program: an empty filter beside
+ * old buckets would send established sources to the budget.
  */
-#define XG_SEEN_LOG2 20
-#define XG_SEEN_WORDS 16384      /* 2^XG_SEEN_LOG2 bits in 64-bit words */
+#define XG_SEEN_PAIRS_LOG2 14
+#define XG_SEEN_PAIRS 16384      /* 2^XG_SEEN_PAIRS_LOG2 */
+#define XG_SEEN_WORDS 32768      /* map entries: 64-bit words, two a pair */
+#define XG_SEEN_BITS 48          /* bits a word; its epoch tag above them */
+#define XG_SEEN_TAG_BITS 16      /* 64 - XG_SEEN_BITS */
+#ifndef XG_SEEN_EPOCH_LOG2
+#define XG_SEEN_EPOCH_LOG2 37    /* tests shorten it (-D, an integer) */
+#endif
 #define XG_SRCSTAT_MAX 65536
 #define XG_DROPLOG_BYTES 262144
 

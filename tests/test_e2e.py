@@ -153,14 +153,16 @@ def test_limit_admits_the_rate(xg):
 
 # ---------------------------------------------------------------- re-apply without loss
 
-def test_pins_without_seen_filter_look_every_source_up(xg):
+@pytest.mark.parametrize("old", ["none", "unaged"])
+def test_pins_without_seen_filter_look_every_source_up(xg, old):
     """Buckets pinned by an xdpguard without the seen-sources filter
-    (bpf/xdpguard.h, map seen) have no bits in it: the program that takes
+    (bpf/xdpguard.h, map seen), or with its first form (one word per 64
+    bits, no epochs), have no bits in this one: the program that takes
     them over gets every bit set, so an established source is looked up
     as before, never sent to the new-source budget."""
     import ctypes
 
-    from xdpguard import bpfsys, pins
+    from xdpguard import bpfsys, loader, pins
     from xdpguard.layout import C
     lab = xg
     lim = rule("per-src", "limit", proto="udp", dport=9000, rate="200/s", burst=20, per="source",
@@ -170,11 +172,16 @@ def test_pins_without_seen_filter_look_every_source_up(xg):
     sent = lab.udp_send("client", srcs=[EXTRA4[0]], dst=SERVER4, port=9000, pps=100, seconds=0.3)
     assert counters_reaching(lab, {"per-src": sent["sent"]})["per-src"]["packets"] == sent["sent"]
     (directory / "seen").unlink()          # what an older xdpguard pinned
+    if old == "unaged":
+        fd = bpfsys.map_create(bpfsys.BPF_MAP_TYPE_ARRAY, "seen", 4, 8, C.XG_SEEN_WORDS // 2)
+        with bpfsys.closing_fd(fd):
+            bpfsys.obj_pin(fd, str(directory / "seen"))
     big = [rule(f"big-{j}", "deny", proto="udp", dport=20000 + j, src=f"198.51.100.{j}") for j in range(80)]
     lab.apply(lab.write_policy("seen-big", policy("seen-big", lim, *big)))   # a new program
     with bpfsys.closing_fd(bpfsys.obj_get(str(directory / "seen"))) as fd:
-        words = {bpfsys.map_lookup(fd, bytes(ctypes.c_uint32(i)), 8) for i in range(C.XG_SEEN_WORDS)}
-    assert words == {b"\xff" * 8}
+        assert bpfsys.map_info(fd)["max_entries"] == C.XG_SEEN_WORDS
+        values = bpfsys.map_lookup_batch(fd, 4, 8, C.XG_SEEN_WORDS)[1]
+    assert loader.seen_bits_valid(values, loader.seen_epoch()) == C.XG_SEEN_PAIRS * C.XG_SEEN_BITS
     # The established source keeps its bucket: its rule's budget (one
     # source in 15 minutes) is spent, yet it passes at its rate.
     before = lab.counters()["per-src"]

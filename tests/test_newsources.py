@@ -11,7 +11,7 @@ from __future__ import annotations
 import ctypes
 import ipaddress
 import time
-from array import array
+from dataclasses import replace
 
 import pytest
 from scapy.layers.inet import IP, TCP
@@ -20,7 +20,7 @@ from scapy.layers.l2 import Ether
 
 from conftest import require_kernel
 from testrun import make_rig
-from xdpguard import bpfsys
+from xdpguard import bpfsys, loader
 from xdpguard.bpfsys import XDP_DROP, XDP_PASS
 from xdpguard.compiler import compile_policy
 from xdpguard.layout import C
@@ -104,21 +104,22 @@ def reset(rig) -> None:
     sb = rig.maps["sbuckets"]
     for k in list(bpfsys.map_keys(sb.fd, ctypes.sizeof(sb.Key))):
         bpfsys.map_delete(sb.fd, k)
-    set_seen(rig, 0)
+    set_seen(rig, False)
 
 
-def set_seen(rig, word: int) -> None:
-    """Every word of the seen-sources filter to `word`."""
-    n = C.XG_SEEN_WORDS
-    bpfsys.map_update_many(rig.maps["seen"].fd, array("I", range(n)).tobytes(),
-                           array("Q", [word]).tobytes() * n, n)
+def set_seen(rig, full: bool) -> None:
+    """The seen-sources filter clear, or every bit set as an upgrade from
+    pins without it leaves it (loader.fill_seen)."""
+    if full:
+        loader.fill_seen(rig.maps["seen"], rig.shape.seen_epoch_log2)
+    else:
+        loader.write_seen(rig.maps["seen"], bytes(8 * C.XG_SEEN_WORDS))
 
 
 def seen_bits(rig) -> int:
-    """How many bits of the seen-sources filter are set."""
-    sf = rig.maps["seen"]
-    return sum(int.from_bytes(bpfsys.map_lookup(sf.fd, bytes(ctypes.c_uint32(i)), 8), "little").bit_count()
-               for i in range(C.XG_SEEN_WORDS))
+    """How many bits of the seen-sources filter count now."""
+    values = bpfsys.map_lookup_batch(rig.maps["seen"].fd, 4, 8, C.XG_SEEN_WORDS)[1]
+    return loader.seen_bits_valid(values, loader.seen_epoch(rig.shape.seen_epoch_log2))
 
 
 def buckets(rig) -> set[tuple[int, bytes]]:
@@ -330,7 +331,60 @@ def test_seen_filter(rig, lane):
     assert rig.counter(slot)["dropped_packets"] == 4
     # Every bit set, no bucket: each source is looked up, and a forged one
     # still meets the empty budget.
-    set_seen(rig, (1 << 64) - 1)
+    set_seen(rig, True)
     assert rig.run(frame(srcs[-1], port)).slot == C.XG_SLOT_NEWSRC
     assert rig.run(frame(srcs[1], port)).slot == slot
     assert len(buckets(rig)) == budget
+
+
+AGEING_POLICY = """
+[policy]
+name = "ageing"
+default = "allow"
+
+[[rule]]
+name = "web"
+proto = "tcp"
+dport = 80
+action = "limit"
+rate = "1k/s"
+burst = 100
+new_sources = "4/h"
+new_sources_burst = 1
+"""
+
+
+def test_seen_bits_age_out():
+    """The seen filter's bits age out (bpf/xdpguard.h XG_SEEN_*): a
+    source that keeps sending keeps its bit from epoch to epoch; one silent
+    for two epochs has none, and with the budget spent it is new again,
+    though the LRU still holds its bucket. Epochs of 2^30 ns (1.07 s) here,
+    2^37 (137 s) in the product."""
+    require_kernel()
+    tables = compile_policy(load("ageing.toml", text=AGEING_POLICY))
+    log2 = 30
+    rig = make_rig(tables, replace(loader.Shape.for_tables(tables), seen_epoch_log2=log2))
+    try:
+        epoch_s = (1 << log2) / 1e9
+        slot = rig.slots["web"]
+        reset(rig)
+        client = frame("198.51.100.9", 80)
+        assert rig.run(client).slot == slot                    # the budget's one token
+        assert rig.run(frame("198.51.100.10", 80)).slot == C.XG_SLOT_NEWSRC
+        # Sending every fifth of an epoch for three epochs: found each time
+        # (this epoch's word or the last one's, carried over).
+        sent, t0 = [], time.monotonic()
+        while time.monotonic() - t0 < 3 * epoch_s:
+            sent.append((time.monotonic(), rig.run(client).slot))
+            time.sleep(epoch_s / 5)
+        gaps = [b[0] - a[0] for a, b in zip(sent, sent[1:])]
+        assert max(gaps) < epoch_s, f"the machine left {max(gaps):.2f} s between two frames"
+        assert {s for _t, s in sent} == {slot}
+        assert seen_bits(rig) == 1
+        # Silent for two whole epochs: no bit, though its bucket is there.
+        time.sleep(2.2 * epoch_s)
+        assert seen_bits(rig) == 0
+        assert (slot, addr("198.51.100.9")) in buckets(rig)
+        assert rig.run(client).slot == C.XG_SLOT_NEWSRC
+    finally:
+        rig.close()

@@ -35,12 +35,14 @@ def _pow2(n: int) -> int:
 
 @dataclass(frozen=True)
 class Shape:
-    """The integers compiled into the program (-D flags): capacities only."""
+    """The integers compiled into the program (-D flags): capacities, and
+    the seen filter's epoch (tests shorten it to see bits age out)."""
     nwords: int
     vec_per_gen: int
     dir4_nodes: int = 1024  # source table nodes per generation (1 KiB each), IPv4
     dir6_nodes: int = 1024  # and IPv6
     syncookies: int = 0     # 1: SYN cookies compiled in (bpf/syncookie.h)
+    seen_epoch_log2: int = C.XG_SEEN_EPOCH_LOG2
 
     @property
     def rules_per_gen(self) -> int:
@@ -49,7 +51,9 @@ class Shape:
     def cflags(self) -> list[str]:
         return ([f"-DXG_NWORDS={self.nwords}", f"-DXG_VEC_PER_GEN={self.vec_per_gen}",
                  f"-DXG_DIR4_NODES={self.dir4_nodes}", f"-DXG_DIR6_NODES={self.dir6_nodes}"]
-                + (["-DXG_SYNCOOKIES=1"] if self.syncookies else []))
+                + (["-DXG_SYNCOOKIES=1"] if self.syncookies else [])
+                + ([f"-DXG_SEEN_EPOCH_LOG2={int(self.seen_epoch_log2)}"]
+                   if self.seen_epoch_log2 != C.XG_SEEN_EPOCH_LOG2 else []))
 
     def nodes(self, family: int) -> int:
         return self.dir4_nodes if family == 4 else self.dir6_nodes
@@ -313,13 +317,38 @@ def assign_slots(tables: Tables, previous: dict[str, int] | None) -> tuple[dict[
     return slots, fresh
 
 
-def fill_seen(seen) -> None:
-    """Every bit of the seen-sources filter set (bpf/xdpguard.h,
-    XG_SEEN_LOG2): for buckets made by a program that had no filter
-    (pins of an older xdpguard), whose keys have no bits. All set, every
-    source's bucket is looked up, as before the filter: slower on forged
-    sources until the next detach, never a wrong verdict."""
-    write_seen(seen, array("Q", [(1 << 64) - 1]).tobytes() * C.XG_SEEN_WORDS)
+def seen_epoch(log2: int = C.XG_SEEN_EPOCH_LOG2) -> int:
+    """The seen filter's epoch now, by the clock the program reads
+    (CLOCK_MONOTONIC; bpf/xdpguard.h XG_SEEN_EPOCH_LOG2)."""
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC) >> log2
+
+
+def seen_tag(epoch: int) -> int:
+    """The tag bits of a seen word written in `epoch` (xg_seen_tag)."""
+    return (epoch & ((1 << C.XG_SEEN_TAG_BITS) - 1)) << C.XG_SEEN_BITS
+
+
+def seen_bits_valid(values: bytes, epoch: int) -> int:
+    """How many keys' bits the seen filter's words `values` hold in
+    `epoch`: per pair, the bits of its words whose tag is that epoch's or
+    the one before."""
+    words = array("Q", values)
+    bits, valid = (1 << C.XG_SEEN_BITS) - 1, {seen_tag(epoch), seen_tag(epoch - 1)}
+    live = [w & bits if w & ~bits in valid else 0 for w in words]
+    return sum((a | b).bit_count() for a, b in zip(live[0::2], live[1::2]))
+
+
+def fill_seen(seen, log2: int = C.XG_SEEN_EPOCH_LOG2) -> None:
+    """Every bit of the seen-sources filter set (bpf/xdpguard.h, XG_SEEN_*)
+    in this epoch's and the previous one's words: for buckets made by a
+    program that had no filter (pins of an older xdpguard), whose keys
+    have no bits. Every source's bucket is then looked up, as before the
+    filter, until the bits age out (one or two epochs); by then a source
+    that kept sending has its own bit. Never a wrong verdict."""
+    e = seen_epoch(log2)
+    bits = (1 << C.XG_SEEN_BITS) - 1
+    pair = {e & 1: seen_tag(e) | bits, (e - 1) & 1: seen_tag(e - 1) | bits}
+    write_seen(seen, array("Q", [pair[0], pair[1]]).tobytes() * C.XG_SEEN_PAIRS)
 
 
 def write_seen(seen, values: bytes) -> None:
@@ -656,13 +685,18 @@ def _load_and_attach(policy, tables, site: Site, fill: Fill, mode, log) -> pins.
             for name in PERSISTENT_MAPS:
                 if (directory / name).exists():
                     with bpfsys.closing_fd(bpfsys.obj_get(str(directory / name))) as fd:
+                        # An older xdpguard's seen filter (one word per
+                        # 64 bits, no epochs): bcc would take the pin as it
+                        # is and the program find no second word of a pair.
+                        if name == "seen" and bpfsys.map_info(fd)["max_entries"] != C.XG_SEEN_WORDS:
+                            continue
                         bpfsys.obj_pin(fd, str(stage / name))
                     kept.add(name)
         b, fn = compile_program(shape, stage=os.getpid())
         names = shape.map_names()
         maps = bcc_maps(b, names)
         if "sbuckets" in kept and "seen" not in kept:
-            fill_seen(maps["seen"])
+            fill_seen(maps["seen"], shape.seen_epoch_log2)
         # Not pinned by bcc: the ring buffer, its format map, the arrays
         # of tries (bcc pins no array of maps), and the SYN cookie path's
         # program array (the kernel empties one no pin or fd holds).
