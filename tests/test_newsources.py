@@ -203,7 +203,7 @@ def test_established_client_keeps_its_rate_in_a_spoofed_flood(rig):
     tmpl = frame("10.0.0.0", 443)
     forged = [tmpl[:26] + (0x0A000000 + i).to_bytes(4, "big") + tmpl[30:] for i in range(n_flood)]
     interval = 2.0 / BUSY_RATE            # half the client's rate
-    client_sent = client_dropped = 0
+    client_sent = client_dropped = sent = 0
     t0 = time.monotonic()
     next_client = t0
     deadline = t0 + 10.0
@@ -218,14 +218,16 @@ def test_established_client_keeps_its_rate_in_a_spoofed_flood(rig):
             # in a burst, it keeps to half its rate.
             next_client = now + interval
         rig.run(f)
+        sent += 1
     elapsed = time.monotonic() - t0
     # The test must have flooded faster than the budget refills, or it
-    # shows nothing.
-    assert n_flood / elapsed > 5 * FLOOD_NEW, f"{n_flood / elapsed:.0f} forged frames/s"
+    # shows nothing. An emulated guest sends part of the flood by the
+    # deadline (18,762 of 20,000 in Debian 12's under TCG).
+    assert sent / elapsed > 5 * FLOOD_NEW, f"{sent / elapsed:.0f} forged frames/s"
     assert client_sent > 50 and client_dropped == 0
     overflow = rig.counter(C.XG_SLOT_NEWSRC)["dropped_packets"]
     inserted = len(buckets(rig)) - 1
-    assert inserted + overflow == n_flood
+    assert inserted + overflow == sent
     assert inserted <= 50 + FLOOD_NEW * elapsed + 1
     assert (slot, addr(client)) in buckets(rig)
 
