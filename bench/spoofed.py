@@ -31,7 +31,6 @@ import os
 import random
 import subprocess
 import sys
-from array import array
 from pathlib import Path
 
 # Run as a script (`bench/spoofed.py`, not -m) from a clean clone: the repo on sys.path first.
@@ -94,16 +93,9 @@ def aged_share(new_per_s: float = 1000) -> float:
 
 def _aged(rnd: random.Random, share: float) -> bytes:
     """Words of the seen filter with `share` of the keys' bits counting
-    now (all in this epoch's word of each pair)."""
-    e = loader.seen_epoch()
-    cur, other = loader.seen_tag(e), loader.seen_tag(e - 1)
-    words = []
-    for _ in range(C.XG_SEEN_PAIRS):
-        bits = sum(1 << i for i in range(C.XG_SEEN_BITS) if rnd.random() < share)
-        pair = [other, other]
-        pair[e & 1] = cur | bits
-        words += pair
-    return array("Q", words).tobytes()
+    now."""
+    return loader.seen_words([sum(1 << i for i in range(C.XG_SEEN_BITS) if rnd.random() < share)
+                              for _ in range(C.XG_SEEN_PAIRS)])
 
 
 def measure(frames: int, rounds: int) -> dict:
@@ -116,7 +108,7 @@ def measure(frames: int, rounds: int) -> dict:
         classes.update({"v4 spoofed limit, seen filter full": (4, 11),
                         "v6 spoofed limit, seen filter full": (6, 0x0000)})
         words = C.XG_SEEN_WORDS
-        if hasattr(loader, "seen_tag"):      # a checkout whose bits age out
+        if hasattr(loader, "seen_words"):    # a checkout whose bits age out
             classes.update({"v4 spoofed limit, seen filter aged": (4, 11),
                             "v6 spoofed limit, seen filter aged": (6, 0x0000)})
     # Spend both limits' budgets (default: 10x the rate, its burst 1 s).

@@ -338,17 +338,25 @@ def seen_bits_valid(values: bytes, epoch: int) -> int:
     return sum((a | b).bit_count() for a, b in zip(live[0::2], live[1::2]))
 
 
+def seen_words(pair_bits: list[int], log2: int = C.XG_SEEN_EPOCH_LOG2) -> bytes:
+    """The seen filter's words with `pair_bits[i]` (XG_SEEN_BITS bits) in
+    pair i's word of this epoch and the pair's other word empty: they
+    count for this epoch and the next, as bits the program sets now."""
+    e = seen_epoch(log2)
+    tag, words = seen_tag(e), array("Q", bytes(8 * C.XG_SEEN_WORDS))
+    for i, bits in enumerate(pair_bits):
+        words[2 * i + (e & 1)] = tag | bits
+    return words.tobytes()
+
+
 def fill_seen(seen, log2: int = C.XG_SEEN_EPOCH_LOG2) -> None:
     """Every bit of the seen-sources filter set (bpf/xdpguard.h, XG_SEEN_*)
-    in this epoch's and the previous one's words: for buckets made by a
-    program that had no filter (pins of an older xdpguard), whose keys
-    have no bits. Every source's bucket is then looked up, as before the
-    filter, until the bits age out (one or two epochs); by then a source
-    that kept sending has its own bit. Never a wrong verdict."""
-    e = seen_epoch(log2)
-    bits = (1 << C.XG_SEEN_BITS) - 1
-    pair = {e & 1: seen_tag(e) | bits, (e - 1) & 1: seen_tag(e - 1) | bits}
-    write_seen(seen, array("Q", [pair[0], pair[1]]).tobytes() * C.XG_SEEN_PAIRS)
+    in this epoch's words: for buckets made by a program that had no
+    filter (pins of an older xdpguard), whose keys have no bits. Every
+    source's bucket is then looked up, as before the filter, until the
+    bits age out (one or two epochs); by then a source that kept sending
+    has its own bit. Never a wrong verdict."""
+    write_seen(seen, seen_words([(1 << C.XG_SEEN_BITS) - 1] * C.XG_SEEN_PAIRS, log2))
 
 
 def write_seen(seen, values: bytes) -> None:
