@@ -32,6 +32,7 @@ import time
 from array import array
 from contextlib import ExitStack
 
+from bench import perfprofile as profiling
 from bench import policies, traffic
 from bench.common import Lab, Skip, XdpFilter, log, median, nsrun, print_table, set_gro
 from xdpguard import bpfsys, loader, pins, stats
@@ -144,9 +145,11 @@ class Receiver:
     """A receiver mode: counts() -> (dropped, seen or None); prepare(fam,
     pool) before each flood (raises Skip when the mode cannot take it)."""
 
-    def __init__(self, counts, close, prepare=None):
+    def __init__(self, counts, close, prepare=None, prog_id: int | None = None):
         self.counts, self.close = counts, close
         self.prepare = prepare or (lambda fam, pool: None)
+        # xdpguard's program, whose samples --flood-profile takes to its C lines.
+        self.prog_id = prog_id
 
 
 def setup_mode(ctx, lab: Lab, mode: str) -> Receiver:
@@ -171,14 +174,14 @@ def setup_mode(ctx, lab: Lab, mode: str) -> Receiver:
         def close():
             m.close()
             set_gro(lab.ns_b, lab.b, False)
-        return Receiver(m.counts, close)
+        return Receiver(m.counts, close, prog_id=m.record.prog_id)
     if mode in ("xdpguard-limit", "xdpguard-limit-open"):
         extra = 'new_sources = "1G/s"\n' if mode == "xdpguard-limit-open" else ""
         m = _XdpguardMode(ctx, lab, _limit_policy(ctx, LIMIT_RATE, LIMIT_BURST, "source", mode, extra), "native")
         # Every run from empty buckets: a forged source the budget
         # admitted in one run has its own bucket when the sender's pool
         # brings it back in a later one (_spoofed_limit_targets).
-        return Receiver(m.counts, m.close, lambda fam, pool: m.empty_limits())
+        return Receiver(m.counts, m.close, lambda fam, pool: m.empty_limits(), m.record.prog_id)
     if mode == "xdp-filter-native":
         xf = XdpFilter(lab.ns_b, lab.b, mode="native").__enter__()
 
@@ -223,7 +226,9 @@ def setup_mode(ctx, lab: Lab, mode: str) -> Receiver:
     raise ValueError(mode)
 
 
-def measure(lab, sender, fam, pool, count, seconds, rx: Receiver, rate=None) -> dict:
+def measure(lab, sender, fam, pool, count, seconds, rx: Receiver, rate=None, profile=False) -> dict:
+    """profile: the result's `profile`, where the receiver's time went
+    (bench/perfprofile.py)."""
     seen = {}
 
     def dropped():
@@ -231,10 +236,21 @@ def measure(lab, sender, fam, pool, count, seconds, rx: Receiver, rate=None) -> 
         seen.setdefault("first", s)
         seen["last"] = s
         return d
-    r = traffic.measure(lab, sender, fam, pool, count, seconds, dropped, rate=rate)
+    r = traffic.measure(lab, sender, fam, pool, count, seconds, dropped, rate=rate,
+                        profile=profiling.recording if profile else None)
     if seen.get("first") is not None:
         r["program_seen"] = seen["last"] - seen["first"]
+    if "perf" in r:
+        if rx.prog_id and rx.prog_id not in _PROG_LINES:
+            _PROG_LINES[rx.prog_id] = profiling.ProgLines(rx.prog_id)
+        progs = {pl.tag: pl for pl in [_PROG_LINES.get(rx.prog_id)] if pl}
+        r["profile"] = profiling.attribute(r.pop("perf")["path"], progs)
     return r
+
+
+# The line tables of xdpguard's programs by id (--flood-profile): one
+# bpftool dump a program.
+_PROG_LINES: dict = {}
 
 
 DROP_MODES = ("pass", "xdp-drop", "xdp-read-drop", "xdpguard-native", "xdpguard-generic", "xdp-filter-native", "nft-drop")
@@ -277,7 +293,8 @@ def _group(ctx, sender, modes, fams, pools, count, seconds, reps, result) -> Non
                         what = f"{mode} v{fam} {pool:,} sources"
                         try:
                             rx.prepare(fam, pool)
-                            r = measure(lab, sender, fam, pool, count, seconds, rx)
+                            r = measure(lab, sender, fam, pool, count, seconds, rx,
+                                        profile=getattr(ctx, "flood_profile", False))
                         except Skip as e:
                             result["skipped"][what] = str(e)
                             continue
@@ -448,7 +465,37 @@ def run(ctx) -> dict:
     print_table("flood: frames over veth", ["mode", "fam", "sources", "offered", "received", "dropped",
                                              "passed", "lost", "unacc.", "cpu%", "rx%", "Mpps/core", "generator"],
                 rows, "\n".join(note))
+    _profile_tables(result, modes, fams, pools)
     return result
+
+
+def _profile_tables(result: dict, modes, fams, pools) -> None:
+    """--flood-profile: the receiver's samples of every (mode, family,
+    pool), its rounds merged, as result["profiles"] and two tables each."""
+    profiles = {}
+    for mode in modes:
+        for fam in fams:
+            for pool in pools:
+                p = None
+                for r in result["runs"]:
+                    if (r["mode"], r["family"], r["pool"]) == (mode, fam, pool) and "profile" in r:
+                        p = profiling.merge(p, r.pop("profile"))
+                if not p:
+                    continue
+                what = f"{mode} v{fam} {pool:,} sources"
+                profiles[what] = p
+                funcs, lines = profiling.rows(p)
+                print_table(f"flood profile: {what}: the receiver's time by function",
+                            ["function", "% of samples"], funcs,
+                            f"{p['samples']:,} samples at {profiling.PERF_HZ} Hz of its NAPI thread "
+                            "(cpu-clock); rounds merged")
+                if lines:
+                    print_table(f"flood profile: {what}: {profiling.PROGRAM} by C line",
+                                ["line (text of bcc's rewritten source)", "% of the program"], lines,
+                                "a sample is charged to the instruction waiting to retire: mostly "
+                                "the cache misses a line waits for")
+    if profiles:
+        result["profiles"] = profiles
 
 
 def _spoofed_limit_targets(t: dict, rate, get, fams) -> None:

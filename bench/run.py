@@ -6,10 +6,12 @@
     .venv/bin/python bench/run.py --sections percpu,control --json-out /tmp/x.json
     .venv/bin/python bench/run.py --sections flood --flood-modes xdp-drop,xdpguard-native
     .venv/bin/python bench/run.py --sections flood --flood-modes xdp-drop,xdp-read-drop,xdpguard-native --flood-rounds 21
+    .venv/bin/python bench/run.py --sections flood --flood-modes xdpguard-native,xdpguard-limit --flood-profile
 
 Sections: percpu (BPF_PROG_TEST_RUN cost per packet), flood (floods
 through a veth pair: live XDP frames, or a packet socket where the kernel
-refuses them or XDPGUARD_BENCH_GENERATOR=af_packet), limiter (accuracy
+refuses them or XDPGUARD_BENCH_GENERATOR=af_packet), established (1,024 established sources and a
+client through a spoofed flood into a per-source limit, a verdict per frame), limiter (accuracy
 of rate limits), control (apply, re-apply, stats, memory, compile), mitigation (watch: reaction,
 legit client during a flood, CPU at 10,000 sources), synflood (spoofed SYNs against nginx:
 the kernel, nftables SYNPROXY, xdpguard with and without syncookies), analysis (full runs only: cost
@@ -37,19 +39,21 @@ from bench import common, traffic  # noqa: E402
 from bench.common import dump_json, log, print_table  # noqa: E402
 from testing.lab import CREATED  # noqa: E402
 
-SECTIONS = ("percpu", "flood", "limiter", "control", "mitigation", "synflood", "analysis")
+SECTIONS = ("percpu", "flood", "established", "limiter", "control", "mitigation", "synflood", "analysis")
 QUICK_SECTIONS = ("percpu", "flood", "limiter", "control")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 class Context:
     def __init__(self, quick: bool, workdir: Path, flood_modes: tuple[str, ...] | None = None,
-                 flood_rounds: int | None = None, flood_pools: tuple[int, ...] | None = None):
+                 flood_rounds: int | None = None, flood_pools: tuple[int, ...] | None = None,
+                 flood_profile: bool = False):
         from bench import policies
         self.quick = quick
         self.flood_modes = flood_modes
         self.flood_rounds = flood_rounds
         self.flood_pools = flood_pools
+        self.flood_profile = flood_profile
         self.workdir = workdir
         self.material = policies.material()
         self.sizes: dict = {}
@@ -115,6 +119,14 @@ def targets(res: dict) -> list[dict]:
     add("flood: 10M spoofed into a per-source limit admit new_sources within 5%",
         t.get("spoofed_limit_admitted_error"), 0.05, unit="", detail=t.get("spoofed_limit_detail", ""))
 
+    e = _get(res, "established", "targets") or {}
+    add("spoofed flood: each of 1,024 established sources admitted within 5% of burst + rate x time",
+        e.get("established_worst_error"), 0.05, unit="", detail=e.get("detail", ""))
+    add("spoofed flood: admitted in all within 5% of the sources' rates + new_sources",
+        e.get("aggregate_error"), 0.05, unit="", detail=e.get("detail", ""))
+    add("spoofed flood: a client at half its rate loses nothing", e.get("client_lost"), 0, unit="",
+        detail=e.get("detail", ""))
+
     sf = res.get("synflood", {})
     add("SYN flood: legit connections with syncookies >= 95% of no attack",
         _get(sf, "targets", "syncookies_vs_baseline"), 0.95, kind="min", unit="x",
@@ -172,6 +184,9 @@ def main(argv=None) -> int:
     ap.add_argument("--flood-pools", default=None, metavar="N,N",
                     help="source pools of the flood section, a subset of 1,1024,10000000 "
                          "(default: all; --quick: 1,10000000)")
+    ap.add_argument("--flood-profile", action="store_true",
+                    help="perf samples of the flood receiver: its time by kernel function and, in "
+                         "xdpguard's program, by C line (bench/perfprofile.py; needs perf)")
     args = ap.parse_args(argv)
 
     if os.geteuid() != 0:
@@ -230,7 +245,7 @@ def main(argv=None) -> int:
     ctx = None
     rc = 0
     try:
-        ctx = Context(args.quick, workdir, flood_modes, args.flood_rounds, flood_pools)
+        ctx = Context(args.quick, workdir, flood_modes, args.flood_rounds, flood_pools, args.flood_profile)
         res["meta"]["test_addresses"] = vars(ctx.material.addrs)
         for s in sections:
             t0 = time.monotonic()

@@ -36,7 +36,7 @@ import json
 import os
 import socket
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 
 from bench.common import (NCPU, Lab, cpu_busy, cpu_times, ensure_sigusr1, ethtool_stats, link_stats, log, nsrun,
                           pinned_thread, run_bounded, schedstat, set_threaded_napi, set_tso, snmp, steal_times)
@@ -449,9 +449,12 @@ def stack_counts(lab: Lab) -> dict:
 
 
 def measure(lab: Lab, sender: Sender, family: int, pool: int, count: int, seconds: float,
-            dropped_fn, rate: float | None = None, settle: float = 0.05, proto: str = "udp") -> dict:
+            dropped_fn, rate: float | None = None, settle: float = 0.05, proto: str = "udp",
+            profile=None) -> dict:
     """One flood with before/after counters. dropped_fn() -> packets the
-    receiver under test dropped so far (its own counters)."""
+    receiver under test dropped so far (its own counters). profile(pids):
+    a context manager around the flood given the receiver's NAPI threads
+    (bench/perfprofile.py recording); what it yields is the result's `perf`."""
     napi = set_threaded_napi(lab, cpu=1 % NCPU)
 
     def napi_sched():
@@ -459,9 +462,10 @@ def measure(lab: Lab, sender: Sender, family: int, pool: int, count: int, second
         return sum(x[0] for x in xs), sum(x[1] for x in xs)
     v0, s0, d0, c0, n0 = veth_counts(lab), stack_counts(lab), dropped_fn(), cpu_times(), napi_sched()
     st0 = steal_times()
-    res = sender.send(lab, family, pool, count, seconds, rate=rate, proto=proto)
-    st1 = steal_times()
-    time.sleep(settle)   # let the receiver drain its ring
+    with (profile(napi) if profile and napi else nullcontext()) as perf:
+        res = sender.send(lab, family, pool, count, seconds, rate=rate, proto=proto)
+        st1 = steal_times()
+        time.sleep(settle)   # let the receiver drain its ring
     c1, n1, v1, s1, d1 = cpu_times(), napi_sched(), veth_counts(lab), stack_counts(lab), dropped_fn()
     dv, ds = delta(v1, v0), delta(s1, s0)
     rx_cpu, rx_wait = (n1[0] - n0[0]) / 1e9, (n1[1] - n0[1]) / 1e9
@@ -494,6 +498,8 @@ def measure(lab: Lab, sender: Sender, family: int, pool: int, count: int, second
         "core_drop_mpps": dropped / rx_cpu / 1e6 if rx_cpu > 0 else None,
         "tx_cpu_s": res.get("cpu_s"), "tx_wait_s": res.get("wait_s"),
     }
+    if perf is not None:
+        out["perf"] = perf
     return out
 
 

@@ -19,11 +19,12 @@ while [ $# -gt 0 ]; do
 done
 
 # pandoc: `make man` and the test that docs/xdpguard.8 is current; man-db:
-# the test that man finds the page `make install` puts in place.
+# the test that man finds the page `make install` puts in place. linux-perf:
+# the bench's --flood-profile (bench/perfprofile.py) and its test.
 PKGS=(python3-bpfcc bpfcc-tools bpftool xdp-tools libbpf1 linux-headers-amd64
       python3-venv python3-pip iproute2 iputils-ping nftables iptables hping3
       nginx-light curl wrk iperf3 netsniff-ng util-linux procps make git
-      pandoc man-db)
+      pandoc man-db linux-perf)
 # The engines of the fleet and CrowdSec tests, where the release has them
 # (the tests skip without them, and fail in CI).
 ENGINES=(redis-server crowdsec crowdsec-firewall-bouncer)

@@ -156,10 +156,11 @@ def test_limiter_and_control_shape(quick_run):
 def test_targets_listed(quick_run):
     res = json.loads(quick_run[1].read_text())
     tg = res["targets"]
-    assert len(tg) == 18
+    assert len(tg) == 21
     for t in tg:
         assert t["status"] in ("PASS", "MISS", "n/a")
-    # The feedback-loop and SYN flood sections run in full runs only.
+    # The feedback-loop, established-sources and SYN flood sections run in full runs only.
+    assert [t["status"] for t in tg if t["target"].startswith("spoofed flood:")] == ["n/a"] * 3
     assert [t["status"] for t in tg if t["target"].startswith(("watch", "legit"))] == ["n/a"] * 3
     assert [t["status"] for t in tg if t["target"].startswith("SYN flood")] == ["n/a"] * 2
 
@@ -308,6 +309,81 @@ def test_spoofed_times_every_class():
     assert {"v4 spoofed limit, seen filter full", "v6 spoofed limit, seen filter full",
             "v4 spoofed deny", "v6 spoofed limit (budget empty)"} <= set(classes)
     assert all(c["cold_median"] > 0 and c["hot_median"] > 0 for c in classes.values())
+
+
+def test_established_sources_keep_their_rate_through_a_spoofed_flood():
+    """bench/established.py: established sources over their rate get
+    burst + rate x time and never more, the budget admits its burst +
+    rate x time of forged sources and never more, a client at half its
+    rate loses nothing, while forged frames outrun the budget."""
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "established.py"), "--sources", "64",
+                        "--seconds", "2", "--json"], capture_output=True, text=True, timeout=scaled(120), cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout)
+    assert res["flooded"], res
+    assert res["client_sent"] >= 8 and res["client_lost"] == 0, res
+    # Never fails open; the coarse clock lags by under a tick.
+    assert res["established_passed_max"] <= res["established_want"] + 1, res
+    assert res["established_passed_min"] >= 0.8 * res["established_want"], res
+    assert res["forged_passed"] <= res["forged_want"] + 1, res
+    assert res["forged_passed"] >= 0.8 * res["forged_want"], res
+    t = res["targets"]
+    assert t["client_lost"] == 0 and t["established_worst_error"] is not None
+
+
+def test_established_refuses_bad_arguments():
+    for args in (["--sources", "0"], ["--seconds", "0.1"], ["--sources", "70000"]):
+        r = subprocess.run([sys.executable, str(REPO / "bench" / "established.py"), *args],
+                           capture_output=True, text=True, timeout=60, cwd=REPO)
+        assert r.returncode == 2 and "established:" in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+
+
+def test_flood_profile_charges_samples_to_the_programs_c_lines():
+    """--flood-profile (bench/perfprofile.py): perf samples of a thread
+    that runs xdpguard's program land on the program, and each on a line
+    of its C (the JIT's line info), e.g. the fast lane's first read of the
+    frame; samples outside the program stay under their function."""
+    import threading
+    import time
+
+    from conftest import require_tool
+    from bench import perfprofile
+    from testrun import compile_text, make_rig
+    from xdpguard import bpfsys, packet
+    require_tool("perf")
+    require_tool("bpftool")
+    rig = make_rig(compile_text("""
+[policy]
+name = "profile"
+[[rule]]
+name = "web"
+action = "limit"
+proto = "tcp"
+dport = [80]
+rate = "100/s"
+per = "source"
+""")[1])
+    try:
+        info = bpfsys.prog_info(rig.fn.fd)
+        lines = perfprofile.ProgLines(info["id"])
+        assert lines.tag == info["tag"] and len(lines.addrs) > 100
+        assert any("h_proto" in t for t in lines.lines), sorted(set(lines.lines))[:20]
+        frame = packet.build("198.51.100.7", "192.0.2.1", "tcp", 40000, 80)
+        with perfprofile.recording([threading.get_native_id()]) as rec:
+            end = time.monotonic() + 1.5
+            while time.monotonic() < end:
+                bpfsys.prog_test_run(rig.fn.fd, frame, repeat=100_000)
+        p = perfprofile.attribute(rec["path"], {lines.tag: lines})
+    finally:
+        rig.close()
+    assert not rec["path"].exists()
+    prog = p["functions"].get(perfprofile.PROGRAM, 0)
+    assert prog > 0.2 * p["samples"] > 0, p["functions"]
+    assert sum(p["lines"].values()) == prog
+    assert "(prologue)" not in p["lines"] or p["lines"]["(prologue)"] < prog / 2
+    funcs, top = perfprofile.rows(perfprofile.merge(p, p))
+    assert perfprofile.PROGRAM in dict(funcs)
+    assert top and all(0 < float(share) <= 100 for _, share in top)
 
 
 def test_xdp_filter_program_found_behind_libxdps_dispatcher():

@@ -449,6 +449,25 @@ def prog_info(fd: int) -> dict:
     }
 
 
+def prog_jited_lines(fd: int) -> list[tuple[int, int]]:
+    """(address where its JIT code starts, xlated instruction) of each
+    line-info record of a program, by address; [] without line info."""
+    info = _ProgInfo()
+    _info(fd, info, f"prog_info(fd {fd})")
+    n, rs = info.nr_line_info, info.line_info_rec_size
+    if not n or info.nr_jited_line_info != n or rs < 4:
+        return []
+    recs = ctypes.create_string_buffer(n * rs)
+    addrs = (c_uint64 * n)()
+    info2 = _ProgInfo(nr_line_info=n, line_info_rec_size=rs, line_info=ctypes.addressof(recs),
+                      nr_jited_line_info=n, jited_line_info_rec_size=8,
+                      jited_line_info=ctypes.addressof(addrs))
+    _info(fd, info2, f"prog_info(fd {fd})")
+    # struct bpf_line_info begins with insn_off.
+    insns = [struct.unpack_from("<I", recs.raw, i * rs)[0] for i in range(n)]
+    return sorted(zip(list(addrs), insns))
+
+
 def map_info(fd: int) -> dict:
     """id, name, type, key_size, value_size, max_entries, map_flags of a map."""
     info = _MapInfo()
@@ -537,6 +556,27 @@ def prog_test_run(
     _check(ret, what)
     out = outbuf.raw[: opts.data_size_out] if outbuf is not None else b""
     return opts.retval, opts.duration, out
+
+
+class FrameRunner:
+    """BPF_PROG_TEST_RUN of one frame at a time, its options and buffer
+    made once: prog_test_run makes them per call, which is most of a
+    call's time where a caller runs a stream of frames (bench/established.py).
+    The frame is edited in place (`frame`, a ctypes buffer) between runs."""
+
+    def __init__(self, prog_fd: int, frame: bytes):
+        self.fd = prog_fd
+        self.frame = ctypes.create_string_buffer(bytes(frame), len(frame))
+        self._opts = _TestRunOpts(sz=sizeof(_TestRunOpts), data_in=ctypes.addressof(self.frame),
+                                  data_size_in=len(frame), repeat=1)
+        self._run = _lib().bpf_prog_test_run_opts
+
+    def run(self) -> int:
+        """The program's return value for the frame as it is now."""
+        ret = self._run(self.fd, byref(self._opts))
+        if ret:
+            _check(ret, f"bpf_prog_test_run(fd {self.fd}, {len(self.frame)} bytes)")
+        return self._opts.retval
 
 
 # r0 = XDP_DROP; exit (BPF_ALU64|BPF_MOV|BPF_K, BPF_JMP|BPF_EXIT).
