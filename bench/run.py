@@ -221,6 +221,13 @@ def main(argv=None) -> int:
             print(f"bench: --flood-pools takes some of {','.join(map(str, POOLS_FULL))}", file=sys.stderr)
             return 2
 
+    if args.flood_profile:
+        from bench import perfprofile
+        why = perfprofile.available()
+        if why:
+            print(f"bench: --flood-profile: {why}", file=sys.stderr)
+            return 2
+
     if args.flood_rounds is not None and not 1 <= args.flood_rounds <= 99:
         print("bench: --flood-rounds must be 1 to 99", file=sys.stderr)
         return 2

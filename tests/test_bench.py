@@ -216,6 +216,15 @@ def test_run_refuses_a_bad_round_count():
     assert r.returncode == 2 and "--flood-rounds must be 1 to 99" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_flood_profile_refused_without_perf(tmp_path):
+    """--flood-profile where perf is not on PATH: exit 2 and why, before
+    any section runs."""
+    env = dict(os.environ, PATH=str(tmp_path))
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--sections", "flood",
+                        "--flood-profile"], capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
+    assert r.returncode == 2 and "perf is not installed" in r.stderr, r.stderr[-2000:]
+
+
 def test_run_refuses_a_pool_it_has_not():
     r = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--sections", "flood",
                         "--flood-pools", "1,7"],
