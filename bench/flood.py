@@ -45,6 +45,8 @@ POOLS_FULL = (1, 1024, 10_000_000)
 POOLS_QUICK = (1, 10_000_000)
 MODES_FULL = ("pass", "xdp-drop", "xdp-read-drop", "xdpguard-native", "xdpguard-generic", "xdp-filter-native",
               "nft-drop", "xdpguard-limit", "xdpguard-limit-open", "nft-limit", "iptables-hashlimit")
+# The deny's mode, run again in the limit group beside xdpguard-limit.
+PAIRED_DENY = "xdpguard-native"
 MODES_QUICK = ("pass", "xdp-drop", "xdp-read-drop", "xdpguard-native", "nft-drop")
 LIMIT_RATE, LIMIT_BURST, LIMIT_SIZE = 100, 100, 262144
 SPOOF_POOL = POOLS_FULL[-1]     # the spoofed flood's sources
@@ -257,10 +259,11 @@ DROP_MODES = ("pass", "xdp-drop", "xdp-read-drop", "xdpguard-native", "xdpguard-
 LIMIT_MODES = ("xdpguard-limit", "xdpguard-limit-open", "nft-limit", "iptables-hashlimit")
 
 
-def _group(ctx, sender, modes, fams, pools, count, seconds, reps, result) -> None:
+def _group(ctx, sender, modes, fams, pools, count, seconds, reps, result, name: str = "drop") -> None:
     """Every mode of the group gets its own namespaces and veth pair, all set
     up at once, so that their runs interleave: other load on the machine
-    then skews every mode alike instead of whichever ran last."""
+    then skews every mode alike instead of whichever ran last. Its runs
+    carry `group` = name."""
     with ExitStack() as stack:
         rxs = {}
         for mode in modes:
@@ -302,7 +305,7 @@ def _group(ctx, sender, modes, fams, pools, count, seconds, reps, result) -> Non
                             result["skipped"][what] = f"failed: {type(e).__name__}: {e}"
                             log(f"flood {what}: {e}")
                             continue
-                        r["mode"], r["rep"] = mode, rep
+                        r["mode"], r["rep"], r["group"] = mode, rep, name
                         traffic.log_run(mode, r)
                         result["runs"].append(r)
 
@@ -344,8 +347,14 @@ def run(ctx) -> dict:
             group = [m for m in modes if m in group]
             if group:
                 drop = group[0] in DROP_MODES
+                if not drop and "xdpguard-limit" in group and "xdpguard-native" in modes:
+                    # The deny once more, beside the limit in each round:
+                    # the 0.8x target's ratio is of runs seconds apart,
+                    # where the two groups' medians are minutes apart and
+                    # this host's speed moves by up to 2x in between.
+                    group.append(PAIRED_DENY)
                 _group(ctx, sender, group, fams, pools, count, seconds if drop else limit_seconds,
-                       reps if drop else limit_reps, result)
+                       reps if drop else limit_reps, result, "drop" if drop else "limit")
     finally:
         sender.close()
 
@@ -356,7 +365,8 @@ def run(ctx) -> dict:
     for mode in modes:
         for fam in fams:
             for pool in pools:
-                rs = [r for r in result["runs"] if (r["mode"], r["family"], r["pool"]) == (mode, fam, pool)]
+                rs = [r for r in result["runs"] if (r["mode"], r["family"], r["pool"]) == (mode, fam, pool)
+                      and not _paired_deny(r)]
                 if not rs:
                     continue
                 m = {"mode": mode, "family": fam, "pool": pool, "n": len(rs), "generator": rs[0]["generator"]}
@@ -385,8 +395,10 @@ def run(ctx) -> dict:
         """a/b of each round, the pair measured seconds apart."""
         rs = []
         for rep in range(reps):
-            x = [r for r in result["runs"] if (r["mode"], r["family"], r["pool"], r["rep"]) == (*a, rep)]
-            y = [r for r in result["runs"] if (r["mode"], r["family"], r["pool"], r["rep"]) == (*b, rep)]
+            x = [r for r in result["runs"] if (r["mode"], r["family"], r["pool"], r["rep"]) == (*a, rep)
+                 and not _paired_deny(r)]
+            y = [r for r in result["runs"] if (r["mode"], r["family"], r["pool"], r["rep"]) == (*b, rep)
+                 and not _paired_deny(r)]
             if x and y and x[0][key] is not None and y[0][key]:
                 rs.append(x[0][key] / y[0][key])
         return rs
@@ -440,7 +452,7 @@ def run(ctx) -> dict:
         if a and b:
             det.append(f"v{fam}: 1 src {a:.2f}, 10M src {b:.2f} Mpps/core")
     t["spoof_vs_single_detail"] = "; ".join(det)
-    _spoofed_limit_targets(t, rate, get, fams)
+    _spoofed_limit_targets(t, rate, get, fams, result["runs"])
     result["targets"] = t
 
     rows = []
@@ -498,10 +510,18 @@ def _profile_tables(result: dict, modes, fams, pools) -> None:
         result["profiles"] = profiles
 
 
-def _spoofed_limit_targets(t: dict, rate, get, fams) -> None:
+def _paired_deny(r: dict) -> bool:
+    """A run of the deny in the limit group (PAIRED_DENY): the 0.8x
+    target's pair, kept out of the deny's own medians."""
+    return r["mode"] == PAIRED_DENY and r.get("group") == "limit"
+
+
+def _spoofed_limit_targets(t: dict, rate, get, fams, runs: list) -> None:
     """Issue 19: a 10M-source spoofed flood into a per-source limit. The
-    receiver's capacity against the blocklist deny's (medians of their
-    runs: the two run in different groups), and what the new-source
+    receiver's capacity against the blocklist deny's: the median of the
+    rounds' ratios, each of a limit run and the deny's run beside it in
+    the limit group (PAIRED_DENY; else, without those runs, of the two
+    modes' medians, which run in different groups), and what the new-source
     budget admitted per run against what it should: its burst plus its
     rate over the run. True because every run of the limit modes starts
     from an empty bucket map, a clear seen-sources filter and a full
@@ -516,11 +536,20 @@ def _spoofed_limit_targets(t: dict, rate, get, fams) -> None:
     from xdpguard.policy import NEW_SOURCES_PER_RATE
     spoof = SPOOF_POOL
     new_rate = NEW_SOURCES_PER_RATE * LIMIT_RATE     # the default budget, burst one second of it
-    ratios, admitted, det = {}, {}, []
+    ratios, admitted, det, by_round = {}, {}, [], {}
     for fam in fams:
         lim, deny = rate("xdpguard-limit", fam, spoof, "core_mpps"), rate("xdpguard-native", fam, spoof, "core_mpps")
         openl = rate("xdpguard-limit-open", fam, spoof, "core_mpps")
-        if lim and deny:
+        pairs = []
+        for r in runs:
+            if (r["mode"], r["family"], r["pool"]) == ("xdpguard-limit", fam, spoof):
+                d = [x for x in runs if _paired_deny(x) and (x["family"], x["pool"], x["rep"]) == (fam, spoof, r["rep"])]
+                if d and r["core_mpps"] and d[0]["core_mpps"]:
+                    pairs.append(r["core_mpps"] / d[0]["core_mpps"])
+        if pairs:
+            ratios[f"v{fam}"] = median(pairs)
+            by_round[f"v{fam}"] = [round(x, 2) for x in pairs]
+        elif lim and deny:
             ratios[f"v{fam}"] = lim / deny
         r = get("xdpguard-limit", fam, spoof)
         if r and r["n"]:
@@ -535,10 +564,13 @@ def _spoofed_limit_targets(t: dict, rate, get, fams) -> None:
     vals = [v for v in ratios.values() if v]
     t["spoofed_limit_vs_deny"] = min(vals) if vals else None
     t["spoofed_limit_vs_deny_by_family"] = ratios
+    t["spoofed_limit_vs_deny_rounds"] = by_round
     t["spoofed_limit_admitted"] = admitted
     errs = [abs(a["error"]) for a in admitted.values() if a["error"] is not None]
     t["spoofed_limit_admitted_error"] = max(errs) if errs else None
-    t["spoofed_limit_detail"] = "; ".join(det) + (
+    t["spoofed_limit_detail"] = "; ".join(det) + "".join(
+        f"; {k} per round against the deny beside it: {' '.join(f'{x:.2f}' for x in v)}"
+        for k, v in by_round.items()) + (
         f"; admitted per run vs burst + rate x run ({new_rate}/s): "
         + ", ".join(f"{k} {a['admitted']:,} vs {a['expected']:,.0f}"
                     + (" (a run sent more frames than the pool has sources)" if a["pool_wrapped"] else "")

@@ -320,6 +320,25 @@ def test_spoofed_times_every_class():
     assert all(c["cold_median"] > 0 and c["hot_median"] > 0 for c in classes.values())
 
 
+def test_spoofed_limit_target_pairs_each_round_with_the_deny_beside_it():
+    """The 0.8x target is the median of the rounds' limit / deny ratios,
+    the deny's runs of the limit group (seconds apart), never the deny's
+    own group (minutes apart), whose medians the paired runs stay out of."""
+    from bench import flood
+    pool = flood.SPOOF_POOL
+
+    def run(mode, group, rep, core):
+        return {"mode": mode, "group": group, "rep": rep, "family": 4, "pool": pool, "core_mpps": core}
+    runs = [run("xdpguard-native", "drop", rep, 100.0) for rep in range(3)]
+    runs += [run("xdpguard-limit", "limit", rep, 4.0) for rep in range(3)]
+    runs += [run(flood.PAIRED_DENY, "limit", rep, core) for rep, core in enumerate((8.0, 10.0, 5.0))]
+    assert [flood._paired_deny(r) for r in runs] == [False] * 6 + [True] * 3
+    t: dict = {}
+    flood._spoofed_limit_targets(t, lambda *a: None, lambda *a: None, (4,), runs)
+    assert t["spoofed_limit_vs_deny"] == 0.5      # median of 0.5, 0.4, 0.8
+    assert t["spoofed_limit_vs_deny_rounds"] == {"v4": [0.5, 0.4, 0.8]}
+
+
 def test_established_sources_keep_their_rate_through_a_spoofed_flood():
     """bench/established.py: established sources over their rate get
     burst + rate x time and never more, the budget admits its burst +
