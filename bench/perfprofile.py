@@ -15,11 +15,15 @@ map's random line), not its instruction count.
 from __future__ import annotations
 
 import bisect
+import errno
+import os
 import re
+import select
 import shutil
 import signal
 import subprocess
 import tempfile
+import time
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
@@ -72,17 +76,49 @@ class ProgLines:
 
 
 @contextmanager
-def recording(pids: list[int]) -> Iterator[dict]:
+def recording(pids: list[int], ready_s: float = 60.0) -> Iterator[dict]:
     """perf record of the threads `pids` for the body; the dict gets
-    `path` (the perf data, removed with its directory by `attribute`)."""
+    `path` (the perf data, removed with its directory by `attribute`).
+    perf starts with its events off and the body runs once perf has
+    acknowledged turning them on: its start-up takes a second or more
+    in an emulated guest, longer than a test's run."""
     tmp = Path(tempfile.mkdtemp(prefix="xgb-perf-"))
     out: dict = {"path": tmp / "perf.data"}
+    ctl, ack = tmp / "ctl", tmp / "ack"
+    os.mkfifo(ctl)
+    os.mkfifo(ack)
+    # Our read end first: perf's write-only open of the ack fifo waits for it.
+    ack_fd = os.open(ack, os.O_RDONLY | os.O_NONBLOCK)
+    ctl_fd = None
+    body_ok = False
     p = subprocess.Popen(["perf", "record", "-q", "-F", str(PERF_HZ), "-t", ",".join(map(str, pids)),
-                          "-o", str(out["path"])], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                          "-D", "-1", "--control", f"fifo:{ctl},{ack}", "-o", str(out["path"])],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
+        deadline = time.monotonic() + ready_s
+        while ctl_fd is None:
+            try:
+                ctl_fd = os.open(ctl, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError as e:    # ENXIO: perf has not opened it yet
+                if e.errno != errno.ENXIO or p.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"perf record did not start: {e}") from None
+                time.sleep(0.02)
+        os.write(ctl_fd, b"enable\n")
+        got = b""
+        while b"ack" not in got:
+            left = deadline - time.monotonic()
+            if left <= 0 or p.poll() is not None:
+                raise RuntimeError("perf record did not turn its events on")
+            if select.select([ack_fd], [], [], min(left, 0.5))[0]:
+                got += os.read(ack_fd, 64)
         yield out
+        body_ok = True
     finally:
-        p.send_signal(signal.SIGINT)
+        for fd in (ctl_fd, ack_fd):
+            if fd is not None:
+                os.close(fd)
+        if p.poll() is None:
+            p.send_signal(signal.SIGINT)
         try:
             _, err = p.communicate(timeout=30)
         except subprocess.TimeoutExpired:
@@ -90,6 +126,8 @@ def recording(pids: list[int]) -> Iterator[dict]:
             _, err = p.communicate()
         if p.returncode not in (0, -signal.SIGINT):
             log(f"perf record: exit {p.returncode}: {err.decode(errors='replace').strip()[-300:]}")
+        if not body_ok:     # else attribute() reads and removes it
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def attribute(path: Path, progs: dict[str, ProgLines]) -> dict:
