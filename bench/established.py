@@ -74,7 +74,7 @@ def _admit_all(fr: bpfsys.FrameRunner, srcs: list[int], seconds: float) -> None:
             raise RuntimeError(f"{len(left)} sources got no bucket in {seconds} s")
         still = []
         for s in left:
-            fr.frame[26:30] = s.to_bytes(4, "big")
+            fr.frame[packet.IPV4_SRC] = s.to_bytes(4, "big")
             if fr.run() != bpfsys.XDP_PASS:
                 still.append(s)
         left = still
@@ -113,11 +113,11 @@ def measure(sources: int = 1024, seconds: float = 10.0, budget: int = BUDGET, se
             due = int((now - t0) / est_interval)
             while sent_est < due:
                 i = sent_est % sources
-                buf[26:30] = est[i].to_bytes(4, "big")
+                buf[packet.IPV4_SRC] = est[i].to_bytes(4, "big")
                 passed[i] += run() == bpfsys.XDP_PASS
                 sent_est += 1
             if now >= next_client:
-                buf[26:30] = CLIENT.to_bytes(4, "big")
+                buf[packet.IPV4_SRC] = CLIENT.to_bytes(4, "big")
                 client_sent += 1
                 client_lost += run() != bpfsys.XDP_PASS
                 # After a preemption the client does not catch up in a
@@ -128,7 +128,7 @@ def measure(sources: int = 1024, seconds: float = 10.0, budget: int = BUDGET, se
                 s = 0x0A000000 | ((k * 0x9E3779) & 0xFFFFFF)
                 if s in known:
                     continue
-                buf[26:30] = s.to_bytes(4, "big")
+                buf[packet.IPV4_SRC] = s.to_bytes(4, "big")
                 forged_passed += run() == bpfsys.XDP_PASS
                 forged += 1
             now = time.monotonic()

@@ -483,31 +483,39 @@ def run(ctx) -> dict:
 
 def _profile_tables(result: dict, modes, fams, pools) -> None:
     """--flood-profile: the receiver's samples of every (mode, family,
-    pool), its rounds merged, as result["profiles"] and two tables each."""
+    pool), its rounds merged, as result["profiles"] and two tables each.
+    The deny's runs beside the limit (_paired_deny) get a profile of their
+    own, as they stay out of its medians: a profile is of one group's runs."""
     profiles = {}
     for mode in modes:
         for fam in fams:
             for pool in pools:
-                p = None
-                for r in result["runs"]:
-                    if (r["mode"], r["family"], r["pool"]) == (mode, fam, pool) and "profile" in r:
-                        p = profiling.merge(p, r.pop("profile"))
-                if not p:
-                    continue
-                what = f"{mode} v{fam} {pool:,} sources"
-                profiles[what] = p
-                funcs, lines = profiling.rows(p)
-                print_table(f"flood profile: {what}: the receiver's time by function",
-                            ["function", "% of samples"], funcs,
-                            f"{p['samples']:,} samples at {profiling.PERF_HZ} Hz of its NAPI thread "
-                            "(cpu-clock); rounds merged")
-                if lines:
-                    print_table(f"flood profile: {what}: {profiling.PROGRAM} by C line",
-                                ["line (text of bcc's rewritten source)", "% of the program"], lines,
-                                "a sample is charged to the instruction waiting to retire: mostly "
-                                "the cache misses a line waits for")
+                for paired in (False, True):
+                    p = None
+                    for r in result["runs"]:
+                        if ((r["mode"], r["family"], r["pool"]) == (mode, fam, pool) and "profile" in r
+                                and _paired_deny(r) == paired):
+                            p = profiling.merge(p, r.pop("profile"))
+                    if not p:
+                        continue
+                    what = f"{mode} v{fam} {pool:,} sources" + (", beside the limit" if paired else "")
+                    profiles[what] = p
+                    _profile_table(what, p)
     if profiles:
         result["profiles"] = profiles
+
+
+def _profile_table(what: str, p: dict) -> None:
+    funcs, lines = profiling.rows(p)
+    print_table(f"flood profile: {what}: the receiver's time by function",
+                ["function", "% of samples"], funcs,
+                f"{p['samples']:,} samples at {profiling.PERF_HZ} Hz of its NAPI thread "
+                "(cpu-clock); rounds merged")
+    if lines:
+        print_table(f"flood profile: {what}: {profiling.PROGRAM} by C line",
+                    ["line (text of bcc's rewritten source)", "% of the program"], lines,
+                    "a sample is charged to the instruction waiting to retire: mostly "
+                    "the cache misses a line waits for")
 
 
 def _paired_deny(r: dict) -> bool:

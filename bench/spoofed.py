@@ -80,9 +80,17 @@ def _frames(rnd: random.Random, fam: int, first: int, n: int) -> list[bytes]:
     16-bit group 3 (IPv6) is `first`."""
     if fam == 4:
         tmpl = packet.build(src="11.0.0.1", dst="192.0.2.1", proto="udp", sport=4000, dport=80)
-        return [tmpl[:26] + bytes([first]) + rnd.randbytes(3) + tmpl[30:] for _ in range(n)]
+        return [_with_src(tmpl, packet.IPV4_SRC, bytes([first]) + rnd.randbytes(3)) for _ in range(n)]
     tmpl = packet.build(src="2001:db8::1", dst="2001:db8:ffff::1", proto="udp", sport=4000, dport=80)
-    return [tmpl[:26] + first.to_bytes(2, "big") + rnd.randbytes(12) + tmpl[40:] for _ in range(n)]
+    keep = tmpl[packet.IPV6_SRC][:4]          # 2001:db8: the rules' prefix
+    return [_with_src(tmpl, packet.IPV6_SRC, keep + first.to_bytes(2, "big") + rnd.randbytes(10))
+            for _ in range(n)]
+
+
+def _with_src(frame: bytes, where: slice, src: bytes) -> bytes:
+    out = bytearray(frame)
+    out[where] = src
+    return bytes(out)
 
 
 def aged_share(new_per_s: float = 1000) -> float:

@@ -374,6 +374,13 @@ static __always_inline __u64 xg_seen_tag(__u64 epoch)
 	return (epoch & ((1ULL << XG_SEEN_TAG_BITS) - 1)) << XG_SEEN_BITS;
 }
 
+/* Whether a word of map seen (its value `w`) is of the epoch tagged `tag`:
+ * its bits count only then. */
+static __always_inline int xg_seen_of(__u64 w, __u64 tag)
+{
+	return (w & ~((1ULL << XG_SEEN_BITS) - 1)) == tag;
+}
+
 /* Sets bit `m` in the current epoch's word `w` (tag `tag`). A word still
  * of an older epoch is started afresh by one CAS; if another CPU got there
  * first, its word is now current and takes the bit by an OR, which cannot
@@ -382,7 +389,7 @@ static __always_inline void xg_seen_set(__u64 *w, __u64 tag, __u64 m)
 {
 	__u64 old = *w;
 
-	if ((old & ~((1ULL << XG_SEEN_BITS) - 1)) != tag &&
+	if (!xg_seen_of(old, tag) &&
 	    __sync_val_compare_and_swap(w, old, tag | m) == old)
 		return;
 	__sync_fetch_and_or(w, m);
@@ -411,7 +418,7 @@ static __always_inline int xg_limit(struct xg_pkt *pkt, __u8 family, __u8 *src, 
 			__builtin_memcpy(k.addr, src, 4);
 		else
 			__builtin_memcpy(k.addr, src, 16);
-		__u64 m, tag, ptag, *cw, *pw;
+		__u64 m, epoch, tag, ptag, c, p, *cw, *pw;
 		__u32 wi, pi;
 		int cur, prev;
 
@@ -419,16 +426,19 @@ static __always_inline int xg_limit(struct xg_pkt *pkt, __u8 family, __u8 *src, 
 		/* The epoch from the limit's own clock: precise and coarse
 		 * differ by a tick, which at an epoch's end costs at most a
 		 * budget token, never a verdict. */
-		tag = xg_seen_tag(now >> XG_SEEN_EPOCH_LOG2);
-		ptag = xg_seen_tag((now >> XG_SEEN_EPOCH_LOG2) - 1);
-		wi = xg_seen_pair(&k, &m) * 2 + ((now >> XG_SEEN_EPOCH_LOG2) & 1);
+		epoch = now >> XG_SEEN_EPOCH_LOG2;
+		tag = xg_seen_tag(epoch);
+		ptag = xg_seen_tag(epoch - 1);
+		wi = xg_seen_pair(&k, &m) * 2 + (epoch & 1);
 		pi = wi ^ 1;
 		cw = seen.lookup(&wi);
 		pw = seen.lookup(&pi);
 		if (!cw || !pw)
 			return xg_finish(pkt, XG_SLOT_NO_ENTRY, rule, gen, len, 1, 0);
-		cur = (*cw & ~((1ULL << XG_SEEN_BITS) - 1)) == tag && (*cw & m);
-		prev = (*pw & ~((1ULL << XG_SEEN_BITS) - 1)) == ptag && (*pw & m);
+		c = *cw;
+		p = *pw;
+		cur = xg_seen_of(c, tag) && (c & m);
+		prev = xg_seen_of(p, ptag) && (p & m);
 		/* A clear bit: certainly no bucket, so no lookup (a miss in
 		 * the bucket map's table is what a forged source cost). */
 		b = (cur || prev) ? sbuckets.lookup(&k) : 0;

@@ -432,3 +432,25 @@ def test_xdp_filter_program_found_behind_libxdps_dispatcher():
     assert _xdpfilt_id(legacy) == 23182
     assert _xdpfilt_id(dispatcher) == 55
     assert _xdpfilt_id(head + "xgdA                   <no XDP program>\n") is None
+
+
+def test_flood_profile_keeps_the_deny_beside_the_limit_apart(capsys):
+    """The deny's runs of the limit group (the 0.8x target's pairs) are
+    profiled apart from the deny's own group, as its medians are."""
+    from bench import flood
+    from bench import perfprofile as profiling
+    pool = flood.SPOOF_POOL
+
+    def run(mode, group, samples):
+        return {"mode": mode, "group": group, "family": 4, "pool": pool,
+                "profile": {"samples": samples, "functions": {profiling.PROGRAM: samples},
+                            "lines": {"a line": samples}}}
+    result = {"runs": [run(flood.PAIRED_DENY, "drop", 10), run(flood.PAIRED_DENY, "drop", 5),
+                       run(flood.PAIRED_DENY, "limit", 7), run("xdpguard-limit", "limit", 3)]}
+    flood._profile_tables(result, [flood.PAIRED_DENY, "xdpguard-limit"], (4,), (pool,))
+    p = result["profiles"]
+    assert p[f"{flood.PAIRED_DENY} v4 {pool:,} sources"]["samples"] == 15
+    assert p[f"{flood.PAIRED_DENY} v4 {pool:,} sources, beside the limit"]["samples"] == 7
+    assert p[f"xdpguard-limit v4 {pool:,} sources"]["samples"] == 3
+    assert all("profile" not in r for r in result["runs"])
+    assert "beside the limit: the receiver's time by function" in capsys.readouterr().out

@@ -20,7 +20,7 @@ from scapy.layers.l2 import Ether
 
 from conftest import require_kernel
 from testrun import make_rig
-from xdpguard import bpfsys, loader
+from xdpguard import bpfsys, loader, packet
 from xdpguard.bpfsys import XDP_DROP, XDP_PASS
 from xdpguard.compiler import compile_policy
 from xdpguard.layout import C
@@ -201,7 +201,8 @@ def test_established_client_keeps_its_rate_in_a_spoofed_flood(rig):
     # The template with its source overwritten (the program reads no
     # checksum): scapy would take longer than the flood.
     tmpl = frame("10.0.0.0", 443)
-    forged = [tmpl[:26] + (0x0A000000 + i).to_bytes(4, "big") + tmpl[30:] for i in range(n_flood)]
+    at = packet.IPV4_SRC
+    forged = [tmpl[:at.start] + (0x0A000000 + i).to_bytes(4, "big") + tmpl[at.stop:] for i in range(n_flood)]
     interval = 2.0 / BUSY_RATE            # half the client's rate
     client_sent = client_dropped = sent = 0
     t0 = time.monotonic()

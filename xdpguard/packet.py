@@ -21,7 +21,7 @@ from xdpguard.layout import C
 
 __all__ = [
     "Packet", "Verdict", "NON_IP", "MALFORMED", "TRUNCATED", "BAD_HEADER", "VLANS", "EXTHDRS",
-    "parse", "build", "from_fields", "PROTO_NUMBERS",
+    "parse", "build", "from_fields", "PROTO_NUMBERS", "IPV4_SRC", "IPV6_SRC",
 ]
 
 ETH_P_IP = 0x0800
@@ -37,6 +37,12 @@ IPV6_EXT_HOP = 0
 IPV6_EXT_ROUTING = 43
 IPV6_EXT_FRAGMENT = 44
 IPV6_EXT_DSTOPTS = 60
+
+# The source address in an untagged Ethernet frame (IPv4: without options),
+# as build() makes them: for callers that rewrite it in place, one frame
+# carrying a stream of sources.
+IPV4_SRC = slice(14 + 12, 14 + 16)
+IPV6_SRC = slice(14 + 8, 14 + 24)
 
 _MAX_VLANS = C.XG_MAX_VLANS
 _MAX_EXTHDRS = C.XG_MAX_EXTHDRS
